@@ -1,8 +1,35 @@
 """BEiT v2 models for transformers: configs and models only (no data code).
 
-Importing this package registers the model types with transformers' Auto classes.
+Importing this package registers the model types with transformers' Auto classes, and marks the classes so
+that `save_pretrained` also writes their code (loadable with `trust_remote_code=True` without this package).
 """
 
-from .configuration_beitv2 import BEITV2_PRESETS, BeitV2Config
+from transformers import AutoConfig, AutoModel, AutoModelForMaskedImageModeling
 
-__all__ = ["BEITV2_PRESETS", "BeitV2Config"]
+from .configuration_beitv2 import BEITV2_PRESETS, BeitV2Config
+from .modeling_beitv2 import (
+    BeitV2ForMaskedImageModeling,
+    BeitV2MaskedImageModelingOutput,
+    BeitV2Model,
+    BeitV2PreTrainedModel,
+    convert_mim_to_native_beit,
+    resize_relative_position_bias_table,
+)
+
+AutoConfig.register(BeitV2Config.model_type, BeitV2Config, exist_ok=True)
+AutoModel.register(BeitV2Config, BeitV2Model, exist_ok=True)
+AutoModelForMaskedImageModeling.register(BeitV2Config, BeitV2ForMaskedImageModeling, exist_ok=True)
+BeitV2Config.register_for_auto_class()
+BeitV2Model.register_for_auto_class("AutoModel")
+BeitV2ForMaskedImageModeling.register_for_auto_class("AutoModelForMaskedImageModeling")
+
+__all__ = [
+    "BEITV2_PRESETS",
+    "BeitV2Config",
+    "BeitV2ForMaskedImageModeling",
+    "BeitV2MaskedImageModelingOutput",
+    "BeitV2Model",
+    "BeitV2PreTrainedModel",
+    "convert_mim_to_native_beit",
+    "resize_relative_position_bias_table",
+]

@@ -2,8 +2,13 @@
 
 The official BEiT / BEiT v2 code initialises its ViTs differently from transformers' ``BeitModel``:
 truncated normal cut at +-1 std (not +-2), and the residual-branch output weights of block ``i``
-divided by ``sqrt(2 i)``. These helpers go through ``transformers.initialization`` so that weights
+divided by ``sqrt(2 i)``. Everything here goes through ``transformers.initialization`` so that weights
 loaded by ``from_pretrained`` (flagged ``_is_hf_initialized``) are never touched.
+
+Why the work happens on leaf modules: transformers treats our classes as custom code and skips the
+``_init_weights`` call of any module without parameters of its own (a ``BeitModel``, a ``ModuleList``,
+a ``BeitLayer`` without layer scale). So a model *marks* its residual-branch Linears at construction time
+(:func:`mark_residual_branches`) and :func:`init_vit_module_` applies the rescale when it reaches them.
 """
 
 from __future__ import annotations
@@ -15,30 +20,47 @@ import torch
 from torch import nn
 from transformers import initialization as init
 
+_LAYER_NUMBER_ATTR = "_residual_layer_number"
+_TORCH_DEFAULT_ATTR = "_keeps_torch_default_init"
+
 
 def trunc_normal_one_std_(tensor: torch.Tensor, std: float) -> torch.Tensor:
     """Truncated normal with mean 0 and ``std``, cut at +-1 std as the reference does."""
     return init.trunc_normal_(tensor, mean=0.0, std=std, a=-std, b=std)
 
 
+def mark_residual_branches(
+    layers: Iterable[nn.Module], first_layer_number: int = 1, keep_torch_default_init: bool = False
+) -> None:
+    """Mark each ``BeitLayer``'s attention output and second MLP Linear for the ``sqrt(2 * layer_number)`` rescale.
+
+    ``layer_number`` starts at ``first_layer_number`` for the first layer given (1 for the main trunk,
+    ``early_layers + 1`` for BEiT v2's patch-aggregation head). With ``keep_torch_default_init`` every Linear of
+    these layers keeps PyTorch's own init instead of the truncated normal (the reference builds its
+    aggregation head after its init pass).
+    """
+    for offset, layer in enumerate(layers):
+        for linear in (layer.attention.o_proj, layer.mlp.fc2):
+            setattr(linear, _LAYER_NUMBER_ATTR, first_layer_number + offset)
+        if keep_torch_default_init:
+            for module in layer.modules():
+                if isinstance(module, nn.Linear):
+                    setattr(module, _TORCH_DEFAULT_ATTR, True)
+
+
 def init_vit_module_(module: nn.Module, std: float) -> None:
-    """Reference init for one leaf module: Linear/Conv truncated normal, bias 0, LayerNorm (1, 0)."""
+    """Reference init for one leaf module: Linear/Conv truncated normal, bias 0, LayerNorm (1, 0), then the
+    residual rescale for Linears marked by :func:`mark_residual_branches`."""
     if isinstance(module, (nn.Linear, nn.Conv2d)):
-        trunc_normal_one_std_(module.weight, std)
-        if module.bias is not None:
-            init.zeros_(module.bias)
+        if getattr(module, _TORCH_DEFAULT_ATTR, False):
+            module.reset_parameters()  # torch.nn.init is guarded by transformers while this runs
+        else:
+            trunc_normal_one_std_(module.weight, std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        layer_number = getattr(module, _LAYER_NUMBER_ATTR, None)
+        if layer_number is not None:
+            init.copy_(module.weight, module.weight / math.sqrt(2.0 * layer_number))
     elif isinstance(module, nn.LayerNorm):
         init.ones_(module.weight)
         init.zeros_(module.bias)
-
-
-def rescale_residual_branches_(layers: Iterable[nn.Module], first_layer_number: int = 1) -> None:
-    """Divide each ``BeitLayer``'s attention output and second MLP weight by ``sqrt(2 * layer_number)``.
-
-    ``layer_number`` starts at ``first_layer_number`` for the first layer given (1 for the main trunk,
-    ``early_layers + 1`` for the patch-aggregation head, as in the reference).
-    """
-    for offset, layer in enumerate(layers):
-        scale = math.sqrt(2.0 * (first_layer_number + offset))
-        for weight in (layer.attention.o_proj.weight, layer.mlp.fc2.weight):
-            init.copy_(weight, weight / scale)
