@@ -7,6 +7,8 @@ that `save_pretrained` also writes their code (loadable with `trust_remote_code=
 from transformers import AutoConfig, AutoModel, AutoModelForMaskedImageModeling
 
 from .configuration_beitv2 import BEITV2_PRESETS, BeitV2Config
+from .configuration_dvae import DVAEConfig
+from .configuration_vqkd import VQKD_PRESETS, VQKDConfig
 from .modeling_beitv2 import (
     BeitV2ForMaskedImageModeling,
     BeitV2MaskedImageModelingOutput,
@@ -15,6 +17,10 @@ from .modeling_beitv2 import (
     convert_mim_to_native_beit,
     resize_relative_position_bias_table,
 )
+from .modeling_dvae import DVAEModel, DVAEOutput
+from .modeling_vqkd import VQKDModel, VQKDOutput
+from .quantizer import NormEMAVectorQuantizer, QuantizerOutput
+from .teachers import TeacherForPatchTargets
 
 AutoConfig.register(BeitV2Config.model_type, BeitV2Config, exist_ok=True)
 AutoModel.register(BeitV2Config, BeitV2Model, exist_ok=True)
@@ -22,9 +28,24 @@ AutoModelForMaskedImageModeling.register(BeitV2Config, BeitV2ForMaskedImageModel
 BeitV2Config.register_for_auto_class()
 BeitV2Model.register_for_auto_class("AutoModel")
 BeitV2ForMaskedImageModeling.register_for_auto_class("AutoModelForMaskedImageModeling")
+for _config_class, _model_class in ((VQKDConfig, VQKDModel), (DVAEConfig, DVAEModel)):
+    AutoConfig.register(_config_class.model_type, _config_class, exist_ok=True)
+    AutoModel.register(_config_class, _model_class, exist_ok=True)
+    _config_class.register_for_auto_class()
+    _model_class.register_for_auto_class("AutoModel")
 
 __all__ = [
     "BEITV2_PRESETS",
+    "DVAEConfig",
+    "DVAEModel",
+    "DVAEOutput",
+    "NormEMAVectorQuantizer",
+    "QuantizerOutput",
+    "TeacherForPatchTargets",
+    "VQKDConfig",
+    "VQKDModel",
+    "VQKDOutput",
+    "VQKD_PRESETS",
     "BeitV2Config",
     "BeitV2ForMaskedImageModeling",
     "BeitV2MaskedImageModelingOutput",

@@ -1,0 +1,161 @@
+"""Configuration of the VQ-KD visual tokenizer of BEiT v2."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from huggingface_hub.dataclasses import strict
+from transformers import BeitConfig, PreTrainedConfig
+
+# Options shared by the encoder and decoder ViTs of the reference tokenizer: absolute position embeddings, no
+# relative bias, no layer scale, LayerNorm eps 1e-6, a final LayerNorm on every token, no pooling.
+_VIT_COMMON: dict[str, Any] = dict(
+    use_absolute_position_embeddings=True,
+    use_relative_position_bias=False,
+    use_shared_relative_position_bias=False,
+    use_mask_token=False,
+    layer_scale_init_value=0.0,
+    layer_norm_eps=1e-6,
+    use_mean_pooling=False,
+    hidden_dropout_prob=0.0,
+    attention_probs_dropout_prob=0.0,
+    drop_path_rate=0.0,
+)
+_VIT_SIZES: dict[str, dict[str, Any]] = {
+    "tiny": dict(hidden_size=192, num_hidden_layers=12, num_attention_heads=3, intermediate_size=768),
+    "base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
+}
+
+# One table for the named tokenizers: (encoder size, decoder depth). The decoder has the encoder's width.
+VQKD_PRESETS: dict[str, dict[str, Any]] = {
+    "base-decoder3": dict(size="base", decoder_layers=3),  # the paper's default tokenizer
+    "base-decoder1": dict(size="base", decoder_layers=1),  # the 1-layer-decoder ablation / released variant
+    "tiny-decoder1": dict(size="tiny", decoder_layers=1),
+}
+
+
+def vqkd_encoder_config(size: str = "base", image_size: int = 224, patch_size: int = 16, **overrides: Any) -> dict:
+    """Keyword arguments of the encoder `BeitConfig` for a named ViT size."""
+    return {**_VIT_COMMON, **_VIT_SIZES[size], "image_size": image_size, "patch_size": patch_size, **overrides}
+
+
+def vqkd_decoder_config(
+    size: str = "base", num_layers: int = 3, grid_size: int = 14, code_dim: int = 32, **overrides: Any
+) -> dict:
+    """Keyword arguments of the decoder `BeitConfig`: a ViT with patch size 1 over the `grid_size` grid of codes."""
+    return {
+        **_VIT_COMMON,
+        **_VIT_SIZES[size],
+        "num_hidden_layers": num_layers,
+        "image_size": grid_size,
+        "patch_size": 1,
+        "num_channels": code_dim,
+        **overrides,
+    }
+
+
+@strict
+class VQKDConfig(PreTrainedConfig):
+    r"""
+    Configuration of [`VQKDModel`], the vector-quantized knowledge-distillation tokenizer of BEiT v2.
+
+    The encoder is a ViT over the image (`encoder_config`); its patch tokens go through the encode task layer
+    (Linear-Tanh-Linear down to `code_dim`) and the quantizer; the decoder is a ViT with patch size 1 over the
+    grid of codes (`decoder_config`, `num_channels == code_dim`), followed by the decode task layer
+    (Linear-Tanh-Linear up to `teacher_dim`) that regresses the teacher's patch features.
+
+    Args:
+        encoder_config (`dict` or `BeitConfig`, *optional*):
+            The encoder ViT. Defaults to ViT-B/16 at 224 px with absolute position embeddings, no layer scale.
+        decoder_config (`dict` or `BeitConfig`, *optional*):
+            The decoder ViT. Defaults to 3 base-width layers over the 14x14 code grid.
+        num_codes (`int`, defaults to 8192): codebook size.
+        code_dim (`int`, defaults to 32): dimension of the codes.
+        decay (`float`, defaults to 0.99): EMA decay of the codebook.
+        beta (`float`, defaults to 1.0): weight of the commitment loss.
+        kmeans_init (`bool`, defaults to `True`): k-means codebook init on the first batch (the released recipe).
+        dead_code_threshold (`float`, defaults to 0.0): EMA usage below which codes are re-seeded (0 = never, as
+            in the reference).
+        teacher_dim (`int`, defaults to 512): feature size of the teacher (512 for CLIP ViT-B/16, 768 for DINO).
+
+    Example:
+
+    ```python
+    >>> from modeling_beitv2 import VQKDConfig
+    >>> config = VQKDConfig.from_preset("base-decoder1")
+    >>> config.decoder_config.num_hidden_layers, config.num_patches
+    (1, 196)
+    ```"""
+
+    model_type = "beitv2_vqkd"
+    sub_configs_defaults = {"encoder_config": BeitConfig, "decoder_config": BeitConfig}
+
+    encoder_config: dict | BeitConfig | None = None
+    decoder_config: dict | BeitConfig | None = None
+    num_codes: int = 8192
+    code_dim: int = 32
+    decay: float = 0.99
+    beta: float = 1.0
+    kmeans_init: bool = True
+    dead_code_threshold: float = 0.0
+    teacher_dim: int = 512
+    initializer_range: float = 0.02
+
+    def __post_init__(self, **kwargs: Any) -> None:
+        # Defaults filled in here (the sub-config class default would be BeitConfig's own, not the tokenizer's),
+        # and checks here rather than in `validate_*` hooks so that users get a plain `ValueError`.
+        if self.encoder_config is None:
+            self.encoder_config = vqkd_encoder_config()
+        if self.decoder_config is None:
+            encoder = self.encoder_config
+            grid = _get(encoder, "image_size", 224) // _get(encoder, "patch_size", 16)
+            self.decoder_config = vqkd_decoder_config(grid_size=grid, code_dim=self.code_dim)
+        if not 0.0 <= self.decay < 1.0:
+            raise ValueError(f"decay must lie in [0, 1), got {self.decay}.")
+        if self.dead_code_threshold < 0:
+            raise ValueError(f"dead_code_threshold must be >= 0, got {self.dead_code_threshold}.")
+        super().__post_init__(**kwargs)
+        encoder, decoder = self.encoder_config, self.decoder_config
+        if decoder.num_channels != self.code_dim:
+            raise ValueError(
+                f"decoder_config.num_channels ({decoder.num_channels}) must equal code_dim ({self.code_dim}): "
+                "the decoder reads the grid of codes."
+            )
+        if decoder.patch_size != 1 or decoder.image_size != encoder.image_size // encoder.patch_size:
+            raise ValueError(
+                f"The decoder must use patch_size 1 over the encoder's patch grid "
+                f"({encoder.image_size // encoder.patch_size}), got patch_size {decoder.patch_size} and "
+                f"image_size {decoder.image_size}."
+            )
+        if encoder.image_size % encoder.patch_size:
+            raise ValueError(
+                f"encoder image_size {encoder.image_size} is not divisible by patch_size {encoder.patch_size}."
+            )
+
+    @property
+    def patch_grid(self) -> tuple[int, int]:
+        """(rows, columns) of the code grid."""
+        side = self.encoder_config.image_size // self.encoder_config.patch_size
+        return side, side
+
+    @property
+    def num_patches(self) -> int:
+        rows, cols = self.patch_grid
+        return rows * cols
+
+    @classmethod
+    def from_preset(cls, name: str, image_size: int = 224, **overrides: Any) -> VQKDConfig:
+        """Build a config from a named tokenizer (`base-decoder3`, `base-decoder1`, `tiny-decoder1`)."""
+        if name not in VQKD_PRESETS:
+            raise ValueError(f"Unknown preset {name!r}; choose one of {sorted(VQKD_PRESETS)}.")
+        preset = VQKD_PRESETS[name]
+        code_dim = overrides.get("code_dim", 32)
+        encoder = vqkd_encoder_config(preset["size"], image_size=image_size)
+        decoder = vqkd_decoder_config(
+            preset["size"], num_layers=preset["decoder_layers"], grid_size=image_size // 16, code_dim=code_dim
+        )
+        return cls(**{"encoder_config": encoder, "decoder_config": decoder, **overrides})
+
+
+def _get(config: dict | BeitConfig, key: str, default: Any) -> Any:
+    return config.get(key, default) if isinstance(config, dict) else getattr(config, key)

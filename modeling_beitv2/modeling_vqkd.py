@@ -1,0 +1,265 @@
+"""The VQ-KD visual tokenizer of BEiT v2: ViT encoder -> l2-normalised EMA quantizer -> ViT decoder -> teacher features.
+
+Input convention: `pixel_values` are RGB images scaled to [-1, 1] (`x * 2 - 1` for `x` in [0, 1]; mean 0.5,
+std 0.5), as the reference tokenizer's "default" pre-processing.
+
+State-dict layout and the official checkpoint's names (for converters):
+
+| ours | official (unilm `VQKD`) |
+|---|---|
+| `encoder.embeddings.{cls_token, position_embeddings}` | `encoder.{cls_token, pos_embed}` |
+| `encoder.embeddings.patch_embeddings.projection.*` | `encoder.patch_embed.proj.*` |
+| `encoder.layers.{i}.layernorm_before / layernorm_after` | `encoder.blocks.{i}.norm1 / norm2` |
+| `encoder.layers.{i}.attention.{q,k,v}_proj` | `encoder.blocks.{i}.attn.qkv.weight` split in 3, `q_bias`, `v_bias` |
+| `encoder.layers.{i}.attention.o_proj` | `encoder.blocks.{i}.attn.proj` |
+| `encoder.layers.{i}.mlp.fc1 / fc2` | `encoder.blocks.{i}.mlp.fc1 / fc2` |
+| `encoder.layernorm` | `encoder.fc_norm` |
+| `decoder.*` | `decoder.*` (same renaming) |
+| `encode_task_layer.{0,2}`, `decode_task_layer.{0,2}` | same |
+| `quantizer.codebook` | `quantize.embedding.weight` |
+| `quantizer.cluster_size` | `quantize.cluster_size` |
+| `quantizer.initted` | `quantize.embedding.initted` (float 0/1 -> bool) |
+
+`quantize.embedding.cluster_size` and `quantize.embedding.embed_avg` are never read by the reference forward pass
+and are dropped, as are keys starting with `teacher`, `scaling` or `loss`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import BeitConfig, BeitModel, PreTrainedModel
+from transformers import initialization as init
+from transformers.models.beit.modeling_beit import BeitEmbeddings
+from transformers.utils import ModelOutput
+
+from .configuration_vqkd import VQKDConfig
+from .initialization import init_vit_module_, trunc_normal_one_std_
+from .quantizer import NormEMAVectorQuantizer, QuantizerOutput
+
+
+@dataclass
+class VQKDOutput(ModelOutput):
+    """
+    Output of [`VQKDModel.forward`].
+
+    Args:
+        loss (`torch.FloatTensor` of shape `()`, *optional*):
+            `quantization_loss + reconstruction_loss`; only when `teacher_features` is given.
+        reconstruction_loss (`torch.FloatTensor` of shape `()`, *optional*):
+            Mean over patches of `1 - cosine(reconstruction, teacher_features)`.
+        quantization_loss (`torch.FloatTensor` of shape `()`):
+            Commitment loss of the quantizer.
+        codebook_indices (`torch.LongTensor` of shape `(batch_size, num_patches)`):
+            The visual tokens.
+        reconstruction (`torch.FloatTensor` of shape `(batch_size, num_patches, teacher_dim)`):
+            Decoder prediction of the teacher's patch features.
+        perplexity (`torch.FloatTensor` of shape `()`):
+            `exp(entropy)` of this step's code histogram (all ranks).
+        codebook_usage (`torch.FloatTensor` of shape `()`):
+            Fraction of the codebook chosen at least once in this step's batch (all ranks).
+        num_dead_codes (`torch.LongTensor` of shape `()`):
+            See [`QuantizerOutput`].
+    """
+
+    loss: torch.FloatTensor | None = None
+    reconstruction_loss: torch.FloatTensor | None = None
+    quantization_loss: torch.FloatTensor | None = None
+    codebook_indices: torch.LongTensor | None = None
+    reconstruction: torch.FloatTensor | None = None
+    perplexity: torch.FloatTensor | None = None
+    codebook_usage: torch.FloatTensor | None = None
+    num_dead_codes: torch.LongTensor | None = None
+
+
+def _init_conv_like_pytorch_(conv: nn.Conv2d) -> None:
+    # The reference leaves the patch projection at PyTorch's default init.
+    init.kaiming_uniform_(conv.weight, a=math.sqrt(5))
+    if conv.bias is not None:
+        fan_in = conv.weight[0].numel()
+        bound = 1 / math.sqrt(fan_in)
+        init.uniform_(conv.bias, -bound, bound)
+
+
+class VQKDViT(BeitModel):
+    r"""
+    The encoder / decoder ViT of the tokenizer: a [`BeitModel`] without pooler whose final LayerNorm is applied to
+    every token (the reference's `fc_norm`), initialised like the reference: Linear truncated normal, LayerNorm
+    (1, 0), [CLS] and position embeddings truncated normal, patch projection PyTorch default, residual output
+    weights of block `i` divided by `sqrt(2 i)`.
+    """
+
+    config_class = BeitConfig
+
+    def __init__(self, config: BeitConfig) -> None:
+        super().__init__(config, add_pooling_layer=False)
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(module, (nn.Linear, nn.LayerNorm)):
+            init_vit_module_(module, std)
+            layer_number = self._residual_output_layer_number(module)
+            if layer_number is not None:
+                init.copy_(module.weight, module.weight / math.sqrt(2.0 * layer_number))
+        elif isinstance(module, nn.Conv2d):
+            _init_conv_like_pytorch_(module)
+        elif isinstance(module, BeitEmbeddings):
+            trunc_normal_one_std_(module.cls_token, std)
+            if module.position_embeddings is not None:
+                trunc_normal_one_std_(module.position_embeddings, std)
+
+    def _residual_output_layer_number(self, module: nn.Module) -> int | None:
+        # The rescale is done leaf by leaf: transformers skips `_init_weights` for custom-code modules that hold no
+        # parameter of their own (such as `BeitLayer` without layer scale), so a per-layer hook would never run.
+        for index, layer in enumerate(self.layers):
+            if module is layer.attention.o_proj or module is layer.mlp.fc2:
+                return index + 1
+        return None
+
+    def patch_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """`(batch, channels, height, width)` -> LayerNorm'ed patch tokens `(batch, num_patches, hidden_size)`."""
+        return self(pixel_values).last_hidden_state[:, 1:]
+
+
+class VQKDPreTrainedModel(PreTrainedModel):
+    config_class = VQKDConfig
+    base_model_prefix = "vqkd"
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["BeitLayer"]
+    _supports_sdpa = True
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            init_vit_module_(module, self.config.initializer_range)
+        elif isinstance(module, NormEMAVectorQuantizer):
+            module.reset_codebook()
+
+
+class VQKDModel(VQKDPreTrainedModel):
+    r"""
+    The VQ-KD tokenizer. `get_codebook_indices` turns images into visual tokens for masked image modeling;
+    `forward` computes the training losses against teacher patch features (see `modeling_beitv2.teachers`).
+
+    Pixels must be scaled to [-1, 1]. The quantizer's EMA codebook update happens inside `forward` in training
+    mode (it is not trained by the optimizer); its buffers are synchronised over `torch.distributed` ranks.
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> from modeling_beitv2 import VQKDConfig, VQKDModel
+    >>> model = VQKDModel(VQKDConfig.from_preset("tiny-decoder1", image_size=32, num_codes=64)).eval()
+    >>> model.get_codebook_indices(torch.rand(2, 3, 32, 32) * 2 - 1).shape
+    torch.Size([2, 4])
+    ```
+    """
+
+    def __init__(self, config: VQKDConfig) -> None:
+        super().__init__(config)
+        encoder_width, decoder_width = config.encoder_config.hidden_size, config.decoder_config.hidden_size
+        self.encoder = VQKDViT(config.encoder_config)
+        self.encode_task_layer = nn.Sequential(
+            nn.Linear(encoder_width, encoder_width), nn.Tanh(), nn.Linear(encoder_width, config.code_dim)
+        )
+        self.quantizer = NormEMAVectorQuantizer(
+            num_codes=config.num_codes,
+            code_dim=config.code_dim,
+            decay=config.decay,
+            beta=config.beta,
+            kmeans_init=config.kmeans_init,
+            dead_code_threshold=config.dead_code_threshold,
+        )
+        self.decoder = VQKDViT(config.decoder_config)
+        self.decode_task_layer = nn.Sequential(
+            nn.Linear(decoder_width, decoder_width), nn.Tanh(), nn.Linear(decoder_width, config.teacher_dim)
+        )
+        self.post_init()
+
+    def _features_to_code_space(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        features = self.encoder.patch_features(pixel_values)
+        # The reference runs the task layer in fp32 with autocast off, so codes never see half precision.
+        with torch.autocast(device_type=features.device.type, enabled=False):
+            return self.encode_task_layer(features.float())
+
+    def encode(self, pixel_values: torch.Tensor) -> QuantizerOutput:
+        """
+        Args:
+            pixel_values (`torch.FloatTensor` of shape `(batch_size, 3, height, width)`): images in [-1, 1].
+
+        Returns:
+            [`QuantizerOutput`] with `quantized` of shape `(batch_size, num_patches, code_dim)` and `indices` of shape
+            `(batch_size, num_patches)`. In training mode this updates the codebook.
+        """
+        return self.quantizer(self._features_to_code_space(pixel_values))
+
+    @torch.no_grad()
+    def get_codebook_indices(self, pixel_values: torch.Tensor) -> torch.LongTensor:
+        """
+        Visual tokens of `pixel_values` (`(batch_size, 3, height, width)`, in [-1, 1]) as a `(batch_size, num_patches)`
+        int64 tensor. Touches no statistic of the quantizer, whatever the mode.
+        """
+        return self.quantizer.lookup(self._features_to_code_space(pixel_values))
+
+    def decode(
+        self, indices: torch.LongTensor | None = None, quantized: torch.Tensor | None = None
+    ) -> torch.FloatTensor:
+        """
+        Predict teacher features from codes: give either `indices` `(batch_size, num_patches)` or `quantized`
+        `(batch_size, num_patches, code_dim)`.
+
+        Returns:
+            `torch.FloatTensor` of shape `(batch_size, num_patches, teacher_dim)`.
+        """
+        if (indices is None) == (quantized is None):
+            raise ValueError("Pass exactly one of `indices` or `quantized` to decode.")
+        if quantized is None:
+            quantized = self.quantizer.codebook[indices]
+        batch_size, num_patches, code_dim = quantized.shape
+        rows, cols = self.config.patch_grid
+        if num_patches != rows * cols:
+            raise ValueError(f"Expected {rows * cols} codes per image (grid {rows}x{cols}), got {num_patches}.")
+        code_grid = quantized.transpose(1, 2).reshape(batch_size, code_dim, rows, cols)
+        decoder_dtype = self.decoder.embeddings.patch_embeddings.projection.weight.dtype
+        return self.decode_task_layer(self.decoder.patch_features(code_grid.to(decoder_dtype)))
+
+    def forward(self, pixel_values: torch.Tensor, teacher_features: torch.Tensor | None = None) -> VQKDOutput:
+        r"""
+        Args:
+            pixel_values (`torch.FloatTensor` of shape `(batch_size, 3, height, width)`):
+                Images scaled to [-1, 1].
+            teacher_features (`torch.FloatTensor` of shape `(batch_size, num_patches, teacher_dim)`, *optional*):
+                Teacher patch targets of the same images (see `modeling_beitv2.teachers.TeacherForPatchTargets`).
+                Without them only the quantization loss is computed and `loss` is `None`.
+        """
+        quantizer_output = self.encode(pixel_values)
+        reconstruction = self.decode(quantized=quantizer_output.quantized)
+        reconstruction_loss = loss = None
+        if teacher_features is not None:
+            if teacher_features.shape != reconstruction.shape:
+                raise ValueError(
+                    f"teacher_features has shape {tuple(teacher_features.shape)} but the tokenizer predicts "
+                    f"{tuple(reconstruction.shape)} (batch, num_patches, teacher_dim={self.config.teacher_dim})."
+                )
+            cosine = nn.functional.cosine_similarity(reconstruction.float(), teacher_features.float(), dim=-1)
+            reconstruction_loss = (1 - cosine).mean()
+            loss = quantizer_output.loss + reconstruction_loss
+        return VQKDOutput(
+            loss=loss,
+            reconstruction_loss=reconstruction_loss,
+            quantization_loss=quantizer_output.loss,
+            codebook_indices=quantizer_output.indices,
+            reconstruction=reconstruction,
+            perplexity=quantizer_output.perplexity,
+            codebook_usage=quantizer_output.codebook_usage,
+            num_dead_codes=quantizer_output.num_dead_codes,
+        )
+
+
+__all__ = ["VQKDModel", "VQKDOutput", "VQKDPreTrainedModel", "VQKDViT"]
