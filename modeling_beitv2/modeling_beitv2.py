@@ -355,7 +355,9 @@ def convert_mim_to_native_beit(
     backbone = model.beit if isinstance(model, BeitV2ForMaskedImageModeling) else model
     source_config = backbone.config
     config_dict = source_config.to_dict()
-    for key in (*_MIM_ONLY_CONFIG_KEYS, "model_type", "architectures", "auto_map", "transformers_version"):
+    # Backbone feature selection is recomputed from `out_indices`/`out_features` overrides, if any.
+    derived = ("model_type", "architectures", "auto_map", "transformers_version", "out_features", "out_indices")
+    for key in (*_MIM_ONLY_CONFIG_KEYS, *derived, "stage_names"):
         config_dict.pop(key, None)
     config_dict.update(
         use_mask_token=False,

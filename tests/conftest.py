@@ -1,0 +1,61 @@
+"""Shared fixtures: tiny configs and a way to run code in a fresh Python process without this repo."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES_DIR = REPO_ROOT / "examples"
+if str(EXAMPLES_DIR) not in sys.path:
+    sys.path.insert(0, str(EXAMPLES_DIR))
+
+# Tests are small; more threads than cores only adds contention on the 2-core CI machine.
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+# Prepended to code run by `run_without_package`: makes `import modeling_beitv2` / `import processing` fail the
+# way it would on a machine that only has transformers, so Hub custom code must stand on its own.
+_BLOCK_PACKAGES = """
+import sys
+class _BlockRepoPackages:
+    blocked = {"modeling_beitv2", "processing"}
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in self.blocked:
+            raise ModuleNotFoundError(f"No module named {name!r} (blocked by the test)")
+        return None
+sys.meta_path.insert(0, _BlockRepoPackages())
+sys.path = [p for p in sys.path if p not in ("", ".", %r)]
+"""
+
+
+def run_without_package(code: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run `code` in a fresh interpreter where this repository's packages cannot be imported."""
+    script = _BLOCK_PACKAGES % str(REPO_ROOT) + textwrap.dedent(code)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": "", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
+    if result.returncode != 0:
+        raise AssertionError(f"isolated process failed:\nSTDOUT:\n{result.stdout}\nSTDERR:\n{result.stderr}")
+    return result
+
+
+@pytest.fixture
+def tiny_beitv2_kwargs() -> dict:
+    """A 4-layer, 32-wide BEiT v2 on 32 px images with 8 px patches (a 4x4 grid)."""
+    return dict(
+        hidden_size=32,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        intermediate_size=64,
+        image_size=32,
+        patch_size=8,
+        vocab_size=64,
+        early_layers=2,
+    )

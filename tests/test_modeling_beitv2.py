@@ -1,0 +1,430 @@
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from conftest import run_without_package
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForMaskedImageModeling,
+    BeitConfig,
+    BeitForImageClassification,
+    BeitForMaskedImageModeling,
+    BeitForSemanticSegmentation,
+    BeitModel,
+)
+
+from modeling_beitv2 import (
+    BeitV2Config,
+    BeitV2ForMaskedImageModeling,
+    BeitV2Model,
+    convert_mim_to_native_beit,
+    resize_relative_position_bias_table,
+)
+
+
+def make_batch(config: BeitV2Config, batch_size: int = 3, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    pixel_values = torch.randn(batch_size, 3, config.image_size, config.image_size, generator=generator)
+    bool_masked_pos = torch.rand(batch_size, config.num_patches, generator=generator) < 0.4
+    bool_masked_pos[:, 0] = True  # at least one masked patch per image
+    labels = torch.randint(0, config.vocab_size, (batch_size, config.num_patches), generator=generator)
+    return pixel_values, bool_masked_pos, labels
+
+
+def randomize_all_parameters(model: torch.nn.Module, seed: int = 0) -> None:
+    """Zero-initialised tables and unit LayerNorms would hide wiring bugs: give every weight a random value."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.copy_(torch.randn(param.shape, generator=generator) * 0.1 + (1.0 if param.ndim == 1 else 0.0))
+
+
+# ----------------------------------------------------------------------------------------------- configuration
+
+
+def test_config_defaults_are_beitv2_base():
+    config = BeitV2Config()
+    assert (config.hidden_size, config.num_hidden_layers, config.vocab_size) == (768, 12, 8192)
+    assert config.use_mask_token and config.use_shared_relative_position_bias
+    assert not config.use_absolute_position_embeddings and not config.use_relative_position_bias
+    assert config.layer_scale_init_value == 0.1 and config.layer_norm_eps == 1e-6
+    assert (config.use_patch_aggregation, config.early_layers, config.head_layers, config.shared_lm_head) == (
+        True,
+        9,
+        2,
+        True,
+    )
+
+
+@pytest.mark.parametrize(
+    ("preset", "width", "depth", "early", "layer_scale"),
+    [("tiny", 192, 12, 9, 0.1), ("small", 384, 12, 9, 0.1), ("base", 768, 12, 9, 0.1), ("large", 1024, 24, 21, 1e-5)],
+)
+def test_presets(preset, width, depth, early, layer_scale):
+    config = BeitV2Config.from_preset(preset)
+    assert (config.hidden_size, config.num_hidden_layers, config.early_layers) == (width, depth, early)
+    assert config.layer_scale_init_value == layer_scale
+    assert BeitV2Config.from_preset(preset, hidden_size=48, num_attention_heads=3).hidden_size == 48
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"image_size": 30}, "not divisible by patch_size"),
+        ({"early_layers": 4}, r"early_layers must lie in \[1, num_hidden_layers - 1\] = \[1, 3\], got 4"),
+        ({"early_layers": 0}, "got 0"),
+        ({"head_layers": 0}, "head_layers"),
+    ],
+)
+def test_config_errors(tiny_beitv2_kwargs, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        BeitV2Config(**{**tiny_beitv2_kwargs, **overrides})
+    with pytest.raises(ValueError, match="Unknown preset"):
+        BeitV2Config.from_preset("huge")
+
+
+def test_config_round_trip(tmp_path, tiny_beitv2_kwargs):
+    config = BeitV2Config(**tiny_beitv2_kwargs, shared_lm_head=False)
+    config.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["model_type"] == "beitv2" and saved["early_layers"] == 2 and saved["shared_lm_head"] is False
+    reloaded = AutoConfig.from_pretrained(tmp_path).to_dict()
+    reloaded.pop("_name_or_path")
+    assert reloaded == {k: v for k, v in config.to_dict().items() if k != "_name_or_path"}
+
+
+# ---------------------------------------------------------------------------------------------- initialisation
+
+
+def test_reference_initialisation(tiny_beitv2_kwargs):
+    torch.manual_seed(0)
+    config = BeitV2Config(**{**tiny_beitv2_kwargs, "hidden_size": 64, "intermediate_size": 256})
+    model = BeitV2ForMaskedImageModeling(config)
+    std = config.initializer_range
+    trunc_std = std * 0.5379  # std of a normal truncated at +-1 sigma
+    for index, layer in enumerate(model.beit.layers):
+        # Truncated at +-1 std, not +-2.
+        assert layer.attention.q_proj.weight.abs().max() <= std + 1e-7
+        assert layer.attention.q_proj.weight.std().item() == pytest.approx(trunc_std, rel=0.1)
+        expected = trunc_std / math.sqrt(2 * (index + 1))
+        assert layer.attention.o_proj.weight.std().item() == pytest.approx(expected, rel=0.1)
+        assert layer.mlp.fc2.weight.std().item() == pytest.approx(expected, rel=0.1)
+        assert torch.all(layer.lambda_1 == 0.1) and torch.all(layer.attention.q_proj.bias == 0)
+    assert model.beit.embeddings.mask_token.abs().max() <= std and model.beit.embeddings.mask_token.std() > 0
+    assert model.beit.embeddings.cls_token.abs().max() <= std and model.beit.embeddings.cls_token.std() > 0
+    assert model.lm_head.weight.abs().max() <= std
+    assert torch.all(model.beit.shared_position_bias.relative_position_bias_table == 0)
+    # Aggregation head: PyTorch's default Linear init (uniform +-1/sqrt(fan_in)), rescaled for layers 3 and 4.
+    for offset, layer in enumerate(model.aggregation_head.layers):
+        bound = 1 / math.sqrt(64) / math.sqrt(2 * (config.early_layers + offset + 1))
+        weight = layer.mlp.fc2.weight
+        assert weight.abs().max() <= 1 / math.sqrt(256) / math.sqrt(2 * (config.early_layers + offset + 1)) + 1e-7
+        assert layer.attention.o_proj.weight.abs().max() <= bound + 1e-7
+        assert layer.attention.o_proj.weight.abs().max() > 0.8 * bound  # uniform, not a truncated normal
+        assert layer.attention.q_proj.bias.abs().max() > 0  # PyTorch's default bias init is not zero
+
+
+def test_from_pretrained_keeps_loaded_weights(tmp_path, tiny_beitv2_kwargs):
+    model = BeitV2ForMaskedImageModeling(BeitV2Config(**tiny_beitv2_kwargs))
+    randomize_all_parameters(model)
+    model.save_pretrained(tmp_path)
+    reloaded, info = BeitV2ForMaskedImageModeling.from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    for (name, expected), actual in zip(model.state_dict().items(), reloaded.state_dict().values()):
+        torch.testing.assert_close(actual, expected, rtol=0, atol=0, msg=name)
+
+
+# ------------------------------------------------------------------------------------------------ forward pass
+
+
+def test_beit_v1_mode_matches_transformers_beit_for_masked_image_modeling(tiny_beitv2_kwargs):
+    config = BeitV2Config(**tiny_beitv2_kwargs, use_patch_aggregation=False)
+    ours = BeitV2ForMaskedImageModeling(config).eval()
+    randomize_all_parameters(ours)
+    stock_fields = set(BeitConfig().to_dict()) - {"model_type", "transformers_version", "architectures"}
+    stock_config = BeitConfig(**{k: v for k, v in config.to_dict().items() if k in stock_fields})
+    reference = BeitForMaskedImageModeling(stock_config).eval()
+    missing, unexpected = reference.load_state_dict(ours.state_dict(), strict=False)
+    assert not missing and not unexpected
+    pixel_values, bool_masked_pos, labels = make_batch(config)
+    masked_labels = labels[bool_masked_pos]
+    with torch.no_grad():
+        ours_out = ours(pixel_values, bool_masked_pos, labels=labels)
+        ref_out = reference(pixel_values, bool_masked_pos=bool_masked_pos, labels=masked_labels)
+    torch.testing.assert_close(ours_out.logits, ref_out.logits[bool_masked_pos], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours_out.loss, ref_out.loss, rtol=1e-5, atol=1e-6)
+    assert ours_out.loss_aggregation is None and ours_out.aggregation_logits is None
+
+
+def _aggregation_by_hand(model: BeitV2ForMaskedImageModeling, pixel_values, bool_masked_pos):
+    """Patch aggregation written out from the paper/reference description, block by block."""
+    config = model.config
+    beit = model.beit
+    embeddings = beit.embeddings.patch_embeddings(pixel_values)
+    mask = bool_masked_pos.unsqueeze(-1).to(embeddings.dtype)
+    embeddings = embeddings * (1 - mask) + beit.embeddings.mask_token * mask
+    hidden = torch.cat([beit.embeddings.cls_token.expand(len(pixel_values), -1, -1), embeddings], dim=1)
+    grid = config.image_size // config.patch_size
+    bias = beit.shared_position_bias((grid, grid), dim_size=hidden.shape[1])
+    resolution = pixel_values.shape[2:]
+    for index, layer in enumerate(beit.layers):
+        hidden = layer(hidden, attention_mask=bias, resolution=resolution)
+        if index + 1 == config.early_layers:
+            early_patches = hidden[:, 1:]
+    head = torch.cat([hidden[:, :1], early_patches], dim=1)
+    for layer in model.aggregation_head.layers:
+        head = layer(head, attention_mask=bias, resolution=resolution)
+    main_logits = model.lm_head(model.layernorm(hidden))[:, 1:][bool_masked_pos]
+    head_logits = model.lm_head(model.layernorm(head))[:, 1:][bool_masked_pos]
+    return main_logits, head_logits
+
+
+def test_patch_aggregation_matches_hand_written_computation(tiny_beitv2_kwargs):
+    config = BeitV2Config(**tiny_beitv2_kwargs)
+    model = BeitV2ForMaskedImageModeling(config).eval()
+    randomize_all_parameters(model)
+    pixel_values, bool_masked_pos, labels = make_batch(config)
+    with torch.no_grad():
+        out = model(pixel_values, bool_masked_pos, labels=labels)
+        main_logits, head_logits = _aggregation_by_hand(model, pixel_values, bool_masked_pos)
+    torch.testing.assert_close(out.logits, main_logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.aggregation_logits, head_logits, rtol=1e-5, atol=1e-5)
+    targets = labels[bool_masked_pos]
+    expected_mim = torch.nn.functional.cross_entropy(main_logits, targets)
+    expected_agg = torch.nn.functional.cross_entropy(head_logits, targets)
+    torch.testing.assert_close(out.loss_mim, expected_mim)
+    torch.testing.assert_close(out.loss_aggregation, expected_agg)
+    torch.testing.assert_close(out.loss, expected_mim + expected_agg)
+    assert out.mim_accuracy == (main_logits.argmax(-1) == targets).float().mean()
+    assert out.aggregation_accuracy == (head_logits.argmax(-1) == targets).float().mean()
+    assert out.logits.shape == (int(bool_masked_pos.sum()), config.vocab_size)
+
+
+def test_separate_aggregation_lm_head(tiny_beitv2_kwargs):
+    model = BeitV2ForMaskedImageModeling(BeitV2Config(**tiny_beitv2_kwargs, shared_lm_head=False))
+    pixel_values, bool_masked_pos, labels = make_batch(model.config)
+    out = model(pixel_values, bool_masked_pos, labels=labels)
+    out.loss.backward()
+    assert model.aggregation_head.lm_head.weight.grad.abs().sum() > 0
+    assert model.aggregation_head.lm_head.weight.data_ptr() != model.lm_head.weight.data_ptr()
+
+
+def test_labels_as_full_grid_or_masked_codes_agree(tiny_beitv2_kwargs):
+    model = BeitV2ForMaskedImageModeling(BeitV2Config(**tiny_beitv2_kwargs)).eval()
+    pixel_values, bool_masked_pos, labels = make_batch(model.config)
+    with torch.no_grad():
+        full = model(pixel_values, bool_masked_pos, labels=labels)
+        masked = model(pixel_values, bool_masked_pos, labels=labels[bool_masked_pos])
+        grid = model(pixel_values, bool_masked_pos.view(3, 4, 4), labels=labels)
+    assert full.loss == masked.loss == grid.loss
+
+
+def test_lm_head_only_sees_masked_positions(tiny_beitv2_kwargs):
+    model = BeitV2ForMaskedImageModeling(BeitV2Config(**tiny_beitv2_kwargs, use_patch_aggregation=False))
+    seen = []
+    model.lm_head.register_forward_hook(lambda module, args, output: seen.append(args[0].shape[0]))
+    pixel_values, bool_masked_pos, _ = make_batch(model.config)
+    model(pixel_values, bool_masked_pos)
+    assert seen == [int(bool_masked_pos.sum())]
+
+
+def test_batch_without_masked_patches_gives_zero_loss_not_nan(tiny_beitv2_kwargs):
+    model = BeitV2ForMaskedImageModeling(BeitV2Config(**tiny_beitv2_kwargs))
+    pixel_values, _, labels = make_batch(model.config)
+    no_mask = torch.zeros(3, model.config.num_patches, dtype=torch.bool)
+    out = model(pixel_values, no_mask, labels=labels)
+    assert out.loss.item() == 0.0 and out.mim_accuracy.item() == 0.0
+    assert out.logits.shape == (0, model.config.vocab_size)
+    out.loss.backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() and g.abs().sum() == 0 for g in grads)
+
+
+@pytest.mark.parametrize(
+    ("field", "bad", "message"),
+    [
+        (
+            "bool_masked_pos",
+            torch.zeros(3, 15, dtype=torch.bool),
+            r"bool_masked_pos has shape \(3, 15\); expected \(3, 16\)",
+        ),
+        ("labels", torch.zeros(3, 15, dtype=torch.long), r"labels has shape \(3, 15\)"),
+        ("labels", torch.zeros(2, dtype=torch.long), "codes of the"),
+        ("pixel_values", torch.zeros(3, 3, 30, 32), "not divisible by patch size"),
+    ],
+)
+def test_bad_inputs_raise_value_error(tiny_beitv2_kwargs, field, bad, message):
+    model = BeitV2ForMaskedImageModeling(BeitV2Config(**tiny_beitv2_kwargs))
+    pixel_values, bool_masked_pos, labels = make_batch(model.config)
+    inputs = {"pixel_values": pixel_values, "bool_masked_pos": bool_masked_pos, "labels": labels, field: bad}
+    with pytest.raises(ValueError, match=message):
+        model(**inputs)
+
+
+def test_sdpa_and_eager_attention_agree(tiny_beitv2_kwargs):
+    config = BeitV2Config(**tiny_beitv2_kwargs)
+    eager = BeitV2ForMaskedImageModeling._from_config(config, attn_implementation="eager").eval()
+    randomize_all_parameters(eager)
+    sdpa = BeitV2ForMaskedImageModeling._from_config(BeitV2Config(**tiny_beitv2_kwargs), attn_implementation="sdpa")
+    sdpa.eval()
+    sdpa.load_state_dict(eager.state_dict())
+    assert eager.config._attn_implementation == "eager" and sdpa.config._attn_implementation == "sdpa"
+    pixel_values, bool_masked_pos, labels = make_batch(config)
+    with torch.no_grad():
+        a, b = eager(pixel_values, bool_masked_pos, labels), sdpa(pixel_values, bool_masked_pos, labels)
+    torch.testing.assert_close(a.logits, b.logits, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(a.aggregation_logits, b.aggregation_logits, rtol=1e-4, atol=1e-4)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tiny_beitv2_kwargs):
+    config = BeitV2Config(**tiny_beitv2_kwargs)
+    model = BeitV2ForMaskedImageModeling(config).train()
+    pixel_values, bool_masked_pos, labels = make_batch(config)
+    model(pixel_values, bool_masked_pos, labels).loss.backward()
+    plain = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    model.activation_checkpointing_enable()
+    assert model.beit.layers[0].gradient_checkpointing and model.aggregation_head.layers[0].gradient_checkpointing
+    model(pixel_values, bool_masked_pos, labels).loss.backward()
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(param.grad, plain[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_bf16_autocast_training_step(tiny_beitv2_kwargs):
+    model = BeitV2ForMaskedImageModeling(BeitV2Config(**tiny_beitv2_kwargs))
+    pixel_values, bool_masked_pos, labels = make_batch(model.config)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(pixel_values, bool_masked_pos, labels)
+    assert out.logits.dtype == torch.bfloat16 and out.loss.dtype == torch.float32
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_drop_path_rates_follow_the_reference_ramp(tiny_beitv2_kwargs):
+    model = BeitV2ForMaskedImageModeling(BeitV2Config(**tiny_beitv2_kwargs, drop_path_rate=0.3))
+    trunk = [layer.drop_path.drop_prob for layer in model.beit.layers[1:]]
+    head = [layer.drop_path.drop_prob for layer in model.aggregation_head.layers]
+    assert trunk == pytest.approx([0.1, 0.2, 0.3])
+    assert head == pytest.approx([0.2, 0.3])  # linspace(0, 0.3, 4)[2:4]
+
+
+# ------------------------------------------------------------------------------------------ export to native
+
+
+def test_resize_relative_position_bias_table():
+    heads = 2
+    table = torch.randn(7 * 7 + 3, heads)
+    torch.testing.assert_close(resize_relative_position_bias_table(table, (4, 4), (4, 4)), table)
+    resized = resize_relative_position_bias_table(table, (4, 4), (6, 6))
+    assert resized.shape == (11 * 11 + 3, heads)
+    torch.testing.assert_close(resized[-3:], table[-3:])
+    source_grid, target_grid = table[:-3].view(7, 7, heads), resized[:-3].view(11, 11, heads)
+    # Offset (0, 0) and the four corner offsets land on themselves: the 2-D offset grid is respected.
+    for (sy, sx), (ty, tx) in [((3, 3), (5, 5)), ((0, 0), (0, 0)), ((0, 6), (0, 10)), ((6, 0), (10, 0))]:
+        torch.testing.assert_close(target_grid[ty, tx], source_grid[sy, sx])
+    # A table that depends only on dy must stay constant along dx after resizing (not so for a flat resize).
+    rows_only = torch.arange(7.0).repeat_interleave(7).unsqueeze(1).expand(-1, heads)
+    rows_only = torch.cat([rows_only, torch.zeros(3, heads)])
+    resized_rows = resize_relative_position_bias_table(rows_only, (4, 4), (6, 6))[:-3].view(11, 11, heads)
+    torch.testing.assert_close(resized_rows, resized_rows[:, :1].expand_as(resized_rows))
+    with pytest.raises(ValueError, match="needs 52"):
+        resize_relative_position_bias_table(torch.zeros(50, 2), (4, 4), (6, 6))
+
+
+def test_exported_backbone_matches_mim_backbone(tiny_beitv2_kwargs):
+    model = BeitV2ForMaskedImageModeling(BeitV2Config(**tiny_beitv2_kwargs)).eval()
+    randomize_all_parameters(model)
+    native = convert_mim_to_native_beit(model, BeitModel).eval()
+    assert native.config.model_type == "beit" and native.config.use_relative_position_bias
+    assert not native.config.use_shared_relative_position_bias and native.embeddings.mask_token is None
+    pixel_values, _, _ = make_batch(model.config)
+    with torch.no_grad():
+        expected = model.beit(pixel_values, output_hidden_states=True).hidden_states
+        actual = native(pixel_values, output_hidden_states=True).hidden_states
+    assert len(actual) == len(expected) == model.config.num_hidden_layers + 1
+    for a, e in zip(actual, expected):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)
+    shared = model.beit.shared_position_bias.relative_position_bias_table
+    for layer in native.layers:
+        torch.testing.assert_close(layer.relative_position_bias.relative_position_bias_table, shared)
+
+
+@pytest.mark.parametrize(
+    ("model_class", "overrides"),
+    [
+        (BeitForImageClassification, {"num_labels": 5}),
+        (BeitForSemanticSegmentation, {"num_labels": 3, "out_indices": [0, 1, 2, 3], "image_size": 64}),
+    ],
+)
+def test_export_saves_a_native_checkpoint_without_missing_backbone_keys(
+    tmp_path, tiny_beitv2_kwargs, model_class, overrides
+):
+    model = BeitV2ForMaskedImageModeling(BeitV2Config(**tiny_beitv2_kwargs))
+    randomize_all_parameters(model)
+    native = convert_mim_to_native_beit(model, model_class, **overrides)
+    native.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["model_type"] == "beit" and "auto_map" not in config
+    assert not list(tmp_path.glob("*.py"))
+    reloaded, info = model_class.from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    for name, tensor in native.state_dict().items():
+        torch.testing.assert_close(reloaded.state_dict()[name], tensor, rtol=0, atol=0, msg=name)
+    window = (overrides.get("image_size", 32) // 8,) * 2
+    table = reloaded.beit.layers[0].relative_position_bias.relative_position_bias_table
+    assert table.shape[0] == (2 * window[0] - 1) * (2 * window[1] - 1) + 3
+    pixel_values = torch.randn(2, 3, overrides.get("image_size", 32), overrides.get("image_size", 32))
+    assert torch.isfinite(reloaded(pixel_values).logits).all()
+
+
+# ------------------------------------------------------------------------------------- Auto classes, Hub code
+
+
+def test_auto_classes(tmp_path, tiny_beitv2_kwargs):
+    config = AutoConfig.for_model("beitv2", **tiny_beitv2_kwargs)
+    assert isinstance(config, BeitV2Config)
+    assert isinstance(AutoModel.from_config(config), BeitV2Model)
+    model = AutoModelForMaskedImageModeling.from_config(config)
+    assert isinstance(model, BeitV2ForMaskedImageModeling)
+    model.save_pretrained(tmp_path)
+    assert isinstance(AutoModelForMaskedImageModeling.from_pretrained(tmp_path), BeitV2ForMaskedImageModeling)
+    assert isinstance(AutoModel.from_pretrained(tmp_path), BeitV2Model)
+
+
+def test_custom_code_reloads_in_a_fresh_process_without_the_package(tmp_path, tiny_beitv2_kwargs):
+    model = BeitV2ForMaskedImageModeling(BeitV2Config(**tiny_beitv2_kwargs)).eval()
+    randomize_all_parameters(model)
+    folder = tmp_path / "mim"
+    model.save_pretrained(folder)
+    assert {"configuration_beitv2.py", "modeling_beitv2.py", "initialization.py"} <= {
+        p.name for p in folder.glob("*.py")
+    }
+    auto_map = json.loads((folder / "config.json").read_text())["auto_map"]
+    assert auto_map["AutoModelForMaskedImageModeling"] == "modeling_beitv2.BeitV2ForMaskedImageModeling"
+    pixel_values, bool_masked_pos, labels = make_batch(model.config)
+    torch.save({"inputs": (pixel_values, bool_masked_pos, labels)}, tmp_path / "inputs.pt")
+    with torch.no_grad():
+        expected = model(pixel_values, bool_masked_pos, labels).loss.item()
+    result = run_without_package(
+        f"""
+        import torch
+        try:
+            import modeling_beitv2
+            raise SystemExit("the package should not be importable here")
+        except ModuleNotFoundError:
+            pass
+        from transformers import AutoModelForMaskedImageModeling
+        model = AutoModelForMaskedImageModeling.from_pretrained({str(folder)!r}, trust_remote_code=True).eval()
+        assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+        pixel_values, bool_masked_pos, labels = torch.load({str(tmp_path / "inputs.pt")!r})["inputs"]
+        with torch.no_grad():
+            print("LOSS", model(pixel_values, bool_masked_pos, labels).loss.item())
+        """,
+        cwd=tmp_path,
+    )
+    loss = float(result.stdout.split("LOSS")[1])
+    assert loss == pytest.approx(expected, rel=1e-6)
