@@ -1,0 +1,112 @@
+"""What the stage-3 scripts (fine-tuning, linear probe, kNN, segmentation) share: loading a pretrained backbone
+as a native transformers `beit` model, and loading labelled image data.
+
+A starting checkpoint can be
+- a BEiT v2 / BEiT MIM checkpoint of this package (`model_type: "beitv2"`), exported with
+  `modeling_beitv2.convert_mim_to_native_beit`;
+- any native transformers `beit` checkpoint (`BeitModel`, `BeitForMaskedImageModeling`,
+  `BeitForImageClassification`, or an official checkpoint converted to one of these): its backbone is loaded into
+  a `BeitModel` and exported the same way, so a shared relative position bias is copied into every layer and
+  resized when the fine-tuning resolution differs.
+"""
+
+from __future__ import annotations
+
+import torch
+from datasets import ClassLabel, DatasetDict, IterableDatasetDict, load_dataset
+from transformers import AutoConfig, BeitModel, PreTrainedModel
+
+# Registers the `beitv2` model type with the Auto classes, so that AutoConfig reads our MIM checkpoints.
+import modeling_beitv2
+
+IMAGE_COLUMN_CANDIDATES = ("image", "img", "pixel_values", "jpg", "png", "webp")
+LABEL_COLUMN_CANDIDATES = ("label", "labels", "fine_label", "class", "cls", "target")
+
+
+def load_native_beit(
+    model_name_or_path: str,
+    model_class: type[PreTrainedModel] = BeitModel,
+    image_size: int | None = None,
+    **config_overrides,
+) -> PreTrainedModel:
+    """Load a pretrained backbone as a stock transformers `model_class` (`model_type: "beit"`).
+
+    The result has one relative position bias per layer (initialised from the shared table when the checkpoint
+    has one), mean pooling, no [MASK] embedding, and fresh heads. `config_overrides` go to its `BeitConfig`
+    (`num_labels`, `id2label`, `drop_path_rate`, `out_indices`...).
+    """
+    config = AutoConfig.from_pretrained(model_name_or_path)
+    if config.model_type == "beitv2":
+        source = modeling_beitv2.BeitV2ForMaskedImageModeling.from_pretrained(model_name_or_path)
+    elif config.model_type == "beit":
+        # Mean pooling as in the fine-tuning recipe: the pretraining-time final LayerNorm is dropped and the
+        # pooling LayerNorm starts fresh, like the reference's `fc_norm`.
+        source = BeitModel.from_pretrained(model_name_or_path, add_pooling_layer=False, use_mean_pooling=True)
+    else:
+        raise ValueError(
+            f"{model_name_or_path} has model_type {config.model_type!r}; expected a 'beitv2' (MIM) or 'beit' checkpoint."
+        )
+    return modeling_beitv2.convert_mim_to_native_beit(source, model_class, image_size=image_size, **config_overrides)
+
+
+@torch.no_grad()
+def init_classifier_head(classifier: torch.nn.Linear, init_scale: float) -> None:
+    """The reference head init: truncated normal (std 0.02) scaled by `init_scale`, zero bias."""
+    torch.nn.init.trunc_normal_(classifier.weight, std=0.02)
+    classifier.weight.mul_(init_scale)
+    torch.nn.init.zeros_(classifier.bias)
+
+
+def load_image_classification_data(
+    dataset_name: str | None,
+    dataset_config_name: str | None = None,
+    train_dir: str | None = None,
+    validation_dir: str | None = None,
+    streaming: bool = False,
+    cache_dir: str | None = None,
+) -> DatasetDict | IterableDatasetDict:
+    """Load a dataset from the Hub (or a local `datasets` folder) or from `imagefolder`-style class folders."""
+    if dataset_name is not None:
+        return load_dataset(dataset_name, dataset_config_name, streaming=streaming, cache_dir=cache_dir)
+    data_files = {}
+    if train_dir is not None:
+        data_files["train"] = f"{train_dir}/**"
+    if validation_dir is not None:
+        data_files["validation"] = f"{validation_dir}/**"
+    if not data_files:
+        raise ValueError("Pass --dataset_name, or --train_dir and/or --validation_dir.")
+    return load_dataset("imagefolder", data_files=data_files, streaming=streaming, cache_dir=cache_dir)
+
+
+def detect_column(column_names: list[str], requested: str | None, candidates: tuple[str, ...], what: str) -> str:
+    """Return `requested` if given (checking it exists), else the first of `candidates` present."""
+    if requested is not None:
+        if requested not in column_names:
+            raise ValueError(f"--{what}_column_name {requested!r} is not a column; columns are {column_names}.")
+        return requested
+    for name in candidates:
+        if name in column_names:
+            return name
+    raise ValueError(
+        f"Could not find the {what} column among {column_names}; pass --{what}_column_name "
+        f"(looked for {list(candidates)})."
+    )
+
+
+def class_names(split, label_column: str) -> list[str]:
+    """Class names from a `ClassLabel` feature, else `"0"`...`"n-1"` for integer labels `0..n-1`."""
+    feature = split.features[label_column] if split.features is not None else None
+    if isinstance(feature, ClassLabel):
+        return list(feature.names)
+    if not hasattr(split, "unique"):
+        raise ValueError(
+            f"Label column {label_column!r} of a streamed dataset is not a ClassLabel, so the classes are unknown; "
+            "use a dataset whose label feature is a ClassLabel."
+        )
+    values = split.unique(label_column)
+    if not all(isinstance(value, int) and value >= 0 for value in values):
+        raise ValueError(
+            f"Label column {label_column!r} must be a ClassLabel or hold integer class ids >= 0; "
+            f"found values such as {values[:5]}."
+        )
+    return [str(index) for index in range(max(values) + 1)]

@@ -1,0 +1,161 @@
+"""End-to-end fine-tuning with examples/run_image_classification.py on tiny models and generated images; the
+exported classifier then runs in `pipeline("image-classification")` in a fresh process without this package."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import BeitConfig, BeitForImageClassification, BeitModel
+
+from modeling_beitv2 import BeitV2Config, BeitV2ForMaskedImageModeling
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "examples" / "run_image_classification.py"
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}
+TINY = dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64, patch_size=8)
+
+
+def write_image_folders(root: Path, per_class: int = 4, size: int = 40) -> tuple[Path, Path]:
+    rng = np.random.default_rng(0)
+    for split in ("train", "validation"):
+        for name, colour in COLOURS.items():
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for index in range(per_class):
+                noise = rng.integers(-25, 26, size=(size, size, 3))
+                pixels = np.clip(np.asarray(colour) + noise, 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(folder / f"{index}.png")
+    return root / "train", root / "validation"
+
+
+def run_script(*args: str, timeout: int = 240) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=timeout, env=env
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
+def common_args(train_dir: Path, validation_dir: Path, output_dir: Path) -> list[str]:
+    return [
+        "--train_dir", str(train_dir), "--validation_dir", str(validation_dir), "--output_dir", str(output_dir),
+        "--do_train", "--do_eval", "--max_steps", "4", "--per_device_train_batch_size", "4",
+        "--per_device_eval_batch_size", "6", "--learning_rate", "1e-3", "--layer_decay", "0.65",
+        "--use_cpu", "--dataloader_num_workers", "0", "--save_strategy", "no", "--seed", "0",
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def mim_checkpoint(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    config = BeitV2Config(**TINY, image_size=32, vocab_size=16, early_layers=2, head_layers=1)
+    model = BeitV2ForMaskedImageModeling(config)
+    # A recognisable shared table, to check that every exported layer starts from it.
+    with torch.no_grad():
+        model.beit.shared_position_bias.relative_position_bias_table.normal_()
+    folder = tmp_path_factory.mktemp("mim")
+    model.save_pretrained(folder)
+    return folder
+
+
+def test_fine_tune_mim_checkpoint_then_pipeline_in_a_fresh_process(tmp_path, mim_checkpoint):
+    train_dir, validation_dir = write_image_folders(tmp_path / "data")
+    output_dir = tmp_path / "out"
+    run_script(
+        "--model_name_or_path", str(mim_checkpoint), *common_args(train_dir, validation_dir, output_dir),
+        "--mixup_alpha", "0", "--cutmix_alpha", "0", "--label_smoothing", "0.1", "--random_erasing", "0.25",
+    )  # fmt: skip
+
+    eval_results = json.loads((output_dir / "eval_results.json").read_text())
+    assert 0.0 <= eval_results["eval_accuracy"] <= 1.0
+    assert "eval_top5_accuracy" not in eval_results  # 3 classes: top-5 would be trivially 1
+    config = json.loads((output_dir / "config.json").read_text())
+    assert config["model_type"] == "beit" and config["architectures"] == ["BeitForImageClassification"]
+    assert config["use_relative_position_bias"] and not config["use_shared_relative_position_bias"]
+    assert config["use_mean_pooling"] and config["drop_path_rate"] == 0.1
+    assert "auto_map" not in config
+    assert sorted(config["id2label"].values()) == sorted(COLOURS)
+    processor = json.loads((output_dir / "preprocessor_config.json").read_text())
+    assert processor["image_processor_type"].startswith("BeitImageProcessor")
+    assert processor["crop_size"] == {"height": 32, "width": 32}
+    assert (output_dir / "README.md").exists()
+    assert not list(output_dir.glob("*.py"))
+
+    # The model card, weights and processor are all a fresh process needs; our packages must not be imported.
+    probe = textwrap.dedent(
+        f"""
+        import importlib.abc, sys
+        class Block(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in ("modeling_beitv2", "processing"):
+                    raise ImportError("blocked: " + name)
+        sys.meta_path.insert(0, Block())
+        import json
+        from PIL import Image
+        from transformers import pipeline
+        classifier = pipeline("image-classification", model={str(output_dir)!r}, device="cpu")
+        predictions = classifier(Image.new("RGB", (50, 40), (200, 20, 20)), top_k=3)
+        print(json.dumps(predictions))
+        assert not any(name.split(".")[0] in ("modeling_beitv2", "processing") for name in sys.modules)
+        """
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, env=env, cwd=str(tmp_path)
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    predictions = json.loads(result.stdout.strip().splitlines()[-1])
+    assert len(predictions) == 3
+    assert {prediction["label"] for prediction in predictions} == set(COLOURS)
+    assert sum(prediction["score"] for prediction in predictions) == pytest.approx(1.0, abs=1e-4)
+
+
+def test_fine_tune_native_beit_checkpoint_learns_colours(tmp_path):
+    """A native shared-bias `beit` checkpoint fine-tunes; without mixup the colour task is learned."""
+    torch.manual_seed(0)
+    config = BeitConfig(
+        **TINY,
+        image_size=32,
+        use_shared_relative_position_bias=True,
+        use_mean_pooling=False,
+        layer_scale_init_value=0.1,
+        layer_norm_eps=1e-6,
+    )
+    native = tmp_path / "native"
+    BeitModel(config).save_pretrained(native)
+    train_dir, validation_dir = write_image_folders(tmp_path / "data", per_class=8)
+    output_dir = tmp_path / "out"
+    args = common_args(train_dir, validation_dir, output_dir)
+    args[args.index("--max_steps") + 1] = "30"
+    run_script(
+        "--model_name_or_path", str(native), *args, "--mixup_alpha", "0", "--cutmix_alpha", "0",
+        "--rand_augment_num_ops", "0", "--random_erasing", "0", "--drop_path_rate", "0", "--head_init_scale", "1",
+    )  # fmt: skip
+    eval_results = json.loads((output_dir / "eval_results.json").read_text())
+    assert eval_results["eval_accuracy"] >= 0.9, eval_results
+
+    model = BeitForImageClassification.from_pretrained(output_dir)
+    tables = [layer.relative_position_bias.relative_position_bias_table for layer in model.beit.layers]
+    # All layers started from one shared table, and per-layer training made them differ.
+    assert not torch.equal(tables[0], tables[-1])
+
+
+def test_rejects_a_checkpoint_that_is_not_beit(tmp_path):
+    from transformers import ViTConfig, ViTModel
+
+    ViTModel(
+        ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+    ).save_pretrained(tmp_path / "vit")
+    sys.path.insert(0, str(ROOT / "examples"))
+    from downstream import load_native_beit
+
+    with pytest.raises(ValueError, match="model_type 'vit'"):
+        load_native_beit(str(tmp_path / "vit"))
