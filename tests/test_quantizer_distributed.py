@@ -1,0 +1,52 @@
+"""2 ranks over gloo with 4 images each must train the tokenizer exactly like 1 rank with all 8 images."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+WORKER = Path(__file__).with_name("vqkd_distributed_worker.py")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _launch(world_size: int, port: int, tmp_path: Path) -> list[dict]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    outputs = [tmp_path / f"world{world_size}_rank{rank}.pt" for rank in range(world_size)]
+    processes = [
+        subprocess.Popen(
+            [sys.executable, str(WORKER), str(world_size), str(rank), str(port), str(output)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for rank, output in enumerate(outputs)
+    ]
+    for process in processes:
+        log, _ = process.communicate(timeout=240)
+        assert process.returncode == 0, log
+    return [torch.load(output) for output in outputs]
+
+
+def test_two_ranks_match_one_rank_with_kmeans_init_and_dead_code_restart(tmp_path):
+    (single,) = _launch(1, _free_port(), tmp_path)
+    rank0, rank1 = _launch(2, _free_port(), tmp_path)
+    # The dead-code restart really ran (after k-means some codes hold fewer than 1 vector per step).
+    assert single["dead_codes"] == rank0["dead_codes"] == rank1["dead_codes"]
+    assert sum(single["dead_codes"]) > 0
+    for name in ("quantizer.codebook", "quantizer.cluster_size", "quantizer.initted"):
+        assert torch.equal(rank0["state_dict"][name], rank1["state_dict"][name]), name  # bit-identical
+    for name, value in single["state_dict"].items():
+        if name.startswith(("quantizer.", "encoder.")):
+            torch.testing.assert_close(rank0["state_dict"][name], value, atol=1e-5, rtol=0, msg=name)
+    assert bool(single["state_dict"]["quantizer.initted"])

@@ -1,0 +1,73 @@
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import (
+    CLIPImageProcessor,
+    CLIPVisionConfig,
+    CLIPVisionModelWithProjection,
+    Dinov2WithRegistersConfig,
+    Dinov2WithRegistersModel,
+    ViTConfig,
+    ViTModel,
+)
+
+from modeling_beitv2 import TeacherForPatchTargets, VQKDConfig
+from modeling_beitv2.teachers import IMAGENET_MEAN, IMAGENET_STD
+
+TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=32)
+
+
+@pytest.fixture
+def pixels() -> torch.Tensor:
+    return torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+
+
+def test_clip_teacher_projects_post_layernormed_patch_tokens(tmp_path, pixels):
+    torch.manual_seed(0)
+    clip = CLIPVisionModelWithProjection(CLIPVisionConfig(**TINY, patch_size=8, projection_dim=24)).eval()
+    clip.save_pretrained(tmp_path)
+    mean, std = (0.4, 0.5, 0.6), (0.2, 0.3, 0.25)
+    CLIPImageProcessor(image_mean=list(mean), image_std=list(std)).save_pretrained(tmp_path)
+
+    teacher = TeacherForPatchTargets.from_pretrained(str(tmp_path)).train()
+    targets = teacher(pixels)
+    assert targets.shape == (2, 16, 24) and not targets.requires_grad
+    assert not teacher.model.training and not any(p.requires_grad for p in teacher.parameters())
+
+    normalised = (pixels - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    with torch.no_grad():
+        tokens = clip.vision_model(pixel_values=normalised).last_hidden_state
+        expected = clip.visual_projection(clip.vision_model.post_layernorm(tokens))[:, 1:]
+    torch.testing.assert_close(targets, expected)
+    assert teacher.feature_dim == 24 and teacher.patch_grid(32) == (4, 4)
+
+
+def test_vit_teacher_without_processor_uses_imagenet_normalisation(tmp_path, pixels):
+    torch.manual_seed(0)
+    vit = ViTModel(ViTConfig(**TINY, patch_size=8), add_pooling_layer=False).eval()
+    vit.save_pretrained(tmp_path)
+    teacher = TeacherForPatchTargets.from_pretrained(str(tmp_path))
+    normalised = (pixels - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    with torch.no_grad():
+        expected = vit(pixel_values=normalised).last_hidden_state[:, 1:]
+    torch.testing.assert_close(teacher(pixels), expected)
+    assert teacher.feature_dim == 32
+
+
+def test_dinov2_teacher_drops_register_tokens(pixels):
+    torch.manual_seed(0)
+    config = Dinov2WithRegistersConfig(**TINY, patch_size=8, num_register_tokens=4)
+    teacher = TeacherForPatchTargets(Dinov2WithRegistersModel(config), IMAGENET_MEAN, IMAGENET_STD)
+    assert teacher(pixels).shape == (2, 16, 32)
+    assert teacher.num_prefix_tokens == 5
+
+
+def test_check_compatible_names_both_values():
+    teacher = TeacherForPatchTargets(ViTModel(ViTConfig(**TINY, patch_size=8)), IMAGENET_MEAN, IMAGENET_STD)
+    config = VQKDConfig.from_preset("tiny-decoder1", image_size=224)
+    with pytest.raises(ValueError, match=r"feature size is 32 but the tokenizer's teacher_dim is 512"):
+        teacher.check_compatible(config, image_size=224)
+    config = VQKDConfig.from_preset("tiny-decoder1", image_size=224, teacher_dim=32)
+    with pytest.raises(ValueError, match=r"patch grid is \(28, 28\).*tokenizer's is \(14, 14\)"):
+        teacher.check_compatible(config, image_size=224)

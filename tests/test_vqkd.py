@@ -1,0 +1,154 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import run_without_package
+from transformers import AutoConfig, AutoModel
+
+from modeling_beitv2 import VQKDConfig, VQKDModel, VQKDOutput
+from modeling_beitv2.configuration_vqkd import vqkd_decoder_config, vqkd_encoder_config
+
+TINY_VIT = dict(hidden_size=32, num_attention_heads=2, intermediate_size=64)
+
+
+def tiny_config(**overrides) -> VQKDConfig:
+    kwargs = dict(
+        encoder_config=vqkd_encoder_config("tiny", image_size=32, patch_size=8, num_hidden_layers=2, **TINY_VIT),
+        decoder_config=vqkd_decoder_config("tiny", num_layers=1, grid_size=4, code_dim=8, **TINY_VIT),
+        num_codes=64,
+        code_dim=8,
+        teacher_dim=16,
+        kmeans_init=False,
+    )
+    return VQKDConfig(**{**kwargs, **overrides})
+
+
+@pytest.fixture
+def model() -> VQKDModel:
+    torch.manual_seed(0)
+    return VQKDModel(tiny_config())
+
+
+def test_presets_match_the_paper():
+    config = VQKDConfig.from_preset("base-decoder3")
+    encoder, decoder = config.encoder_config, config.decoder_config
+    assert (encoder.hidden_size, encoder.num_hidden_layers, encoder.patch_size, encoder.layer_norm_eps) == (
+        768,
+        12,
+        16,
+        1e-6,
+    )
+    assert encoder.use_absolute_position_embeddings and encoder.layer_scale_init_value == 0
+    assert not encoder.use_relative_position_bias and not encoder.use_mean_pooling
+    assert (decoder.num_hidden_layers, decoder.patch_size, decoder.image_size, decoder.num_channels) == (3, 1, 14, 32)
+    assert (config.num_codes, config.code_dim, config.decay, config.teacher_dim, config.kmeans_init) == (
+        8192,
+        32,
+        0.99,
+        512,
+        True,
+    )
+    assert VQKDConfig.from_preset("base-decoder1").decoder_config.num_hidden_layers == 1
+    assert VQKDConfig.from_preset("tiny-decoder1").encoder_config.hidden_size == 192
+    with pytest.raises(ValueError, match="Unknown preset 'huge'"):
+        VQKDConfig.from_preset("huge")
+
+
+def test_config_rejects_mismatched_decoder():
+    with pytest.raises(ValueError, match=r"num_channels \(32\) must equal code_dim \(8\)"):
+        tiny_config(decoder_config=vqkd_decoder_config("tiny", num_layers=1, grid_size=4, code_dim=32, **TINY_VIT))
+    with pytest.raises(ValueError, match="patch grid"):
+        tiny_config(decoder_config=vqkd_decoder_config("tiny", num_layers=1, grid_size=7, code_dim=8, **TINY_VIT))
+
+
+def test_reference_init(model):
+    layers = model.encoder.layers
+    for index, layer in enumerate(layers):
+        for weight in (layer.attention.o_proj.weight, layer.mlp.fc2.weight):
+            bound = 0.02 / (2 * (index + 1)) ** 0.5  # truncated at +-1 std, then divided by sqrt(2 i)
+            assert weight.abs().max() <= bound + 1e-7
+            assert weight.abs().max() > 0.8 * bound
+    assert layers[0].attention.q_proj.weight.abs().max() <= 0.02
+    assert torch.all(layers[0].attention.q_proj.bias == 0)
+    assert torch.allclose(model.quantizer.codebook.norm(dim=-1), torch.ones(64))
+
+
+def test_forward_losses_and_shapes(model):
+    pixels = torch.rand(2, 3, 32, 32) * 2 - 1
+    teacher = torch.randn(2, 16, 16)
+    output = model(pixels, teacher_features=teacher)
+    assert isinstance(output, VQKDOutput)
+    assert output.codebook_indices.shape == (2, 16) and output.codebook_indices.dtype == torch.int64
+    assert output.reconstruction.shape == (2, 16, 16)
+    cosine = torch.nn.functional.cosine_similarity(output.reconstruction, teacher, dim=-1)
+    torch.testing.assert_close(output.reconstruction_loss, (1 - cosine).mean())
+    torch.testing.assert_close(output.loss, output.reconstruction_loss + output.quantization_loss)
+    assert 0 < output.codebook_usage <= 1 and 1 <= output.perplexity <= 32
+    output.loss.backward()
+    assert model.encoder.embeddings.patch_embeddings.projection.weight.grad.abs().sum() > 0
+    assert model.encode_task_layer[0].weight.grad.abs().sum() > 0
+    assert model(pixels).loss is None
+    with pytest.raises(ValueError, match="teacher_dim=16"):
+        model(pixels, teacher_features=torch.randn(2, 16, 12))
+
+
+def test_training_updates_codebook_but_tokenization_does_not(model):
+    pixels = torch.rand(2, 3, 32, 32) * 2 - 1
+    snapshot = {name: buffer.clone() for name, buffer in model.named_buffers() if name.startswith("quantizer")}
+    for mode in (True, False):
+        indices = model.train(mode).get_codebook_indices(pixels)
+        assert indices.shape == (2, 16)
+        for name, buffer in model.named_buffers():
+            if name in snapshot:
+                assert torch.equal(buffer, snapshot[name]), name
+    model.train()(pixels)
+    assert not torch.equal(model.quantizer.codebook, snapshot["quantizer.codebook"])
+    model.eval()
+    torch.testing.assert_close(model.get_codebook_indices(pixels), model.encode(pixels).indices)
+
+
+def test_decode_from_indices_equals_decode_from_quantized(model):
+    model.eval()
+    encoded = model.encode(torch.rand(2, 3, 32, 32) * 2 - 1)
+    torch.testing.assert_close(model.decode(indices=encoded.indices), model.decode(quantized=encoded.quantized))
+    with pytest.raises(ValueError, match="exactly one"):
+        model.decode()
+    with pytest.raises(ValueError, match="Expected 16 codes"):
+        model.decode(indices=torch.zeros(1, 9, dtype=torch.long))
+
+
+def test_save_load_roundtrip_and_auto_classes(model, tmp_path):
+    model.train()(torch.rand(2, 3, 32, 32) * 2 - 1)  # move the codebook away from its init
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["model_type"] == "beitv2_vqkd"
+    assert saved["auto_map"]["AutoModel"] == "modeling_vqkd.VQKDModel"
+    for module in ("configuration_vqkd.py", "modeling_vqkd.py", "quantizer.py", "initialization.py"):
+        assert (tmp_path / module).exists(), module
+    assert isinstance(AutoConfig.from_pretrained(tmp_path), VQKDConfig)
+    reloaded = AutoModel.from_pretrained(tmp_path)
+    assert isinstance(reloaded, VQKDModel)
+    for name, value in model.state_dict().items():
+        assert torch.equal(reloaded.state_dict()[name], value), name
+
+
+@pytest.mark.slow
+def test_custom_code_reload_in_fresh_process(model, tmp_path):
+    model.eval()
+    pixels = torch.rand(2, 3, 32, 32) * 2 - 1
+    expected = model.get_codebook_indices(pixels)
+    model.save_pretrained(tmp_path / "vqkd")
+    torch.save(pixels, tmp_path / "pixels.pt")
+    result = run_without_package(
+        """
+        import torch
+        from transformers import AutoModel
+        model = AutoModel.from_pretrained("vqkd", trust_remote_code=True).eval()
+        assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+        print(model.get_codebook_indices(torch.load("pixels.pt")).tolist())
+        """,
+        cwd=tmp_path,
+    )
+    assert result.stdout.strip().splitlines()[-1] == str(expected.tolist())
