@@ -1,0 +1,229 @@
+"""Image processor for masked image modeling with BEiT v2 (and BEiT v1): two views of one crop plus a patch mask."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from transformers.feature_extraction_utils import BatchFeature
+from transformers.image_processing_utils import BaseImageProcessor
+from transformers.processing_utils import ImagesKwargs
+
+from .masking import BlockwiseMaskGenerator, RandomMaskGenerator
+from .random_state import ProcessLocalRNG
+from .transforms import (
+    ColorJitter,
+    RandomHorizontalFlip,
+    RandomResizedCrop,
+    TwoViewRandomResizedCrop,
+    center_square_box,
+    make_image_list,
+    to_float_array,
+    to_pil_image,
+)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# DALL-E's `map_pixels`: pixels in [0, 1] squeezed into [eps, 1 - eps].
+_DALLE_EPS = 0.1
+_TOKENIZER_PIXEL_MAPPINGS = ("minus_one_to_one", "dalle")
+_MASK_TYPES = ("blockwise", "random")
+
+
+class BeitV2ImageProcessorKwargs(ImagesKwargs, total=False):
+    image_size: int
+    patch_size: int
+    interpolation: str
+    tokenizer_image_size: int
+    tokenizer_interpolation: str
+    tokenizer_pixel_mapping: str
+    mask_type: str
+    mask_ratio: float
+    num_masking_patches: int
+    min_num_patches: int
+    max_num_patches: int
+    min_aspect: float
+    max_aspect: float
+    crop_scale: tuple[float, float]
+    crop_ratio: tuple[float, float]
+    color_jitter: float
+
+
+class BeitV2ImageProcessor(BaseImageProcessor):
+    r"""
+    Prepares images for masked image modeling: a backbone view, a tokenizer view of the same crop, and a patch mask.
+
+    - Evaluation (default): the central square (side = shorter side) resized to `image_size` (backbone) and to
+      `tokenizer_image_size` (tokenizer), i.e. "resize shorter side, center-crop" with one resampling per view.
+    - Training (`do_augment=True`), the reference recipe: ColorJitter(`color_jitter` for brightness, contrast and
+      saturation; no hue), horizontal flip (p = 0.5), then ONE random resized crop box (`crop_scale`, `crop_ratio`)
+      resampled to both views.
+
+    The default is BEiT v2; `BeitV2ImageProcessor.for_beit_v1()` gives BEiT v1's settings.
+
+    Args:
+        image_size (`int`, defaults to 224): Side of the backbone view.
+        patch_size (`int`, defaults to 16): Patch size of the backbone; the mask grid is `image_size // patch_size`.
+        interpolation (`str`, defaults to "bicubic"): Resampling filter of the backbone view.
+        image_mean, image_std (`tuple[float, float, float]`, defaults to ImageNet's): Backbone view normalisation.
+        tokenizer_image_size (`int`, defaults to 224): Side of the tokenizer view (112 for DALL-E).
+        tokenizer_interpolation (`str`, defaults to "bicubic"): Resampling filter of the tokenizer view.
+        tokenizer_pixel_mapping (`str`, defaults to "minus_one_to_one"): "minus_one_to_one" maps [0, 1] to [-1, 1]
+            (VQ-KD); "dalle" applies DALL-E's `map_pixels`, `x * (1 - 2 * 0.1) + 0.1`.
+        mask_type (`str`, defaults to "blockwise"): "blockwise" (`BlockwiseMaskGenerator`) or "random".
+        mask_ratio (`float`, defaults to 0.4): Fraction of patches masked; `num_masking_patches` wins if given.
+        num_masking_patches (`int`, *optional*): Exact masked count (the reference recipe uses 75 of 196).
+        min_num_patches, max_num_patches, min_aspect, max_aspect: Blockwise-masking parameters (see
+            `BlockwiseMaskGenerator`).
+        crop_scale (`tuple[float, float]`, defaults to `(0.2, 1.0)`): Area range of the training crop.
+        crop_ratio (`tuple[float, float]`, defaults to `(3/4, 4/3)`): Aspect-ratio range of the training crop.
+        color_jitter (`float`, defaults to 0.4): Brightness/contrast/saturation jitter strength in training.
+        seed (`int` or `numpy.random.Generator`, *optional*): Seed of the RNG shared by augmentation and masking
+            (not saved; independent per DataLoader worker, see `ProcessLocalRNG`).
+
+    Calling it returns a `BatchFeature` with, per image:
+        - `pixel_values`: `(3, image_size, image_size)` float32, normalised with `image_mean`/`image_std`;
+        - `tokenizer_pixel_values`: `(3, tokenizer_image_size, tokenizer_image_size)` float32;
+        - `bool_masked_pos`: `(num_patches,)` bool, row-major over the patch grid, `True` = masked.
+    They are lists (one entry per image) or, with `return_tensors="np"`/`"pt"`, stacked along a batch axis.
+    """
+
+    model_input_names = ["pixel_values", "tokenizer_pixel_values", "bool_masked_pos"]
+    valid_kwargs = BeitV2ImageProcessorKwargs
+
+    def __init__(
+        self,
+        image_size: int = 224,
+        patch_size: int = 16,
+        interpolation: str = "bicubic",
+        image_mean: tuple[float, float, float] = IMAGENET_MEAN,
+        image_std: tuple[float, float, float] = IMAGENET_STD,
+        tokenizer_image_size: int = 224,
+        tokenizer_interpolation: str = "bicubic",
+        tokenizer_pixel_mapping: str = "minus_one_to_one",
+        mask_type: str = "blockwise",
+        mask_ratio: float = 0.4,
+        num_masking_patches: int | None = None,
+        min_num_patches: int = 16,
+        max_num_patches: int | None = None,
+        min_aspect: float = 0.3,
+        max_aspect: float | None = None,
+        crop_scale: tuple[float, float] = (0.2, 1.0),
+        crop_ratio: tuple[float, float] = (3 / 4, 4 / 3),
+        color_jitter: float = 0.4,
+        seed: int | np.random.Generator | None = None,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if image_size % patch_size != 0:
+            raise ValueError(f"image_size ({image_size}) must be a multiple of patch_size ({patch_size})")
+        if tokenizer_pixel_mapping not in _TOKENIZER_PIXEL_MAPPINGS:
+            raise ValueError(
+                f"tokenizer_pixel_mapping must be one of {_TOKENIZER_PIXEL_MAPPINGS}, got {tokenizer_pixel_mapping!r}"
+            )
+        if mask_type not in _MASK_TYPES:
+            raise ValueError(f"mask_type must be one of {_MASK_TYPES}, got {mask_type!r}")
+        self.image_size = int(image_size)
+        self.patch_size = int(patch_size)
+        self.interpolation = interpolation
+        self.image_mean = [float(v) for v in image_mean]
+        self.image_std = [float(v) for v in image_std]
+        self.tokenizer_image_size = int(tokenizer_image_size)
+        self.tokenizer_interpolation = tokenizer_interpolation
+        self.tokenizer_pixel_mapping = tokenizer_pixel_mapping
+        self.mask_type = mask_type
+        self.mask_ratio = mask_ratio
+        self.num_masking_patches = num_masking_patches
+        self.min_num_patches = min_num_patches
+        self.max_num_patches = max_num_patches
+        self.min_aspect = min_aspect
+        self.max_aspect = max_aspect
+        self.crop_scale = [float(v) for v in crop_scale]
+        self.crop_ratio = [float(v) for v in crop_ratio]
+        self.color_jitter = float(color_jitter)
+
+        grid = (self.image_size // self.patch_size,) * 2
+        if mask_type == "blockwise":
+            self._mask_generator = BlockwiseMaskGenerator(
+                grid, mask_ratio, num_masking_patches, min_num_patches, max_num_patches, min_aspect, max_aspect
+            )
+        else:
+            self._mask_generator = RandomMaskGenerator(grid, mask_ratio, num_masking_patches)
+        self._color_jitter = ColorJitter(self.color_jitter, self.color_jitter, self.color_jitter)
+        self._flip = RandomHorizontalFlip(0.5)
+        self._two_view_crop = TwoViewRandomResizedCrop(
+            self.image_size,
+            self.tokenizer_image_size,
+            tuple(self.crop_scale),
+            tuple(self.crop_ratio),
+            interpolation,
+            tokenizer_interpolation,
+        )
+        self._rng = ProcessLocalRNG(seed)
+
+    @classmethod
+    def for_beit_v1(cls, **kwargs) -> BeitV2ImageProcessor:
+        """
+        BEiT v1 settings: backbone view normalised with mean = std = 0.5, tokenizer view for the DALL-E dVAE
+        (112 px, lanczos, `map_pixels`), crop scale (0.08, 1) as in BEiT v1's pretraining script. `kwargs` override.
+        """
+        settings = {
+            "image_mean": (0.5, 0.5, 0.5),
+            "image_std": (0.5, 0.5, 0.5),
+            "tokenizer_image_size": 112,
+            "tokenizer_interpolation": "lanczos",
+            "tokenizer_pixel_mapping": "dalle",
+            "crop_scale": (0.08, 1.0),
+        }
+        settings.update(kwargs)
+        return cls(**settings)
+
+    @property
+    def mask_generator(self) -> BlockwiseMaskGenerator | RandomMaskGenerator:
+        """The mask generator built from the masking settings (it draws from the processor's RNG)."""
+        return self._mask_generator
+
+    @property
+    def num_patches(self) -> int:
+        return self._mask_generator.num_patches
+
+    def set_seed(self, seed: int | np.random.Generator | None) -> None:
+        """Restarts the RNG shared by augmentation and masking from `seed`."""
+        self._rng = ProcessLocalRNG(seed)
+
+    def to_dict(self) -> dict[str, Any]:
+        # Private attributes are runtime state (RNG, transform objects) rebuilt from the public settings.
+        return {key: value for key, value in super().to_dict().items() if not key.startswith("_")}
+
+    def _map_tokenizer_pixels(self, pixels: np.ndarray) -> np.ndarray:
+        if self.tokenizer_pixel_mapping == "dalle":
+            return pixels * (1 - 2 * _DALLE_EPS) + _DALLE_EPS
+        return pixels * 2.0 - 1.0
+
+    def preprocess(self, images, do_augment: bool = False, return_tensors: str | None = None) -> BatchFeature:
+        """
+        Args:
+            images: One image or a list/batch of images (PIL, numpy, torch; any PIL mode; any size).
+            do_augment (`bool`, defaults to `False`): Training augmentation instead of the evaluation crop.
+            return_tensors (`str`, *optional*): "np" or "pt" to stack the batch; `None` returns a list per image.
+        """
+        rng = self._rng.generator
+        mean = np.asarray(self.image_mean, dtype=np.float32)[:, None, None]
+        std = np.asarray(self.image_std, dtype=np.float32)[:, None, None]
+        outputs = {name: [] for name in self.model_input_names}
+        for raw in make_image_list(images):
+            image = to_pil_image(raw)
+            if do_augment:
+                image = self._flip(self._color_jitter(image, rng), rng)
+                view, tokenizer_view = self._two_view_crop(image, rng)
+            else:
+                box = center_square_box(*image.size)
+                crop = self._two_view_crop
+                view = RandomResizedCrop.resized_crop(image, box, crop.size, crop._resample)
+                tokenizer_view = RandomResizedCrop.resized_crop(image, box, crop.second_size, crop._second_resample)
+            outputs["pixel_values"].append((to_float_array(view) - mean) / std)
+            outputs["tokenizer_pixel_values"].append(self._map_tokenizer_pixels(to_float_array(tokenizer_view)))
+            outputs["bool_masked_pos"].append(self._mask_generator(rng).reshape(-1))
+        if return_tensors is not None:
+            outputs = {name: np.stack(values) for name, values in outputs.items()}
+        return BatchFeature(data=outputs, tensor_type=return_tensors)

@@ -1,0 +1,109 @@
+"""Image processor of the VQ-KD visual tokenizer (BEiT v2, stage 1)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from transformers.feature_extraction_utils import BatchFeature
+from transformers.image_processing_utils import BaseImageProcessor
+from transformers.processing_utils import ImagesKwargs
+
+from .random_state import ProcessLocalRNG
+from .transforms import (
+    RandomHorizontalFlip,
+    RandomResizedCrop,
+    center_square_box,
+    make_image_list,
+    resample_filter,
+    to_float_array,
+    to_pil_image,
+)
+
+
+class VQKDImageProcessorKwargs(ImagesKwargs, total=False):
+    image_size: int
+    interpolation: str
+    crop_scale: tuple[float, float]
+    crop_ratio: tuple[float, float]
+
+
+class VQKDImageProcessor(BaseImageProcessor):
+    r"""
+    Prepares images for the VQ-KD tokenizer: pixels mapped to [-1, 1] (mean 0.5, std 0.5), as its encoder expects.
+
+    - Evaluation (default): the central square (side = shorter side) resized to `image_size`, which equals "resize
+      the shorter side to `image_size`, then center-crop `image_size`" with a single resampling.
+    - Training (`do_augment=True`): RandomResizedCrop(`image_size`, `crop_scale`, `crop_ratio`) then a horizontal
+      flip with probability 0.5, the VQ-KD training recipe.
+
+    Args:
+        image_size (`int`, defaults to 224): Output side length.
+        interpolation (`str`, defaults to "bicubic"): PIL resampling filter.
+        image_mean, image_std (`tuple[float, float, float]`, defaults to 0.5): Normalisation (0.5 maps to [-1, 1]).
+        crop_scale (`tuple[float, float]`, defaults to `(0.08, 1.0)`): Area range of the training crop.
+        crop_ratio (`tuple[float, float]`, defaults to `(3/4, 4/3)`): Aspect-ratio range of the training crop.
+        seed (`int` or `numpy.random.Generator`, *optional*): Seed of the augmentation RNG (not saved; independent
+            per DataLoader worker, see `ProcessLocalRNG`).
+
+    Calling it on images (PIL, numpy `(H, W[, C])`/`(C, H, W)`, torch, or a list of them, any PIL mode) returns a
+    `BatchFeature` with `pixel_values`: a list of `(3, image_size, image_size)` float32 arrays, or one stacked
+    array/tensor of shape `(batch, 3, image_size, image_size)` when `return_tensors` is "np" or "pt".
+    """
+
+    model_input_names = ["pixel_values"]
+    valid_kwargs = VQKDImageProcessorKwargs
+
+    def __init__(
+        self,
+        image_size: int = 224,
+        interpolation: str = "bicubic",
+        image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5),
+        image_std: tuple[float, float, float] = (0.5, 0.5, 0.5),
+        crop_scale: tuple[float, float] = (0.08, 1.0),
+        crop_ratio: tuple[float, float] = (3 / 4, 4 / 3),
+        seed: int | np.random.Generator | None = None,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.image_size = int(image_size)
+        self.interpolation = interpolation
+        self.image_mean = [float(v) for v in image_mean]
+        self.image_std = [float(v) for v in image_std]
+        self.crop_scale = [float(v) for v in crop_scale]
+        self.crop_ratio = [float(v) for v in crop_ratio]
+        self._crop = RandomResizedCrop(self.image_size, tuple(self.crop_scale), tuple(self.crop_ratio), interpolation)
+        self._flip = RandomHorizontalFlip(0.5)
+        self._rng = ProcessLocalRNG(seed)
+
+    def set_seed(self, seed: int | np.random.Generator | None) -> None:
+        """Restarts the augmentation RNG from `seed`."""
+        self._rng = ProcessLocalRNG(seed)
+
+    def to_dict(self) -> dict[str, Any]:
+        # Private attributes are runtime state (RNG, transform objects) rebuilt from the public settings.
+        return {key: value for key, value in super().to_dict().items() if not key.startswith("_")}
+
+    def preprocess(self, images, do_augment: bool = False, return_tensors: str | None = None) -> BatchFeature:
+        """
+        Args:
+            images: One image or a list/batch of images (PIL, numpy, torch).
+            do_augment (`bool`, defaults to `False`): Training augmentation instead of the evaluation crop.
+            return_tensors (`str`, *optional*): "np" or "pt" to stack the batch; `None` returns a list per image.
+        """
+        rng = self._rng.generator
+        resample = resample_filter(self.interpolation)
+        mean = np.asarray(self.image_mean, dtype=np.float32)[:, None, None]
+        std = np.asarray(self.image_std, dtype=np.float32)[:, None, None]
+        pixel_values = []
+        for raw in make_image_list(images):
+            image = to_pil_image(raw)
+            if do_augment:
+                image = self._flip(self._crop(image, rng), rng)
+            else:
+                box = center_square_box(*image.size)
+                image = RandomResizedCrop.resized_crop(image, box, (self.image_size, self.image_size), resample)
+            pixel_values.append((to_float_array(image) - mean) / std)
+        if return_tensors is not None:
+            pixel_values = np.stack(pixel_values)
+        return BatchFeature(data={"pixel_values": pixel_values}, tensor_type=return_tensors)
