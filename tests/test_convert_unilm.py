@@ -1,0 +1,363 @@
+"""Checkpoint conversion: key accounting, lossless round trips, shape inference, clear errors, the CLI.
+
+The official code cannot live in this repository, so checkpoints in the official layouts are written here by
+`_to_unilm`, an independent inverse of the conversion (fuse q/k/v, rename). Classifiers are compared with
+transformers' own `BeitForImageClassification`, an implementation that owes nothing to this project.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import types
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from transformers import BeitConfig, BeitForImageClassification
+
+from modeling_beitv2 import BeitV2Config, BeitV2ForMaskedImageModeling
+from modeling_beitv2.convert_unilm import (
+    KeyAccountant,
+    NamePreset,
+    convert_checkpoint,
+    infer_vit_shapes,
+    load_dalle_pickle,
+    load_state_dict,
+    save_conversion,
+)
+
+torch.manual_seed(0)
+
+
+def _to_unilm(state_dict: dict[str, torch.Tensor], prefix: str = "beit.") -> dict[str, torch.Tensor]:
+    """Rewrite transformers-BEiT names (in memory) into the unilm/timm layout."""
+    out = {}
+    layer_names = {
+        "layernorm_before": "norm1",
+        "layernorm_after": "norm2",
+        "attention.o_proj": "attn.proj",
+        "mlp.fc1": "mlp.fc1",
+        "mlp.fc2": "mlp.fc2",
+        "relative_position_bias": "attn",  # + ".relative_position_bias_table"
+        "lambda_1": "gamma_1",
+        "lambda_2": "gamma_2",
+    }
+    top_names = {
+        f"{prefix}embeddings.cls_token": "cls_token",
+        f"{prefix}embeddings.mask_token": "mask_token",
+        f"{prefix}embeddings.position_embeddings": "pos_embed",
+        f"{prefix}embeddings.patch_embeddings.projection.weight": "patch_embed.proj.weight",
+        f"{prefix}embeddings.patch_embeddings.projection.bias": "patch_embed.proj.bias",
+        f"{prefix}shared_position_bias.relative_position_bias_table": "rel_pos_bias.relative_position_bias_table",
+        f"{prefix}pooler.layernorm.weight": "fc_norm.weight",
+        f"{prefix}pooler.layernorm.bias": "fc_norm.bias",
+        f"{prefix}layernorm.weight": "norm.weight",
+        f"{prefix}layernorm.bias": "norm.bias",
+        "layernorm.weight": "norm.weight",
+        "layernorm.bias": "norm.bias",
+        "classifier.weight": "head.weight",
+        "classifier.bias": "head.bias",
+        "lm_head.weight": "lm_head.weight",
+        "lm_head.bias": "lm_head.bias",
+        "aggregation_head.layernorm.weight": "cls_pt_norm.weight",
+        "aggregation_head.layernorm.bias": "cls_pt_norm.bias",
+        "aggregation_head.lm_head.weight": "cls_pt_lm_head.weight",
+        "aggregation_head.lm_head.bias": "cls_pt_lm_head.bias",
+    }
+    for key, value in state_dict.items():
+        if key in top_names:
+            out[top_names[key]] = value
+            continue
+        for source, target in ((f"{prefix}layers.", "blocks."), ("aggregation_head.layers.", "cls_pt_layers.")):
+            if key.startswith(source):
+                index, rest = key[len(source) :].split(".", 1)
+                block = f"{target}{index}."
+                if rest.startswith("attention.q_proj"):
+                    if rest.endswith("weight"):
+                        names = ("q_proj", "k_proj", "v_proj")
+                        stem = f"{source}{index}.attention."
+                        out[block + "attn.qkv.weight"] = torch.cat([state_dict[stem + n + ".weight"] for n in names])
+                    else:
+                        out[block + "attn.q_bias"] = value
+                elif rest == "attention.v_proj.bias":
+                    out[block + "attn.v_bias"] = value
+                elif rest.startswith(("attention.k_proj", "attention.v_proj")):
+                    pass  # fused into qkv above
+                else:
+                    name, parameter = rest.rsplit(".", 1) if not rest.startswith("lambda") else (rest, "")
+                    out[block + layer_names[name] + (f".{parameter}" if parameter else "")] = value
+                break
+        else:
+            raise AssertionError(f"test helper does not know {key}")
+    return out
+
+
+def _perturbed(model: torch.nn.Module) -> torch.nn.Module:
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.05)
+    return model.eval()
+
+
+def _tiny_classifier(**overrides) -> BeitForImageClassification:
+    kwargs = dict(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        image_size=32,
+        patch_size=8,
+        layer_norm_eps=1e-6,
+        use_relative_position_bias=True,
+        use_mean_pooling=True,
+        layer_scale_init_value=0.1,
+        num_labels=5,
+    )
+    return _perturbed(BeitForImageClassification(BeitConfig(**{**kwargs, **overrides})))
+
+
+def _tiny_mim(tiny_beitv2_kwargs, **overrides) -> BeitV2ForMaskedImageModeling:
+    return _perturbed(BeitV2ForMaskedImageModeling(BeitV2Config(**{**tiny_beitv2_kwargs, **overrides})))
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},  # BEiT v2 fine-tuned: mean pooling, per-layer relative bias, layer scale
+        dict(
+            use_mean_pooling=False,
+            use_relative_position_bias=False,
+            use_shared_relative_position_bias=True,
+            use_absolute_position_embeddings=True,
+            layer_scale_init_value=0.0,
+        ),
+    ],
+    ids=["meanpool-per-layer-bias", "cls-shared-bias-abs-pos"],
+)
+def test_finetuned_matches_native_beit(tmp_path, overrides):
+    native = _tiny_classifier(**overrides)
+    path = tmp_path / "beitv2_base_patch16_224_ft.pth"
+    # DeepSpeed wraps the weights under "module"; relative_position_index buffers are derived and dropped.
+    unilm = _to_unilm(native.state_dict())
+    unilm["blocks.0.attn.relative_position_index"] = torch.zeros(3, dtype=torch.long)
+    torch.save({"module": unilm, "epoch": 3}, path)
+
+    result = convert_checkpoint("finetuned", path, image_size=32)
+    out_dir = save_conversion(result, tmp_path / "out")
+    reloaded, info = BeitForImageClassification.from_pretrained(out_dir, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    pixel_values = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = native(pixel_values=pixel_values).logits
+        actual = reloaded.eval()(pixel_values=pixel_values).logits
+    torch.testing.assert_close(actual, expected, rtol=0, atol=1e-6)
+    assert reloaded.config.num_attention_heads == 4  # read from the relative position bias table
+    processor = json.loads((out_dir / "preprocessor_config.json").read_text())
+    assert processor["image_mean"] == [0.485, 0.456, 0.406]  # BEiT v2 by its file name
+    assert processor["crop_size"] == {"height": 32, "width": 32}
+
+
+def test_timm_state_dict_safetensors_with_zero_k_bias(tmp_path):
+    native = _tiny_classifier()
+    timm_layout = _to_unilm(native.state_dict())
+    for i in range(2):
+        timm_layout[f"blocks.{i}.attn.k_bias"] = torch.zeros(32)
+    path = tmp_path / "beit_base_patch16_224.safetensors"
+    save_file(timm_layout, str(path))
+    result = convert_checkpoint("timm", path)
+    torch.testing.assert_close(result.model.state_dict(), native.state_dict(), rtol=0, atol=0)
+    assert list(result.image_processor.image_mean) == [0.5, 0.5, 0.5]  # BEiT v1 by its file name
+
+    timm_layout["blocks.1.attn.k_bias"] = torch.ones(32)
+    save_file(timm_layout, str(path))
+    with pytest.raises(ValueError, match=r"blocks\.1\.attn\.k_bias is not zero"):
+        convert_checkpoint("timm", path)
+
+
+@pytest.mark.parametrize("shared_lm_head", [True, False])
+def test_beitv2_pretrain_round_trip(tmp_path, tiny_beitv2_kwargs, shared_lm_head):
+    model = _tiny_mim(tiny_beitv2_kwargs, early_layers=1, shared_lm_head=shared_lm_head)
+    unilm = _to_unilm(model.state_dict())
+    path = tmp_path / "pretrain.pth"
+    torch.save({"model": unilm}, path)
+
+    # early_layers is not stored: the default is depth - 3, the override wins.
+    assert convert_checkpoint("beitv2_pretrain", path).model.config.early_layers == 1  # depth 4 - 3
+    result = convert_checkpoint("beitv2_pretrain", path, early_layers=1)
+    assert result.model.config.shared_lm_head is shared_lm_head
+    torch.testing.assert_close(result.model.state_dict(), model.state_dict(), rtol=0, atol=0)
+    pixel_values = torch.randn(2, 3, 32, 32)
+    bool_masked_pos = torch.rand(2, 16) < 0.4
+    bool_masked_pos[:, 0] = True
+    with torch.no_grad():
+        expected = model(pixel_values=pixel_values, bool_masked_pos=bool_masked_pos)
+        actual = result.model(pixel_values=pixel_values, bool_masked_pos=bool_masked_pos)
+    torch.testing.assert_close(actual.logits, expected.logits, rtol=0, atol=0)
+    torch.testing.assert_close(actual.aggregation_logits, expected.aggregation_logits, rtol=0, atol=0)
+
+    out_dir = save_conversion(result, tmp_path / "out")
+    reloaded = BeitV2ForMaskedImageModeling.from_pretrained(out_dir)
+    torch.testing.assert_close(reloaded.state_dict(), model.state_dict(), rtol=0, atol=0)
+
+
+def test_beit_pretrain_and_kind_mismatch(tmp_path, tiny_beitv2_kwargs):
+    v1 = _tiny_mim(tiny_beitv2_kwargs, use_patch_aggregation=False)
+    v1_path = tmp_path / "beit_v1.pth"
+    torch.save({"model": _to_unilm(v1.state_dict())}, v1_path)
+    result = convert_checkpoint("beit_pretrain", v1_path)
+    assert result.model.config.use_patch_aggregation is False
+    torch.testing.assert_close(result.model.state_dict(), v1.state_dict(), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="--kind beit_pretrain"):
+        convert_checkpoint("beitv2_pretrain", v1_path)
+
+    v2_path = tmp_path / "beit_v2.pth"
+    torch.save({"model": _to_unilm(_tiny_mim(tiny_beitv2_kwargs).state_dict())}, v2_path)
+    with pytest.raises(ValueError, match="--kind beitv2_pretrain"):
+        convert_checkpoint("beit_pretrain", v2_path)
+    with pytest.raises(ValueError, match="no classification head"):
+        convert_checkpoint("finetuned", v2_path)
+    with pytest.raises(ValueError, match="early_layers only applies"):
+        convert_checkpoint("finetuned", v2_path, early_layers=3)
+    with pytest.raises(ValueError, match="Unknown kind 'beit3'"):
+        convert_checkpoint("beit3", v2_path)
+
+
+def test_unknown_and_missing_keys_are_listed(tmp_path):
+    unilm = _to_unilm(_tiny_classifier().state_dict())
+    unilm["blocks.0.attn.extra_scale"] = torch.ones(1)
+    del unilm["blocks.1.mlp.fc2.bias"]
+    path = tmp_path / "broken.pth"
+    torch.save(unilm, path)
+    with pytest.raises(ValueError) as error:
+        convert_checkpoint("finetuned", path)
+    message = str(error.value)
+    assert "1 unknown key(s): ['blocks.0.attn.extra_scale']" in message
+    assert "1 missing key(s): ['blocks.1.mlp.fc2.bias']" in message
+
+
+def test_key_accountant_drops_only_derived_keys():
+    accountant = KeyAccountant(
+        {"a": torch.ones(1), "x.relative_position_index": torch.ones(1), "b": torch.ones(1)},
+        drop_patterns=[r"relative_position_index$"],
+    )
+    assert accountant.take("a").item() == 1
+    with pytest.raises(ValueError, match=r"unknown key\(s\): \['b'\].*missing key\(s\): \['c'\]"):
+        accountant.take("c")
+        accountant.finish()
+
+
+def test_shape_inference_and_overrides(tmp_path):
+    unilm = _to_unilm(_tiny_classifier(num_hidden_layers=3, num_attention_heads=2, image_size=48).state_dict())
+    shapes = infer_vit_shapes(unilm)
+    assert (shapes.hidden_size, shapes.num_hidden_layers, shapes.intermediate_size) == (32, 3, 64)
+    assert (shapes.patch_size, shapes.grid_size, shapes.num_attention_heads) == (8, 6, 2)
+    assert shapes.layer_scale and shapes.per_layer_relative_position_bias and not shapes.shared_relative_position_bias
+
+    path = tmp_path / "model.pth"
+    torch.save({"state_dict": unilm}, path)
+    assert convert_checkpoint("finetuned", path).model.config.image_size == 48
+    with pytest.raises(ValueError, match="contradicts .* 2 heads"):
+        convert_checkpoint("finetuned", path, num_attention_heads=4)
+    with pytest.raises(ValueError, match="image_size=224 does not match .* 6x6 patches of 8 px"):
+        convert_checkpoint("finetuned", path, image_size=224)
+
+    assert NamePreset.from_name("ckpt/beitv2_large_patch16_224_pt1k.pth") == NamePreset("beitv2", "large", 16, 224)
+    assert NamePreset.from_name("vqkd_encoder.pth") == NamePreset()
+
+
+def test_load_state_dict_wrappers(tmp_path):
+    weights = {"cls_token": torch.zeros(1, 1, 4)}
+    for wrapper in ("model", "module", "state_dict"):
+        torch.save({wrapper: weights, "optimizer": {"state": {}}}, tmp_path / "a.pth")
+        assert load_state_dict(tmp_path / "a.pth").keys() == {"cls_token"}
+    torch.save({"module.cls_token": weights["cls_token"]}, tmp_path / "ddp.bin")
+    assert load_state_dict(tmp_path / "ddp.bin").keys() == {"cls_token"}
+    torch.save({"model": weights, "args": {"lr": 0.1}, "note": "x"}, tmp_path / "train.pth")
+    assert load_state_dict(tmp_path / "train.pth").keys() == {"cls_token"}
+    torch.save({"epoch": 1, "lr": 0.1}, tmp_path / "bad.pth")
+    with pytest.raises(ValueError, match=r"not tensors: \['epoch', 'lr'\]"):
+        load_state_dict(tmp_path / "bad.pth")
+    with pytest.raises(ValueError, match="does not exist"):
+        load_state_dict(tmp_path / "missing.pth")
+
+
+class _Arbitrary:
+    """A class no checkpoint may make the loader import."""
+
+
+def _install_fake_dall_e(monkeypatch):
+    """A module named like the `dall_e` package, only to write pickles of the shape OpenAI published."""
+
+    class Conv2d(torch.nn.Module):
+        def __init__(self, n_in, n_out, kw):
+            super().__init__()
+            self.kw = kw
+            self.w = torch.nn.Parameter(torch.randn(n_out, n_in, kw, kw))
+            self.b = torch.nn.Parameter(torch.randn(n_out))
+
+    class Encoder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.device = torch.device("cpu")
+            self.blocks = torch.nn.Sequential()
+            self.blocks.add_module("input", Conv2d(3, 4, 7))
+            self.blocks.add_module("relu", torch.nn.ReLU())
+            self.blocks.add_module("pool", torch.nn.MaxPool2d(2))
+
+    for name, cls in (("dall_e.utils", Conv2d), ("dall_e.encoder", Encoder)):
+        module = types.ModuleType(name)
+        setattr(module, cls.__name__, cls)
+        cls.__module__, cls.__qualname__ = name, cls.__name__
+        monkeypatch.setitem(sys.modules, name, module)
+    monkeypatch.setitem(sys.modules, "dall_e", types.ModuleType("dall_e"))
+    return Encoder
+
+
+def test_dalle_pickle_restricted_unpickler(tmp_path, monkeypatch):
+    encoder_class = _install_fake_dall_e(monkeypatch)
+    encoder = encoder_class()
+    torch.save(encoder, tmp_path / "encoder.pkl")
+    monkeypatch.delitem(sys.modules, "dall_e.encoder")
+    monkeypatch.delitem(sys.modules, "dall_e.utils")  # the loader must not need the package
+
+    state_dict = load_dalle_pickle(tmp_path / "encoder.pkl")
+    assert state_dict.keys() == {"blocks.input.w", "blocks.input.b"}
+    torch.testing.assert_close(state_dict["blocks.input.w"], encoder.blocks.input.w.detach())
+
+    _Arbitrary.__module__ = __name__
+    torch.save({"payload": _Arbitrary()}, tmp_path / "evil.pkl")
+    with pytest.raises(ValueError, match="not a DALL-E encoder/decoder pickle"):
+        load_dalle_pickle(tmp_path / "evil.pkl")
+
+
+def test_cli_writes_loadable_folder_and_card(tmp_path):
+    from convert_unilm_checkpoint import main
+
+    from model_cards import split_front_matter
+
+    native = _tiny_classifier()
+    path = tmp_path / "beitv2_base_patch16_224_pt1k_ft1k.pth"
+    torch.save({"model": _to_unilm(native.state_dict())}, path)
+    labels = tmp_path / "labels.json"
+    labels.write_text(json.dumps({str(i): f"class_{i}" for i in range(5)}))
+    out_dir = main(
+        [
+            "--kind",
+            "finetuned",
+            "--checkpoint",
+            str(path),
+            "--output_dir",
+            str(tmp_path / "ft"),
+            "--id2label",
+            str(labels),
+        ]
+    )
+    assert {"model.safetensors", "config.json", "preprocessor_config.json", "README.md"} <= {
+        p.name for p in out_dir.iterdir()
+    }
+    model = BeitForImageClassification.from_pretrained(out_dir)
+    assert model.config.id2label[3] == "class_3"
+    metadata, body = split_front_matter((out_dir / "README.md").read_text())
+    assert metadata["pipeline_tag"] == "image-classification"
+    assert "85.0" in body and path.name in body  # paper table for beitv2 base, provenance of the weights
