@@ -101,7 +101,8 @@ class BlockwiseMaskGenerator(_MaskGenerator):
         min_num_patches (`int`, defaults to 16):
             Smallest block area drawn.
         max_num_patches (`int`, *optional*):
-            Largest block area drawn; defaults to `num_masking_patches`.
+            Largest block area drawn; defaults to `num_masking_patches` (which may then be below `min_num_patches`,
+            e.g. on tiny grids: areas are drawn between the two, as in the reference).
         min_aspect (`float`, defaults to 0.3):
             Smallest block aspect ratio (height / width).
         max_aspect (`float`, *optional*):
@@ -126,7 +127,9 @@ class BlockwiseMaskGenerator(_MaskGenerator):
         self.max_num_patches = self.num_masking_patches if max_num_patches is None else int(max_num_patches)
         if self.min_num_patches < 1:
             raise ValueError(f"min_num_patches must be at least 1, got {min_num_patches}")
-        if self.min_num_patches > self.max_num_patches:
+        # Only an explicit maximum is checked: by default it is the target count, which may be below the minimum on
+        # small grids; the reference then draws areas between the two (reversed bounds) and still works.
+        if max_num_patches is not None and self.min_num_patches > self.max_num_patches:
             raise ValueError(
                 f"min_num_patches ({self.min_num_patches}) must not exceed max_num_patches ({self.max_num_patches})"
             )

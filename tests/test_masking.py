@@ -72,6 +72,7 @@ def blockwise_draws():
         ({"input_size": (6, 10), "mask_ratio": 0.5, "min_num_patches": 4}, 30),
         ({"input_size": 4, "num_masking_patches": 15, "min_num_patches": 16, "max_num_patches": 20}, 15),
         ({"input_size": 2, "num_masking_patches": 1, "min_num_patches": 1}, 1),
+        ({"input_size": 3, "mask_ratio": 0.4}, 4),
     ],
 )
 def test_blockwise_count_is_exact_over_many_draws(kwargs, expected):

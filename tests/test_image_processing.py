@@ -1,0 +1,277 @@
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from transformers import AutoImageProcessor
+
+from processing import (
+    BeitV2ImageProcessor,
+    CenterCrop,
+    DataCollatorForMaskedImageModeling,
+    Resize,
+    VQKDImageProcessor,
+)
+
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+
+
+def tiny_processor(**kwargs):
+    settings = {"image_size": 32, "patch_size": 8, "tokenizer_image_size": 32, "min_num_patches": 2, "seed": 0}
+    settings.update(kwargs)
+    return BeitV2ImageProcessor(**settings)
+
+
+def coordinate_image(width=120, height=90):
+    xs, ys = np.meshgrid(np.arange(width), np.arange(height))
+    return PIL.Image.fromarray(np.stack([xs, ys, np.full_like(xs, 7)], axis=-1).astype(np.uint8))
+
+
+def smooth_image(width=80, height=60):
+    xs, ys = np.meshgrid(np.linspace(0, 1, width), np.linspace(0, 1, height))
+    return PIL.Image.fromarray((np.stack([xs, ys, (xs + ys) / 2], axis=-1) * 255).astype(np.uint8))
+
+
+def test_vqkd_eval_maps_to_minus_one_one_and_matches_resize_center_crop():
+    processor = VQKDImageProcessor(image_size=32)
+    gray = PIL.Image.new("RGB", (50, 40), (128, 128, 128))
+    out = processor(gray, return_tensors="np")["pixel_values"]
+    assert out.shape == (1, 3, 32, 32) and out.dtype == np.float32
+    np.testing.assert_allclose(out, (128 / 255 - 0.5) / 0.5, atol=1e-6)
+    image = smooth_image()
+    reference = np.asarray(CenterCrop(32)(Resize(32)(image)), dtype=np.float32).transpose(2, 0, 1) / 127.5 - 1
+    ours = processor(image)["pixel_values"][0]
+    assert np.abs(ours - reference).mean() < 0.02
+
+
+def test_vqkd_training_augmentation_is_random_and_seeded():
+    image = smooth_image()
+    first = VQKDImageProcessor(image_size=32, seed=1)(image, do_augment=True)["pixel_values"][0]
+    again = VQKDImageProcessor(image_size=32, seed=1)(image, do_augment=True)["pixel_values"][0]
+    other = VQKDImageProcessor(image_size=32, seed=2)(image, do_augment=True)["pixel_values"][0]
+    np.testing.assert_array_equal(first, again)
+    assert not np.array_equal(first, other)
+
+
+def test_beitv2_outputs_shapes_types_and_normalisation():
+    processor = tiny_processor()
+    value = 200
+    image = PIL.Image.new("RGB", (40, 30), (value,) * 3)
+    listed = processor([image, image])
+    assert isinstance(listed["pixel_values"], list) and len(listed["pixel_values"]) == 2
+    batch = processor([image, image], return_tensors="pt")
+    assert batch["pixel_values"].shape == (2, 3, 32, 32) and batch["pixel_values"].dtype == torch.float32
+    assert batch["tokenizer_pixel_values"].shape == (2, 3, 32, 32)
+    assert batch["bool_masked_pos"].shape == (2, 16) and batch["bool_masked_pos"].dtype == torch.bool
+    assert (batch["bool_masked_pos"].sum(-1) == round(0.4 * 16)).all()
+    expected = (value / 255 - IMAGENET_MEAN) / IMAGENET_STD
+    np.testing.assert_allclose(batch["pixel_values"][0, :, 5, 5].numpy(), expected, atol=1e-5)
+    np.testing.assert_allclose(batch["tokenizer_pixel_values"].numpy(), 2 * value / 255 - 1, atol=1e-6)
+    assert processor.num_patches == 16
+
+
+def test_beit_v1_preset_dalle_view():
+    processor = BeitV2ImageProcessor.for_beit_v1(num_masking_patches=75)
+    value = 51
+    out = processor(PIL.Image.new("RGB", (300, 250), (value,) * 3), return_tensors="np")
+    assert out["pixel_values"].shape == (1, 3, 224, 224)
+    assert out["tokenizer_pixel_values"].shape == (1, 3, 112, 112)
+    np.testing.assert_allclose(out["pixel_values"], (value / 255 - 0.5) / 0.5, atol=1e-5)
+    np.testing.assert_allclose(out["tokenizer_pixel_values"], value / 255 * 0.8 + 0.1, atol=1e-6)
+    assert out["bool_masked_pos"].shape == (1, 196) and out["bool_masked_pos"].sum() == 75
+    assert processor.tokenizer_interpolation == "lanczos"
+
+
+def _x_range(view):
+    return int(view[..., 0].min()), int(view[..., 0].max()), int(view[..., 1].min()), int(view[..., 1].max())
+
+
+def test_training_views_share_one_crop_box():
+    processor = tiny_processor(
+        image_size=64,
+        tokenizer_image_size=16,
+        interpolation="nearest",
+        tokenizer_interpolation="nearest",
+        color_jitter=0.0,
+        tokenizer_pixel_mapping="dalle",
+        image_mean=(0, 0, 0),
+        image_std=(1, 1, 1),
+    )
+    image = coordinate_image()
+    boxes = set()
+    for _ in range(20):
+        out = processor(image, do_augment=True, return_tensors="np")
+        view = np.rint(out["pixel_values"][0].transpose(1, 2, 0) * 255)
+        tokenizer_view = np.rint((out["tokenizer_pixel_values"][0].transpose(1, 2, 0) - 0.1) / 0.8 * 255)
+        first, second = _x_range(view), _x_range(tokenizer_view)
+        # The coarser view samples fewer pixels of the same box: its extremes lie within one of its pixels.
+        box_width, box_height = first[1] - first[0] + 1, first[3] - first[2] + 1
+        assert abs(first[0] - second[0]) <= box_width / 16 + 1 and abs(first[1] - second[1]) <= box_width / 16 + 1
+        assert abs(first[2] - second[2]) <= box_height / 16 + 1 and abs(first[3] - second[3]) <= box_height / 16 + 1
+        boxes.add(first)
+    assert len(boxes) > 10, "the crop box must change between calls"
+
+
+def test_eval_mode_is_deterministic_center_crop():
+    processor = tiny_processor(interpolation="nearest", image_mean=(0, 0, 0), image_std=(1, 1, 1))
+    image = coordinate_image(120, 90)
+    first = processor(image)["pixel_values"][0]
+    np.testing.assert_array_equal(first, processor(image)["pixel_values"][0])
+    x_min, x_max, y_min, y_max = _x_range(np.rint(first.transpose(1, 2, 0) * 255))
+    assert 15 <= x_min <= 17 and 102 <= x_max <= 104 and 0 <= y_min <= 2 and 87 <= y_max <= 89
+
+
+@pytest.mark.parametrize(
+    "image",
+    [
+        PIL.Image.new("L", (40, 30), 100),
+        PIL.Image.new("LA", (40, 30), (100, 255)),
+        PIL.Image.new("P", (40, 30), 3),
+        PIL.Image.new("RGBA", (40, 30), (1, 2, 3, 128)),
+        PIL.Image.new("CMYK", (40, 30), (10, 20, 30, 40)),
+        PIL.Image.new("I;16", (40, 30), 30000),
+        PIL.Image.new("I", (40, 30), 30000),
+        PIL.Image.new("F", (40, 30), 0.3),
+        PIL.Image.new("RGB", (7, 5), (9, 9, 9)),
+        np.zeros((30, 40, 3), dtype=np.uint8),
+        np.full((3, 30, 40), 0.5, dtype=np.float32),
+        np.zeros((30, 40), dtype=np.uint8),
+        torch.rand(3, 30, 40),
+    ],
+    ids=["L", "LA", "P", "RGBA", "CMYK", "I;16", "I", "F", "smaller-than-crop", "hwc", "chw-float", "2d", "torch"],
+)
+@pytest.mark.parametrize("do_augment", [False, True])
+def test_every_input_kind_and_mode(image, do_augment):
+    out = tiny_processor()(image, do_augment=do_augment, return_tensors="pt")
+    assert out["pixel_values"].shape == (1, 3, 32, 32)
+    assert torch.isfinite(out["pixel_values"]).all()
+    assert out["tokenizer_pixel_values"].min() >= -1 and out["tokenizer_pixel_values"].max() <= 1
+
+
+def test_batched_array_input():
+    out = tiny_processor()(np.zeros((3, 20, 30, 3), dtype=np.uint8), return_tensors="np")
+    assert out["pixel_values"].shape == (3, 3, 32, 32)
+
+
+def test_random_mask_type_and_errors():
+    assert tiny_processor(mask_type="random", mask_ratio=0.5)(smooth_image())["bool_masked_pos"][0].sum() == 8
+    with pytest.raises(ValueError, match="mask_type"):
+        tiny_processor(mask_type="grid")
+    with pytest.raises(ValueError, match="tokenizer_pixel_mapping"):
+        tiny_processor(tokenizer_pixel_mapping="zero_one")
+    with pytest.raises(ValueError, match="multiple of patch_size"):
+        tiny_processor(image_size=30)
+    with pytest.raises(ValueError, match="mask_ratio"):
+        tiny_processor(mask_ratio=1.2)
+
+
+def test_seeded_processor_is_reproducible():
+    image = smooth_image()
+    first = tiny_processor(seed=3)([image] * 4, do_augment=True, return_tensors="np")
+    second = tiny_processor(seed=5)
+    second.set_seed(3)
+    again = second([image] * 4, do_augment=True, return_tensors="np")
+    for name in first:
+        np.testing.assert_array_equal(first[name], again[name])
+
+
+@pytest.mark.parametrize("processor_class", [BeitV2ImageProcessor, VQKDImageProcessor])
+def test_save_and_load_round_trip(tmp_path, processor_class):
+    processor = processor_class(image_size=48, seed=0)
+    processor.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "preprocessor_config.json").read_text())
+    assert saved["image_processor_type"] == processor_class.__name__
+    assert saved["auto_map"]["AutoImageProcessor"].endswith(processor_class.__name__)
+    assert not any(key.startswith("_") for key in saved)
+    # The processor module and every module it imports are copied for Hub custom code.
+    copied = {path.name for path in tmp_path.glob("*.py")}
+    assert {"transforms.py", "random_state.py"} <= copied
+    for loaded in (processor_class.from_pretrained(tmp_path), AutoImageProcessor.from_pretrained(tmp_path)):
+        assert type(loaded) is processor_class
+        assert loaded.to_dict() == processor.to_dict()
+    assert processor_class.from_pretrained(tmp_path, image_size=64).image_size == 64
+    image = smooth_image()
+    np.testing.assert_array_equal(
+        processor(image)["pixel_values"][0], processor_class.from_pretrained(tmp_path)(image)["pixel_values"][0]
+    )
+
+
+def test_v1_preset_round_trip(tmp_path):
+    processor = BeitV2ImageProcessor.for_beit_v1()
+    processor.save_pretrained(tmp_path)
+    loaded = AutoImageProcessor.from_pretrained(tmp_path)
+    assert loaded.to_dict() == processor.to_dict()
+    assert loaded.tokenizer_pixel_mapping == "dalle" and loaded.tokenizer_image_size == 112
+
+
+def test_custom_code_loads_in_fresh_process_without_the_package(tmp_path):
+    saved = tmp_path / "saved"
+    tiny_processor(mask_ratio=0.5).save_pretrained(saved)
+    hub_copy = tmp_path / "hub_copy"
+    shutil.copytree(saved, hub_copy)
+    script = textwrap.dedent(
+        f"""
+        import sys
+        sys.modules["processing"] = None  # the installed package must not be importable
+        sys.modules["modeling_beitv2"] = None
+        import json
+        import numpy as np
+        from transformers import AutoImageProcessor
+        processor = AutoImageProcessor.from_pretrained({str(hub_copy)!r}, trust_remote_code=True)
+        out = processor(np.zeros((20, 30, 3), dtype=np.uint8), do_augment=True, return_tensors="pt")
+        shape, masked = list(out["pixel_values"].shape), int(out["bool_masked_pos"].sum())
+        print(json.dumps({{"module": type(processor).__module__, "shape": shape, "masked": masked}}))
+        """
+    )
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    env["HF_HOME"] = str(tmp_path / "hf_home")
+    env["HF_HUB_OFFLINE"] = "1"
+    result = subprocess.run(
+        [sys.executable, "-I", "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["module"].startswith("transformers_modules.")
+    assert report["shape"] == [1, 3, 32, 32] and report["masked"] == 8
+
+
+class _ImageDataset(torch.utils.data.Dataset):
+    def __init__(self, processor):
+        self.processor = processor
+        self.image = smooth_image()
+
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, index):
+        out = self.processor(self.image, do_augment=True)
+        return {name: values[0] for name, values in out.items()}
+
+
+def test_per_example_use_in_dataloader_workers_with_collator():
+    def run():
+        loader = torch.utils.data.DataLoader(
+            _ImageDataset(tiny_processor(seed=11)),
+            batch_size=2,
+            num_workers=2,
+            collate_fn=DataCollatorForMaskedImageModeling(),
+            multiprocessing_context="fork",
+        )
+        torch.manual_seed(0)
+        return list(loader)
+
+    first, second = run(), run()
+    assert first[0]["pixel_values"].shape == (2, 3, 32, 32) and first[0]["bool_masked_pos"].shape == (2, 16)
+    for a, b in zip(first, second):
+        for name in a:
+            assert torch.equal(a[name], b[name])
+    # Workers 0 and 1 (batches 0 and 1) must not replay the same stream.
+    assert not torch.equal(first[0]["bool_masked_pos"], first[1]["bool_masked_pos"])
+    assert not torch.equal(first[0]["pixel_values"], first[1]["pixel_values"])
