@@ -117,7 +117,7 @@ class LayerDecayTrainer(Trainer):
     - `create_optimizer` builds the weight-decay / layer-decay groups of `param_groups.build_param_groups`, each
       with its own initial lr, and hands them to the optimizer class `TrainingArguments.optim` selects.
     - `compute_loss` takes soft labels `(batch, num_classes)` (mixup/cutmix/label smoothing) with
-      `-sum(target * log_softmax(logits))`; hard labels go to the model's own cross entropy.
+      `-sum(target * log_softmax(logits))`; integer labels (class ids, segmentation maps) go to the model's own loss.
     - `train_data_collator` is used for the training dataloader only, so evaluation sees unmixed hard labels.
     """
 
@@ -153,7 +153,7 @@ class LayerDecayTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = inputs.get("labels")
-        if labels is None or labels.ndim == 1:
+        if labels is None or not labels.is_floating_point():
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         outputs = model(pixel_values=inputs["pixel_values"])
         per_example = -(labels * torch.log_softmax(outputs.logits.float(), dim=-1)).sum(dim=-1)
@@ -298,6 +298,7 @@ def main() -> None:
             mixup_alpha=data_args.mixup_alpha,
             cutmix_alpha=data_args.cutmix_alpha,
             label_smoothing=data_args.label_smoothing,
+            seed=training_args.seed,
         )
     else:
         training_args.label_smoothing_factor = data_args.label_smoothing

@@ -66,12 +66,13 @@ def mim_checkpoint(tmp_path_factory) -> Path:
     return folder
 
 
+@pytest.mark.slow
 def test_fine_tune_mim_checkpoint_then_pipeline_in_a_fresh_process(tmp_path, mim_checkpoint):
     train_dir, validation_dir = write_image_folders(tmp_path / "data")
     output_dir = tmp_path / "out"
     run_script(
         "--model_name_or_path", str(mim_checkpoint), *common_args(train_dir, validation_dir, output_dir),
-        "--mixup_alpha", "0", "--cutmix_alpha", "0", "--label_smoothing", "0.1", "--random_erasing", "0.25",
+        "--mixup_alpha", "0.8", "--cutmix_alpha", "1.0", "--label_smoothing", "0.1", "--random_erasing", "0.25",
     )  # fmt: skip
 
     eval_results = json.loads((output_dir / "eval_results.json").read_text())

@@ -1,0 +1,108 @@
+"""Segmentation end to end (examples/run_semantic_segmentation.py) on ADE20K-format generated data, and the local
+mean_iou / accuracy metric modules against hand-computed numbers."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import evaluate
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import BeitForSemanticSegmentation
+
+from modeling_beitv2 import BeitV2Config, BeitV2ForMaskedImageModeling
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "examples" / "run_semantic_segmentation.py"
+METRICS = ROOT / "examples" / "metrics"
+COLOURS = [(200, 40, 40), (40, 200, 40), (40, 40, 200)]
+
+
+def write_ade_folder(root: Path, counts: dict[str, int]) -> None:
+    """Images split into coloured regions; annotation k + 1 for colour k, 0 (ignored) on a 2-pixel border."""
+    rng = np.random.default_rng(0)
+    for folder, count in counts.items():
+        (root / "images" / folder).mkdir(parents=True)
+        (root / "annotations" / folder).mkdir(parents=True)
+        for index in range(count):
+            height, width = 40, 48
+            split = int(rng.integers(12, 36))
+            annotation = np.ones((height, width), np.uint8)
+            annotation[:, split:] = 2
+            top = int(rng.integers(4, 20))
+            annotation[top : top + 12, 4:16] = 3
+            annotation[:2], annotation[:, :2] = 0, 0
+            pixels = np.asarray(COLOURS, np.int64)[np.maximum(annotation.astype(np.int64) - 1, 0)]
+            pixels = (pixels + rng.integers(-20, 21, size=pixels.shape)).clip(0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(root / "images" / folder / f"ADE_{index:04d}.jpg")
+            Image.fromarray(annotation).save(root / "annotations" / folder / f"ADE_{index:04d}.png")
+
+
+def test_segmentation_from_mim_checkpoint_writes_miou(tmp_path):
+    torch.manual_seed(0)
+    config = BeitV2Config(
+        hidden_size=32,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        intermediate_size=64,
+        patch_size=8,
+        image_size=32,
+        vocab_size=16,
+        early_layers=2,
+        head_layers=1,
+    )
+    BeitV2ForMaskedImageModeling(config).save_pretrained(tmp_path / "mim")
+    write_ade_folder(tmp_path / "ade", {"training": 8, "validation": 4})
+    (tmp_path / "id2label.json").write_text(json.dumps({"0": "red", "1": "green", "2": "blue"}))
+    output_dir = tmp_path / "out"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    command = [
+        sys.executable, str(SCRIPT), "--model_name_or_path", str(tmp_path / "mim"), "--data_dir", str(tmp_path / "ade"),
+        "--output_dir", str(output_dir), "--num_labels", "3", "--id2label_file", str(tmp_path / "id2label.json"),
+        "--crop_size", "32", "--out_indices", "0", "1", "2", "3", "--do_train", "--do_eval", "--max_steps", "6",
+        "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "2", "--learning_rate", "1e-3",
+        "--layer_decay", "0.9", "--use_cpu", "--save_strategy", "no", "--dataloader_num_workers", "0",
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=240, env=env)
+    assert result.returncode == 0, result.stderr[-4000:]
+
+    eval_results = json.loads((output_dir / "eval_results.json").read_text())
+    assert 0.0 <= eval_results["eval_mean_iou"] <= 1.0
+    assert 0.0 <= eval_results["eval_overall_accuracy"] <= 1.0
+    config = json.loads((output_dir / "config.json").read_text())
+    assert config["model_type"] == "beit" and config["out_indices"] == [0, 1, 2, 3]
+    assert config["use_auxiliary_head"] and config["semantic_loss_ignore_index"] == 255
+    model = BeitForSemanticSegmentation.from_pretrained(output_dir)
+    logits = model(pixel_values=torch.randn(1, 3, 32, 32)).logits
+    assert logits.shape == (1, 3, 16, 16)  # the first UperNet level is 4x the 4x4 patch grid
+
+
+def test_mean_iou_metric_matches_hand_computation():
+    mean_iou = evaluate.load(str(METRICS / "mean_iou"))
+    prediction = np.array([[0, 0, 1], [1, 2, 2]])
+    reference = np.array([[0, 1, 1], [1, 255, 0]])
+    result = mean_iou.compute(predictions=[prediction], references=[reference], num_labels=4)
+    # class 0: inter 1, union 3 (pred {0,0}, ref {0,0} at different places) -> 1/3
+    # class 1: inter 2, union 3 -> 2/3; class 2: predicted once on a valid pixel, never true -> 0; class 3 absent.
+    np.testing.assert_allclose(result["per_category_iou"][:3], [1 / 3, 2 / 3, 0.0])
+    assert np.isnan(result["per_category_iou"][3])
+    assert result["mean_iou"] == pytest.approx((1 / 3 + 2 / 3 + 0.0) / 3)
+    assert result["overall_accuracy"] == pytest.approx(3 / 5)
+    with pytest.raises(ValueError, match="outside"):
+        mean_iou.compute(predictions=[prediction], references=[reference + 5], num_labels=4, ignore_index=260)
+
+
+def test_accuracy_metric_top_k():
+    accuracy = evaluate.load(str(METRICS / "accuracy"))
+    scores = [[0.1, 0.5, 0.4, 0.0], [0.9, 0.05, 0.03, 0.02], [0.2, 0.3, 0.1, 0.4]]
+    # True-class ranks: 2, 1, 4.
+    result = accuracy.compute(predictions=scores, references=[2, 0, 2], top_k=[1, 2, 3, 4])
+    assert result == pytest.approx(
+        {"accuracy": 1 / 3, "top2_accuracy": 2 / 3, "top3_accuracy": 2 / 3, "top4_accuracy": 1.0}
+    )
+    with pytest.raises(ValueError, match="top_k"):
+        accuracy.compute(predictions=scores, references=[2, 0, 2], top_k=[5])
