@@ -44,10 +44,12 @@ IMAGENET_INCEPTION_STD = (0.5, 0.5, 0.5)
 
 # Number of heads of the released sizes. All of them use 64-dimensional heads, which is the fallback.
 _HEADS_BY_SIZE = {"tiny": 3, "small": 6, "base": 12, "large": 16}
+_WIDTH_BY_SIZE = {"tiny": 192, "small": 384, "base": 768, "large": 1024}
 _LAYER_SCALE_BY_SIZE = {"large": 1e-5}
 _RELEASED_NAME = re.compile(
     r"(?P<family>beitv2|beit)_(?P<size>tiny|small|base|large)_patch(?P<patch>\d+)_(?P<image>\d+)"
 )
+_VQKD_ENCODER_NAME = re.compile(r"encoder_(?P<size>tiny|small|base|large)")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -328,7 +330,7 @@ def resolve_num_heads(shapes: ViTShapes, preset: NamePreset, override: int | Non
         heads = override
     elif shapes.num_attention_heads is not None:
         heads = shapes.num_attention_heads
-    elif preset.size is not None:
+    elif preset.size is not None and _WIDTH_BY_SIZE[preset.size] == shapes.hidden_size:
         heads = _HEADS_BY_SIZE[preset.size]
     else:
         heads = max(1, shapes.hidden_size // 64)
@@ -657,6 +659,193 @@ def mim_image_processor(config: BeitConfig, family: str) -> BeitImageProcessor:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# VQ-KD tokenizers -> VQKDModel
+# ---------------------------------------------------------------------------------------------------------------
+
+# The frozen teacher and its input scaling are not part of the tokenizer. The reference's quantizer also keeps
+# `embedding.cluster_size` / `embedding.embed_avg`, which its forward never reads (usage is `quantize.cluster_size`).
+_VQKD_DROPPED_KEYS = (
+    *_DERIVED_KEYS,
+    r"^teacher_model\.",
+    r"^scaling_layer\.",
+    r"^loss",
+    r"^quantize\.embedding\.cluster_size$",
+    r"^quantize\.embedding\.embed_avg$",
+)
+_DECODER_NAME = re.compile(r"decoder_(?P<depth>\d+)x(?P<width>\d+)x(?P<heads>\d+)")
+
+
+def _convert_vqkd_vit(accountant: KeyAccountant, source: str, target: str, shapes: ViTShapes) -> dict:
+    out = {
+        f"{target}embeddings.cls_token": accountant.take(f"{source}cls_token"),
+        f"{target}embeddings.position_embeddings": accountant.take(f"{source}pos_embed"),
+    }
+    out.update(convert_patch_embedding(accountant, source, f"{target}embeddings."))
+    out.update(convert_blocks(accountant, f"{source}blocks.", f"{target}layers.", shapes.num_hidden_layers, False))
+    for p in ("weight", "bias"):
+        out[f"{target}layernorm.{p}"] = accountant.take(f"{source}fc_norm.{p}")
+    return out
+
+
+def convert_vqkd(
+    state_dict: dict[str, torch.Tensor],
+    *,
+    name: str = "",
+    num_attention_heads: int | None = None,
+    image_size: int | None = None,
+) -> PreTrainedModel:
+    """Build a `VQKDModel` from an official VQ-KD tokenizer checkpoint.
+
+    Encoder/decoder depth, width, patch size, grid, code size, codebook size and teacher dimension are read from
+    the weights. Heads are not stored: `num_attention_heads` (encoder and decoder), else the file name
+    (`vqkd_encoder_base_decoder_3x768x12_clip` gives 12 decoder heads), else 64-wide heads. The codebook goes to
+    `quantizer.codebook`, usage statistics (`quantize.cluster_size`) to `quantizer.cluster_size`.
+    """
+    from .configuration_vqkd import VQKDConfig
+    from .modeling_vqkd import VQKDModel
+
+    encoder_match = _VQKD_ENCODER_NAME.search(Path(name).name.lower())
+    preset = NamePreset(family="beitv2", size=encoder_match["size"] if encoder_match else None)
+    decoder_match = _DECODER_NAME.search(Path(name).name.lower())
+    if "quantize.embedding.weight" not in state_dict:
+        raise ValueError(
+            "No quantize.embedding.weight in the checkpoint: it is not a VQ-KD tokenizer "
+            f"(first keys: {sorted(state_dict)[:8]})."
+        )
+    encoder_shapes = infer_vit_shapes(state_dict, "encoder.")
+    decoder_shapes = infer_vit_shapes(state_dict, "decoder.")
+    encoder_heads = resolve_num_heads(encoder_shapes, preset, num_attention_heads, "vqkd encoder")
+    if num_attention_heads is None and decoder_match:
+        num_decoder_heads = int(decoder_match["heads"])
+    else:
+        num_decoder_heads = resolve_num_heads(decoder_shapes, NamePreset(), num_attention_heads, "vqkd decoder")
+    size = resolve_image_size(encoder_shapes, preset, image_size, "vqkd")
+    codebook = state_dict["quantize.embedding.weight"]
+    grid = size // encoder_shapes.patch_size
+
+    def vit_config(shapes: ViTShapes, heads: int, vit_image_size: int) -> dict:
+        return dict(
+            hidden_size=shapes.hidden_size,
+            num_hidden_layers=shapes.num_hidden_layers,
+            num_attention_heads=heads,
+            intermediate_size=shapes.intermediate_size,
+            image_size=vit_image_size,
+            patch_size=shapes.patch_size,
+            num_channels=shapes.num_channels,
+            use_absolute_position_embeddings=True,
+            use_relative_position_bias=False,
+            use_shared_relative_position_bias=False,
+            use_mask_token=False,
+            layer_scale_init_value=0.0,
+            layer_norm_eps=1e-6,
+            use_mean_pooling=False,
+        )
+
+    if decoder_shapes.grid_size is not None and decoder_shapes.grid_size != grid:
+        raise ValueError(
+            f"The VQ-KD decoder's position table is for a {decoder_shapes.grid_size}x{decoder_shapes.grid_size} "
+            f"grid but the encoder produces {grid}x{grid} codes."
+        )
+    config = VQKDConfig(
+        encoder_config=vit_config(encoder_shapes, encoder_heads, size),
+        decoder_config=vit_config(decoder_shapes, num_decoder_heads, grid),
+        num_codes=codebook.shape[0],
+        code_dim=codebook.shape[1],
+        teacher_dim=state_dict["decode_task_layer.2.weight"].shape[0],
+    )
+
+    accountant = KeyAccountant(state_dict, _VQKD_DROPPED_KEYS, source="vqkd checkpoint")
+    out = _convert_vqkd_vit(accountant, "encoder.", "encoder.", encoder_shapes)
+    out.update(_convert_vqkd_vit(accountant, "decoder.", "decoder.", decoder_shapes))
+    for layer in ("encode_task_layer", "decode_task_layer"):
+        for index in (0, 2):
+            for p in ("weight", "bias"):
+                out[f"{layer}.{index}.{p}"] = accountant.take(f"{layer}.{index}.{p}")
+    out["quantizer.codebook"] = accountant.take("quantize.embedding.weight")
+    out["quantizer.cluster_size"] = accountant.take("quantize.cluster_size")
+    # The reference stores `initted` as a float tensor [1.]; an absent flag means the codebook was trained.
+    initted = accountant.take_optional("quantize.embedding.initted")
+    out["quantizer.initted"] = torch.tensor(bool(initted.item()) if initted is not None else True)
+    accountant.finish()
+
+    model = VQKDModel(config)
+    load_into(model, out, "vqkd tokenizer")
+    return model.eval()
+
+
+def tokenizer_image_processor(image_size: int, mean: float, std: float, resample: int) -> BeitImageProcessor:
+    """Resize to `image_size`, then `(x - mean) / std` on [0, 1] pixels: the tokenizer's own input mapping."""
+    return BeitImageProcessor(
+        do_resize=True,
+        size={"height": image_size, "width": image_size},
+        resample=resample,
+        do_center_crop=False,
+        do_normalize=True,
+        image_mean=[mean] * 3,
+        image_std=[std] * 3,
+        do_reduce_labels=False,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# DALL-E dVAE -> DVAEModel
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def convert_dalle_dvae(
+    encoder_state_dict: dict[str, torch.Tensor],
+    decoder_state_dict: dict[str, torch.Tensor],
+    *,
+    image_size: int | None = None,
+) -> PreTrainedModel:
+    """Build a `DVAEModel` from the parameters of DALL-E's `encoder.pkl` and `decoder.pkl` (see `load_dalle_pickle`).
+
+    The pickled convolutions name their parameters `w` / `b`; everything else keeps its name under `encoder.` /
+    `decoder.`. Width, codebook size, blocks per group and the decoder's input width are read from the shapes;
+    the image size is not stored (112 px, BEiT's tokenizer input, unless `image_size` says otherwise).
+    """
+    from .configuration_dvae import DVAEConfig
+    from .modeling_dvae import DVAEModel
+
+    for part, state_dict in (("encoder", encoder_state_dict), ("decoder", decoder_state_dict)):
+        if "blocks.input.w" not in state_dict or "blocks.output.conv.w" not in state_dict:
+            raise ValueError(
+                f"The {part} pickle lacks blocks.input.w / blocks.output.conv.w: it is not a DALL-E {part} "
+                f"(first keys: {sorted(state_dict)[:6]})."
+            )
+    encoder_input = encoder_state_dict["blocks.input.w"]
+    decoder_input = decoder_state_dict["blocks.input.w"]
+    vocab_size = encoder_state_dict["blocks.output.conv.w"].shape[0]
+    if decoder_input.shape[1] != vocab_size:
+        raise ValueError(
+            f"The decoder reads {decoder_input.shape[1]} codes but the encoder has {vocab_size}: "
+            "encoder.pkl and decoder.pkl are not a pair."
+        )
+    blocks_per_group = len({k.split(".")[2] for k in encoder_state_dict if k.startswith("blocks.group_1.block_")})
+    config = DVAEConfig(
+        vocab_size=vocab_size,
+        hidden_size=encoder_input.shape[0],
+        num_blocks_per_group=blocks_per_group,
+        num_channels=encoder_input.shape[1],
+        decoder_init_channels=decoder_input.shape[0],
+        **({"image_size": image_size} if image_size is not None else {}),
+    )
+
+    out = {}
+    for part, state_dict in (("encoder", encoder_state_dict), ("decoder", decoder_state_dict)):
+        accountant = KeyAccountant(state_dict, source=f"DALL-E {part} pickle")
+        for key in state_dict:
+            stem, parameter = key.rsplit(".", 1)
+            if parameter not in ("w", "b"):
+                continue  # left for the accountant to report
+            out[f"{part}.{stem}.{'weight' if parameter == 'w' else 'bias'}"] = accountant.take(key)
+        accountant.finish()
+    model = DVAEModel(config)
+    load_into(model, out, "DALL-E dVAE")
+    return model.eval()
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Driver
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -671,10 +860,16 @@ class ConversionResult:
     notes: dict[str, Any] = field(default_factory=dict)
 
 
-def _read_checkpoint(kind: str, checkpoint: str | os.PathLike) -> dict[str, torch.Tensor]:
-    if kind == "dalle_dvae":
-        raise ValueError("dalle_dvae reads two pickles; use convert_dalle_dvae.")
-    return load_state_dict(checkpoint)
+def _dalle_pickle_paths(checkpoint: str | os.PathLike) -> tuple[Path, Path]:
+    path = Path(checkpoint)
+    folder = path if path.is_dir() else path.parent
+    encoder, decoder = folder / "encoder.pkl", folder / "decoder.pkl"
+    if path.is_file() and path.name not in ("encoder.pkl", "decoder.pkl"):
+        raise ValueError(f"dalle_dvae expects the folder holding encoder.pkl and decoder.pkl, got the file {path}.")
+    missing = [str(p) for p in (encoder, decoder) if not p.is_file()]
+    if missing:
+        raise ValueError(f"dalle_dvae needs both DALL-E pickles; not found: {missing}")
+    return encoder, decoder
 
 
 def convert_checkpoint(
@@ -707,7 +902,7 @@ def convert_checkpoint(
         raise ValueError(f"id2label only applies to classifiers (finetuned, timm), not {kind!r}.")
     if kind in ("finetuned", "timm"):
         model = convert_classifier(
-            _read_checkpoint(kind, checkpoint),
+            load_state_dict(checkpoint),
             kind,
             name=str(checkpoint),
             num_attention_heads=num_attention_heads,
@@ -719,7 +914,7 @@ def convert_checkpoint(
         return ConversionResult(model, classifier_image_processor(model.config, family), kind, notes)
     if kind in ("beitv2_pretrain", "beit_pretrain"):
         model = convert_mim(
-            _read_checkpoint(kind, checkpoint),
+            load_state_dict(checkpoint),
             kind,
             name=str(checkpoint),
             num_attention_heads=num_attention_heads,
@@ -731,7 +926,31 @@ def convert_checkpoint(
         if kind == "beitv2_pretrain":
             notes["early_layers"] = model.config.early_layers
         return ConversionResult(model, mim_image_processor(model.config, family), kind, notes)
-    raise NotImplementedError(kind)
+    if kind == "vqkd":
+        model = convert_vqkd(
+            load_state_dict(checkpoint),
+            name=str(checkpoint),
+            num_attention_heads=num_attention_heads,
+            image_size=image_size,
+        )
+        teacher = {512: "CLIP ViT-B/16", 768: "DINO ViT-B/16"}.get(model.config.teacher_dim)
+        # The tokenizer sees pixels mapped to [-1, 1].
+        processor = tokenizer_image_processor(model.config.encoder_config.image_size, 0.5, 0.5, resample=3)
+        notes = {"family": "beitv2", "teacher": teacher}
+        return ConversionResult(model, processor, kind, notes)
+    if num_attention_heads is not None:
+        raise ValueError("num_attention_heads does not apply to dalle_dvae (a convolutional network).")
+    encoder_path, decoder_path = _dalle_pickle_paths(checkpoint)
+    model = convert_dalle_dvae(load_dalle_pickle(encoder_path), load_dalle_pickle(decoder_path), image_size=image_size)
+    # Normalising [0, 1] pixels with mean -eps / (1 - 2 eps) and std 1 / (1 - 2 eps) is DALL-E's map_pixels.
+    eps = model.config.logit_laplace_eps
+    processor = tokenizer_image_processor(
+        model.config.image_size,
+        -eps / (1 - 2 * eps),
+        1 / (1 - 2 * eps),
+        resample=1,  # PIL Lanczos, as BEiT
+    )
+    return ConversionResult(model, processor, kind, {"family": "beit"})
 
 
 def save_conversion(result: ConversionResult, output_dir: str | os.PathLike) -> Path:

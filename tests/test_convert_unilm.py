@@ -361,3 +361,58 @@ def test_cli_writes_loadable_folder_and_card(tmp_path):
     metadata, body = split_front_matter((out_dir / "README.md").read_text())
     assert metadata["pipeline_tag"] == "image-classification"
     assert "85.0" in body and path.name in body  # paper table for beitv2 base, provenance of the weights
+
+
+def _vqkd_to_unilm(model) -> dict[str, torch.Tensor]:
+    state_dict = model.state_dict()
+    out = {}
+    for part in ("encoder", "decoder"):
+        sub = {k: v for k, v in state_dict.items() if k.startswith(f"{part}.")}
+        for key, value in _to_unilm(sub, prefix=f"{part}.").items():
+            key = "fc_norm." + key[len("norm.") :] if key.startswith("norm.") else key
+            out[f"{part}.{key}"] = value
+    for key, value in state_dict.items():
+        if "task_layer" in key:
+            out[key] = value
+    out["quantize.embedding.weight"] = state_dict["quantizer.codebook"]
+    out["quantize.cluster_size"] = state_dict["quantizer.cluster_size"]
+    out["quantize.embedding.initted"] = torch.tensor([1.0])
+    out["quantize.embedding.cluster_size"] = torch.zeros(64)  # unused by the reference: dropped by name
+    out["quantize.embedding.embed_avg"] = torch.zeros(64, 32)
+    out["teacher_model.visual.proj"] = torch.zeros(2, 2)  # the frozen teacher: dropped by name
+    return out
+
+
+def test_vqkd_round_trip(tmp_path):
+    from modeling_beitv2 import VQKDConfig, VQKDModel
+    from modeling_beitv2.configuration_vqkd import vqkd_decoder_config, vqkd_encoder_config
+
+    width = dict(hidden_size=64, intermediate_size=128)
+    config = VQKDConfig(
+        encoder_config=vqkd_encoder_config(image_size=32, **width, num_hidden_layers=2, num_attention_heads=1),
+        decoder_config=vqkd_decoder_config(grid_size=2, **width, num_layers=1, num_attention_heads=2),
+        num_codes=64,
+    )
+    model = _perturbed(VQKDModel(config))
+    model.quantizer.cluster_size.uniform_()
+    model.quantizer.initted.fill_(True)  # a released tokenizer is trained
+    path = tmp_path / "vqkd_encoder_decoder_1x64x2_clip.pth"
+    torch.save({"model": _vqkd_to_unilm(model)}, path)
+    result = convert_checkpoint("vqkd", path)
+    assert result.model.config.decoder_config.num_hidden_layers == 1
+    assert result.model.config.encoder_config.num_attention_heads == 1  # 64-wide heads, as every released model
+    assert result.model.config.decoder_config.num_attention_heads == 2  # from "decoder_1x64x2" in the name
+    torch.testing.assert_close(result.model.state_dict(), model.state_dict(), rtol=0, atol=0)
+    pixels = torch.rand(2, 3, 32, 32)
+    normalised = (pixels - 0.5) / 0.5  # what the saved image processor does: the tokenizer's [-1, 1]
+    assert list(result.image_processor.image_mean) == [0.5] * 3
+    assert torch.equal(result.model.get_codebook_indices(normalised), model.get_codebook_indices(normalised))
+
+
+def test_dalle_dvae_needs_both_pickles(tmp_path, monkeypatch):
+    encoder_class = _install_fake_dall_e(monkeypatch)
+    torch.save(encoder_class(), tmp_path / "encoder.pkl")
+    with pytest.raises(ValueError, match="needs both DALL-E pickles"):
+        convert_checkpoint("dalle_dvae", tmp_path)
+    with pytest.raises(ValueError, match="not apply to dalle_dvae"):
+        convert_checkpoint("dalle_dvae", tmp_path, num_attention_heads=2)
