@@ -75,6 +75,16 @@ def convert(args: argparse.Namespace) -> Path:
     output_dir = save_conversion(result, args.output_dir)
     model_id = args.hub_model_id or output_dir.name
     config = result.model.config
+    # The VQ-KD config nests its ViTs; its encoder describes the input side.
+    vit_config = getattr(config, "encoder_config", config)
+    architecture = {
+        k: getattr(vit_config, k)
+        for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "image_size", "patch_size")
+        if hasattr(vit_config, k)
+    }
+    codebook_size = getattr(config, "num_codes", None) or (config.vocab_size if args.kind == "dalle_dvae" else None)
+    if codebook_size:
+        architecture["codebook_size"] = codebook_size
     write_model_card(
         output_dir,
         _CARD_KIND[args.kind],
@@ -89,11 +99,8 @@ def convert(args: argparse.Namespace) -> Path:
             **{k: v for k, v in result.notes.items() if v is not None},
         },
         metrics={},
-        architecture={
-            k: getattr(config, k)
-            for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "image_size", "patch_size")
-            if hasattr(config, k)
-        },
+        architecture=architecture,
+        teacher=result.notes.get("teacher"),
     )
     logger.info("Converted %s (%s) into %s", args.checkpoint, args.kind, output_dir)
     if args.push_to_hub:
