@@ -12,6 +12,8 @@ A starting checkpoint can be
 
 from __future__ import annotations
 
+import os
+
 import torch
 from datasets import ClassLabel, DatasetDict, IterableDatasetDict, load_dataset
 from transformers import AutoConfig, BeitModel, PreTrainedModel
@@ -47,6 +49,40 @@ def load_native_beit(
             f"{model_name_or_path} has model_type {config.model_type!r}; expected a 'beitv2' (MIM) or 'beit' checkpoint."
         )
     return modeling_beitv2.convert_mim_to_native_beit(source, model_class, image_size=image_size, **config_overrides)
+
+
+SIZE_NAMES = {192: "tiny", 384: "small", 768: "base", 1024: "large"}
+
+
+def model_card_kwargs(
+    model_name_or_path: str,
+    native_config,
+    output_dir: str,
+    hub_model_id: str | None,
+    dataset_name: str | None,
+    training_args: dict,
+) -> dict:
+    """Keyword arguments of `model_cards.write_model_card` shared by the fine-tuning scripts (measured metrics are
+    added when the card is written)."""
+    config = AutoConfig.from_pretrained(model_name_or_path)
+    return {
+        "model_id": hub_model_id or output_dir,
+        # Only our MIM checkpoints say which paper they follow; a native `beit` one could be either.
+        "family": "beitv2" if config.model_type == "beitv2" and config.use_patch_aggregation else None,
+        "size": SIZE_NAMES.get(config.hidden_size),
+        "base_model": None if os.path.isdir(model_name_or_path) else model_name_or_path,
+        "datasets": [dataset_name] if dataset_name else [],
+        "source_note": f"Fine-tuned from `{model_name_or_path}` with this project's `examples/` scripts.",
+        "training_args": training_args,
+        "architecture": {
+            "hidden_size": native_config.hidden_size,
+            "num_hidden_layers": native_config.num_hidden_layers,
+            "num_attention_heads": native_config.num_attention_heads,
+            "image_size": native_config.image_size,
+            "patch_size": native_config.patch_size,
+            "num_labels": native_config.num_labels,
+        },
+    }
 
 
 @torch.no_grad()

@@ -47,6 +47,7 @@ from downstream import (
     init_classifier_head,
     load_image_classification_data,
     load_native_beit,
+    model_card_kwargs,
 )
 from param_groups import apply_lr_scale, build_param_groups
 from PIL import Image
@@ -60,6 +61,7 @@ from transformers import (
 )
 from transformers.trainer_utils import get_last_checkpoint
 
+from model_cards import write_model_card
 from processing.random_state import ProcessLocalRNG
 from processing.transforms import RandAugment, RandomErasing, RandomHorizontalFlip, RandomResizedCrop, convert_to_rgb
 
@@ -119,12 +121,35 @@ class LayerDecayTrainer(Trainer):
     - `compute_loss` takes soft labels `(batch, num_classes)` (mixup/cutmix/label smoothing) with
       `-sum(target * log_softmax(logits))`; integer labels (class ids, segmentation maps) go to the model's own loss.
     - `train_data_collator` is used for the training dataloader only, so evaluation sees unmixed hard labels.
+    - `create_model_card` (also called by `push_to_hub`) writes this project's card from `model_cards/`, with the
+      `eval_*` numbers of the last evaluation as measured results.
     """
 
-    def __init__(self, *args, layer_decay: float | None = None, train_data_collator=None, **kwargs) -> None:
+    def __init__(
+        self,
+        *args,
+        layer_decay: float | None = None,
+        train_data_collator=None,
+        model_card: dict | None = None,
+        **kwargs,
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.layer_decay = layer_decay
         self.train_data_collator = train_data_collator
+        self.model_card = model_card
+
+    def create_model_card(self, **unused) -> None:
+        if self.model_card is None:
+            return super().create_model_card(**unused)
+        if not self.is_world_process_zero():
+            return None
+        measured = {}
+        for entry in self.state.log_history:
+            measured.update({key: round(value, 4) for key, value in entry.items() if key.startswith("eval_")})
+        for key in ("eval_runtime", "eval_samples_per_second", "eval_steps_per_second", "eval_loss"):
+            measured.pop(key, None)
+        write_model_card(self.args.output_dir, **self.model_card, metrics=measured)
+        return None
 
     def create_optimizer(self, model=None) -> torch.optim.Optimizer:
         if self.optimizer is None:
@@ -188,6 +213,30 @@ def build_transforms(data_args: DataArguments, image_size: int, image_processor:
         return torch.from_numpy(image_processor(convert_to_rgb(image), return_tensors="np")["pixel_values"][0])
 
     return train_one, eval_one
+
+
+def recipe_summary(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments) -> dict:
+    """The training choices worth showing on the model card."""
+    length = (
+        {"max_steps": training_args.max_steps}
+        if training_args.max_steps > 0
+        else {"epochs": training_args.num_train_epochs}
+    )
+    return {
+        "learning_rate": training_args.learning_rate,
+        "global_batch_size": training_args.per_device_train_batch_size
+        * training_args.gradient_accumulation_steps
+        * max(1, training_args.world_size),
+        **length,
+        "weight_decay": training_args.weight_decay,
+        "layer_decay": model_args.layer_decay,
+        "drop_path_rate": model_args.drop_path_rate,
+        "image_size": model_args.image_size or "pretraining size",
+        "rand_augment": f"{data_args.rand_augment_num_ops} ops, magnitude {data_args.rand_augment_magnitude}",
+        "random_erasing": data_args.random_erasing,
+        "mixup / cutmix": f"{data_args.mixup_alpha} / {data_args.cutmix_alpha}",
+        "label_smoothing": data_args.label_smoothing,
+    }
 
 
 def main() -> None:
@@ -321,6 +370,17 @@ def main() -> None:
         compute_metrics=compute_metrics,
         layer_decay=model_args.layer_decay,
         train_data_collator=train_collator,
+        model_card={
+            "kind": "classifier",
+            **model_card_kwargs(
+                model_args.model_name_or_path,
+                model.config,
+                training_args.output_dir,
+                training_args.hub_model_id,
+                data_args.dataset_name,
+                recipe_summary(model_args, data_args, training_args),
+            ),
+        },
     )
 
     if training_args.do_train:
@@ -335,17 +395,9 @@ def main() -> None:
         trainer.log_metrics("eval", metrics)
         trainer.save_metrics("eval", metrics)
 
-    card_kwargs = {
-        "finetuned_from": model_args.model_name_or_path,
-        "tasks": "image-classification",
-        "tags": ["image-classification", "beit", "beitv2"],
-    }
-    if data_args.dataset_name is not None:
-        card_kwargs["dataset"] = data_args.dataset_name
+    trainer.create_model_card()
     if training_args.push_to_hub:
-        trainer.push_to_hub(**card_kwargs)
-    else:
-        trainer.create_model_card(**card_kwargs)
+        trainer.push_to_hub()
 
 
 if __name__ == "__main__":

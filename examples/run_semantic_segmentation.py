@@ -39,7 +39,7 @@ import torch
 import transformers
 from datasets import Dataset, DatasetDict, load_dataset
 from datasets import Image as ImageFeature
-from downstream import detect_column, load_native_beit
+from downstream import detect_column, load_native_beit, model_card_kwargs
 from PIL import Image
 from run_image_classification import IMAGENET_MEAN, IMAGENET_STD, LayerDecayTrainer
 from transformers import BeitForSemanticSegmentation, BeitImageProcessor, HfArgumentParser, TrainingArguments
@@ -266,6 +266,26 @@ def main() -> None:
         processing_class=image_processor,
         compute_metrics=compute_metrics,
         layer_decay=model_args.layer_decay,
+        model_card={
+            "kind": "segmentation",
+            **model_card_kwargs(
+                model_args.model_name_or_path,
+                model.config,
+                training_args.output_dir,
+                training_args.hub_model_id,
+                data_args.dataset_name,
+                {
+                    "learning_rate": training_args.learning_rate,
+                    "max_steps": training_args.max_steps,
+                    "per_device_batch_size": training_args.per_device_train_batch_size,
+                    "weight_decay": training_args.weight_decay,
+                    "layer_decay": model_args.layer_decay,
+                    "drop_path_rate": model_args.drop_path_rate,
+                    "crop_size": data_args.crop_size,
+                    "out_indices": str(out_indices),
+                },
+            ),
+        },
     )
     if training_args.do_train:
         last_checkpoint = (
@@ -281,17 +301,9 @@ def main() -> None:
         trainer.log_metrics("eval", metrics)
         trainer.save_metrics("eval", metrics)
 
-    card_kwargs = {
-        "finetuned_from": model_args.model_name_or_path,
-        "tasks": "image-segmentation",
-        "tags": ["image-segmentation", "beit", "beitv2", "upernet"],
-    }
-    if data_args.dataset_name is not None:
-        card_kwargs["dataset"] = data_args.dataset_name
+    trainer.create_model_card()
     if training_args.push_to_hub:
-        trainer.push_to_hub(**card_kwargs)
-    else:
-        trainer.create_model_card(**card_kwargs)
+        trainer.push_to_hub()
 
 
 if __name__ == "__main__":

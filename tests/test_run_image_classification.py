@@ -87,7 +87,10 @@ def test_fine_tune_mim_checkpoint_then_pipeline_in_a_fresh_process(tmp_path, mim
     processor = json.loads((output_dir / "preprocessor_config.json").read_text())
     assert processor["image_processor_type"].startswith("BeitImageProcessor")
     assert processor["crop_size"] == {"height": 32, "width": 32}
-    assert (output_dir / "README.md").exists()
+    card = (output_dir / "README.md").read_text()
+    assert "pipeline_tag: image-classification" in card and "library_name: transformers" in card
+    assert f"| eval_accuracy | {round(eval_results['eval_accuracy'], 4)} |" in card
+    assert "| layer_decay | 0.65 |" in card
     assert not list(output_dir.glob("*.py"))
 
     # The model card, weights and processor are all a fresh process needs; our packages must not be imported.

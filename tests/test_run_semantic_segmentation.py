@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from transformers import BeitForSemanticSegmentation
+from transformers import BeitForSemanticSegmentation, pipeline
 
 from modeling_beitv2 import BeitV2Config, BeitV2ForMaskedImageModeling
 
@@ -76,9 +76,16 @@ def test_segmentation_from_mim_checkpoint_writes_miou(tmp_path):
     config = json.loads((output_dir / "config.json").read_text())
     assert config["model_type"] == "beit" and config["out_indices"] == [0, 1, 2, 3]
     assert config["use_auxiliary_head"] and config["semantic_loss_ignore_index"] == 255
+    card = (output_dir / "README.md").read_text()
+    assert "pipeline_tag: image-segmentation" in card and "| eval_mean_iou |" in card
     model = BeitForSemanticSegmentation.from_pretrained(output_dir)
     logits = model(pixel_values=torch.randn(1, 3, 32, 32)).logits
     assert logits.shape == (1, 3, 16, 16)  # the first UperNet level is 4x the 4x4 patch grid
+    segments = pipeline("image-segmentation", model=str(output_dir), device="cpu")(
+        Image.new("RGB", (48, 40), COLOURS[0])
+    )
+    assert segments and {segment["label"] for segment in segments} <= {"red", "green", "blue"}
+    assert segments[0]["mask"].size == (48, 40)
 
 
 def test_mean_iou_metric_matches_hand_computation():
