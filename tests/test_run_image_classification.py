@@ -163,3 +163,22 @@ def test_rejects_a_checkpoint_that_is_not_beit(tmp_path):
 
     with pytest.raises(ValueError, match="model_type 'vit'"):
         load_native_beit(str(tmp_path / "vit"))
+
+
+@pytest.mark.slow
+def test_streaming_run_resumes_from_its_last_checkpoint(tmp_path, mim_checkpoint):
+    train_dir, validation_dir = write_image_folders(tmp_path / "data", per_class=2)
+    output_dir = tmp_path / "out"
+    args = common_args(train_dir, validation_dir, output_dir)
+    args[args.index("--save_strategy") + 1] = "steps"
+    stream = ["--model_name_or_path", str(mim_checkpoint), "--streaming", "--save_steps", "2", "--mixup_alpha", "0"]
+    args[args.index("--max_steps") + 1] = "2"
+    run_script(*stream, *args)
+    assert (output_dir / "checkpoint-2").is_dir()
+
+    args[args.index("--max_steps") + 1] = "3"
+    result = run_script(*stream, *args)
+    assert f"Loading model from {output_dir / 'checkpoint-2'}" in result.stderr + result.stdout
+    state = json.loads((output_dir / "trainer_state.json").read_text())
+    assert state["global_step"] == 3
+    assert 0.0 <= json.loads((output_dir / "eval_results.json").read_text())["eval_accuracy"] <= 1.0
