@@ -123,7 +123,8 @@ def test_fine_tune_mim_checkpoint_then_pipeline_in_a_fresh_process(tmp_path, mim
 
 
 def test_fine_tune_native_beit_checkpoint_learns_colours(tmp_path):
-    """A native shared-bias `beit` checkpoint fine-tunes; without mixup the colour task is learned."""
+    """A native shared-bias `beit` checkpoint fine-tunes at another resolution; without mixup the colour task is
+    learned."""
     torch.manual_seed(0)
     config = BeitConfig(
         **TINY,
@@ -142,12 +143,15 @@ def test_fine_tune_native_beit_checkpoint_learns_colours(tmp_path):
     run_script(
         "--model_name_or_path", str(native), *args, "--mixup_alpha", "0", "--cutmix_alpha", "0",
         "--rand_augment_num_ops", "0", "--random_erasing", "0", "--drop_path_rate", "0", "--head_init_scale", "1",
+        "--image_size", "48",
     )  # fmt: skip
     eval_results = json.loads((output_dir / "eval_results.json").read_text())
     assert eval_results["eval_accuracy"] >= 0.9, eval_results
 
     model = BeitForImageClassification.from_pretrained(output_dir)
+    assert model.config.image_size == 48
     tables = [layer.relative_position_bias.relative_position_bias_table for layer in model.beit.layers]
+    assert tables[0].shape == ((2 * 6 - 1) ** 2 + 3, 2)  # resized from the 4x4 grid's table to a 6x6 grid
     # All layers started from one shared table, and per-layer training made them differ.
     assert not torch.equal(tables[0], tables[-1])
 
