@@ -42,7 +42,8 @@ def write_ade_folder(root: Path, counts: dict[str, int]) -> None:
             Image.fromarray(annotation).save(root / "annotations" / folder / f"ADE_{index:04d}.png")
 
 
-def test_segmentation_from_mim_checkpoint_writes_miou(tmp_path):
+@pytest.mark.slow
+def test_segmentation_from_mim_checkpoint_learns_and_writes_miou(tmp_path):
     torch.manual_seed(0)
     config = BeitV2Config(
         hidden_size=32,
@@ -63,7 +64,7 @@ def test_segmentation_from_mim_checkpoint_writes_miou(tmp_path):
     command = [
         sys.executable, str(SCRIPT), "--model_name_or_path", str(tmp_path / "mim"), "--data_dir", str(tmp_path / "ade"),
         "--output_dir", str(output_dir), "--num_labels", "3", "--id2label_file", str(tmp_path / "id2label.json"),
-        "--crop_size", "32", "--out_indices", "0", "1", "2", "3", "--do_train", "--do_eval", "--max_steps", "6",
+        "--crop_size", "32", "--out_indices", "0", "1", "2", "3", "--do_train", "--do_eval", "--max_steps", "40",
         "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "2", "--learning_rate", "1e-3",
         "--layer_decay", "0.9", "--use_cpu", "--save_strategy", "no", "--dataloader_num_workers", "0",
     ]  # fmt: skip
@@ -71,8 +72,10 @@ def test_segmentation_from_mim_checkpoint_writes_miou(tmp_path):
     assert result.returncode == 0, result.stderr[-4000:]
 
     eval_results = json.loads((output_dir / "eval_results.json").read_text())
-    assert 0.0 <= eval_results["eval_mean_iou"] <= 1.0
-    assert 0.0 <= eval_results["eval_overall_accuracy"] <= 1.0
+    # Predicting the majority class everywhere gives mIoU about 0.17 and pixel accuracy about 0.5; 40 steps learn
+    # the colour regions (measured: mIoU 0.53, pixel accuracy 0.81).
+    assert eval_results["eval_mean_iou"] >= 0.35, eval_results
+    assert eval_results["eval_overall_accuracy"] >= 0.65, eval_results
     config = json.loads((output_dir / "config.json").read_text())
     assert config["model_type"] == "beit" and config["out_indices"] == [0, 1, 2, 3]
     assert config["use_auxiliary_head"] and config["semantic_loss_ignore_index"] == 255
