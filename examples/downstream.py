@@ -16,7 +16,7 @@ import os
 
 import torch
 from datasets import ClassLabel, DatasetDict, IterableDatasetDict, load_dataset
-from transformers import AutoConfig, BeitModel, PreTrainedModel
+from transformers import AutoConfig, BeitModel, PretrainedConfig, PreTrainedModel
 
 # Registers the `beitv2` model type with the Auto classes, so that AutoConfig reads our MIM checkpoints.
 import modeling_beitv2
@@ -56,7 +56,7 @@ SIZE_NAMES = {192: "tiny", 384: "small", 768: "base", 1024: "large"}
 
 def model_card_kwargs(
     model_name_or_path: str,
-    native_config,
+    native_config: PretrainedConfig,
     output_dir: str,
     hub_model_id: str | None,
     dataset_name: str | None,
