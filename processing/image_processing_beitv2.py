@@ -14,7 +14,6 @@ from .random_state import ProcessLocalRNG
 from .transforms import (
     ColorJitter,
     RandomHorizontalFlip,
-    RandomResizedCrop,
     TwoViewRandomResizedCrop,
     center_square_box,
     make_image_list,
@@ -47,6 +46,7 @@ class BeitV2ImageProcessorKwargs(ImagesKwargs, total=False):
     crop_scale: tuple[float, float]
     crop_ratio: tuple[float, float]
     color_jitter: float
+    seed: int
 
 
 class BeitV2ImageProcessor(BaseImageProcessor):
@@ -217,10 +217,7 @@ class BeitV2ImageProcessor(BaseImageProcessor):
                 image = self._flip(self._color_jitter(image, rng), rng)
                 view, tokenizer_view = self._two_view_crop(image, rng)
             else:
-                box = center_square_box(*image.size)
-                crop = self._two_view_crop
-                view = RandomResizedCrop.resized_crop(image, box, crop.size, crop._resample)
-                tokenizer_view = RandomResizedCrop.resized_crop(image, box, crop.second_size, crop._second_resample)
+                view, tokenizer_view = self._two_view_crop.apply_box(image, center_square_box(*image.size))
             outputs["pixel_values"].append((to_float_array(view) - mean) / std)
             outputs["tokenizer_pixel_values"].append(self._map_tokenizer_pixels(to_float_array(tokenizer_view)))
             outputs["bool_masked_pos"].append(self._mask_generator(rng).reshape(-1))

@@ -15,7 +15,6 @@ from .transforms import (
     RandomResizedCrop,
     center_square_box,
     make_image_list,
-    resample_filter,
     to_float_array,
     to_pil_image,
 )
@@ -26,6 +25,7 @@ class VQKDImageProcessorKwargs(ImagesKwargs, total=False):
     interpolation: str
     crop_scale: tuple[float, float]
     crop_ratio: tuple[float, float]
+    seed: int
 
 
 class VQKDImageProcessor(BaseImageProcessor):
@@ -92,7 +92,6 @@ class VQKDImageProcessor(BaseImageProcessor):
             return_tensors (`str`, *optional*): "np" or "pt" to stack the batch; `None` returns a list per image.
         """
         rng = self._rng.generator
-        resample = resample_filter(self.interpolation)
         mean = np.asarray(self.image_mean, dtype=np.float32)[:, None, None]
         std = np.asarray(self.image_std, dtype=np.float32)[:, None, None]
         pixel_values = []
@@ -101,8 +100,7 @@ class VQKDImageProcessor(BaseImageProcessor):
             if do_augment:
                 image = self._flip(self._crop(image, rng), rng)
             else:
-                box = center_square_box(*image.size)
-                image = RandomResizedCrop.resized_crop(image, box, (self.image_size, self.image_size), resample)
+                image = self._crop.apply_box(image, center_square_box(*image.size))
             pixel_values.append((to_float_array(image) - mean) / std)
         if return_tensors is not None:
             pixel_values = np.stack(pixel_values)

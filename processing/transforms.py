@@ -249,9 +249,12 @@ class RandomResizedCrop:
         crop = image.crop((left, top, left + box_w, top + box_h))
         return crop.resize((size[1], size[0]), resample)
 
-    def __call__(self, image: PIL.Image.Image, rng: np.random.Generator) -> PIL.Image.Image:
-        box = self.get_params(*image.size, rng)
+    def apply_box(self, image: PIL.Image.Image, box: tuple[int, int, int, int]) -> PIL.Image.Image:
+        """Resamples a given box `(top, left, height, width)` (e.g. a central one for evaluation) to the output."""
         return self.resized_crop(image, box, self.size, self._resample)
+
+    def __call__(self, image: PIL.Image.Image, rng: np.random.Generator):
+        return self.apply_box(image, self.get_params(*image.size, rng))
 
 
 class TwoViewRandomResizedCrop(RandomResizedCrop):
@@ -277,8 +280,10 @@ class TwoViewRandomResizedCrop(RandomResizedCrop):
         self.second_interpolation = second_interpolation
         self._second_resample = resample_filter(second_interpolation)
 
-    def __call__(self, image: PIL.Image.Image, rng: np.random.Generator) -> tuple[PIL.Image.Image, PIL.Image.Image]:
-        box = self.get_params(*image.size, rng)
+    def apply_box(
+        self, image: PIL.Image.Image, box: tuple[int, int, int, int]
+    ) -> tuple[PIL.Image.Image, PIL.Image.Image]:
+        """Resamples one box `(top, left, height, width)` to both views."""
         return (
             self.resized_crop(image, box, self.size, self._resample),
             self.resized_crop(image, box, self.second_size, self._second_resample),

@@ -197,6 +197,8 @@ def test_save_and_load_round_trip(tmp_path, processor_class):
         assert type(loaded) is processor_class
         assert loaded.to_dict() == processor.to_dict()
     assert processor_class.from_pretrained(tmp_path, image_size=64).image_size == 64
+    seeded = [processor_class.from_pretrained(tmp_path, seed=4)(smooth_image(), do_augment=True) for _ in range(2)]
+    np.testing.assert_array_equal(seeded[0]["pixel_values"][0], seeded[1]["pixel_values"][0])
     image = smooth_image()
     np.testing.assert_array_equal(
         processor(image)["pixel_values"][0], processor_class.from_pretrained(tmp_path)(image)["pixel_values"][0]
@@ -275,3 +277,18 @@ def test_per_example_use_in_dataloader_workers_with_collator():
     # Workers 0 and 1 (batches 0 and 1) must not replay the same stream.
     assert not torch.equal(first[0]["bool_masked_pos"], first[1]["bool_masked_pos"])
     assert not torch.equal(first[0]["pixel_values"], first[1]["pixel_values"])
+
+
+def test_datasets_with_transform_and_map():
+    datasets = pytest.importorskip("datasets")
+    images = [smooth_image(40 + i, 30) for i in range(4)]
+    dataset = datasets.Dataset.from_dict({"image": images}).cast_column("image", datasets.Image())
+    processor = tiny_processor()
+    transformed = dataset.with_transform(lambda batch: processor(batch["image"], do_augment=True))
+    example = transformed[0]
+    assert example["pixel_values"].shape == (3, 32, 32) and example["bool_masked_pos"].shape == (16,)
+    batch = DataCollatorForMaskedImageModeling()([transformed[i] for i in range(4)])
+    assert batch["pixel_values"].shape == (4, 3, 32, 32) and batch["bool_masked_pos"].sum() == 4 * 6
+    mapped = dataset.map(lambda batch: dict(processor(batch["image"])), batched=True, remove_columns=["image"])
+    mapped.set_format("torch")
+    assert mapped[0]["bool_masked_pos"].dtype == torch.bool and mapped[0]["pixel_values"].shape == (3, 32, 32)
