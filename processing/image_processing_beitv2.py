@@ -180,7 +180,7 @@ class BeitV2ImageProcessor(BaseImageProcessor):
 
     @property
     def mask_generator(self) -> BlockwiseMaskGenerator | RandomMaskGenerator:
-        """The mask generator built from the masking settings (it draws from the processor's RNG)."""
+        """The mask generator built from the masking settings; `preprocess` draws masks with the processor's RNG."""
         return self._mask_generator
 
     @property

@@ -44,7 +44,13 @@ def _resolve_num_masking_patches(num_patches: int, mask_ratio: float | None, num
 class _MaskGenerator:
     """Shared interface: `generator(rng=None)` -> `(H, W)` bool mask, `generator.generate(batch)` -> `(B, H, W)`."""
 
-    def __init__(self, input_size, mask_ratio, num_masking_patches, seed):
+    def __init__(
+        self,
+        input_size: int | tuple[int, int],
+        mask_ratio: float | None,
+        num_masking_patches: int | None,
+        seed: int | np.random.Generator | None,
+    ):
         self.height, self.width = _resolve_grid(input_size)
         self.num_patches = self.height * self.width
         self.num_masking_patches = _resolve_num_masking_patches(self.num_patches, mask_ratio, num_masking_patches)
