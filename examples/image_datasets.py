@@ -174,8 +174,9 @@ class ImageStream(torch.utils.data.IterableDataset):
         if shuffle_buffer_size < 0:
             raise ValueError(f"shuffle_buffer_size must be >= 0, got {shuffle_buffer_size}.")
         if shuffle_buffer_size:
-            # Shuffles the shard order only (a buffer of one yields every example at once); reshuffled by set_epoch.
-            dataset = dataset.shuffle(seed=seed, buffer_size=1)
+            # Shuffles the shard order only (a buffer of one yields every example at once, one input shard at a time
+            # keeps the state exact); set_epoch reshuffles it. The window shuffle below mixes the examples.
+            dataset = dataset.shuffle(seed=seed, buffer_size=1, max_buffer_input_shards=1)
         if max_samples is not None:
             dataset = dataset.take(max_samples)
         if world_size > 1:
@@ -189,7 +190,6 @@ class ImageStream(torch.utils.data.IterableDataset):
         self.with_ids = with_ids
         # Resume point per DataLoader worker id (None = start of the first epoch).
         self.resume_states: dict[int, dict] = {}
-        self.bad_image_reasons: dict[str, int] = {}
 
     def load_state_dict(self, worker_states: dict[int, dict]) -> None:
         """Resume from the per-worker states collected by :class:`StreamStateTracker`."""
@@ -206,6 +206,7 @@ class ImageStream(torch.utils.data.IterableDataset):
             if state.get("source") is not None:
                 dataset.load_state_dict(state["source"])
             iterator = iter(dataset)
+            from_epoch_start = state.get("source") is None and state["offset"] == 0
             produced_in_epoch = False
             while True:
                 source_state = dataset.state_dict()
@@ -218,7 +219,6 @@ class ImageStream(torch.utils.data.IterableDataset):
                     image, status = decode_image(value)
                     if image is None:
                         bad += 1
-                        self.bad_image_reasons[status] = self.bad_image_reasons.get(status, 0) + 1
                         logger.warning("Skipping image %s: %s", (value or {}).get("path") or "(bytes)", status)
                         continue
                     converted += status == "converted"
@@ -236,7 +236,7 @@ class ImageStream(torch.utils.data.IterableDataset):
                     produced_in_epoch = True
                     yield example
                 state.update(window=state["window"] + 1, offset=0)
-            if not produced_in_epoch and state["window"] == 0:
+            if not produced_in_epoch and from_epoch_start:
                 raise ValueError(
                     f"Rank {self.rank} worker {worker_id} got no usable image in a whole epoch: the dataset is empty "
                     "or has fewer shards/examples than ranks x workers, or every image failed to decode."

@@ -175,7 +175,15 @@ def build_accelerator(args: PretrainingArguments) -> Accelerator:
     )
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         plugin = accelerator.state.deepspeed_plugin
-        plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = args.per_device_train_batch_size
+        # Filled here because the DataLoader is not prepared (it is already sharded per rank), so Accelerate
+        # cannot infer them; an explicit value in the JSON wins over the arguments.
+        settings = {
+            "train_micro_batch_size_per_gpu": args.per_device_train_batch_size,
+            "gradient_clipping": args.max_grad_norm or 0.0,
+        }
+        for key, value in settings.items():
+            if plugin.deepspeed_config.get(key, "auto") == "auto":
+                plugin.deepspeed_config[key] = value
     set_seed(args.seed)
     return accelerator
 
@@ -230,11 +238,15 @@ class StopSignal:
 
     def __init__(self):
         self.received: str | None = None
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(signum, self._handle)
+        self._previous = {signum: signal.signal(signum, self._handle) for signum in (signal.SIGTERM, signal.SIGINT)}
 
     def _handle(self, signum, frame) -> None:
         self.received = signal.Signals(signum).name
+
+    def restore(self) -> None:
+        """Give the signals back to the handlers that were installed before."""
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -489,13 +501,13 @@ def train(
             save_checkpoint(accelerator, args, state["step"], {"loop": state, "stream": tracker.state_dict()})
 
     progress.close()
+    stop.restore()
     if ids_file is not None:
         ids_file.close()
-    if stream.bad_image_reasons or tracker.num_bad_images:
+    if tracker.num_bad_images or tracker.num_converted_images:
         logger.warning(
-            "Skipped %d unreadable images on this rank (reasons on the main process/worker: %s); converted %d to RGB.",
+            "This rank skipped %d unusable images (each logged with its reason) and converted %d to RGB.",
             tracker.num_bad_images,
-            stream.bad_image_reasons,
             tracker.num_converted_images,
         )
     if stop_reason == "nonfinite":
