@@ -307,15 +307,14 @@ def save_checkpoint(accelerator: Accelerator, args: PretrainingArguments, step: 
     return final
 
 
-def load_checkpoint(accelerator: Accelerator, path: Path) -> dict:
-    accelerator.load_state(str(path))
+def read_training_state(accelerator: Accelerator, path: Path) -> dict:
+    """This rank's loop counters and stream position saved in a checkpoint."""
     state_file = path / TRAINING_STATE_FILE.format(rank=accelerator.process_index)
     if not state_file.is_file():
         raise ValueError(
             f"{state_file} is missing: the checkpoint was written by fewer processes than the "
             f"{accelerator.num_processes} running now; resume with the same number of processes."
         )
-    logger.info("Resumed from %s", path)
     return json.loads(state_file.read_text())
 
 
@@ -397,7 +396,7 @@ def train(
     state = {"step": 0, "num_nonfinite_steps": 0, "consecutive_nonfinite": 0}
     checkpoint = resolve_checkpoint(args.resume_from_checkpoint, args.output_dir)
     if checkpoint is not None:
-        saved = load_checkpoint(accelerator, checkpoint)
+        saved = read_training_state(accelerator, checkpoint)
         state.update(saved["loop"])
         tracker.load_state_dict(saved["stream"])
         stream.load_state_dict(tracker.worker_states)
@@ -425,8 +424,13 @@ def train(
     cycle_is_bad = False
     stop_reason: str | None = None
     last_metrics: dict[str, Any] = {}
-    model.train()
+    # Starting a DataLoader iterator draws from the torch RNG, so it happens before the saved RNG states are
+    # restored: a resumed run then continues the uninterrupted run's random stream (drop path) exactly.
     batches = iter(dataloader)
+    if checkpoint is not None:
+        accelerator.load_state(str(checkpoint))
+        logger.info("Resumed from %s at step %d", checkpoint, state["step"])
+    model.train()
     while state["step"] < num_training_steps and stop_reason is None:
         batch = next(batches)
         tracker.update(batch)
