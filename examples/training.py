@@ -392,6 +392,7 @@ def train(
         written to ``metrics.jsonl``).
     """
     accelerator.register_for_checkpointing(scheduler)
+    Path(args.output_dir).mkdir(parents=True, exist_ok=True)  # by every rank: each writes its own files
     tracker = StreamStateTracker()
     state = {"step": 0, "num_nonfinite_steps": 0, "consecutive_nonfinite": 0}
     checkpoint = resolve_checkpoint(args.resume_from_checkpoint, args.output_dir)
@@ -403,8 +404,6 @@ def train(
     elif accelerator.is_main_process and (Path(args.output_dir) / METRICS_FILE).exists():
         # A fresh run in a used folder starts a fresh metrics file; a resumed run appends to it.
         (Path(args.output_dir) / METRICS_FILE).unlink()
-    if accelerator.is_main_process:
-        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
     if args.report_to != "none":
         accelerator.init_trackers(project_name, config=tracker_config)
     ids_file = None
