@@ -184,3 +184,11 @@ def test_empty_stream_raises(tmp_path):
     dataset, column = load_image_stream(data_files=files)
     with pytest.raises(ValueError, match="no usable image"):
         read(ImageStream(dataset, column, pixel_index), 1)
+
+
+def test_non_streaming_source_is_streamed_from_the_local_cache(tmp_path):
+    files = write_parquet_shards(tmp_path / "parquet", 8, 2)
+    dataset, column = load_image_stream(data_files=files, streaming=False, cache_dir=str(tmp_path / "cache"))
+    assert dataset.n_shards == 8
+    stream = ImageStream(dataset, column, pixel_index, rank=1, world_size=2, shuffle_buffer_size=3)
+    assert len({int(example["index"]) for example in read(stream, 4)}) == 4

@@ -162,3 +162,16 @@ def test_consecutive_nonfinite_losses_save_and_stop(mim_inputs, tmp_path):
     assert [record["num_nonfinite_steps"] for record in records] == [1, 2, 3]
     assert "loss" not in records[0]  # nothing finite to average
     assert not (output_dir / "model.safetensors").exists()
+
+
+def test_gradient_accumulation_consumes_micro_batches(mim_inputs, tmp_path):
+    files, tokenizer = mim_inputs
+    output_dir = tmp_path / "out"
+    args = mim_args(
+        files, tokenizer, output_dir, "--max_steps", "2", "--gradient_accumulation_steps", "2", "--log_example_ids"
+    )
+    state = run_mim.main(args)
+    assert state["step"] == 2
+    # 2 optimizer steps x 2 micro-batches x 4 images.
+    assert len((output_dir / "example_ids_rank0.txt").read_text().split()) == 16
+    assert [record["step"] for record in read_metrics(output_dir)] == [1, 2]

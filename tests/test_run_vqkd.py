@@ -151,3 +151,31 @@ def test_teacher_mismatch_and_bad_overrides_raise(vqkd_inputs, tmp_path):
         run_vqkd.main(vqkd_args(images, teacher, tmp_path / "b", "--max_steps", "1", "--config_overrides", "oops"))
     with pytest.raises(ValueError, match="Unknown --config_name"):
         run_vqkd.main(vqkd_args(images, teacher, tmp_path / "c", "--max_steps", "1", "--config_name", "huge"))
+
+
+def test_arguments_from_yaml_and_json_files(tmp_path):
+    import yaml
+    from training import DataArguments, parse_arguments, parse_config_overrides
+
+    settings = {
+        "teacher_name_or_path": "some/teacher",
+        "train_dir": "images",
+        "output_dir": "out",
+        "max_steps": 7,
+        "config_overrides": "hidden_size=32,kmeans_init=false,decay=0.9",
+    }
+    (tmp_path / "args.yaml").write_text(yaml.safe_dump(settings))
+    (tmp_path / "args.json").write_text(json.dumps(settings))
+    classes = (run_vqkd.VQKDModelArguments, DataArguments, run_vqkd.VQKDTrainingArguments)
+    for name in ("args.yaml", "args.json"):
+        model_args, data_args, training_args = parse_arguments(classes, [str(tmp_path / name)])
+        assert model_args.teacher_name_or_path == "some/teacher" and data_args.train_dir == "images"
+        # The paper's VQ-KD recipe is the default: betas (0.9, 0.99), weight decay 1e-4, 5% warmup, no clipping.
+        assert training_args.max_steps == 7 and training_args.adam_beta2 == 0.99
+        assert training_args.weight_decay == 1e-4 and training_args.max_grad_norm is None
+        assert data_args.streaming is True
+    assert parse_config_overrides(settings["config_overrides"]) == {
+        "hidden_size": 32,
+        "kmeans_init": False,
+        "decay": 0.9,
+    }
