@@ -26,6 +26,7 @@ from training import (
     build_accelerator,
     build_optimizer_and_scheduler,
     finish_training,
+    outside_zero3,
     parse_arguments,
     parse_config_overrides,
     resolve_learning_rate,
@@ -131,7 +132,8 @@ def main(argv: list[str] | None = None) -> dict:
     )
     accelerator = build_accelerator(training_args)
 
-    tokenizer = load_tokenizer(model_args).to(accelerator.device)
+    with outside_zero3(accelerator):
+        tokenizer = load_tokenizer(model_args).to(accelerator.device)
     model = build_model(model_args, tokenizer)
     if training_args.gradient_checkpointing:
         model.gradient_checkpointing_enable()

@@ -24,6 +24,7 @@ from training import (
     build_accelerator,
     build_optimizer_and_scheduler,
     finish_training,
+    outside_zero3,
     parse_arguments,
     parse_config_overrides,
     resolve_learning_rate,
@@ -115,7 +116,8 @@ def main(argv: list[str] | None = None) -> dict:
     )
     accelerator = build_accelerator(training_args)
 
-    teacher = TeacherForPatchTargets.from_pretrained(model_args.teacher_name_or_path)
+    with outside_zero3(accelerator):
+        teacher = TeacherForPatchTargets.from_pretrained(model_args.teacher_name_or_path)
     if model_args.model_name_or_path:
         model = VQKDModel.from_pretrained(model_args.model_name_or_path)
     else:

@@ -7,6 +7,7 @@ scripts only build their models and data and give :func:`train` a function that 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -28,6 +29,7 @@ from image_datasets import ImageStream, StreamStateTracker
 from param_groups import apply_lr_scale, build_param_groups
 from tqdm.auto import tqdm
 from transformers import HfArgumentParser, get_cosine_with_min_lr_schedule_with_warmup
+from transformers.integrations import is_deepspeed_zero3_enabled, unset_hf_deepspeed_config
 
 logger = logging.getLogger(__name__)
 
@@ -186,6 +188,23 @@ def build_accelerator(args: PretrainingArguments) -> Accelerator:
                 plugin.deepspeed_config[key] = value
     set_seed(args.seed)
     return accelerator
+
+
+@contextlib.contextmanager
+def outside_zero3(accelerator: Accelerator):
+    """Context for loading a frozen model (teacher, tokenizer) that is never passed to ``prepare()``.
+
+    Under ZeRO-3, transformers' ``from_pretrained`` partitions weights across ranks whenever a ZeRO-3 config is
+    active (whatever ``zero3_init_flag`` says), and a module DeepSpeed does not manage never gathers them back.
+    """
+    if accelerator.distributed_type != DistributedType.DEEPSPEED or not is_deepspeed_zero3_enabled():
+        yield
+        return
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        accelerator.state.deepspeed_plugin.set_deepspeed_weakref()
 
 
 def total_batch_size(args: PretrainingArguments, num_processes: int) -> int:

@@ -12,7 +12,9 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from accelerate.state import AcceleratorState
+from safetensors.torch import load_file
 from test_data import write_parquet_shards
 from test_run_mim import make_vqkd_tokenizer, mim_args
 from test_run_vqkd import make_image_folder, make_teacher, vqkd_args
@@ -119,9 +121,10 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     subprocess.run([sys.executable, "-c", "import deepspeed"], capture_output=True).returncode != 0,
     reason="DeepSpeed is not installed (pip install -e '.[deepspeed]'); its first CPU run also compiles an op.",
 )
-def test_deepspeed_zero2_matches_plain_training(tmp_path):
-    """ZeRO-2 through the shipped config, one CPU process (DeepSpeed's CPU accelerator; on CPU, Accelerate reports a
-    single process even with several, so this is a check of the DeepSpeed code path, not a distributed test)."""
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_zero_matches_plain_training(tmp_path, stage):
+    """ZeRO-2/3 through the shipped configs, one CPU process (DeepSpeed's CPU accelerator; on CPU, Accelerate reports
+    a single process even with several, so this checks the DeepSpeed code path, not distributed training)."""
     sys.path.insert(0, str(EXAMPLES))
     import run_mim
 
@@ -132,18 +135,22 @@ def test_deepspeed_zero2_matches_plain_training(tmp_path):
     AcceleratorState._reset_state(reset_partial_state=True)
     run_mim.main(mim_args(files, tokenizer, plain, *common))
     AcceleratorState._reset_state(reset_partial_state=True)
-    zero2 = tmp_path / "zero2"
+    zero = tmp_path / f"zero{stage}"
     command = [
-        ACCELERATE, "launch", "--config_file", str(EXAMPLES / "configs" / "deepspeed_zero2.yaml"),
+        ACCELERATE, "launch", "--config_file", str(EXAMPLES / "configs" / f"deepspeed_zero{stage}.yaml"),
         "--num_processes", "1", "--main_process_port", str(free_port()),
-        str(EXAMPLES / "run_mim.py"), *mim_args(files, tokenizer, zero2, *common),
+        str(EXAMPLES / "run_mim.py"), *mim_args(files, tokenizer, zero, *common),
     ]  # fmt: skip
     env = {key: value for key, value in script_env().items() if key != "ACCELERATE_USE_CPU"}
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=540)
     assert result.returncode == 0, result.stderr[-6000:]
     assert "distributed type DEEPSPEED" in result.stdout + result.stderr
     plain_losses = [record["loss"] for record in read_metrics(plain)]
-    zero2_losses = [record["loss"] for record in read_metrics(zero2)]
-    assert zero2_losses == pytest.approx(plain_losses, rel=1e-4)
-    assert (zero2 / "checkpoint-3" / "training_state_rank0.json").is_file()
-    assert (zero2 / "model.safetensors").is_file()
+    zero_losses = [record["loss"] for record in read_metrics(zero)]
+    assert zero_losses == pytest.approx(plain_losses, rel=1e-4)
+    assert (zero / "checkpoint-3" / "training_state_rank0.json").is_file()
+    # The final export gathers the (ZeRO-3: partitioned) weights; the frozen tokenizer stays whole and out of it.
+    plain_weights, zero_weights = load_file(plain / "model.safetensors"), load_file(zero / "model.safetensors")
+    assert zero_weights.keys() == plain_weights.keys()
+    for key, value in plain_weights.items():
+        torch.testing.assert_close(zero_weights[key], value, rtol=1e-4, atol=1e-5)
