@@ -192,3 +192,24 @@ def test_non_streaming_source_is_streamed_from_the_local_cache(tmp_path):
     assert dataset.n_shards == 8
     stream = ImageStream(dataset, column, pixel_index, rank=1, world_size=2, shuffle_buffer_size=3)
     assert len({int(example["index"]) for example in read(stream, 4)}) == 4
+
+
+def test_webdataset_tar_files(tmp_path):
+    import tarfile
+
+    shard = tmp_path / "shard-000.tar"
+    with tarfile.open(shard, "w") as tar:
+        for index in range(5):
+            for name, data in ((f"{index:04d}.png", png_bytes(index)), (f"{index:04d}.cls", str(index).encode())):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    dataset, column = load_image_stream(data_files=[str(shard)])
+    assert column == "png"  # the webdataset image column is named after the extension, found as an Image feature
+    assert sorted(int(example["index"]) for example in read(ImageStream(dataset, column, pixel_index), 5)) == [
+        0,
+        1,
+        2,
+        3,
+        4,
+    ]
