@@ -78,7 +78,8 @@ def line_plot(
     for name, (xs, ys) in series.items():
         if len(xs) != len(ys):
             raise ValueError(f"Series {name!r} has {len(xs)} x values but {len(ys)} y values.")
-    x_range = _padded_range([x for xs, _ in series.values() for x in xs])
+    all_x = [x for xs, _ in series.values() for x in xs]
+    x_range = (min(all_x), max(all_x)) if max(all_x) > min(all_x) else _padded_range(all_x)
     y_range = _padded_range([y for _, ys in series.values() for y in ys if math.isfinite(y)])
     image = Image.new("RGB", size, (255, 255, 255))
     draw = ImageDraw.Draw(image)
