@@ -27,7 +27,7 @@ setup(
         "tqdm>=4.0",
     ],
     extras_require={
-        "dev": ["pytest>=8", "ruff>=0.6"],
+        "dev": ["pytest>=8", "pytest-timeout>=2.1", "ruff>=0.6"],
         "deepspeed": ["deepspeed>=0.15"],
     },
 )
