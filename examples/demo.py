@@ -1,10 +1,11 @@
 #!/usr/bin/env python
 """The whole BEiT v2 pipeline at small scale, offline, through the real scripts, in minutes on a laptop CPU.
 
-    python examples/demo.py --output_dir demo_output          # about 10 minutes on 2 CPU cores
-    python examples/demo.py --output_dir demo_output --quick  # the reduced run the tests use (under 3 minutes)
+    python examples/demo.py --output_dir demo_output          # about 5 minutes on 2 CPU cores (at most 10)
+    python examples/demo.py --output_dir demo_output --quick  # the reduced run the tests use (about 1 minute)
 
-Stages (every script runs as a subprocess, reading the images through `datasets` streaming from local files):
+Stages (every script runs in its own process; the training scripts stream the images with `datasets` from local
+files, the probe loads them with `datasets`):
 
 0. data: a generated dataset of 32 px pattern images in 6 classes (`examples/demo_data.py`), as class folders.
 1. teacher: BEiT v2 distils a semantic teacher (CLIP ViT-B/16 in the paper, `openai/clip-vit-base-patch16`),
