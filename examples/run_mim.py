@@ -19,21 +19,16 @@ import logging
 from dataclasses import dataclass, field
 
 import torch
-from image_datasets import ImageStream, build_dataloader, load_image_stream
 from training import (
     DataArguments,
     PretrainingArguments,
     build_accelerator,
-    build_optimizer_and_scheduler,
     finish_training,
     outside_zero3,
     parse_arguments,
     parse_config_overrides,
-    resolve_learning_rate,
-    resolve_training_steps,
-    stream_size,
+    setup_pretraining,
     train,
-    training_summary,
 )
 from transformers import AutoModel
 
@@ -144,46 +139,15 @@ def main(argv: list[str] | None = None) -> dict:
         features = processor.preprocess(image, do_augment=True, return_tensors="np")
         return {name: features[name][0] for name in processor.model_input_names}
 
-    dataset, image_column = load_image_stream(
-        data_args.dataset_name,
-        data_args.dataset_config_name,
-        data_args.train_dir,
-        data_args.data_files,
-        split=data_args.dataset_split,
-        image_column_name=data_args.image_column_name,
-        streaming=data_args.streaming,
-        cache_dir=data_args.cache_dir,
+    setup = setup_pretraining(
+        accelerator, model, data_args, training_args, transform, PAPER_LEARNING_RATE, PAPER_BATCH_SIZE
     )
-    num_examples = stream_size(dataset, data_args)
-    stream = ImageStream(
-        dataset,
-        image_column,
-        transform,
-        rank=accelerator.process_index,
-        world_size=accelerator.num_processes,
-        seed=training_args.seed,
-        shuffle_buffer_size=data_args.shuffle_buffer_size,
-        max_samples=data_args.max_train_samples,
-        with_ids=training_args.log_example_ids,
-    )
-    dataloader = build_dataloader(
-        stream,
-        training_args.per_device_train_batch_size,
-        data_args.dataloader_num_workers,
-        pin_memory=accelerator.device.type == "cuda",
-    )
-
-    learning_rate = resolve_learning_rate(
-        training_args, accelerator.num_processes, PAPER_LEARNING_RATE, PAPER_BATCH_SIZE
-    )
-    num_training_steps = resolve_training_steps(training_args, num_examples, accelerator.num_processes)
-    optimizer, scheduler = build_optimizer_and_scheduler(model, training_args, learning_rate, num_training_steps)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    model = setup.model
     logger.info(
         "Masked image modeling (%s) for %d steps at peak lr %.3g with tokenizer %s.",
         "BEiT v1" if model_args.beit_v1 else "BEiT v2",
-        num_training_steps,
-        learning_rate,
+        setup.num_training_steps,
+        setup.learning_rate,
         model_args.tokenizer_name_or_path,
     )
 
@@ -199,30 +163,23 @@ def main(argv: list[str] | None = None) -> dict:
     state = train(
         accelerator,
         training_args,
-        model,
-        optimizer,
-        scheduler,
-        stream,
-        dataloader,
+        setup,
         step_function,
-        num_training_steps,
-        tracker_config={**vars(model_args), "learning_rate": learning_rate, "steps": num_training_steps},
+        tracker_config=vars(model_args),
         project_name="beitv1-mim" if model_args.beit_v1 else "beitv2-mim",
     )
     finish_training(
         accelerator,
         training_args,
-        model,
+        data_args,
+        setup,
+        state,
         processor,
         card_kind="mim",
         card_fields={
             "family": "beit" if model_args.beit_v1 else "beitv2",
             "size": None if model_args.model_name_or_path else model_args.config_name,
-            "datasets": [data_args.dataset_name] if data_args.dataset_name else [],
-            "training_args": training_summary(training_args, learning_rate, num_training_steps),
-            "metrics": {key: value for key, value in state["last_metrics"].items() if key != "step"},
         },
-        stopped_early=state["stopped_early"],
     )
     return state
 

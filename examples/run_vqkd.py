@@ -17,21 +17,17 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
-from image_datasets import ImageStream, build_dataloader, load_image_stream
 from training import (
     DataArguments,
     PretrainingArguments,
     build_accelerator,
-    build_optimizer_and_scheduler,
     finish_training,
     outside_zero3,
     parse_arguments,
     parse_config_overrides,
-    resolve_learning_rate,
-    resolve_training_steps,
-    stream_size,
+    setup_pretraining,
+    total_batch_size,
     train,
-    training_summary,
 )
 
 from modeling_beitv2 import VQKD_PRESETS, TeacherForPatchTargets, VQKDConfig, VQKDModel
@@ -134,48 +130,15 @@ def main(argv: list[str] | None = None) -> dict:
         processor.set_seed(rng)
         return {"pixel_values": processor.preprocess(image, do_augment=True, return_tensors="np")["pixel_values"][0]}
 
-    dataset, image_column = load_image_stream(
-        data_args.dataset_name,
-        data_args.dataset_config_name,
-        data_args.train_dir,
-        data_args.data_files,
-        split=data_args.dataset_split,
-        image_column_name=data_args.image_column_name,
-        streaming=data_args.streaming,
-        cache_dir=data_args.cache_dir,
+    setup = setup_pretraining(
+        accelerator, model, data_args, training_args, transform, PAPER_LEARNING_RATE, PAPER_BATCH_SIZE
     )
-    num_examples = stream_size(dataset, data_args)
-    stream = ImageStream(
-        dataset,
-        image_column,
-        transform,
-        rank=accelerator.process_index,
-        world_size=accelerator.num_processes,
-        seed=training_args.seed,
-        shuffle_buffer_size=data_args.shuffle_buffer_size,
-        max_samples=data_args.max_train_samples,
-        with_ids=training_args.log_example_ids,
-    )
-    dataloader = build_dataloader(
-        stream,
-        training_args.per_device_train_batch_size,
-        data_args.dataloader_num_workers,
-        pin_memory=accelerator.device.type == "cuda",
-    )
-
-    learning_rate = resolve_learning_rate(
-        training_args, accelerator.num_processes, PAPER_LEARNING_RATE, PAPER_BATCH_SIZE
-    )
-    num_training_steps = resolve_training_steps(training_args, num_examples, accelerator.num_processes)
-    optimizer, scheduler = build_optimizer_and_scheduler(model, training_args, learning_rate, num_training_steps)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    model = setup.model
     logger.info(
         "Training the tokenizer for %d steps at peak lr %.3g (total batch %d) against %s.",
-        num_training_steps,
-        learning_rate,
-        training_args.per_device_train_batch_size
-        * training_args.gradient_accumulation_steps
-        * accelerator.num_processes,
+        setup.num_training_steps,
+        setup.learning_rate,
+        total_batch_size(training_args, accelerator.num_processes),
         model_args.teacher_name_or_path,
     )
 
@@ -195,31 +158,24 @@ def main(argv: list[str] | None = None) -> dict:
     state = train(
         accelerator,
         training_args,
-        model,
-        optimizer,
-        scheduler,
-        stream,
-        dataloader,
+        setup,
         step_function,
-        num_training_steps,
-        tracker_config={**vars(model_args), "learning_rate": learning_rate, "steps": num_training_steps},
+        tracker_config=vars(model_args),
         project_name="vqkd",
     )
     finish_training(
         accelerator,
         training_args,
-        model,
+        data_args,
+        setup,
+        state,
         processor,
         card_kind="vqkd",
         card_fields={
             "teacher": model_args.teacher_name_or_path,
             "codebook_size": accelerator.unwrap_model(model).config.num_codes,
             "size": CONFIG_ALIASES.get(model_args.config_name, model_args.config_name).split("-")[0],
-            "datasets": [data_args.dataset_name] if data_args.dataset_name else [],
-            "training_args": training_summary(training_args, learning_rate, num_training_steps),
-            "metrics": {key: value for key, value in state["last_metrics"].items() if key != "step"},
         },
-        stopped_early=state["stopped_early"],
     )
     return state
 

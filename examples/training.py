@@ -22,10 +22,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import PIL.Image
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
-from image_datasets import ImageStream, StreamStateTracker
+from image_datasets import ImageStream, StreamStateTracker, build_dataloader, load_image_stream
 from param_groups import apply_lr_scale, build_param_groups
 from tqdm.auto import tqdm
 from transformers import HfArgumentParser, get_cosine_with_min_lr_schedule_with_warmup
@@ -252,6 +254,79 @@ def build_optimizer_and_scheduler(
     return optimizer, scheduler
 
 
+def stream_size(dataset, data_args: DataArguments) -> int | None:
+    """Examples per epoch when the dataset's metadata knows it (capped by --max_train_samples), else None."""
+    splits = getattr(dataset.info, "splits", None) or {}
+    split = splits.get(data_args.dataset_split)
+    known = split.num_examples if split is not None and split.num_examples else None
+    if data_args.max_train_samples is not None:
+        return data_args.max_train_samples if known is None else min(known, data_args.max_train_samples)
+    return known
+
+
+@dataclass
+class PretrainingSetup:
+    """What :func:`setup_pretraining` builds for :func:`train`."""
+
+    model: torch.nn.Module  # as returned by ``accelerator.prepare``
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    stream: ImageStream
+    dataloader: torch.utils.data.DataLoader
+    learning_rate: float
+    num_training_steps: int
+
+
+def setup_pretraining(
+    accelerator: Accelerator,
+    model: torch.nn.Module,
+    data_args: DataArguments,
+    args: PretrainingArguments,
+    transform: Callable[[PIL.Image.Image, np.random.Generator], dict[str, Any]],
+    paper_learning_rate: float,
+    paper_batch_size: int,
+) -> PretrainingSetup:
+    """This rank's image stream through ``transform`` and its DataLoader, the peak lr and step count, and AdamW with
+    its schedule, with the model and optimizer passed through ``accelerator.prepare``.
+
+    ``transform(image, rng)`` is :class:`ImageStream`'s; the peak lr is ``--learning_rate`` or the paper's
+    ``paper_learning_rate`` at ``paper_batch_size`` scaled linearly to the total batch.
+    """
+    dataset, image_column = load_image_stream(
+        data_args.dataset_name,
+        data_args.dataset_config_name,
+        data_args.train_dir,
+        data_args.data_files,
+        split=data_args.dataset_split,
+        image_column_name=data_args.image_column_name,
+        streaming=data_args.streaming,
+        cache_dir=data_args.cache_dir,
+    )
+    num_examples = stream_size(dataset, data_args)
+    stream = ImageStream(
+        dataset,
+        image_column,
+        transform,
+        rank=accelerator.process_index,
+        world_size=accelerator.num_processes,
+        seed=args.seed,
+        shuffle_buffer_size=data_args.shuffle_buffer_size,
+        max_samples=data_args.max_train_samples,
+        with_ids=args.log_example_ids,
+    )
+    dataloader = build_dataloader(
+        stream,
+        args.per_device_train_batch_size,
+        data_args.dataloader_num_workers,
+        pin_memory=accelerator.device.type == "cuda",
+    )
+    learning_rate = resolve_learning_rate(args, accelerator.num_processes, paper_learning_rate, paper_batch_size)
+    num_training_steps = resolve_training_steps(args, num_examples, accelerator.num_processes)
+    optimizer, scheduler = build_optimizer_and_scheduler(model, args, learning_rate, num_training_steps)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    return PretrainingSetup(model, optimizer, scheduler, stream, dataloader, learning_rate, num_training_steps)
+
+
 class StopSignal:
     """Turns SIGTERM/SIGINT into a flag checked once per step, so that the loop saves a checkpoint and exits."""
 
@@ -386,21 +461,17 @@ StepFunction = Callable[[dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str,
 def train(
     accelerator: Accelerator,
     args: PretrainingArguments,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    stream: ImageStream,
-    dataloader: torch.utils.data.DataLoader,
+    setup: PretrainingSetup,
     step_function: StepFunction,
-    num_training_steps: int,
     tracker_config: dict[str, Any] | None = None,
     project_name: str = "beitv2",
 ) -> dict[str, Any]:
     """Run the optimisation: gradient accumulation, clipping, logging, checkpoints, resume, signals.
 
-    ``model`` and ``optimizer`` come from ``accelerator.prepare``; the scheduler is NOT prepared (it is stepped
-    once per optimizer step here and registered for checkpointing). ``step_function(batch)`` returns the loss and a
-    dict of scalar metrics for one micro-batch (already on the device).
+    ``setup`` comes from :func:`setup_pretraining`; its scheduler is NOT prepared (it is stepped once per optimizer
+    step here and registered for checkpointing). ``step_function(batch)`` returns the loss and a dict of scalar
+    metrics for one micro-batch (already on the device). The trackers get ``tracker_config`` plus the peak lr and
+    the step count.
 
     A non-finite loss on any rank skips backward for that micro-batch and discards the current accumulation cycle
     (no parameter update, the schedule still advances). After ``max_consecutive_nonfinite`` such steps in a row the
@@ -410,6 +481,8 @@ def train(
         The final training state: ``step``, counters, ``stopped_early`` and ``last_metrics`` (the last record
         written to ``metrics.jsonl``).
     """
+    model, optimizer, scheduler = setup.model, setup.optimizer, setup.scheduler
+    stream, dataloader, num_training_steps = setup.stream, setup.dataloader, setup.num_training_steps
     accelerator.register_for_checkpointing(scheduler)
     Path(args.output_dir).mkdir(parents=True, exist_ok=True)  # by every rank: each writes its own files
     tracker = StreamStateTracker()
@@ -424,7 +497,8 @@ def train(
         # A fresh run in a used folder starts a fresh metrics file; a resumed run appends to it.
         (Path(args.output_dir) / METRICS_FILE).unlink()
     if args.report_to != "none":
-        accelerator.init_trackers(project_name, config=tracker_config)
+        run_config = {"learning_rate": setup.learning_rate, "steps": num_training_steps}
+        accelerator.init_trackers(project_name, config={**(tracker_config or {}), **run_config})
     ids_file = None
     if args.log_example_ids:
         ids_path = Path(args.output_dir) / f"example_ids_rank{accelerator.process_index}.txt"
@@ -549,31 +623,25 @@ def _sum_over_ranks(accelerator: Accelerator, value: int) -> int:
     return int(accelerator.reduce(tensor, reduction="sum").item())
 
 
-def stream_size(dataset, data_args: DataArguments) -> int | None:
-    """Examples per epoch when the dataset's metadata knows it (capped by --max_train_samples), else None."""
-    splits = getattr(dataset.info, "splits", None) or {}
-    split = splits.get(data_args.dataset_split)
-    known = split.num_examples if split is not None and split.num_examples else None
-    if data_args.max_train_samples is not None:
-        return data_args.max_train_samples if known is None else min(known, data_args.max_train_samples)
-    return known
-
-
 def finish_training(
     accelerator: Accelerator,
     args: PretrainingArguments,
-    model: torch.nn.Module,
+    data_args: DataArguments,
+    setup: PretrainingSetup,
+    state: dict[str, Any],
     image_processor,
     card_kind: str,
     card_fields: dict[str, Any],
-    stopped_early: bool,
 ) -> None:
     """``save_pretrained`` of the model and its image processor, a model card, and the optional Hub upload.
 
-    A run stopped by a signal leaves only its checkpoint: the final export belongs to a finished run.
+    ``state`` is what :func:`train` returned. The card gets ``card_fields`` plus the datasets, the training settings
+    and the last logged metrics. A run stopped by a signal leaves only its checkpoint: the final export belongs to a
+    finished run.
     """
+    model = setup.model
     accelerator.wait_for_everyone()
-    if stopped_early:
+    if state["stopped_early"]:
         accelerator.end_training()
         return
     # Under ZeRO-3 the full weights exist only once gathered, which every rank must take part in.
@@ -588,6 +656,12 @@ def finish_training(
             write_model_card = None
         if write_model_card is not None:
             model_id = args.hub_model_id or args.output_dir
+            card_fields = {
+                **card_fields,
+                "datasets": [data_args.dataset_name] if data_args.dataset_name else [],
+                "training_args": training_summary(args, setup.learning_rate, setup.num_training_steps),
+                "metrics": {key: value for key, value in state["last_metrics"].items() if key != "step"},
+            }
             write_model_card(args.output_dir, card_kind, model_id=model_id, **card_fields)
         logger.info("Saved the model and its image processor in %s", args.output_dir)
         if args.push_to_hub:
