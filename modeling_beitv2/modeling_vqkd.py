@@ -37,7 +37,7 @@ from transformers.models.beit.modeling_beit import BeitEmbeddings
 from transformers.utils import ModelOutput
 
 from .configuration_vqkd import VQKDConfig
-from .initialization import init_vit_module_, trunc_normal_one_std_
+from .initialization import init_vit_module_, mark_residual_branches, trunc_normal_one_std_
 from .quantizer import NormEMAVectorQuantizer, QuantizerOutput
 
 
@@ -97,28 +97,22 @@ class VQKDViT(BeitModel):
     def __init__(self, config: BeitConfig) -> None:
         super().__init__(config, add_pooling_layer=False)
 
+    def post_init(self) -> None:
+        # `BeitModel.__init__` calls this once its layers exist and before the weights are initialised.
+        mark_residual_branches(self.layers, first_layer_number=1)
+        super().post_init()
+
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.initializer_range
         if isinstance(module, (nn.Linear, nn.LayerNorm)):
-            init_vit_module_(module, std)
-            layer_number = self._residual_output_layer_number(module)
-            if layer_number is not None:
-                init.copy_(module.weight, module.weight / math.sqrt(2.0 * layer_number))
+            init_vit_module_(module, std)  # includes the residual rescale of the marked Linears
         elif isinstance(module, nn.Conv2d):
             _init_conv_like_pytorch_(module)
         elif isinstance(module, BeitEmbeddings):
             trunc_normal_one_std_(module.cls_token, std)
             if module.position_embeddings is not None:
                 trunc_normal_one_std_(module.position_embeddings, std)
-
-    def _residual_output_layer_number(self, module: nn.Module) -> int | None:
-        # The rescale is done leaf by leaf: transformers skips `_init_weights` for custom-code modules that hold no
-        # parameter of their own (such as `BeitLayer` without layer scale), so a per-layer hook would never run.
-        for index, layer in enumerate(self.layers):
-            if module is layer.attention.o_proj or module is layer.mlp.fc2:
-                return index + 1
-        return None
 
     def patch_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """`(batch, channels, height, width)` -> LayerNorm'ed patch tokens `(batch, num_patches, hidden_size)`."""
