@@ -1,5 +1,6 @@
 """What the stage-3 scripts (fine-tuning, linear probe, kNN, segmentation) share: loading a pretrained backbone
-as a native transformers `beit` model, and loading labelled image data.
+as a native transformers `beit` model, loading labelled image data, and the `Trainer` scripts' argument parsing and
+train / evaluate / save ending.
 
 A starting checkpoint can be
 - a BEiT v2 / BEiT MIM checkpoint of this package (`model_type: "beitv2"`), exported with
@@ -12,14 +13,20 @@ A starting checkpoint can be
 
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
+import transformers
 from datasets import ClassLabel, DatasetDict, IterableDatasetDict, load_dataset
-from transformers import AutoConfig, BeitModel, PretrainedConfig, PreTrainedModel
+from training import parse_arguments
+from transformers import AutoConfig, BeitModel, PretrainedConfig, PreTrainedModel, Trainer, TrainingArguments
+from transformers.trainer_utils import get_last_checkpoint
 
 # Registers the `beitv2` model type with the Auto classes, so that AutoConfig reads our MIM checkpoints.
 import modeling_beitv2
+
+logger = logging.getLogger(__name__)
 
 IMAGE_COLUMN_CANDIDATES = ("image", "img", "pixel_values", "jpg", "png", "webp")
 LABEL_COLUMN_CANDIDATES = ("label", "labels", "fine_label", "class", "cls", "target")
@@ -146,3 +153,37 @@ def class_names(split, label_column: str) -> list[str]:
             f"found values such as {values[:5]}."
         )
     return [str(index) for index in range(max(values) + 1)]
+
+
+def parse_trainer_arguments(dataclass_types: tuple[type, ...]) -> tuple:
+    """:func:`training.parse_arguments` for a `Trainer` script (the last type is its `TrainingArguments`), then
+    logging at INFO on the processes that `Trainer` logs from and at WARNING on the others."""
+    parsed = parse_arguments(dataclass_types)
+    level = logging.INFO if parsed[-1].should_log else logging.WARNING
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=level)
+    transformers.utils.logging.set_verbosity(level)
+    return parsed
+
+
+def train_evaluate_and_save(trainer: Trainer, training_args: TrainingArguments) -> None:
+    """``--do_train`` (resuming from ``--resume_from_checkpoint``, else the newest checkpoint in the output folder)
+    with the final model, metrics and state saved; ``--do_eval``; then the model card and the optional Hub push."""
+    if training_args.do_train:
+        last_checkpoint = (
+            get_last_checkpoint(training_args.output_dir) if os.path.isdir(training_args.output_dir) else None
+        )
+        if last_checkpoint is not None and training_args.resume_from_checkpoint is None:
+            logger.info(f"Resuming from {last_checkpoint}.")
+        result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint or last_checkpoint)
+        trainer.save_model()
+        trainer.log_metrics("train", result.metrics)
+        trainer.save_metrics("train", result.metrics)
+        trainer.save_state()
+    if training_args.do_eval:
+        metrics = trainer.evaluate()
+        trainer.log_metrics("eval", metrics)
+        trainer.save_metrics("eval", metrics)
+
+    trainer.create_model_card()
+    if training_args.push_to_hub:
+        trainer.push_to_hub()

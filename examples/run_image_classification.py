@@ -29,16 +29,13 @@ for the embeddings, `i + 1` for block `i` and `L + 1` for the pooler norm and he
 
 from __future__ import annotations
 
-import logging
 import math
 import os
-import sys
 from dataclasses import dataclass, field
 
 import evaluate
 import numpy as np
 import torch
-import transformers
 from downstream import (
     IMAGE_COLUMN_CANDIDATES,
     LABEL_COLUMN_CANDIDATES,
@@ -48,24 +45,22 @@ from downstream import (
     load_image_classification_data,
     load_native_beit,
     model_card_kwargs,
+    parse_trainer_arguments,
+    train_evaluate_and_save,
 )
 from param_groups import apply_lr_scale, build_param_groups
 from PIL import Image
 from transformers import (
     BeitForImageClassification,
     BeitImageProcessor,
-    HfArgumentParser,
     Trainer,
     TrainingArguments,
     default_data_collator,
 )
-from transformers.trainer_utils import get_last_checkpoint
 
 from model_cards import write_model_card
 from processing.random_state import ProcessLocalRNG
 from processing.transforms import RandAugment, RandomErasing, RandomHorizontalFlip, RandomResizedCrop, convert_to_rgb
-
-logger = logging.getLogger(__name__)
 
 METRICS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "metrics")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -240,29 +235,12 @@ def recipe_summary(model_args: ModelArguments, data_args: DataArguments, trainin
 
 
 def main() -> None:
-    parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
-    if len(sys.argv) == 2 and sys.argv[1].endswith((".json", ".yaml", ".yml")):
-        loader = parser.parse_json_file if sys.argv[1].endswith(".json") else parser.parse_yaml_file
-        model_args, data_args, training_args = loader(os.path.abspath(sys.argv[1]))
-    else:
-        model_args, data_args, training_args = parser.parse_args_into_dataclasses()
-
-    logging.basicConfig(
-        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
-        level=logging.INFO if training_args.should_log else logging.WARNING,
-    )
-    transformers.utils.logging.set_verbosity(logging.INFO if training_args.should_log else logging.WARNING)
+    model_args, data_args, training_args = parse_trainer_arguments((ModelArguments, DataArguments, TrainingArguments))
     if data_args.streaming and training_args.do_train and training_args.max_steps <= 0:
         raise ValueError("--streaming needs --max_steps (a stream has no length to derive epochs from).")
     if training_args.remove_unused_columns:
         # The transform turns the image column into pixel_values on the fly; Trainer must not drop it first.
         training_args.remove_unused_columns = False
-
-    last_checkpoint = None
-    if training_args.do_train and os.path.isdir(training_args.output_dir):
-        last_checkpoint = get_last_checkpoint(training_args.output_dir)
-        if last_checkpoint is not None and training_args.resume_from_checkpoint is None:
-            logger.info(f"Resuming from {last_checkpoint}.")
 
     raw = load_image_classification_data(
         data_args.dataset_name,
@@ -383,21 +361,7 @@ def main() -> None:
         },
     )
 
-    if training_args.do_train:
-        checkpoint = training_args.resume_from_checkpoint or last_checkpoint
-        result = trainer.train(resume_from_checkpoint=checkpoint)
-        trainer.save_model()
-        trainer.log_metrics("train", result.metrics)
-        trainer.save_metrics("train", result.metrics)
-        trainer.save_state()
-    if training_args.do_eval:
-        metrics = trainer.evaluate()
-        trainer.log_metrics("eval", metrics)
-        trainer.save_metrics("eval", metrics)
-
-    trainer.create_model_card()
-    if training_args.push_to_hub:
-        trainer.push_to_hub()
+    train_evaluate_and_save(trainer, training_args)
 
 
 if __name__ == "__main__":

@@ -35,7 +35,6 @@ import json
 import logging
 import math
 import os
-import sys
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -49,7 +48,8 @@ from downstream import (
 from PIL import Image
 from torch import nn
 from tqdm.auto import tqdm
-from transformers import AutoConfig, BeitImageProcessor, BeitModel, HfArgumentParser, set_seed
+from training import parse_arguments
+from transformers import AutoConfig, BeitImageProcessor, BeitModel, set_seed
 
 from modeling_beitv2 import BeitV2ForMaskedImageModeling
 from processing.transforms import convert_to_rgb
@@ -216,12 +216,7 @@ def knn_predict(
 
 
 def main() -> None:
-    parser = HfArgumentParser(ProbeArguments)
-    if len(sys.argv) == 2 and sys.argv[1].endswith((".json", ".yaml", ".yml")):
-        loader = parser.parse_json_file if sys.argv[1].endswith(".json") else parser.parse_yaml_file
-        (args,) = loader(os.path.abspath(sys.argv[1]))
-    else:
-        (args,) = parser.parse_args_into_dataclasses()
+    (args,) = parse_arguments((ProbeArguments,))
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     set_seed(args.seed)
 

@@ -27,9 +27,7 @@ that size, so numbers are close to but not the same as mmsegmentation's whole-im
 from __future__ import annotations
 
 import json
-import logging
 import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,16 +37,19 @@ import torch
 import transformers
 from datasets import Dataset, DatasetDict, load_dataset
 from datasets import Image as ImageFeature
-from downstream import detect_column, load_native_beit, model_card_kwargs
+from downstream import (
+    detect_column,
+    load_native_beit,
+    model_card_kwargs,
+    parse_trainer_arguments,
+    train_evaluate_and_save,
+)
 from PIL import Image
 from run_image_classification import IMAGENET_MEAN, IMAGENET_STD, LayerDecayTrainer
-from transformers import BeitForSemanticSegmentation, BeitImageProcessor, HfArgumentParser, TrainingArguments
-from transformers.trainer_utils import get_last_checkpoint
+from transformers import BeitForSemanticSegmentation, BeitImageProcessor, TrainingArguments
 
 from processing.random_state import ProcessLocalRNG
 from processing.transforms import convert_to_rgb
-
-logger = logging.getLogger(__name__)
 
 METRICS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "metrics")
 IGNORE_INDEX = 255
@@ -160,17 +161,7 @@ def build_transforms(crop_size: int, reduce_labels: bool, seed: int):
 
 
 def main() -> None:
-    parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
-    if len(sys.argv) == 2 and sys.argv[1].endswith((".json", ".yaml", ".yml")):
-        loader = parser.parse_json_file if sys.argv[1].endswith(".json") else parser.parse_yaml_file
-        model_args, data_args, training_args = loader(os.path.abspath(sys.argv[1]))
-    else:
-        model_args, data_args, training_args = parser.parse_args_into_dataclasses()
-    logging.basicConfig(
-        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
-        level=logging.INFO if training_args.should_log else logging.WARNING,
-    )
-    transformers.utils.logging.set_verbosity(logging.INFO if training_args.should_log else logging.WARNING)
+    model_args, data_args, training_args = parse_trainer_arguments((ModelArguments, DataArguments, TrainingArguments))
     # Images become pixel_values on the fly, so Trainer must not drop the raw columns; metrics run per batch
     # because full-resolution logits of a whole evaluation set do not fit in memory.
     training_args.remove_unused_columns = False
@@ -287,23 +278,7 @@ def main() -> None:
             ),
         },
     )
-    if training_args.do_train:
-        last_checkpoint = (
-            get_last_checkpoint(training_args.output_dir) if os.path.isdir(training_args.output_dir) else None
-        )
-        result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint or last_checkpoint)
-        trainer.save_model()
-        trainer.log_metrics("train", result.metrics)
-        trainer.save_metrics("train", result.metrics)
-        trainer.save_state()
-    if training_args.do_eval:
-        metrics = trainer.evaluate()
-        trainer.log_metrics("eval", metrics)
-        trainer.save_metrics("eval", metrics)
-
-    trainer.create_model_card()
-    if training_args.push_to_hub:
-        trainer.push_to_hub()
+    train_evaluate_and_save(trainer, training_args)
 
 
 if __name__ == "__main__":
