@@ -366,6 +366,9 @@ def _backbone_config_kwargs(shapes: ViTShapes, preset: NamePreset, num_heads: in
         layer_norm_eps=1e-6,
         # Only non-zero vs zero matters (it decides whether lambda_1/2 exist); the loaded weights overwrite it.
         layer_scale_init_value=_LAYER_SCALE_BY_SIZE.get(preset.size or "", 0.1) if shapes.layer_scale else 0.0,
+        use_absolute_position_embeddings=shapes.absolute_position_embeddings,
+        use_relative_position_bias=shapes.per_layer_relative_position_bias,
+        use_shared_relative_position_bias=shapes.shared_relative_position_bias,
     )
 
 
@@ -429,6 +432,30 @@ def convert_patch_embedding(accountant: KeyAccountant, source_prefix: str, targe
     }
 
 
+def _convert_backbone(accountant: KeyAccountant, shapes: ViTShapes, zero_k_bias: bool = False) -> dict:
+    """Patch embedding, absolute position embeddings or shared relative position bias table, and the blocks of a
+    unilm/timm backbone stored at the top level, mapped under `beit.` (token embeddings are the caller's)."""
+    out = convert_patch_embedding(accountant, "", "beit.embeddings.")
+    if shapes.absolute_position_embeddings:
+        out["beit.embeddings.position_embeddings"] = accountant.take("pos_embed")
+    if shapes.shared_relative_position_bias:
+        out["beit.shared_position_bias.relative_position_bias_table"] = accountant.take(
+            "rel_pos_bias.relative_position_bias_table"
+        )
+    out.update(
+        convert_blocks(
+            accountant,
+            "blocks.",
+            "beit.layers.",
+            shapes.num_hidden_layers,
+            shapes.layer_scale,
+            relative_position_bias=shapes.per_layer_relative_position_bias,
+            zero_k_bias=zero_k_bias,
+        )
+    )
+    return out
+
+
 # Buffers that only hold values derived from the configuration.
 _DERIVED_KEYS = (r"relative_position_index$",)
 
@@ -470,9 +497,6 @@ def convert_classifier(
     config = BeitConfig(
         **_backbone_config_kwargs(shapes, preset, heads, size),
         use_mask_token=False,
-        use_absolute_position_embeddings=shapes.absolute_position_embeddings,
-        use_relative_position_bias=shapes.per_layer_relative_position_bias,
-        use_shared_relative_position_bias=shapes.shared_relative_position_bias,
         use_mean_pooling=mean_pooling,
         num_labels=num_labels,
         **({"id2label": id2label, "label2id": {v: k for k, v in id2label.items()}} if id2label else {}),
@@ -480,24 +504,7 @@ def convert_classifier(
 
     accountant = KeyAccountant(state_dict, _DERIVED_KEYS, source=f"{kind} checkpoint")
     out = {"beit.embeddings.cls_token": accountant.take("cls_token")}
-    out.update(convert_patch_embedding(accountant, "", "beit.embeddings."))
-    if shapes.absolute_position_embeddings:
-        out["beit.embeddings.position_embeddings"] = accountant.take("pos_embed")
-    if shapes.shared_relative_position_bias:
-        out["beit.shared_position_bias.relative_position_bias_table"] = accountant.take(
-            "rel_pos_bias.relative_position_bias_table"
-        )
-    out.update(
-        convert_blocks(
-            accountant,
-            "blocks.",
-            "beit.layers.",
-            shapes.num_hidden_layers,
-            shapes.layer_scale,
-            relative_position_bias=shapes.per_layer_relative_position_bias,
-            zero_k_bias=kind == "timm",
-        )
-    )
+    out.update(_convert_backbone(accountant, shapes, zero_k_bias=kind == "timm"))
     final_norm = "beit.pooler.layernorm" if mean_pooling else "beit.layernorm"
     source_norm = "fc_norm" if mean_pooling else "norm"
     for p in ("weight", "bias"):
@@ -510,26 +517,47 @@ def convert_classifier(
     return model.eval()
 
 
-def classifier_image_processor(config: BeitConfig, family: str | None) -> BeitImageProcessor:
-    """The evaluation preprocessing of the reference: bicubic resize to size/0.875 (224 px) then centre crop."""
-    size = config.image_size
-    resize = int(size / (224 / 256)) if size == 224 else size
-    mean, std = (
-        (IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD)
-        if family == "beit"
-        else (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
-    )
+def resize_image_processor(
+    image_size: int,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    resample: int,
+    crop_size: int | None = None,
+) -> BeitImageProcessor:
+    """Resize to `image_size` x `image_size` (with `crop_size`: the shorter side to `image_size`, then a centre crop
+    of `crop_size` x `crop_size`), then `(x - mean) / std` per channel on [0, 1] pixels. `resample` is a PIL filter
+    (3: bicubic, 1: Lanczos)."""
+    if crop_size is None:
+        resize = {"size": {"height": image_size, "width": image_size}, "do_center_crop": False}
+    else:
+        resize = {
+            "size": {"shortest_edge": image_size},
+            "do_center_crop": True,
+            "crop_size": {"height": crop_size, "width": crop_size},
+        }
     return BeitImageProcessor(
         do_resize=True,
-        size={"shortest_edge": resize},
-        resample=3,  # PIL bicubic
-        do_center_crop=True,
-        crop_size={"height": size, "width": size},
+        **resize,
+        resample=resample,
         do_normalize=True,
         image_mean=list(mean),
         image_std=list(std),
         do_reduce_labels=False,
     )
+
+
+def family_normalisation(family: str | None) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std: 0.5 / 0.5 for BEiT v1 (`family == "beit"`), the ImageNet statistics otherwise."""
+    if family == "beit":
+        return IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD
+    return IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+
+def classifier_image_processor(config: BeitConfig, family: str | None) -> BeitImageProcessor:
+    """The evaluation preprocessing of the reference: bicubic resize to size/0.875 (224 px) then centre crop."""
+    size = config.image_size
+    resize = int(size / (224 / 256)) if size == 224 else size
+    return resize_image_processor(resize, *family_normalisation(family), resample=3, crop_size=size)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -577,15 +605,11 @@ def convert_mim(
     if head_ids and head_ids != set(range(len(head_ids))):
         raise ValueError(f"cls_pt_layers indices are not contiguous: {sorted(head_ids)}")
     use_aggregation = bool(head_ids)
-    depth = shapes.num_hidden_layers
     if early_layers is None:
-        early_layers = depth - 3
+        early_layers = shapes.num_hidden_layers - 3
     shared_lm_head = "cls_pt_lm_head.weight" not in state_dict
     config = BeitV2Config(
         **_backbone_config_kwargs(shapes, preset, heads, size),
-        use_absolute_position_embeddings=shapes.absolute_position_embeddings,
-        use_relative_position_bias=shapes.per_layer_relative_position_bias,
-        use_shared_relative_position_bias=shapes.shared_relative_position_bias,
         vocab_size=state_dict["lm_head.weight"].shape[0],
         use_patch_aggregation=use_aggregation,
         early_layers=early_layers if use_aggregation else BeitV2Config.early_layers,
@@ -598,23 +622,7 @@ def convert_mim(
         "beit.embeddings.cls_token": accountant.take("cls_token"),
         "beit.embeddings.mask_token": accountant.take("mask_token"),
     }
-    out.update(convert_patch_embedding(accountant, "", "beit.embeddings."))
-    if shapes.absolute_position_embeddings:
-        out["beit.embeddings.position_embeddings"] = accountant.take("pos_embed")
-    if shapes.shared_relative_position_bias:
-        out["beit.shared_position_bias.relative_position_bias_table"] = accountant.take(
-            "rel_pos_bias.relative_position_bias_table"
-        )
-    out.update(
-        convert_blocks(
-            accountant,
-            "blocks.",
-            "beit.layers.",
-            depth,
-            shapes.layer_scale,
-            relative_position_bias=shapes.per_layer_relative_position_bias,
-        )
-    )
+    out.update(_convert_backbone(accountant, shapes))
     if use_aggregation:
         out.update(
             convert_blocks(
@@ -640,22 +648,8 @@ def convert_mim(
 
 
 def mim_image_processor(config: BeitConfig, family: str) -> BeitImageProcessor:
-    """Backbone-side inference preprocessing of a MIM model: resize to `image_size`, family normalisation."""
-    mean, std = (
-        (IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD)
-        if family == "beit"
-        else (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
-    )
-    return BeitImageProcessor(
-        do_resize=True,
-        size={"height": config.image_size, "width": config.image_size},
-        resample=3,
-        do_center_crop=False,
-        do_normalize=True,
-        image_mean=list(mean),
-        image_std=list(std),
-        do_reduce_labels=False,
-    )
+    """Backbone-side inference preprocessing of a MIM model: bicubic resize to `image_size`, family normalisation."""
+    return resize_image_processor(config.image_size, *family_normalisation(family), resample=3)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -771,20 +765,6 @@ def convert_vqkd(
     model = VQKDModel(config)
     load_into(model, out, "vqkd tokenizer")
     return model.eval()
-
-
-def tokenizer_image_processor(image_size: int, mean: float, std: float, resample: int) -> BeitImageProcessor:
-    """Resize to `image_size`, then `(x - mean) / std` on [0, 1] pixels: the tokenizer's own input mapping."""
-    return BeitImageProcessor(
-        do_resize=True,
-        size={"height": image_size, "width": image_size},
-        resample=resample,
-        do_center_crop=False,
-        do_normalize=True,
-        image_mean=[mean] * 3,
-        image_std=[std] * 3,
-        do_reduce_labels=False,
-    )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -935,7 +915,7 @@ def convert_checkpoint(
         )
         teacher = {512: "CLIP ViT-B/16", 768: "DINO ViT-B/16"}.get(model.config.teacher_dim)
         # The tokenizer sees pixels mapped to [-1, 1].
-        processor = tokenizer_image_processor(model.config.encoder_config.image_size, 0.5, 0.5, resample=3)
+        processor = resize_image_processor(model.config.encoder_config.image_size, (0.5,) * 3, (0.5,) * 3, resample=3)
         notes = {"family": "beitv2", "teacher": teacher}
         return ConversionResult(model, processor, kind, notes)
     if num_attention_heads is not None:
@@ -944,10 +924,10 @@ def convert_checkpoint(
     model = convert_dalle_dvae(load_dalle_pickle(encoder_path), load_dalle_pickle(decoder_path), image_size=image_size)
     # Normalising [0, 1] pixels with mean -eps / (1 - 2 eps) and std 1 / (1 - 2 eps) is DALL-E's map_pixels.
     eps = model.config.logit_laplace_eps
-    processor = tokenizer_image_processor(
+    processor = resize_image_processor(
         model.config.image_size,
-        -eps / (1 - 2 * eps),
-        1 / (1 - 2 * eps),
+        (-eps / (1 - 2 * eps),) * 3,
+        (1 / (1 - 2 * eps),) * 3,
         resample=1,  # PIL Lanczos, as BEiT
     )
     return ConversionResult(model, processor, kind, {"family": "beit"})
