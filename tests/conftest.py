@@ -1,7 +1,9 @@
-"""Shared fixtures: tiny configs and a way to run code in a fresh Python process without this repo."""
+"""Shared fixtures: tiny configs, a way to run code in a fresh Python process without this repo, and helpers for
+running the pretraining scripts in process."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -59,3 +61,18 @@ def tiny_beitv2_kwargs() -> dict:
         vocab_size=64,
         early_layers=2,
     )
+
+
+def read_metrics(output_dir: Path) -> list[dict]:
+    """The records a pretraining script wrote to its `metrics.jsonl`, one per line."""
+    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture
+def fresh_accelerator_state():
+    """Reset Accelerate's process-wide state before and after the test, so each in-process script run starts clean."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
@@ -14,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate.state import AcceleratorState
+from conftest import read_metrics
 from safetensors.torch import load_file
 from test_data import write_parquet_shards
 from test_run_mim import make_vqkd_tokenizer, mim_args
@@ -43,10 +43,6 @@ def launch_two_cpu_processes(script: str, args: list[str], timeout: int = 240) -
     result = subprocess.run(command, env=script_env(), capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
     return result
-
-
-def read_metrics(output_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def assert_two_ranks_with_disjoint_data(result: subprocess.CompletedProcess, output_dir: Path, per_rank: int):

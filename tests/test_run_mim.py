@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 import sys
 from pathlib import Path
@@ -10,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from accelerate.state import AcceleratorState
+from conftest import read_metrics
 from safetensors.torch import load_file
 from test_data import write_parquet_shards
 
@@ -47,11 +46,8 @@ def make_vqkd_tokenizer(path: Path) -> Path:
     return path
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerator_state():
-    AcceleratorState._reset_state(reset_partial_state=True)
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
+# Every test runs a script in this process, so Accelerate's state must not leak between them.
+pytestmark = pytest.mark.usefixtures("fresh_accelerator_state")
 
 
 @pytest.fixture(scope="module")
@@ -75,10 +71,6 @@ def mim_args(files: list[str], tokenizer: Path, output_dir: Path, *extra: str) -
         "--shuffle_buffer_size", "5",
         *extra,
     ]  # fmt: skip
-
-
-def read_metrics(output_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_beitv2_trains_from_parquet_stream_and_saves(mim_inputs, tmp_path):

@@ -11,7 +11,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from accelerate.state import AcceleratorState
+from conftest import read_metrics
 from safetensors.torch import load_file
 from test_data import png_bytes
 from transformers import ViTConfig, ViTModel
@@ -52,11 +52,8 @@ def make_teacher(path: Path, patch_size: int = 8, hidden_size: int = 16) -> Path
     return path
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerator_state():
-    AcceleratorState._reset_state(reset_partial_state=True)
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
+# Every test runs a script in this process, so Accelerate's state must not leak between them.
+pytestmark = pytest.mark.usefixtures("fresh_accelerator_state")
 
 
 @pytest.fixture(scope="module")
@@ -80,10 +77,6 @@ def vqkd_args(images: Path, teacher: Path, output_dir: Path, *extra: str) -> lis
         "--shuffle_buffer_size", "4",
         *extra,
     ]  # fmt: skip
-
-
-def read_metrics(output_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_trains_logs_codebook_statistics_and_saves(vqkd_inputs, tmp_path):
