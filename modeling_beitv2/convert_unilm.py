@@ -718,22 +718,10 @@ def convert_vqkd(
     grid = size // encoder_shapes.patch_size
 
     def vit_config(shapes: ViTShapes, heads: int, vit_image_size: int) -> dict:
-        return dict(
-            hidden_size=shapes.hidden_size,
-            num_hidden_layers=shapes.num_hidden_layers,
-            num_attention_heads=heads,
-            intermediate_size=shapes.intermediate_size,
-            image_size=vit_image_size,
-            patch_size=shapes.patch_size,
-            num_channels=shapes.num_channels,
-            use_absolute_position_embeddings=True,
-            use_relative_position_bias=False,
-            use_shared_relative_position_bias=False,
-            use_mask_token=False,
-            layer_scale_init_value=0.0,
-            layer_norm_eps=1e-6,
-            use_mean_pooling=False,
-        )
+        # VQ-KD's ViTs have absolute position embeddings, no relative bias and no layer scale: the shapes say so
+        # (and the key accounting rejects anything else).
+        backbone = _backbone_config_kwargs(shapes, NamePreset(), heads, vit_image_size)
+        return {**backbone, "use_mask_token": False, "use_mean_pooling": False}
 
     if decoder_shapes.grid_size is not None and decoder_shapes.grid_size != grid:
         raise ValueError(
