@@ -9,9 +9,7 @@ from transformers import BeitConfig
 
 # One table for the named sizes. `early_layers` is depth - 3 as in the released models.
 BEITV2_PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": dict(
-        hidden_size=192, num_hidden_layers=12, num_attention_heads=3, intermediate_size=768, early_layers=9
-    ),
+    "tiny": dict(hidden_size=192, num_hidden_layers=12, num_attention_heads=3, intermediate_size=768, early_layers=9),
     "small": dict(
         hidden_size=384, num_hidden_layers=12, num_attention_heads=6, intermediate_size=1536, early_layers=9
     ),

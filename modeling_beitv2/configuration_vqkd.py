@@ -9,7 +9,7 @@ from transformers import BeitConfig, PreTrainedConfig
 
 # Options shared by the encoder and decoder ViTs of the reference tokenizer: absolute position embeddings, no
 # relative bias, no layer scale, LayerNorm eps 1e-6, a final LayerNorm on every token, no pooling.
-_VIT_COMMON: dict[str, Any] = dict(
+VQKD_VIT_DEFAULTS: dict[str, Any] = dict(
     use_absolute_position_embeddings=True,
     use_relative_position_bias=False,
     use_shared_relative_position_bias=False,
@@ -36,7 +36,7 @@ VQKD_PRESETS: dict[str, dict[str, Any]] = {
 
 def vqkd_encoder_config(size: str = "base", image_size: int = 224, patch_size: int = 16, **overrides: Any) -> dict:
     """Keyword arguments of the encoder `BeitConfig` for a named ViT size."""
-    return {**_VIT_COMMON, **_VIT_SIZES[size], "image_size": image_size, "patch_size": patch_size, **overrides}
+    return {**VQKD_VIT_DEFAULTS, **_VIT_SIZES[size], "image_size": image_size, "patch_size": patch_size, **overrides}
 
 
 def vqkd_decoder_config(
@@ -44,7 +44,7 @@ def vqkd_decoder_config(
 ) -> dict:
     """Keyword arguments of the decoder `BeitConfig`: a ViT with patch size 1 over the `grid_size` grid of codes."""
     return {
-        **_VIT_COMMON,
+        **VQKD_VIT_DEFAULTS,
         **_VIT_SIZES[size],
         "num_hidden_layers": num_layers,
         "image_size": grid_size,

@@ -695,7 +695,7 @@ def convert_vqkd(
     (`vqkd_encoder_base_decoder_3x768x12_clip` gives 12 decoder heads), else 64-wide heads. The codebook goes to
     `quantizer.codebook`, usage statistics (`quantize.cluster_size`) to `quantizer.cluster_size`.
     """
-    from .configuration_vqkd import VQKDConfig
+    from .configuration_vqkd import VQKD_VIT_DEFAULTS, VQKDConfig
     from .modeling_vqkd import VQKDModel
 
     encoder_match = _VQKD_ENCODER_NAME.search(Path(name).name.lower())
@@ -720,8 +720,8 @@ def convert_vqkd(
     def vit_config(shapes: ViTShapes, heads: int, vit_image_size: int) -> dict:
         # VQ-KD's ViTs have absolute position embeddings, no relative bias and no layer scale: the shapes say so
         # (and the key accounting rejects anything else).
-        backbone = _backbone_config_kwargs(shapes, NamePreset(), heads, vit_image_size)
-        return {**backbone, "use_mask_token": False, "use_mean_pooling": False}
+        # The tokenizer's ViT defaults (no drop path, no dropout) first: a converted tokenizer trains like a new one.
+        return {**VQKD_VIT_DEFAULTS, **_backbone_config_kwargs(shapes, NamePreset(), heads, vit_image_size)}
 
     if decoder_shapes.grid_size is not None and decoder_shapes.grid_size != grid:
         raise ValueError(

@@ -402,6 +402,8 @@ def test_vqkd_round_trip(tmp_path):
     assert result.model.config.decoder_config.num_hidden_layers == 1
     assert result.model.config.encoder_config.num_attention_heads == 1  # 64-wide heads, as every released model
     assert result.model.config.decoder_config.num_attention_heads == 2  # from "decoder_1x64x2" in the name
+    for vit in (result.model.config.encoder_config, result.model.config.decoder_config):
+        assert vit.drop_path_rate == 0.0 and vit.layer_scale_init_value == 0.0  # trains like a new tokenizer
     torch.testing.assert_close(result.model.state_dict(), model.state_dict(), rtol=0, atol=0)
     pixels = torch.rand(2, 3, 32, 32)
     normalised = (pixels - 0.5) / 0.5  # what the saved image processor does: the tokenizer's [-1, 1]
