@@ -29,10 +29,9 @@ import torch
 from datasets import Image, IterableDataset, load_dataset
 from datasets.distributed import split_dataset_by_node
 
-logger = logging.getLogger(__name__)
+from processing import convert_to_rgb
 
-# Modes PIL cannot convert to RGB faithfully in one step (16/32-bit greyscale and float): rescaled to 8 bit first.
-_HIGH_BIT_DEPTH_MODES = ("I", "I;16", "I;16B", "I;16L", "F")
+logger = logging.getLogger(__name__)
 
 
 def load_image_stream(
@@ -119,17 +118,10 @@ def decode_image(value: dict[str, Any] | None) -> tuple[PIL.Image.Image | None, 
         return None, "zero size"
     if image.mode == "RGB":
         return image, "ok"
-    if image.mode in _HIGH_BIT_DEPTH_MODES:
-        array = np.asarray(image, dtype=np.float64)
-        low, high = float(array.min()), float(array.max())
-        array = (array - low) * (255.0 / (high - low)) if high > low else np.zeros_like(array)
-        image = PIL.Image.fromarray(array.astype(np.uint8), mode="L")
-    elif image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        # Transparent pixels go on white rather than on whatever color the invisible pixels happen to store.
-        rgba = image.convert("RGBA")
-        background = PIL.Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        image = PIL.Image.alpha_composite(background, rgba)
-    return image.convert("RGB"), "converted"
+    try:
+        return convert_to_rgb(image), "converted"
+    except ValueError as error:
+        return None, f"unconvertible: {error}"
 
 
 def example_id(value: dict[str, Any]) -> str:

@@ -29,6 +29,7 @@ for the embeddings, `i + 1` for block `i` and `L + 1` for the pooler norm and he
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from dataclasses import dataclass, field
@@ -36,6 +37,7 @@ from dataclasses import dataclass, field
 import evaluate
 import numpy as np
 import torch
+from datasets import Image as ImageFeature
 from downstream import (
     IMAGE_COLUMN_CANDIDATES,
     LABEL_COLUMN_CANDIDATES,
@@ -48,6 +50,7 @@ from downstream import (
     parse_trainer_arguments,
     train_evaluate_and_save,
 )
+from image_datasets import decode_image
 from param_groups import apply_lr_scale, build_param_groups
 from PIL import Image
 from transformers import (
@@ -60,11 +63,14 @@ from transformers import (
 
 from model_cards import write_model_card
 from processing.random_state import ProcessLocalRNG
-from processing.transforms import RandAugment, RandomErasing, RandomHorizontalFlip, RandomResizedCrop, convert_to_rgb
+from processing.transforms import RandAugment, RandomErasing, RandomHorizontalFlip, RandomResizedCrop
 
 METRICS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "metrics")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -181,6 +187,23 @@ class LayerDecayTrainer(Trainer):
         return (loss, outputs) if return_outputs else loss
 
 
+class SkipUnreadableImages:
+    """Collator wrapper that drops the examples whose image could not be decoded (`pixel_values` is None).
+
+    Decoding happens in our transform rather than inside `datasets`, where one truncated file would stop a whole
+    stream; a bad image costs its batch one example and is logged with its reason and the running count.
+    """
+
+    def __init__(self, collate) -> None:
+        self.collate = collate
+
+    def __call__(self, features: list[dict]) -> dict:
+        kept = [feature for feature in features if feature["pixel_values"] is not None]
+        if not kept:
+            raise ValueError(f"All {len(features)} images of a batch were unreadable; check the dataset.")
+        return self.collate(kept)
+
+
 def build_transforms(data_args: DataArguments, image_size: int, image_processor: BeitImageProcessor, seed: int):
     """Training augmentation (the reference's RandomResizedCrop → flip → RandAugment → normalise → erasing) and
     the evaluation transform, which is the saved `BeitImageProcessor` itself so that evaluation and
@@ -200,12 +223,12 @@ def build_transforms(data_args: DataArguments, image_size: int, image_processor:
 
     def train_one(image: Image.Image) -> torch.Tensor:
         generator = rng.generator
-        image = rand_augment(flip(crop(convert_to_rgb(image), generator), generator), generator)
+        image = rand_augment(flip(crop(image, generator), generator), generator)
         pixel_values = (np.asarray(image, np.float32).transpose(2, 0, 1) / 255.0 - mean) / std
         return torch.from_numpy(np.ascontiguousarray(erase(pixel_values, generator), dtype=np.float32))
 
     def eval_one(image: Image.Image) -> torch.Tensor:
-        return torch.from_numpy(image_processor(convert_to_rgb(image), return_tensors="np")["pixel_values"][0])
+        return torch.from_numpy(image_processor(image, return_tensors="np")["pixel_values"][0])
 
     return train_one, eval_one
 
@@ -283,10 +306,23 @@ def main() -> None:
     )
     train_one, eval_one = build_transforms(data_args, image_size, image_processor, training_args.seed)
 
+    # Images are decoded by `decode_image` (odd modes converted to RGB, unreadable ones skipped and counted).
+    raw = raw.cast_column(image_column, ImageFeature(decode=False))
+    num_unreadable = 0
+
+    def decode_or_none(value, one):
+        nonlocal num_unreadable
+        image, status = decode_image(value)
+        if image is None:
+            num_unreadable += 1
+            logger.warning("Skipping image %s: %s (%d skipped so far)", value.get("path"), status, num_unreadable)
+            return None
+        return one(image)
+
     def with_transform(split, one):
         def transform(batch):
             return {
-                "pixel_values": [one(image) for image in batch[image_column]],
+                "pixel_values": [decode_or_none(value, one) for value in batch[image_column]],
                 "labels": [int(label) for label in batch[label_column]],
             }
 
@@ -320,12 +356,14 @@ def main() -> None:
     if data_args.mixup_alpha > 0 or data_args.cutmix_alpha > 0:
         from processing.collators import MixupCutmixCollator
 
-        train_collator = MixupCutmixCollator(
-            num_classes=len(labels),
-            mixup_alpha=data_args.mixup_alpha,
-            cutmix_alpha=data_args.cutmix_alpha,
-            label_smoothing=data_args.label_smoothing,
-            seed=training_args.seed,
+        train_collator = SkipUnreadableImages(
+            MixupCutmixCollator(
+                num_classes=len(labels),
+                mixup_alpha=data_args.mixup_alpha,
+                cutmix_alpha=data_args.cutmix_alpha,
+                label_smoothing=data_args.label_smoothing,
+                seed=training_args.seed,
+            )
         )
     else:
         training_args.label_smoothing_factor = data_args.label_smoothing
@@ -344,7 +382,7 @@ def main() -> None:
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         processing_class=image_processor,
-        data_collator=default_data_collator,
+        data_collator=SkipUnreadableImages(default_data_collator),
         compute_metrics=compute_metrics,
         layer_decay=model_args.layer_decay,
         train_data_collator=train_collator,

@@ -186,3 +186,21 @@ def test_streaming_run_resumes_from_its_last_checkpoint(tmp_path, mim_checkpoint
     state = json.loads((output_dir / "trainer_state.json").read_text())
     assert state["global_step"] == 3
     assert 0.0 <= json.loads((output_dir / "eval_results.json").read_text())["eval_accuracy"] <= 1.0
+
+
+@pytest.mark.parametrize("streaming", [True, False])
+def test_unreadable_images_are_skipped_and_logged(tmp_path, mim_checkpoint, streaming):
+    train_dir, validation_dir = write_image_folders(tmp_path / "data", per_class=2)
+    (train_dir / "red" / "truncated.png").write_bytes((train_dir / "red" / "0.png").read_bytes()[:60])
+    (validation_dir / "blue" / "empty.png").write_bytes(b"")
+    Image.new("CMYK", (40, 40), (0, 200, 200, 0)).save(train_dir / "red" / "cmyk.jpg")  # converted, not skipped
+    output_dir = tmp_path / "out"
+    args = common_args(train_dir, validation_dir, output_dir)
+    args[args.index("--max_steps") + 1] = "3"
+    extra = ["--streaming"] if streaming else []
+    result = run_script("--model_name_or_path", str(mim_checkpoint), "--mixup_alpha", "0", *extra, *args)
+    log = result.stderr + result.stdout
+    assert "truncated.png: unreadable" in log and "empty.png" in log
+    assert "cmyk.jpg" not in log
+    evaluation = json.loads((output_dir / "eval_results.json").read_text())
+    assert 0.0 <= evaluation["eval_accuracy"] <= 1.0
