@@ -21,6 +21,7 @@ import transformers
 from datasets import ClassLabel, DatasetDict, IterableDatasetDict, load_dataset
 from training import parse_arguments
 from transformers import AutoConfig, BeitModel, PretrainedConfig, PreTrainedModel, Trainer, TrainingArguments
+from transformers.image_processing_base import ImageProcessingMixin
 from transformers.trainer_utils import get_last_checkpoint
 
 # Registers the `beitv2` model type with the Auto classes, so that AutoConfig reads our MIM checkpoints.
@@ -28,8 +29,28 @@ import modeling_beitv2
 
 logger = logging.getLogger(__name__)
 
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGE_COLUMN_CANDIDATES = ("image", "img", "pixel_values", "jpg", "png", "webp")
 LABEL_COLUMN_CANDIDATES = ("label", "labels", "fine_label", "class", "cls", "target")
+
+
+def pretraining_normalisation(
+    model_name_or_path: str, cache_dir: str | None = None
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The pixel mean and std a checkpoint was pretrained with, from its saved image processor.
+
+    A backbone sees images normalised the way it was trained: BEiT v2 checkpoints use ImageNet's mean/std, BEiT
+    (v1) ones 0.5/0.5. A checkpoint without an image processor config gets ImageNet's.
+    """
+    try:
+        processor_dict, _ = ImageProcessingMixin.get_image_processor_dict(model_name_or_path, cache_dir=cache_dir)
+    except OSError:
+        return IMAGENET_MEAN, IMAGENET_STD
+    mean, std = processor_dict.get("image_mean"), processor_dict.get("image_std")
+    if mean is None or std is None:
+        return IMAGENET_MEAN, IMAGENET_STD
+    return tuple(mean), tuple(std)
 
 
 def load_native_beit(

@@ -48,6 +48,7 @@ from downstream import (
     load_native_beit,
     model_card_kwargs,
     parse_trainer_arguments,
+    pretraining_normalisation,
     train_evaluate_and_save,
 )
 from image_datasets import decode_image
@@ -66,8 +67,6 @@ from processing.random_state import ProcessLocalRNG
 from processing.transforms import RandAugment, RandomErasing, RandomHorizontalFlip, RandomResizedCrop
 
 METRICS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "metrics")
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 logger = logging.getLogger(__name__)
@@ -208,8 +207,8 @@ def build_transforms(data_args: DataArguments, image_size: int, image_processor:
     """Training augmentation (the reference's RandomResizedCrop → flip → RandAugment → normalise → erasing) and
     the evaluation transform, which is the saved `BeitImageProcessor` itself so that evaluation and
     `pipeline()` see identical inputs."""
-    mean = np.asarray(IMAGENET_MEAN, np.float32)[:, None, None]
-    std = np.asarray(IMAGENET_STD, np.float32)[:, None, None]
+    mean = np.asarray(image_processor.image_mean, np.float32)[:, None, None]
+    std = np.asarray(image_processor.image_std, np.float32)[:, None, None]
     rng = ProcessLocalRNG(seed)
     crop, flip = RandomResizedCrop(image_size), RandomHorizontalFlip()
     # 11 magnitude bins make magnitude 9 the same strength as timm's `rand-m9-mstd0.5` used by the reference.
@@ -292,6 +291,7 @@ def main() -> None:
     )
     init_classifier_head(model.classifier, model_args.head_init_scale)
     image_size = model.config.image_size
+    image_mean, image_std = pretraining_normalisation(model_args.model_name_or_path, model_args.cache_dir)
     eval_resize = int(math.floor(image_size / data_args.crop_pct))
     image_processor = BeitImageProcessor(
         do_resize=True,
@@ -300,8 +300,8 @@ def main() -> None:
         do_center_crop=True,
         crop_size={"height": image_size, "width": image_size},
         do_normalize=True,
-        image_mean=list(IMAGENET_MEAN),
-        image_std=list(IMAGENET_STD),
+        image_mean=list(image_mean),
+        image_std=list(image_std),
         do_reduce_labels=False,
     )
     train_one, eval_one = build_transforms(data_args, image_size, image_processor, training_args.seed)

@@ -44,6 +44,7 @@ from downstream import (
     class_names,
     detect_column,
     load_image_classification_data,
+    pretraining_normalisation,
 )
 from PIL import Image
 from torch import nn
@@ -55,9 +56,6 @@ from modeling_beitv2 import BeitV2ForMaskedImageModeling
 from processing.transforms import convert_to_rgb
 
 logger = logging.getLogger(__name__)
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass
@@ -239,12 +237,13 @@ def main() -> None:
 
     backbone = FrozenBackbone(args.model_name_or_path, args.pooling).to(args.device)
     resize = int(math.floor(backbone.image_size / 0.875))
+    image_mean, image_std = pretraining_normalisation(args.model_name_or_path)
     processor = BeitImageProcessor(
         size={"height": resize, "width": resize},
         resample=Image.BICUBIC,
         crop_size={"height": backbone.image_size, "width": backbone.image_size},
-        image_mean=list(IMAGENET_MEAN),
-        image_std=list(IMAGENET_STD),
+        image_mean=list(image_mean),
+        image_std=list(image_std),
     )
     train_features, train_labels = extract_features(
         backbone,

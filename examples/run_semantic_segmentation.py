@@ -42,10 +42,11 @@ from downstream import (
     load_native_beit,
     model_card_kwargs,
     parse_trainer_arguments,
+    pretraining_normalisation,
     train_evaluate_and_save,
 )
 from PIL import Image
-from run_image_classification import IMAGENET_MEAN, IMAGENET_STD, LayerDecayTrainer
+from run_image_classification import LayerDecayTrainer
 from transformers import BeitForSemanticSegmentation, BeitImageProcessor, TrainingArguments
 
 from processing.random_state import ProcessLocalRNG
@@ -124,9 +125,9 @@ def reduce_annotation(annotation: Image.Image, reduce_labels: bool) -> np.ndarra
     return labels
 
 
-def build_transforms(crop_size: int, reduce_labels: bool, seed: int):
-    mean = np.asarray(IMAGENET_MEAN, np.float32)[:, None, None]
-    std = np.asarray(IMAGENET_STD, np.float32)[:, None, None]
+def build_transforms(crop_size: int, reduce_labels: bool, image_processor: BeitImageProcessor, seed: int):
+    mean = np.asarray(image_processor.image_mean, np.float32)[:, None, None]
+    std = np.asarray(image_processor.image_std, np.float32)[:, None, None]
     rng = ProcessLocalRNG(seed)
 
     def normalise(image: Image.Image) -> torch.Tensor:
@@ -201,15 +202,18 @@ def main() -> None:
         semantic_loss_ignore_index=IGNORE_INDEX,
         drop_path_rate=model_args.drop_path_rate,
     )
+    image_mean, image_std = pretraining_normalisation(model_args.model_name_or_path, model_args.cache_dir)
     image_processor = BeitImageProcessor(
         size={"height": data_args.crop_size, "width": data_args.crop_size},
         resample=Image.BILINEAR,
         do_center_crop=False,
-        image_mean=list(IMAGENET_MEAN),
-        image_std=list(IMAGENET_STD),
+        image_mean=list(image_mean),
+        image_std=list(image_std),
         do_reduce_labels=data_args.reduce_labels,
     )
-    train_one, eval_one = build_transforms(data_args.crop_size, data_args.reduce_labels, training_args.seed)
+    train_one, eval_one = build_transforms(
+        data_args.crop_size, data_args.reduce_labels, image_processor, training_args.seed
+    )
 
     def with_transform(split, one, limit):
         if limit is not None:
