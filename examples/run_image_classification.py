@@ -8,7 +8,7 @@ smoothing 0.1, RandAugment 9/0.5, mixup 0.8, cutmix 1.0, random erasing 0.25):
     python examples/run_image_classification.py \
         --model_name_or_path path/to/beitv2-mim-checkpoint --dataset_name imagenet-1k \
         --output_dir beitv2-base-in1k --do_train --do_eval \
-        --learning_rate 2e-3 --per_device_train_batch_size 128 --num_train_epochs 100 --warmup_ratio 0.2 \
+        --learning_rate 2e-3 --per_device_train_batch_size 128 --num_train_epochs 100 --warmup_steps 0.2 \
         --weight_decay 0.05 --layer_decay 0.65 --drop_path_rate 0.1 --label_smoothing 0.1 \
         --rand_augment_num_ops 2 --rand_augment_magnitude 9 --random_erasing 0.25 --mixup_alpha 0.8 \
         --cutmix_alpha 1.0 --lr_scheduler_type cosine --eval_strategy epoch --save_strategy epoch \
@@ -134,6 +134,9 @@ class LayerDecayTrainer(Trainer):
         **kwargs,
     ) -> None:
         super().__init__(*args, **kwargs)
+        # transformers sees `**kwargs` in BEiT's forward and would then count `labels != -100` as the number of
+        # items (B x C for mixup's soft labels) and skip dividing by the accumulation steps; BEiT ignores it.
+        self.model_accepts_loss_kwargs = False
         self.layer_decay = layer_decay
         self.train_data_collator = train_data_collator
         self.model_card = model_card
@@ -304,7 +307,9 @@ def main() -> None:
         image_std=list(image_std),
         do_reduce_labels=False,
     )
-    train_one, eval_one = build_transforms(data_args, image_size, image_processor, training_args.seed)
+    # Each rank draws its own augmentations (the data differs per rank already; the random crops must too).
+    augmentation_seed = training_args.seed + training_args.process_index
+    train_one, eval_one = build_transforms(data_args, image_size, image_processor, augmentation_seed)
 
     # Images are decoded by `decode_image` (odd modes converted to RGB, unreadable ones skipped and counted).
     raw = raw.cast_column(image_column, ImageFeature(decode=False))
@@ -315,7 +320,9 @@ def main() -> None:
         image, status = decode_image(value)
         if image is None:
             num_unreadable += 1
-            logger.warning("Skipping image %s: %s (%d skipped so far)", value.get("path"), status, num_unreadable)
+            logger.warning(
+                "Skipping image %s: %s (%d skipped so far)", (value or {}).get("path"), status, num_unreadable
+            )
             return None
         return one(image)
 
@@ -362,7 +369,7 @@ def main() -> None:
                 mixup_alpha=data_args.mixup_alpha,
                 cutmix_alpha=data_args.cutmix_alpha,
                 label_smoothing=data_args.label_smoothing,
-                seed=training_args.seed,
+                seed=augmentation_seed,
             )
         )
     else:

@@ -10,7 +10,7 @@ drop path 0.1, relative position bias initialised from the pretraining table, fe
     python examples/run_semantic_segmentation.py --model_name_or_path path/to/beitv2-mim \
         --dataset_name scene_parse_150 --output_dir beitv2-ade20k --do_train --do_eval \
         --crop_size 512 --max_steps 160000 --per_device_train_batch_size 16 --learning_rate 4e-4 \
-        --layer_decay 0.9 --weight_decay 0.05 --warmup_steps 1500 --lr_scheduler_type linear \
+        --layer_decay 0.75 --weight_decay 0.05 --warmup_steps 1500 --lr_scheduler_type linear \
         --eval_strategy steps --eval_steps 16000 --save_steps 16000 --remove_unused_columns False
 
 Data, in ADE20K format: `--dataset_name` with an image and an annotation column (`scene_parse_150`), or
@@ -64,7 +64,9 @@ class ModelArguments:
     out_indices: list[int] | None = field(
         default=None, metadata={"help": "Blocks (0-based) feeding the 4 UperNet levels; reference values by default."}
     )
-    layer_decay: float | None = field(default=0.9, metadata={"help": "Layer-wise lr decay; None: off."})
+    layer_decay: float | None = field(
+        default=0.75, metadata={"help": "Layer-wise lr decay (paper appendix G: 0.75-0.85); None: off."}
+    )
     drop_path_rate: float = field(default=0.1, metadata={"help": "Stochastic depth rate."})
     auxiliary_loss_weight: float = field(default=0.4, metadata={"help": "Weight of the auxiliary FCN head loss."})
     cache_dir: str | None = field(default=None, metadata={"help": "Where to cache downloaded models and data."})
@@ -212,7 +214,7 @@ def main() -> None:
         do_reduce_labels=data_args.reduce_labels,
     )
     train_one, eval_one = build_transforms(
-        data_args.crop_size, data_args.reduce_labels, image_processor, training_args.seed
+        data_args.crop_size, data_args.reduce_labels, image_processor, training_args.seed + training_args.process_index
     )
 
     def with_transform(split, one, limit):

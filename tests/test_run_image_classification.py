@@ -204,3 +204,41 @@ def test_unreadable_images_are_skipped_and_logged(tmp_path, mim_checkpoint, stre
     assert "cmyk.jpg" not in log
     evaluation = json.loads((output_dir / "eval_results.json").read_text())
     assert 0.0 <= evaluation["eval_accuracy"] <= 1.0
+
+
+def test_logged_loss_is_the_mean_cross_entropy_with_and_without_accumulation(tmp_path):
+    """Soft (mixup) and hard labels, 1 batch of 4 or 2 accumulated batches of 2: the same mean loss."""
+    from run_image_classification import LayerDecayTrainer
+    from transformers import TrainingArguments, default_data_collator
+
+    torch.manual_seed(0)
+    model = BeitForImageClassification(BeitConfig(**TINY, image_size=32, num_labels=10, drop_path_rate=0.0))
+    pixel_values = torch.randn(4, 3, 32, 32)
+    soft_labels = torch.softmax(torch.randn(4, 10), dim=-1)
+    hard_labels = torch.tensor([1, 4, 7, 9])
+    with torch.no_grad():
+        log_probs = torch.log_softmax(model(pixel_values).logits, dim=-1)
+    expected = {
+        "soft": -(soft_labels * log_probs).sum(-1).mean().item(),
+        "hard": torch.nn.functional.nll_loss(log_probs, hard_labels).item(),
+    }
+    for kind, labels in (("soft", soft_labels), ("hard", hard_labels)):
+        dataset = [{"pixel_values": p, "labels": label} for p, label in zip(pixel_values, labels)]
+        for batch_size, accumulation in ((4, 1), (2, 2)):
+            args = TrainingArguments(
+                output_dir=str(tmp_path / f"{kind}{batch_size}"),
+                per_device_train_batch_size=batch_size,
+                gradient_accumulation_steps=accumulation,
+                max_steps=1,
+                learning_rate=0.0,
+                logging_steps=1,
+                use_cpu=True,
+                report_to="none",
+                save_strategy="no",
+            )
+            trainer = LayerDecayTrainer(
+                model=model, args=args, train_dataset=dataset, data_collator=default_data_collator, layer_decay=0.65
+            )
+            trainer.train()
+            logged = trainer.state.log_history[0]["loss"]
+            assert logged == pytest.approx(expected[kind], abs=1e-3), (kind, batch_size, accumulation)
