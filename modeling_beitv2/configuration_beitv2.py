@@ -79,6 +79,13 @@ class BeitV2Config(BeitConfig):
     def __post_init__(self, **kwargs: Any) -> None:
         # Checked here rather than in a `validate_*` hook so that users get a plain `ValueError`.
         image_size, patch_size = _as_pair(self.image_size), _as_pair(self.patch_size)
+        if image_size[0] != image_size[1] or patch_size[0] != patch_size[1]:
+            # transformers' BeitRelativePositionBias swaps height and width when it reshapes the bias table, so a
+            # non-square patch grid would silently get a scrambled bias.
+            raise ValueError(
+                f"image_size {self.image_size} and patch_size {self.patch_size} must be square: the relative "
+                "position bias of transformers' BEiT only supports square patch grids."
+            )
         if image_size[0] % patch_size[0] or image_size[1] % patch_size[1]:
             raise ValueError(
                 f"image_size {self.image_size} is not divisible by patch_size {self.patch_size}; "

@@ -46,14 +46,20 @@ def mark_residual_branches(
             for module in layer.modules():
                 if isinstance(module, nn.Linear):
                     setattr(module, _TORCH_DEFAULT_ATTR, True)
+            # The reference's q and v biases are separate parameters created as zeros, not Linear biases.
+            for linear in (layer.attention.q_proj, layer.attention.v_proj):
+                setattr(linear, _TORCH_DEFAULT_ATTR, "weight_only")
 
 
 def init_vit_module_(module: nn.Module, std: float) -> None:
     """Reference init for one leaf module: Linear/Conv truncated normal, bias 0, LayerNorm (1, 0), then the
     residual rescale for Linears marked by :func:`mark_residual_branches`."""
     if isinstance(module, (nn.Linear, nn.Conv2d)):
-        if getattr(module, _TORCH_DEFAULT_ATTR, False):
+        torch_default = getattr(module, _TORCH_DEFAULT_ATTR, False)
+        if torch_default:
             module.reset_parameters()  # torch.nn.init is guarded by transformers while this runs
+            if torch_default == "weight_only" and module.bias is not None:
+                init.zeros_(module.bias)
         else:
             trunc_normal_one_std_(module.weight, std)
             if module.bias is not None:

@@ -78,6 +78,7 @@ def test_presets(preset, width, depth, early, layer_scale):
         ({"early_layers": 4}, r"early_layers must lie in \[1, num_hidden_layers - 1\] = \[1, 3\], got 4"),
         ({"early_layers": 0}, "got 0"),
         ({"head_layers": 0}, "head_layers"),
+        ({"image_size": [32, 48]}, "must be square"),
     ],
 )
 def test_config_errors(tiny_beitv2_kwargs, overrides, message):
@@ -125,7 +126,9 @@ def test_reference_initialisation(tiny_beitv2_kwargs):
         assert weight.abs().max() <= 1 / math.sqrt(256) / math.sqrt(2 * (config.early_layers + offset + 1)) + 1e-7
         assert layer.attention.o_proj.weight.abs().max() <= bound + 1e-7
         assert layer.attention.o_proj.weight.abs().max() > 0.8 * bound  # uniform, not a truncated normal
-        assert layer.attention.q_proj.bias.abs().max() > 0  # PyTorch's default bias init is not zero
+        assert layer.mlp.fc1.bias.abs().max() > 0  # PyTorch's default bias init is not zero, but the
+        # reference's q/v biases are separate parameters created as zeros
+        assert torch.all(layer.attention.q_proj.bias == 0) and torch.all(layer.attention.v_proj.bias == 0)
 
 
 def test_from_pretrained_keeps_loaded_weights(tmp_path, tiny_beitv2_kwargs):
