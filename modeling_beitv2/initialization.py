@@ -51,9 +51,13 @@ def mark_residual_branches(
                 setattr(linear, _TORCH_DEFAULT_ATTR, "weight_only")
 
 
-def init_vit_module_(module: nn.Module, std: float) -> None:
+def init_vit_module_(module: nn.Module, std: float, truncation: float | None = None) -> None:
     """Reference init for one leaf module: Linear/Conv truncated normal, bias 0, LayerNorm (1, 0), then the
-    residual rescale for Linears marked by :func:`mark_residual_branches`."""
+    residual rescale for Linears marked by :func:`mark_residual_branches`.
+
+    ``truncation`` is the absolute cut-off of the normal: ``None`` cuts at +-1 std (BEiT / BEiT v2 pretraining);
+    the VQ-KD tokenizer uses timm's default of +-2, which at std 0.02 is a plain normal in practice.
+    """
     if isinstance(module, (nn.Linear, nn.Conv2d)):
         torch_default = getattr(module, _TORCH_DEFAULT_ATTR, False)
         if torch_default:
@@ -61,7 +65,10 @@ def init_vit_module_(module: nn.Module, std: float) -> None:
             if torch_default == "weight_only" and module.bias is not None:
                 init.zeros_(module.bias)
         else:
-            trunc_normal_one_std_(module.weight, std)
+            if truncation is None:
+                trunc_normal_one_std_(module.weight, std)
+            else:
+                init.trunc_normal_(module.weight, mean=0.0, std=std, a=-truncation, b=truncation)
             if module.bias is not None:
                 init.zeros_(module.bias)
         layer_number = getattr(module, _LAYER_NUMBER_ATTR, None)

@@ -37,7 +37,7 @@ from transformers.models.beit.modeling_beit import BeitEmbeddings
 from transformers.utils import ModelOutput
 
 from .configuration_vqkd import VQKDConfig
-from .initialization import init_vit_module_, mark_residual_branches, trunc_normal_one_std_
+from .initialization import init_vit_module_, mark_residual_branches
 from .quantizer import NormEMAVectorQuantizer, QuantizerOutput
 
 
@@ -75,6 +75,11 @@ class VQKDOutput(ModelOutput):
     num_dead_codes: torch.LongTensor | None = None
 
 
+# The tokenizer's ViTs use timm's `trunc_normal_(std=0.02)` with its default absolute cut-off of +-2 (unlike the
+# MIM model's +-1 std): in practice a plain normal.
+TOKENIZER_TRUNCATION = 2.0
+
+
 def _init_conv_like_pytorch_(conv: nn.Conv2d) -> None:
     # The reference leaves the patch projection at PyTorch's default init.
     init.kaiming_uniform_(conv.weight, a=math.sqrt(5))
@@ -87,9 +92,9 @@ def _init_conv_like_pytorch_(conv: nn.Conv2d) -> None:
 class VQKDViT(BeitModel):
     r"""
     The encoder / decoder ViT of the tokenizer: a [`BeitModel`] without pooler whose final LayerNorm is applied to
-    every token (the reference's `fc_norm`), initialised like the reference: Linear truncated normal, LayerNorm
-    (1, 0), [CLS] and position embeddings truncated normal, patch projection PyTorch default, residual output
-    weights of block `i` divided by `sqrt(2 i)`.
+    every token (the reference's `fc_norm`), initialised like the reference: Linear, [CLS] and position embeddings
+    normal(0, 0.02) (timm's `trunc_normal_` with its +-2 cut-off), LayerNorm (1, 0), patch projection PyTorch
+    default, residual output weights of block `i` divided by `sqrt(2 i)`.
     """
 
     config_class = BeitConfig
@@ -106,13 +111,14 @@ class VQKDViT(BeitModel):
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.initializer_range
         if isinstance(module, (nn.Linear, nn.LayerNorm)):
-            init_vit_module_(module, std)  # includes the residual rescale of the marked Linears
+            # includes the residual rescale of the marked Linears
+            init_vit_module_(module, std, truncation=TOKENIZER_TRUNCATION)
         elif isinstance(module, nn.Conv2d):
             _init_conv_like_pytorch_(module)
         elif isinstance(module, BeitEmbeddings):
-            trunc_normal_one_std_(module.cls_token, std)
-            if module.position_embeddings is not None:
-                trunc_normal_one_std_(module.position_embeddings, std)
+            for tensor in (module.cls_token, module.position_embeddings):
+                if tensor is not None:
+                    init.trunc_normal_(tensor, std=std, a=-TOKENIZER_TRUNCATION, b=TOKENIZER_TRUNCATION)
 
     def patch_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """`(batch, channels, height, width)` -> LayerNorm'ed patch tokens `(batch, num_patches, hidden_size)`."""
@@ -128,10 +134,13 @@ class VQKDPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["BeitLayer"]
     _supports_sdpa = True
 
+    # The reference runs the encode task layer and the quantizer in fp32 even when the rest is half precision.
+    _keep_in_fp32_modules_strict = ["encode_task_layer", "quantizer"]
+
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, nn.Linear):
-            init_vit_module_(module, self.config.initializer_range)
+            init_vit_module_(module, self.config.initializer_range, truncation=TOKENIZER_TRUNCATION)
         elif isinstance(module, NormEMAVectorQuantizer):
             module.reset_codebook()
 
@@ -180,7 +189,7 @@ class VQKDModel(VQKDPreTrainedModel):
         features = self.encoder.patch_features(pixel_values)
         # The reference runs the task layer in fp32 with autocast off, so codes never see half precision.
         with torch.autocast(device_type=features.device.type, enabled=False):
-            return self.encode_task_layer(features.float())
+            return self.encode_task_layer(features.to(self.encode_task_layer[-1].weight.dtype))
 
     def encode(self, pixel_values: torch.Tensor) -> QuantizerOutput:
         """

@@ -218,7 +218,7 @@ class NormEMAVectorQuantizer(nn.Module):
         """Nearest code indices for `z` of shape `(..., code_dim)`, without touching any statistic."""
         with torch.autocast(device_type=z.device.type, enabled=False):
             flat = F.normalize(z.float().reshape(-1, self.code_dim), dim=-1)
-            return nearest_code_indices(flat, self.codebook, self.chunk_size).view(z.shape[:-1])
+            return nearest_code_indices(flat, self.codebook.float(), self.chunk_size).view(z.shape[:-1])
 
     def forward(self, z: torch.Tensor) -> QuantizerOutput:
         """
@@ -235,8 +235,9 @@ class NormEMAVectorQuantizer(nn.Module):
             flat = z.reshape(-1, self.code_dim)
             if self.training and not self.initted:
                 self._kmeans_init(flat.detach())
-            indices = nearest_code_indices(flat.detach(), self.codebook, self.chunk_size)
-            codes = self.codebook[indices].view(z.shape)  # gathered before the update, as in the reference
+            codebook = self.codebook.float()  # a no-op unless the whole model was cast to half precision
+            indices = nearest_code_indices(flat.detach(), codebook, self.chunk_size)
+            codes = codebook[indices].view(z.shape)  # gathered before the update, as in the reference
             loss = self.beta * F.mse_loss(codes, z)
             quantized = z + (codes - z).detach()
             stats = self._update(flat.detach(), indices)
@@ -258,7 +259,7 @@ class NormEMAVectorQuantizer(nn.Module):
         world_size = _distributed_world_size()
         counts = torch.bincount(indices, minlength=self.num_codes).to(flat.dtype)
         if self.training:
-            sums = torch.zeros_like(self.codebook).index_add_(0, indices, flat)
+            sums = flat.new_zeros(self.num_codes, self.code_dim).index_add_(0, indices, flat)
             # One all-reduce for both: sums in the first code_dim columns, counts in the last.
             reduced = torch.cat([sums, counts.unsqueeze(1)], dim=1)
             if world_size > 1:
