@@ -38,6 +38,7 @@ import os
 from dataclasses import asdict, dataclass, field
 
 import torch
+from datasets import Image as ImageFeature
 from downstream import (
     IMAGE_COLUMN_CANDIDATES,
     LABEL_COLUMN_CANDIDATES,
@@ -46,6 +47,7 @@ from downstream import (
     load_image_classification_data,
     pretraining_normalisation,
 )
+from image_datasets import decode_image
 from PIL import Image
 from torch import nn
 from tqdm.auto import tqdm
@@ -53,7 +55,6 @@ from training import parse_arguments
 from transformers import AutoConfig, BeitImageProcessor, BeitModel, set_seed
 
 from modeling_beitv2 import BeitV2ForMaskedImageModeling
-from processing.transforms import convert_to_rgb
 
 logger = logging.getLogger(__name__)
 
@@ -128,14 +129,31 @@ class FrozenBackbone(nn.Module):
 
 
 def extract_features(backbone, split, image_column, label_column, processor, batch_size, device, description):
-    """Featurise a dataset split: returns `(features (N, hidden_size) float32, labels (N,) int64)` on CPU."""
-    features, labels = [], []
+    """Featurise a dataset split: returns `(features (N, hidden_size) float32, labels (N,) int64)` on CPU.
+
+    Images are decoded here (`image_datasets.decode_image`): odd modes become RGB, and an unreadable image is
+    skipped with its label and logged with its reason, instead of stopping the run.
+    """
+    split = split.cast_column(image_column, ImageFeature(decode=False))
+    features, labels, num_skipped = [], [], 0
     for start in tqdm(range(0, len(split), batch_size), desc=description):
         batch = split[start : start + batch_size]
-        images = [convert_to_rgb(image) for image in batch[image_column]]
+        images, batch_labels = [], []
+        for value, label in zip(batch[image_column], batch[label_column]):
+            image, status = decode_image(value)
+            if image is None:
+                num_skipped += 1
+                logger.warning("Skipping image %s: %s", (value or {}).get("path"), status)
+                continue
+            images.append(image)
+            batch_labels.append(label)
+        if not images:
+            continue
         pixel_values = processor(images, return_tensors="pt")["pixel_values"].to(device)
         features.append(backbone(pixel_values).float().cpu())
-        labels.append(torch.as_tensor(batch[label_column], dtype=torch.long))
+        labels.append(torch.as_tensor(batch_labels, dtype=torch.long))
+    if num_skipped:
+        logger.warning("%s: skipped %d unreadable images.", description, num_skipped)
     return torch.cat(features), torch.cat(labels)
 
 

@@ -98,3 +98,17 @@ def test_knn_weighted_vote_matches_hand_computation():
     assert scores[0].argmax().item() == 0
     with pytest.raises(ValueError, match="knn_k=9"):
         knn_predict(train, labels, query, num_classes=3, k=9)
+
+
+def test_unreadable_image_is_skipped_not_fatal(tmp_path, quadrant_data):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(quadrant_data, data)
+    (data / "train" / "quadrant0" / "truncated.png").write_bytes(
+        (data / "train" / "quadrant0" / "0.png").read_bytes()[:50]
+    )
+    torch.manual_seed(0)
+    BeitModel(BeitConfig(**TINY, image_size=32, use_mean_pooling=False)).save_pretrained(tmp_path / "native")
+    results = run_probe(tmp_path / "native", data, tmp_path / "out", "--num_train_epochs", "1", "--warmup_epochs", "0")
+    assert results["num_train"] == 4 * 24  # the truncated file is dropped with its label
