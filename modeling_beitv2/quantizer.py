@@ -213,9 +213,17 @@ class NormEMAVectorQuantizer(nn.Module):
         """Zero the usage statistics (e.g. before an evaluation pass that counts unused codes)."""
         self.cluster_size.zero_()
 
+    def _check_initialised(self) -> None:
+        if not self.initted:
+            raise ValueError(
+                "The codebook is still waiting for its k-means initialisation (kmeans_init=True), which runs on the "
+                "first training batch; run a training step or load a trained tokenizer before tokenizing."
+            )
+
     @torch.no_grad()
     def lookup(self, z: torch.Tensor) -> torch.LongTensor:
         """Nearest code indices for `z` of shape `(..., code_dim)`, without touching any statistic."""
+        self._check_initialised()
         with torch.autocast(device_type=z.device.type, enabled=False):
             flat = F.normalize(z.float().reshape(-1, self.code_dim), dim=-1)
             return nearest_code_indices(flat, self.codebook.float(), self.chunk_size).view(z.shape[:-1])
@@ -235,6 +243,7 @@ class NormEMAVectorQuantizer(nn.Module):
             flat = z.reshape(-1, self.code_dim)
             if self.training and not self.initted:
                 self._kmeans_init(flat.detach())
+            self._check_initialised()
             codebook = self.codebook.float()  # a no-op unless the whole model was cast to half precision
             indices = nearest_code_indices(flat.detach(), codebook, self.chunk_size)
             codes = codebook[indices].view(z.shape)  # gathered before the update, as in the reference

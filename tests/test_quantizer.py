@@ -85,7 +85,8 @@ def test_kmeans_init_runs_once_on_first_training_batch():
     quantizer = NormEMAVectorQuantizer(num_codes=16, code_dim=4, kmeans_init=True)
     assert not quantizer.initted and quantizer.codebook.abs().sum() == 0
     z = torch.randn(200, 4)
-    quantizer.eval()(z)
+    with pytest.raises(ValueError, match="k-means initialisation"):
+        quantizer.eval()(z)
     assert not quantizer.initted  # eval never initialises
     quantizer.train()
     torch.manual_seed(3)
@@ -131,3 +132,13 @@ def test_rejects_bad_arguments():
         NormEMAVectorQuantizer(decay=1.0)
     with pytest.raises(ValueError, match="dead_code_threshold"):
         NormEMAVectorQuantizer(dead_code_threshold=-1)
+
+
+def test_tokenizing_before_the_kmeans_init_is_an_error():
+    quantizer = NormEMAVectorQuantizer(num_codes=16, code_dim=4, kmeans_init=True).eval()
+    with pytest.raises(ValueError, match="k-means initialisation"):
+        quantizer.lookup(torch.randn(8, 4))
+    with pytest.raises(ValueError, match="k-means initialisation"):
+        quantizer(torch.randn(8, 4))
+    quantizer.train()(torch.randn(32, 4))  # the first training batch initialises it
+    assert quantizer.eval().lookup(torch.randn(8, 4)).shape == (8,)
