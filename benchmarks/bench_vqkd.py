@@ -143,7 +143,7 @@ def bench_quantizer(device: str, repeats: int) -> None:
 
 
 def tiny_vit_tokenizer(device: str) -> VQKDModel:
-    config = VQKDConfig.from_preset("tiny-decoder1", image_size=224, teacher_dim=512)
+    config = VQKDConfig.from_preset("tiny-decoder1", image_size=224, teacher_dim=512, kmeans_init=False)
     return VQKDModel(config).to(device)
 
 

@@ -104,7 +104,8 @@ def run_end_to_end(size: dict, env: dict, work_dir: Path) -> dict:
 
     torch.manual_seed(0)
     tokenizer_dir = work_dir / "vqkd_tiny"
-    VQKDModel(VQKDConfig.from_preset("tiny-decoder1", image_size=size["image_size"])).save_pretrained(tokenizer_dir)
+    tokenizer_config = VQKDConfig.from_preset("tiny-decoder1", image_size=size["image_size"], kmeans_init=False)
+    VQKDModel(tokenizer_config).save_pretrained(tokenizer_dir)
     images_dir = work_dir / "images"
     write_images(images_dir, count=size["batch_size"] * 8)
     output_dir = work_dir / "run_mim"

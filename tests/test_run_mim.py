@@ -34,13 +34,15 @@ VIT_TINY = dict(hidden_size=32, num_attention_heads=2, intermediate_size=64, num
 
 
 def make_vqkd_tokenizer(path: Path) -> Path:
-    """A randomly initialised 32 px / patch 8 VQ-KD tokenizer with 32 codes (labels only need to be deterministic)."""
+    """A randomly initialised 32 px / patch 8 VQ-KD tokenizer with 32 codes (labels only need to be deterministic);
+    its codebook is random unit vectors, as a tokenizer waiting for its k-means init refuses to tokenize."""
     torch.manual_seed(0)
     config = VQKDConfig(
         encoder_config=vqkd_encoder_config("tiny", image_size=32, patch_size=8, **VIT_TINY),
         decoder_config=vqkd_decoder_config("tiny", num_layers=1, grid_size=4, **VIT_TINY),
         num_codes=32,
         teacher_dim=16,
+        kmeans_init=False,
     )
     VQKDModel(config).save_pretrained(path)
     return path
