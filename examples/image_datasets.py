@@ -100,8 +100,9 @@ def _first_image_column(dataset: IterableDataset) -> str:
     )
 
 
-def decode_image(value: dict[str, Any] | None) -> tuple[PIL.Image.Image | None, str]:
-    """Decode one undecoded `Image` value into an RGB image.
+def decode_image(value: dict[str, Any] | None, convert: bool = True) -> tuple[PIL.Image.Image | None, str]:
+    """Decode one undecoded `Image` value into an RGB image (or, with ``convert=False``, in its own mode, e.g. a
+    segmentation map of class ids).
 
     Returns:
         ``(image, "ok")``, ``(image, "converted")`` when the mode was not RGB, or ``(None, reason)`` for an image
@@ -116,7 +117,7 @@ def decode_image(value: dict[str, Any] | None) -> tuple[PIL.Image.Image | None, 
         return None, f"unreadable: {type(error).__name__}: {error}"
     if image.width == 0 or image.height == 0:
         return None, "zero size"
-    if image.mode == "RGB":
+    if image.mode == "RGB" or not convert:
         return image, "ok"
     try:
         return convert_to_rgb(image), "converted"

@@ -27,6 +27,7 @@ that size, so numbers are close to but not the same as mmsegmentation's whole-im
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,17 +46,20 @@ from downstream import (
     pretraining_normalisation,
     train_evaluate_and_save,
 )
+from image_datasets import decode_image
 from PIL import Image
-from run_image_classification import LayerDecayTrainer
-from transformers import BeitForSemanticSegmentation, BeitImageProcessor, TrainingArguments
+from run_image_classification import LayerDecayTrainer, SkipUnreadableImages
+from transformers import BeitForSemanticSegmentation, BeitImageProcessor, TrainingArguments, default_data_collator
 
 from processing.random_state import ProcessLocalRNG
-from processing.transforms import convert_to_rgb
 
 METRICS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "metrics")
 IGNORE_INDEX = 255
 # Feature levels of the reference UperNet configs, by backbone depth.
 REFERENCE_OUT_INDICES = {12: [3, 5, 7, 11], 24: [7, 11, 15, 23]}
+
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -138,7 +142,7 @@ def build_transforms(crop_size: int, reduce_labels: bool, image_processor: BeitI
 
     def train_one(image: Image.Image, annotation: Image.Image) -> tuple[torch.Tensor, torch.Tensor]:
         generator = rng.generator
-        image, labels = convert_to_rgb(image), reduce_annotation(annotation, reduce_labels)
+        labels = reduce_annotation(annotation, reduce_labels)
         scale = crop_size * generator.uniform(0.5, 2.0) / min(image.size)
         size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
         image = image.resize(size, Image.BILINEAR)
@@ -155,7 +159,7 @@ def build_transforms(crop_size: int, reduce_labels: bool, image_processor: BeitI
         return normalise(Image.fromarray(np.ascontiguousarray(pixels))), torch.from_numpy(labels.copy())
 
     def eval_one(image: Image.Image, annotation: Image.Image) -> tuple[torch.Tensor, torch.Tensor]:
-        image = convert_to_rgb(image).resize((crop_size, crop_size), Image.BILINEAR)
+        image = image.resize((crop_size, crop_size), Image.BILINEAR)
         labels = reduce_annotation(annotation, reduce_labels)
         labels = Image.fromarray(labels.astype(np.uint8)).resize((crop_size, crop_size), Image.NEAREST)
         return normalise(image), torch.from_numpy(np.asarray(labels, np.int64).copy())
@@ -217,13 +221,29 @@ def main() -> None:
         data_args.crop_size, data_args.reduce_labels, image_processor, training_args.seed + training_args.process_index
     )
 
+    # Decoded here, not inside `datasets`: an unreadable image or annotation drops that example (logged) instead
+    # of stopping the run; annotations keep their own mode (class ids), images become RGB.
+    raw = raw.cast_column(image_column, ImageFeature(decode=False)).cast_column(
+        annotation_column, ImageFeature(decode=False)
+    )
+
+    def decode_pair(image_value, annotation_value, one):
+        image, status = decode_image(image_value)
+        annotation, annotation_status = decode_image(annotation_value, convert=False)
+        if image is None or annotation is None:
+            path = (image_value or {}).get("path")
+            logger.warning("Skipping example %s: image %s, annotation %s", path, status, annotation_status)
+            return None, None
+        return one(image, annotation)
+
     def with_transform(split, one, limit):
         if limit is not None:
             split = split.select(range(min(limit, len(split))))
 
         def transform(batch):
             pairs = [
-                one(image, annotation) for image, annotation in zip(batch[image_column], batch[annotation_column])
+                decode_pair(image, annotation, one)
+                for image, annotation in zip(batch[image_column], batch[annotation_column])
             ]
             return {"pixel_values": [pixels for pixels, _ in pairs], "labels": [labels for _, labels in pairs]}
 
@@ -261,6 +281,7 @@ def main() -> None:
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         processing_class=image_processor,
+        data_collator=SkipUnreadableImages(default_data_collator),
         compute_metrics=compute_metrics,
         layer_decay=model_args.layer_decay,
         model_card={

@@ -3,6 +3,7 @@ mean_iou / accuracy metric modules against hand-computed numbers."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -57,7 +58,14 @@ def test_segmentation_from_mim_checkpoint_learns_and_writes_miou(tmp_path):
         head_layers=1,
     )
     BeitV2ForMaskedImageModeling(config).save_pretrained(tmp_path / "mim")
-    write_ade_folder(tmp_path / "ade", {"training": 8, "validation": 4})
+    # 11 + 1 training examples: batches of 4 keep at least 3 images (UperNet's BatchNorm needs 2) after the skip.
+    write_ade_folder(tmp_path / "ade", {"training": 11, "validation": 4})
+    # One unreadable image (training) and one unreadable annotation (validation): skipped and logged, not fatal.
+    images, annotations = tmp_path / "ade" / "images", tmp_path / "ade" / "annotations"
+    (images / "training" / "ADE_0099.jpg").write_bytes((images / "training" / "ADE_0000.jpg").read_bytes()[:100])
+    shutil.copy(annotations / "training" / "ADE_0000.png", annotations / "training" / "ADE_0099.png")
+    shutil.copy(images / "validation" / "ADE_0000.jpg", images / "validation" / "ADE_0099.jpg")
+    (annotations / "validation" / "ADE_0099.png").write_bytes(b"not a png")
     (tmp_path / "id2label.json").write_text(json.dumps({"0": "red", "1": "green", "2": "blue"}))
     output_dir = tmp_path / "out"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
@@ -65,11 +73,12 @@ def test_segmentation_from_mim_checkpoint_learns_and_writes_miou(tmp_path):
         sys.executable, str(SCRIPT), "--model_name_or_path", str(tmp_path / "mim"), "--data_dir", str(tmp_path / "ade"),
         "--output_dir", str(output_dir), "--num_labels", "3", "--id2label_file", str(tmp_path / "id2label.json"),
         "--crop_size", "32", "--out_indices", "0", "1", "2", "3", "--do_train", "--do_eval", "--max_steps", "40",
-        "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "2", "--learning_rate", "1e-3",
+        "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "3", "--learning_rate", "1e-3",
         "--layer_decay", "0.9", "--use_cpu", "--save_strategy", "no", "--dataloader_num_workers", "0",
     ]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, timeout=240, env=env)
     assert result.returncode == 0, result.stderr[-4000:]
+    assert "ADE_0099.jpg: image unreadable" in result.stderr and "annotation unreadable" in result.stderr
 
     eval_results = json.loads((output_dir / "eval_results.json").read_text())
     # Predicting the majority class everywhere gives mIoU about 0.17 and pixel accuracy about 0.5; 40 steps learn
