@@ -22,6 +22,7 @@ from datasets import ClassLabel, DatasetDict, IterableDatasetDict, load_dataset
 from training import parse_arguments
 from transformers import AutoConfig, BeitModel, PretrainedConfig, PreTrainedModel, Trainer, TrainingArguments
 from transformers.image_processing_base import ImageProcessingMixin
+from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from transformers.trainer_utils import get_last_checkpoint
 
 # Registers the `beitv2` model type with the Auto classes, so that AutoConfig reads our MIM checkpoints.
@@ -29,8 +30,7 @@ import modeling_beitv2
 
 logger = logging.getLogger(__name__)
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGENET_MEAN, IMAGENET_STD = tuple(IMAGENET_DEFAULT_MEAN), tuple(IMAGENET_DEFAULT_STD)
 IMAGE_COLUMN_CANDIDATES = ("image", "img", "pixel_values", "jpg", "png", "webp")
 LABEL_COLUMN_CANDIDATES = ("label", "labels", "fine_label", "class", "cls", "target")
 

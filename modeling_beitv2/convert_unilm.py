@@ -33,14 +33,17 @@ from typing import Any
 
 import torch
 from transformers import BeitConfig, BeitForImageClassification, BeitImageProcessor, PreTrainedModel
+from transformers.image_utils import (
+    IMAGENET_DEFAULT_MEAN,
+    IMAGENET_DEFAULT_STD,
+    IMAGENET_STANDARD_MEAN,
+    IMAGENET_STANDARD_STD,
+)
 
 CONVERSION_KINDS = ("vqkd", "beitv2_pretrain", "beit_pretrain", "finetuned", "timm", "dalle_dvae")
 
-IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
-# BEiT v1 (and the unilm default without `--imagenet_default_mean_and_std`) normalises with 0.5 / 0.5.
-IMAGENET_INCEPTION_MEAN = (0.5, 0.5, 0.5)
-IMAGENET_INCEPTION_STD = (0.5, 0.5, 0.5)
+# BEiT v1 (and the unilm default without `--imagenet_default_mean_and_std`) normalises with 0.5 / 0.5, transformers'
+# IMAGENET_STANDARD_*; BEiT v2 with IMAGENET_DEFAULT_*.
 
 # Number of heads of the released sizes. All of them use 64-dimensional heads, which is the fallback.
 _HEADS_BY_SIZE = {"tiny": 3, "small": 6, "base": 12, "large": 16}
@@ -549,8 +552,8 @@ def resize_image_processor(
 def family_normalisation(family: str | None) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Per-channel mean and std: 0.5 / 0.5 for BEiT v1 (`family == "beit"`), the ImageNet statistics otherwise."""
     if family == "beit":
-        return IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD
-    return IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+        return tuple(IMAGENET_STANDARD_MEAN), tuple(IMAGENET_STANDARD_STD)
+    return tuple(IMAGENET_DEFAULT_MEAN), tuple(IMAGENET_DEFAULT_STD)
 
 
 def classifier_image_processor(config: BeitConfig, family: str | None) -> BeitImageProcessor:

@@ -7,6 +7,7 @@ from typing import Any
 import numpy as np
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.image_processing_utils import BaseImageProcessor
+from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from transformers.processing_utils import ImagesKwargs
 
 from .masking import BlockwiseMaskGenerator, RandomMaskGenerator
@@ -21,8 +22,7 @@ from .transforms import (
     to_pil_image,
 )
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGENET_MEAN, IMAGENET_STD = tuple(IMAGENET_DEFAULT_MEAN), tuple(IMAGENET_DEFAULT_STD)
 # DALL-E's `map_pixels`: pixels in [0, 1] squeezed into [eps, 1 - eps].
 _DALLE_EPS = 0.1
 _TOKENIZER_PIXEL_MAPPINGS = ("minus_one_to_one", "dalle")
