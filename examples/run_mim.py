@@ -114,8 +114,6 @@ def build_model(args: MIMModelArguments, tokenizer: VQKDModel | DVAEModel) -> Be
 def build_image_processor(args: MIMModelArguments, model_config: BeitV2Config, tokenizer) -> BeitV2ImageProcessor:
     image_size = model_config.image_size
     settings = {"image_size": image_size, "patch_size": model_config.patch_size, "mask_ratio": args.mask_ratio}
-    # The reference's smallest block (16 patches) is sized for a 14x14 grid; tiny grids need smaller blocks.
-    settings["min_num_patches"] = min(16, max(1, int(args.mask_ratio * model_config.num_patches)))
     if args.beit_v1:
         return BeitV2ImageProcessor.for_beit_v1(**settings, tokenizer_image_size=tokenizer.config.image_size)
     return BeitV2ImageProcessor(**settings, tokenizer_image_size=tokenizer.config.encoder_config.image_size)
