@@ -190,12 +190,13 @@ class BeitV2ForMaskedImageModeling(BeitV2PreTrainedModel):
 
     def _check_inputs(
         self, pixel_values: torch.Tensor, bool_masked_pos: torch.Tensor, labels: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    ) -> tuple[torch.Tensor, torch.Tensor | None, tuple[int, int]]:
+        """Validated `(bool_masked_pos (batch, num_patches), masked labels or None, (rows, cols) patch grid)`."""
         rows, cols = _num_patches_for(pixel_values, self.config.patch_size)
         batch_size, num_patches = pixel_values.shape[0], rows * cols
         if bool_masked_pos is None:
             raise ValueError("bool_masked_pos is required: a (batch, num_patches) boolean mask of patches to predict.")
-        if bool_masked_pos.shape in ((batch_size, rows, cols),):
+        if tuple(bool_masked_pos.shape) == (batch_size, rows, cols):
             bool_masked_pos = bool_masked_pos.flatten(1)
         if tuple(bool_masked_pos.shape) != (batch_size, num_patches):
             raise ValueError(
@@ -213,7 +214,7 @@ class BeitV2ForMaskedImageModeling(BeitV2PreTrainedModel):
                     f"{num_patches}) or the codes of the {num_masked} masked patches ({num_masked},)."
                 )
             labels = labels.long()
-        return bool_masked_pos, labels
+        return bool_masked_pos, labels, (rows, cols)
 
     def forward(
         self,
@@ -236,7 +237,7 @@ class BeitV2ForMaskedImageModeling(BeitV2PreTrainedModel):
                 Return the backbone's hidden states.
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
-        bool_masked_pos, labels = self._check_inputs(pixel_values, bool_masked_pos, labels)
+        bool_masked_pos, labels, window = self._check_inputs(pixel_values, bool_masked_pos, labels)
         use_aggregation = self.aggregation_head is not None
 
         outputs = self.beit(
@@ -250,7 +251,6 @@ class BeitV2ForMaskedImageModeling(BeitV2PreTrainedModel):
         aggregation_logits = None
         if use_aggregation:
             resolution = pixel_values.shape[2:]
-            window = _num_patches_for(pixel_values, self.config.patch_size)
             relative_position_bias = self.beit.shared_position_bias(window, dim_size=sequence_output.shape[1])
             head_output = self.aggregation_head(
                 sequence_output[:, :1],
