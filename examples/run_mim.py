@@ -140,7 +140,6 @@ def main(argv: list[str] | None = None) -> dict:
     setup = setup_pretraining(
         accelerator, model, data_args, training_args, transform, PAPER_LEARNING_RATE, PAPER_BATCH_SIZE
     )
-    model = setup.model
     logger.info(
         "Masked image modeling (%s) for %d steps at peak lr %.3g with tokenizer %s.",
         "BEiT v1" if model_args.beit_v1 else "BEiT v2",
@@ -149,7 +148,7 @@ def main(argv: list[str] | None = None) -> dict:
         model_args.tokenizer_name_or_path,
     )
 
-    def step_function(batch: dict[str, torch.Tensor]):
+    def step_function(model: torch.nn.Module, batch: dict[str, torch.Tensor]):
         with torch.no_grad():
             labels = tokenizer.get_codebook_indices(batch["tokenizer_pixel_values"])
         outputs = model(pixel_values=batch["pixel_values"], bool_masked_pos=batch["bool_masked_pos"], labels=labels)

@@ -133,7 +133,6 @@ def main(argv: list[str] | None = None) -> dict:
     setup = setup_pretraining(
         accelerator, model, data_args, training_args, transform, PAPER_LEARNING_RATE, PAPER_BATCH_SIZE
     )
-    model = setup.model
     logger.info(
         "Training the tokenizer for %d steps at peak lr %.3g (total batch %d) against %s.",
         setup.num_training_steps,
@@ -142,7 +141,7 @@ def main(argv: list[str] | None = None) -> dict:
         model_args.teacher_name_or_path,
     )
 
-    def step_function(batch: dict[str, torch.Tensor]):
+    def step_function(model: torch.nn.Module, batch: dict[str, torch.Tensor]):
         pixel_values = batch["pixel_values"]
         # The teacher sees the same crop in [0, 1] and applies its own normalisation.
         teacher_features = teacher((pixel_values.float() + 1) / 2)
@@ -173,7 +172,7 @@ def main(argv: list[str] | None = None) -> dict:
         card_kind="vqkd",
         card_fields={
             "teacher": model_args.teacher_name_or_path,
-            "codebook_size": accelerator.unwrap_model(model).config.num_codes,
+            "codebook_size": model.config.num_codes,
             "size": CONFIG_ALIASES.get(model_args.config_name, model_args.config_name).split("-")[0],
         },
     )

@@ -8,6 +8,7 @@ scripts only build their models and data and give :func:`train` a function that 
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import logging
 import math
@@ -17,6 +18,7 @@ import shutil
 import signal
 import sys
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -268,11 +270,12 @@ def stream_size(dataset, data_args: DataArguments) -> int | None:
 class PretrainingSetup:
     """What :func:`setup_pretraining` builds for :func:`train`."""
 
-    model: torch.nn.Module  # as returned by ``accelerator.prepare``
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LambdaLR
+    # model, optimizer, scheduler and dataloader are None after `end_training`.
+    model: torch.nn.Module | None  # as returned by ``accelerator.prepare``
+    optimizer: torch.optim.Optimizer | None
+    scheduler: torch.optim.lr_scheduler.LambdaLR | None
     stream: ImageStream
-    dataloader: torch.utils.data.DataLoader
+    dataloader: torch.utils.data.DataLoader | None
     learning_rate: float
     num_training_steps: int
 
@@ -455,7 +458,7 @@ def _format_record(record: dict[str, Any]) -> str:
 # The loop
 
 
-StepFunction = Callable[[dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+StepFunction = Callable[[torch.nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
 
 def train(
@@ -469,8 +472,8 @@ def train(
     """Run the optimisation: gradient accumulation, clipping, logging, checkpoints, resume, signals.
 
     ``setup`` comes from :func:`setup_pretraining`; its scheduler is NOT prepared (it is stepped once per optimizer
-    step here and registered for checkpointing). ``step_function(batch)`` returns the loss and a dict of scalar
-    metrics for one micro-batch (already on the device). The trackers get ``tracker_config`` plus the peak lr and
+    step here and registered for checkpointing). ``step_function(model, batch)`` gets the prepared model and returns
+    the loss and a dict of scalar metrics for one micro-batch (already on the device). The trackers get ``tracker_config`` plus the peak lr and
     the step count.
 
     A non-finite loss on any rank skips backward for that micro-batch and discards the current accumulation cycle
@@ -531,7 +534,7 @@ def train(
             ids_file.write("".join(f"{identifier}\n" for identifier in example_ids))
         batch = {key: value.to(accelerator.device, non_blocking=True) for key, value in batch.items()}
         with accelerator.accumulate(model):
-            loss, step_metrics = step_function(batch)
+            loss, step_metrics = step_function(model, batch)
             # One all-reduce carries both flags so every rank takes the same branch (no DDP deadlock).
             flags = torch.tensor(
                 [float(not torch.isfinite(loss.detach()).item()), float(stop.received is not None)],
@@ -607,7 +610,8 @@ def train(
             tracker.num_converted_images,
         )
     if stop_reason == "nonfinite":
-        accelerator.end_training()
+        del model  # end_training below needs the wrapped model gone
+        end_training(accelerator, setup)
         raise RuntimeError(
             f"Stopped: {state['consecutive_nonfinite']} consecutive steps had a non-finite loss (last at step "
             f"{state['step']}). A checkpoint was saved in {args.output_dir}; lower the learning rate, enable "
@@ -639,15 +643,14 @@ def finish_training(
     and the last logged metrics. A run stopped by a signal leaves only its checkpoint: the final export belongs to a
     finished run.
     """
-    model = setup.model
     accelerator.wait_for_everyone()
     if state["stopped_early"]:
-        accelerator.end_training()
+        end_training(accelerator, setup)
         return
     # Under ZeRO-3 the full weights exist only once gathered, which every rank must take part in.
-    state_dict = accelerator.get_state_dict(model)
+    state_dict = accelerator.get_state_dict(setup.model)
     if accelerator.is_main_process:
-        unwrapped = accelerator.unwrap_model(model)
+        unwrapped = accelerator.unwrap_model(setup.model)
         unwrapped.save_pretrained(args.output_dir, state_dict=state_dict)
         image_processor.save_pretrained(args.output_dir)
         try:
@@ -678,6 +681,26 @@ def finish_training(
             )
             logger.info("Pushed %s to the Hub as %s", args.output_dir, repo_id)
     accelerator.wait_for_everyone()
+    end_training(accelerator, setup)
+
+
+def end_training(accelerator: Accelerator, setup: PretrainingSetup) -> None:
+    """Drop the prepared model, optimizer and data loader, then stop the trackers and the process group.
+
+    The order matters under gloo: a DDP wrapper that outlives the process group holds its last reference, and
+    the group's destructor then joins gloo's worker threads while holding the GIL; a worker freeing its last
+    work item needs the GIL too. That deadlock hung about one 2-rank CPU run in ten with torch 2.13. Callers must
+    not keep references of their own to ``setup.model``.
+    """
+    wrapped_model = weakref.ref(setup.model)
+    setup.model = setup.optimizer = setup.scheduler = setup.dataloader = None
+    accelerator.free_memory()  # forgets the prepared objects and runs gc.collect
+    if wrapped_model() is not None and accelerator.num_processes > 1:
+        logger.warning(
+            "The prepared model is still referenced while the process group is destroyed; with gloo this can "
+            "hang at exit. Referrers: %s",
+            [type(referrer).__name__ for referrer in gc.get_referrers(wrapped_model())],
+        )
     accelerator.end_training()
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import textwrap
@@ -34,6 +35,13 @@ class _BlockRepoPackages:
 sys.meta_path.insert(0, _BlockRepoPackages())
 sys.path = [p for p in sys.path if p not in ("", ".", %r)]
 """
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now (for a rendezvous between test processes)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def run_without_package(code: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:

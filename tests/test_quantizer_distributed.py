@@ -3,44 +3,41 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import torch
+from conftest import free_port
 
 WORKER = Path(__file__).with_name("vqkd_distributed_worker.py")
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _launch(world_size: int, port: int, tmp_path: Path) -> list[dict]:
+def _launch(world_size: int, tmp_path: Path) -> list[dict]:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    port = free_port()
     outputs = [tmp_path / f"world{world_size}_rank{rank}.pt" for rank in range(world_size)]
-    processes = [
-        subprocess.Popen(
-            [sys.executable, str(WORKER), str(world_size), str(rank), str(port), str(output)],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for rank, output in enumerate(outputs)
-    ]
-    for process in processes:
-        log, _ = process.communicate(timeout=240)
-        assert process.returncode == 0, log
+    logs = [tmp_path / f"world{world_size}_rank{rank}.log" for rank in range(world_size)]
+    # Each rank logs to a file: waiting on rank 0 while rank 1 fills an unread pipe would deadlock both.
+    processes = []
+    for rank, (output, log) in enumerate(zip(outputs, logs)):
+        with log.open("w") as stream:
+            command = [sys.executable, str(WORKER), str(world_size), str(rank), str(port), str(output)]
+            processes.append(subprocess.Popen(command, env=env, stdout=stream, stderr=subprocess.STDOUT))
+    try:
+        for process in processes:
+            process.wait(timeout=240)
+    finally:
+        for process in processes:
+            process.kill()
+    for rank, (process, log) in enumerate(zip(processes, logs)):
+        assert process.returncode == 0, f"rank {rank} of {world_size} failed:\n{log.read_text()[-4000:]}"
     return [torch.load(output) for output in outputs]
 
 
 def test_two_ranks_match_one_rank_with_kmeans_init_and_dead_code_restart(tmp_path):
-    (single,) = _launch(1, _free_port(), tmp_path)
-    rank0, rank1 = _launch(2, _free_port(), tmp_path)
+    (single,) = _launch(1, tmp_path)
+    rank0, rank1 = _launch(2, tmp_path)
     # The dead-code restart really ran (after k-means some codes hold fewer than 1 vector per step).
     assert single["dead_codes"] == rank0["dead_codes"] == rank1["dead_codes"]
     assert sum(single["dead_codes"]) > 0

@@ -6,7 +6,10 @@ torch.distributed). Rank r trains on images [r * 8 / W, (r + 1) * 8 / W) with gr
 
 from __future__ import annotations
 
+import faulthandler
+import gc
 import sys
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -19,9 +22,17 @@ TINY_VIT = dict(hidden_size=32, num_attention_heads=2, intermediate_size=64)
 
 
 def main(world_size: int, rank: int, port: int, output_file: str) -> None:
+    # A rank stuck in a collective prints every thread's stack and exits instead of hanging the test.
+    faulthandler.dump_traceback_later(180, exit=True)
     torch.set_num_threads(1)
     if world_size > 1:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", world_size=world_size, rank=rank)
+        dist.init_process_group(
+            "gloo",
+            init_method=f"tcp://127.0.0.1:{port}",
+            world_size=world_size,
+            rank=rank,
+            timeout=timedelta(seconds=150),
+        )
     config = VQKDConfig(
         encoder_config=vqkd_encoder_config("tiny", image_size=32, patch_size=8, num_hidden_layers=2, **TINY_VIT),
         decoder_config=vqkd_decoder_config("tiny", num_layers=1, grid_size=4, code_dim=8, **TINY_VIT),
@@ -49,6 +60,11 @@ def main(world_size: int, rank: int, port: int, output_file: str) -> None:
         dead_codes.append(int(output.num_dead_codes))
     torch.save({"state_dict": model.state_dict(), "dead_codes": dead_codes}, output_file)
     if world_size > 1:
+        # DDP goes first: if its reducer dropped the last reference to the gloo group, the group's destructor would
+        # join gloo's worker threads while holding the GIL, and a worker freeing its last work item needs the GIL
+        # (a deadlock seen about once in ten runs with torch 2.13).
+        del trained
+        gc.collect()
         dist.destroy_process_group()
 
 
