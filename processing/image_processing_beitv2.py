@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -12,6 +13,7 @@ from transformers.processing_utils import ImagesKwargs
 
 from .masking import BlockwiseMaskGenerator, RandomMaskGenerator
 from .random_state import ProcessLocalRNG
+from .settings_cache import SettingsCache
 from .transforms import (
     ColorJitter,
     RandomHorizontalFlip,
@@ -81,6 +83,9 @@ class BeitV2ImageProcessor(BaseImageProcessor):
         seed (`int` or `numpy.random.Generator`, *optional*): Seed of the RNG shared by augmentation and masking
             (not saved; independent per DataLoader worker, see `ProcessLocalRNG`).
 
+    Settings can be changed afterwards (`processor.mask_ratio = 0.5`) or for one call (`processor(images,
+    mask_ratio=0.5)`), as with transformers' processors.
+
     Calling it returns a `BatchFeature` with, per image:
         - `pixel_values`: `(3, image_size, image_size)` float32, normalised with `image_mean`/`image_std`;
         - `tokenizer_pixel_values`: `(3, tokenizer_image_size, tokenizer_image_size)` float32;
@@ -115,14 +120,6 @@ class BeitV2ImageProcessor(BaseImageProcessor):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        if image_size % patch_size != 0:
-            raise ValueError(f"image_size ({image_size}) must be a multiple of patch_size ({patch_size})")
-        if tokenizer_pixel_mapping not in _TOKENIZER_PIXEL_MAPPINGS:
-            raise ValueError(
-                f"tokenizer_pixel_mapping must be one of {_TOKENIZER_PIXEL_MAPPINGS}, got {tokenizer_pixel_mapping!r}"
-            )
-        if mask_type not in _MASK_TYPES:
-            raise ValueError(f"mask_type must be one of {_MASK_TYPES}, got {mask_type!r}")
         self.image_size = int(image_size)
         self.patch_size = int(patch_size)
         self.interpolation = interpolation
@@ -141,25 +138,10 @@ class BeitV2ImageProcessor(BaseImageProcessor):
         self.crop_scale = [float(v) for v in crop_scale]
         self.crop_ratio = [float(v) for v in crop_ratio]
         self.color_jitter = float(color_jitter)
-
-        grid = (self.image_size // self.patch_size,) * 2
-        if mask_type == "blockwise":
-            self._mask_generator = BlockwiseMaskGenerator(
-                grid, mask_ratio, num_masking_patches, min_num_patches, max_num_patches, min_aspect, max_aspect
-            )
-        else:
-            self._mask_generator = RandomMaskGenerator(grid, mask_ratio, num_masking_patches)
-        self._color_jitter = ColorJitter(self.color_jitter, self.color_jitter, self.color_jitter)
-        self._flip = RandomHorizontalFlip(0.5)
-        self._two_view_crop = TwoViewRandomResizedCrop(
-            self.image_size,
-            self.tokenizer_image_size,
-            tuple(self.crop_scale),
-            tuple(self.crop_ratio),
-            interpolation,
-            tokenizer_interpolation,
-        )
         self._rng = ProcessLocalRNG(seed)
+        # Built from the settings at use time, so attribute changes and per-call settings take effect.
+        self._transforms = SettingsCache(_TRANSFORM_SETTINGS, _build_transforms)
+        self._transforms.get(self)  # bad settings fail here rather than at the first image
 
     @classmethod
     def for_beit_v1(cls, **kwargs) -> BeitV2ImageProcessor:
@@ -180,12 +162,12 @@ class BeitV2ImageProcessor(BaseImageProcessor):
 
     @property
     def mask_generator(self) -> BlockwiseMaskGenerator | RandomMaskGenerator:
-        """The mask generator built from the masking settings; `preprocess` draws masks with the processor's RNG."""
-        return self._mask_generator
+        """The mask generator built from the current masking settings; `preprocess` draws with the processor's RNG."""
+        return self._transforms.get(self).mask_generator
 
     @property
     def num_patches(self) -> int:
-        return self._mask_generator.num_patches
+        return self._transforms.get(self).mask_generator.num_patches
 
     def set_seed(self, seed: int | np.random.Generator | None) -> None:
         """Restarts the RNG shared by augmentation and masking from `seed`."""
@@ -195,32 +177,116 @@ class BeitV2ImageProcessor(BaseImageProcessor):
         # Private attributes are runtime state (RNG, transform objects) rebuilt from the public settings.
         return {key: value for key, value in super().to_dict().items() if not key.startswith("_")}
 
-    def _map_tokenizer_pixels(self, pixels: np.ndarray) -> np.ndarray:
-        if self.tokenizer_pixel_mapping == "dalle":
-            return pixels * (1 - 2 * _DALLE_EPS) + _DALLE_EPS
-        return pixels * 2.0 - 1.0
-
-    def preprocess(self, images, do_augment: bool = False, return_tensors: str | None = None) -> BatchFeature:
+    def preprocess(
+        self, images, do_augment: bool = False, return_tensors: str | None = None, **settings
+    ) -> BatchFeature:
         """
         Args:
             images: One image or a list/batch of images (PIL, numpy, torch; any PIL mode; any size).
             do_augment (`bool`, defaults to `False`): Training augmentation instead of the evaluation crop.
             return_tensors (`str`, *optional*): "np" or "pt" to stack the batch; `None` returns a list per image.
+            settings: Any constructor setting except `seed` (e.g. `mask_ratio=0.5`), for this call only.
         """
+        mean = np.asarray(settings.pop("image_mean", self.image_mean), dtype=np.float32)[:, None, None]
+        std = np.asarray(settings.pop("image_std", self.image_std), dtype=np.float32)[:, None, None]
+        transforms = self._transforms.get(self, **settings)
         rng = self._rng.generator
-        mean = np.asarray(self.image_mean, dtype=np.float32)[:, None, None]
-        std = np.asarray(self.image_std, dtype=np.float32)[:, None, None]
         outputs = {name: [] for name in self.model_input_names}
         for raw in make_image_list(images):
             image = to_pil_image(raw)
             if do_augment:
-                image = self._flip(self._color_jitter(image, rng), rng)
-                view, tokenizer_view = self._two_view_crop(image, rng)
+                image = transforms.flip(transforms.color_jitter(image, rng), rng)
+                view, tokenizer_view = transforms.two_view_crop(image, rng)
             else:
-                view, tokenizer_view = self._two_view_crop.apply_box(image, center_square_box(*image.size))
+                view, tokenizer_view = transforms.two_view_crop.apply_box(image, center_square_box(*image.size))
             outputs["pixel_values"].append((to_float_array(view) - mean) / std)
-            outputs["tokenizer_pixel_values"].append(self._map_tokenizer_pixels(to_float_array(tokenizer_view)))
-            outputs["bool_masked_pos"].append(self._mask_generator(rng).reshape(-1))
+            outputs["tokenizer_pixel_values"].append(transforms.map_tokenizer_pixels(to_float_array(tokenizer_view)))
+            outputs["bool_masked_pos"].append(transforms.mask_generator(rng).reshape(-1))
         if return_tensors is not None:
             outputs = {name: np.stack(values) for name, values in outputs.items()}
         return BatchFeature(data=outputs, tensor_type=return_tensors)
+
+
+@dataclass(frozen=True)
+class _Transforms:
+    mask_generator: BlockwiseMaskGenerator | RandomMaskGenerator
+    color_jitter: ColorJitter
+    flip: RandomHorizontalFlip
+    two_view_crop: TwoViewRandomResizedCrop
+    tokenizer_pixel_mapping: str
+
+    def map_tokenizer_pixels(self, pixels: np.ndarray) -> np.ndarray:
+        if self.tokenizer_pixel_mapping == "dalle":
+            return pixels * (1 - 2 * _DALLE_EPS) + _DALLE_EPS
+        return pixels * 2.0 - 1.0
+
+
+# What `_build_transforms` reads; `image_mean`/`image_std` are applied directly in `preprocess`.
+_TRANSFORM_SETTINGS = (
+    "image_size",
+    "patch_size",
+    "interpolation",
+    "tokenizer_image_size",
+    "tokenizer_interpolation",
+    "tokenizer_pixel_mapping",
+    "mask_type",
+    "mask_ratio",
+    "num_masking_patches",
+    "min_num_patches",
+    "max_num_patches",
+    "min_aspect",
+    "max_aspect",
+    "crop_scale",
+    "crop_ratio",
+    "color_jitter",
+)
+
+
+def _build_transforms(
+    image_size: int,
+    patch_size: int,
+    interpolation: str,
+    tokenizer_image_size: int,
+    tokenizer_interpolation: str,
+    tokenizer_pixel_mapping: str,
+    mask_type: str,
+    mask_ratio: float,
+    num_masking_patches: int | None,
+    min_num_patches: int,
+    max_num_patches: int | None,
+    min_aspect: float,
+    max_aspect: float | None,
+    crop_scale: tuple[float, float],
+    crop_ratio: tuple[float, float],
+    color_jitter: float,
+) -> _Transforms:
+    if image_size % patch_size != 0:
+        raise ValueError(f"image_size ({image_size}) must be a multiple of patch_size ({patch_size})")
+    if tokenizer_pixel_mapping not in _TOKENIZER_PIXEL_MAPPINGS:
+        raise ValueError(
+            f"tokenizer_pixel_mapping must be one of {_TOKENIZER_PIXEL_MAPPINGS}, got {tokenizer_pixel_mapping!r}"
+        )
+    if mask_type not in _MASK_TYPES:
+        raise ValueError(f"mask_type must be one of {_MASK_TYPES}, got {mask_type!r}")
+    grid = (image_size // patch_size,) * 2
+    if mask_type == "blockwise":
+        mask_generator = BlockwiseMaskGenerator(
+            grid, mask_ratio, num_masking_patches, min_num_patches, max_num_patches, min_aspect, max_aspect
+        )
+    else:
+        mask_generator = RandomMaskGenerator(grid, mask_ratio, num_masking_patches)
+    color_jitter = float(color_jitter)
+    return _Transforms(
+        mask_generator=mask_generator,
+        color_jitter=ColorJitter(color_jitter, color_jitter, color_jitter),
+        flip=RandomHorizontalFlip(0.5),
+        two_view_crop=TwoViewRandomResizedCrop(
+            int(image_size),
+            int(tokenizer_image_size),
+            tuple(crop_scale),
+            tuple(crop_ratio),
+            interpolation,
+            tokenizer_interpolation,
+        ),
+        tokenizer_pixel_mapping=tokenizer_pixel_mapping,
+    )

@@ -10,6 +10,7 @@ from transformers.image_processing_utils import BaseImageProcessor
 from transformers.processing_utils import ImagesKwargs
 
 from .random_state import ProcessLocalRNG
+from .settings_cache import SettingsCache
 from .transforms import (
     RandomHorizontalFlip,
     RandomResizedCrop,
@@ -46,6 +47,9 @@ class VQKDImageProcessor(BaseImageProcessor):
         seed (`int` or `numpy.random.Generator`, *optional*): Seed of the augmentation RNG (not saved; independent
             per DataLoader worker, see `ProcessLocalRNG`).
 
+    Settings can be changed afterwards (`processor.image_size = 112`) or for one call (`processor(images,
+    image_size=112)`), as with transformers' processors.
+
     Calling it on images (PIL, numpy `(H, W[, C])`/`(C, H, W)`, torch, or a list of them, any PIL mode) returns a
     `BatchFeature` with `pixel_values`: a list of `(3, image_size, image_size)` float32 arrays, or one stacked
     array/tensor of shape `(batch, 3, image_size, image_size)` when `return_tensors` is "np" or "pt".
@@ -72,9 +76,11 @@ class VQKDImageProcessor(BaseImageProcessor):
         self.image_std = [float(v) for v in image_std]
         self.crop_scale = [float(v) for v in crop_scale]
         self.crop_ratio = [float(v) for v in crop_ratio]
-        self._crop = RandomResizedCrop(self.image_size, tuple(self.crop_scale), tuple(self.crop_ratio), interpolation)
-        self._flip = RandomHorizontalFlip(0.5)
         self._rng = ProcessLocalRNG(seed)
+        self._flip = RandomHorizontalFlip(0.5)
+        # Built from the settings at use time, so attribute changes and per-call settings take effect.
+        self._crop = SettingsCache(_CROP_SETTINGS, _build_crop)
+        self._crop.get(self)  # bad settings fail here rather than at the first image
 
     def set_seed(self, seed: int | np.random.Generator | None) -> None:
         """Restarts the augmentation RNG from `seed`."""
@@ -84,24 +90,38 @@ class VQKDImageProcessor(BaseImageProcessor):
         # Private attributes are runtime state (RNG, transform objects) rebuilt from the public settings.
         return {key: value for key, value in super().to_dict().items() if not key.startswith("_")}
 
-    def preprocess(self, images, do_augment: bool = False, return_tensors: str | None = None) -> BatchFeature:
+    def preprocess(
+        self, images, do_augment: bool = False, return_tensors: str | None = None, **settings
+    ) -> BatchFeature:
         """
         Args:
             images: One image or a list/batch of images (PIL, numpy, torch).
             do_augment (`bool`, defaults to `False`): Training augmentation instead of the evaluation crop.
             return_tensors (`str`, *optional*): "np" or "pt" to stack the batch; `None` returns a list per image.
+            settings: Any constructor setting except `seed` (e.g. `image_size=112`), for this call only.
         """
+        mean = np.asarray(settings.pop("image_mean", self.image_mean), dtype=np.float32)[:, None, None]
+        std = np.asarray(settings.pop("image_std", self.image_std), dtype=np.float32)[:, None, None]
+        crop = self._crop.get(self, **settings)
         rng = self._rng.generator
-        mean = np.asarray(self.image_mean, dtype=np.float32)[:, None, None]
-        std = np.asarray(self.image_std, dtype=np.float32)[:, None, None]
         pixel_values = []
         for raw in make_image_list(images):
             image = to_pil_image(raw)
             if do_augment:
-                image = self._flip(self._crop(image, rng), rng)
+                image = self._flip(crop(image, rng), rng)
             else:
-                image = self._crop.apply_box(image, center_square_box(*image.size))
+                image = crop.apply_box(image, center_square_box(*image.size))
             pixel_values.append((to_float_array(image) - mean) / std)
         if return_tensors is not None:
             pixel_values = np.stack(pixel_values)
         return BatchFeature(data={"pixel_values": pixel_values}, tensor_type=return_tensors)
+
+
+# What `_build_crop` reads; `image_mean`/`image_std` are applied directly in `preprocess`.
+_CROP_SETTINGS = ("image_size", "interpolation", "crop_scale", "crop_ratio")
+
+
+def _build_crop(
+    image_size: int, interpolation: str, crop_scale: tuple[float, float], crop_ratio: tuple[float, float]
+) -> RandomResizedCrop:
+    return RandomResizedCrop(int(image_size), tuple(crop_scale), tuple(crop_ratio), interpolation)

@@ -172,6 +172,40 @@ def test_random_mask_type_and_errors():
         tiny_processor(mask_ratio=1.2)
 
 
+def test_changed_attributes_and_per_call_settings_take_effect():
+    image = smooth_image()
+    processor = tiny_processor(mask_type="random", mask_ratio=0.25)
+    assert processor(image)["bool_masked_pos"][0].sum() == 4
+    # A per-call setting applies to that call only; an attribute change to every later call.
+    assert processor(image, mask_ratio=0.5, image_size=64)["bool_masked_pos"][0].shape == (64,)
+    assert processor(image, mask_ratio=0.5)["bool_masked_pos"][0].sum() == 8
+    assert processor(image)["bool_masked_pos"][0].sum() == 4
+    processor.image_size, processor.mask_ratio = 64, 0.5
+    features = processor(image, return_tensors="np")
+    assert features["pixel_values"].shape == (1, 3, 64, 64) and features["bool_masked_pos"].sum() == 32
+    assert processor.num_patches == 64 and processor.mask_generator.num_masking_patches == 32
+    processor.image_mean = processor.image_std = [0.5, 0.5, 0.5]
+    pixels = processor(image, return_tensors="np")["pixel_values"]
+    assert pixels.min() >= -1 and pixels.max() <= 1 and pixels.min() < -0.9
+    processor.tokenizer_pixel_mapping = "dalle"
+    tokenizer_pixels = processor(image, return_tensors="np")["tokenizer_pixel_values"]
+    assert tokenizer_pixels.min() >= 0.1 - 1e-6 and tokenizer_pixels.max() <= 0.9 + 1e-6
+    # Bad values fail at the next call with the constructor's messages; unknown names are rejected.
+    processor.mask_type = "grid"
+    with pytest.raises(ValueError, match="mask_type"):
+        processor(image)
+    with pytest.raises(ValueError, match="Unknown setting.*mask_ratios"):
+        tiny_processor()(image, mask_ratios=0.5)
+
+    vqkd = VQKDImageProcessor(image_size=32)
+    assert vqkd(image, image_size=16, return_tensors="np")["pixel_values"].shape == (1, 3, 16, 16)
+    assert vqkd(image, return_tensors="np")["pixel_values"].shape == (1, 3, 32, 32)
+    vqkd.image_size = 48
+    assert vqkd(image, do_augment=True, return_tensors="np")["pixel_values"].shape == (1, 3, 48, 48)
+    with pytest.raises(ValueError, match="Unknown setting.*seed"):
+        vqkd(image, seed=1)
+
+
 def test_seeded_processor_is_reproducible():
     image = smooth_image()
     first = tiny_processor(seed=3)([image] * 4, do_augment=True, return_tensors="np")
@@ -192,7 +226,7 @@ def test_save_and_load_round_trip(tmp_path, processor_class):
     assert not any(key.startswith("_") for key in saved)
     # The processor module and every module it imports are copied for Hub custom code.
     copied = {path.name for path in tmp_path.glob("*.py")}
-    assert {"transforms.py", "random_state.py"} <= copied
+    assert {"transforms.py", "random_state.py", "settings_cache.py"} <= copied
     for loaded in (processor_class.from_pretrained(tmp_path), AutoImageProcessor.from_pretrained(tmp_path)):
         assert type(loaded) is processor_class
         assert loaded.to_dict() == processor.to_dict()
