@@ -3,7 +3,7 @@
 
     accelerate launch --config_file examples/configs/ddp.yaml examples/run_mim.py \\
         --dataset_name timm/imagenet-1k-wds --tokenizer_name_or_path path/to/vqkd \\
-        --config_name base --output_dir beitv2-base --per_device_train_batch_size 128 \\
+        --config_name base --num_masking_patches 75 --output_dir beitv2-base --per_device_train_batch_size 128 \\
         --max_steps 187500 --mixed_precision bf16
 
 Defaults follow the paper (appendix E, ViT-B 300 epochs): AdamW betas (0.9, 0.98), weight decay 0.05, peak lr
@@ -52,6 +52,10 @@ class MIMModelArguments:
     )
     image_size: int = field(default=224, metadata={"help": "Training resolution of the backbone."})
     mask_ratio: float = field(default=0.4, metadata={"help": "Fraction of patches masked (blockwise)."})
+    num_masking_patches: int | None = field(
+        default=None,
+        metadata={"help": "Exact number of masked patches; wins over --mask_ratio. The official recipe: 75 of 196."},
+    )
     drop_path_rate: float | None = field(
         default=None, metadata={"help": "Stochastic depth; default: the config's (0.0; 0.1 for 1600 epochs)."}
     )
@@ -113,7 +117,12 @@ def build_model(args: MIMModelArguments, tokenizer: VQKDModel | DVAEModel) -> Be
 
 def build_image_processor(args: MIMModelArguments, model_config: BeitV2Config, tokenizer) -> BeitV2ImageProcessor:
     image_size = model_config.image_size
-    settings = {"image_size": image_size, "patch_size": model_config.patch_size, "mask_ratio": args.mask_ratio}
+    settings = {
+        "image_size": image_size,
+        "patch_size": model_config.patch_size,
+        "mask_ratio": args.mask_ratio,
+        "num_masking_patches": args.num_masking_patches,
+    }
     if args.beit_v1:
         return BeitV2ImageProcessor.for_beit_v1(**settings, tokenizer_image_size=tokenizer.config.image_size)
     return BeitV2ImageProcessor(**settings, tokenizer_image_size=tokenizer.config.encoder_config.image_size)

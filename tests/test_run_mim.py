@@ -78,7 +78,8 @@ def mim_args(files: list[str], tokenizer: Path, output_dir: Path, *extra: str) -
 def test_beitv2_trains_from_parquet_stream_and_saves(mim_inputs, tmp_path):
     files, tokenizer = mim_inputs
     output_dir = tmp_path / "out"
-    state = run_mim.main(mim_args(files, tokenizer, output_dir, "--max_steps", "4", "--save_steps", "0"))
+    extra = ("--max_steps", "4", "--save_steps", "0", "--num_masking_patches", "5")
+    state = run_mim.main(mim_args(files, tokenizer, output_dir, *extra))
     assert state["step"] == 4
     records = read_metrics(output_dir)
     assert len(records) == 4
@@ -96,6 +97,8 @@ def test_beitv2_trains_from_parquet_stream_and_saves(mim_inputs, tmp_path):
     assert model.config.vocab_size == 32 and model.config.use_patch_aggregation
     processor = BeitV2ImageProcessor.from_pretrained(output_dir)
     assert processor.tokenizer_pixel_mapping == "minus_one_to_one" and processor.image_size == 32
+    assert processor.num_masking_patches == 5  # the exact count wins over the default mask_ratio 0.4 (6 of 16)
+    assert processor(np.zeros((40, 40, 3), np.uint8))["bool_masked_pos"][0].sum() == 5
 
 
 def test_resume_continues_exactly_with_drop_path(mim_inputs, tmp_path):
