@@ -30,7 +30,7 @@ from training import (
     setup_pretraining,
     train,
 )
-from transformers import AutoModel
+from visual_tokenizers import VisualTokenizer, codebook_size, load_visual_tokenizer, tokenizer_image_size
 
 from modeling_beitv2 import BEITV2_PRESETS, BeitV2Config, BeitV2ForMaskedImageModeling, DVAEModel, VQKDModel
 from processing import BeitV2ImageProcessor
@@ -75,23 +75,15 @@ class MIMTrainingArguments(PretrainingArguments):
     max_grad_norm: float | None = field(default=3.0)
 
 
-def load_tokenizer(args: MIMModelArguments) -> VQKDModel | DVAEModel:
+def load_tokenizer(args: MIMModelArguments) -> VisualTokenizer:
     """The frozen tokenizer, checked against the BEiT version chosen by --beit_v1."""
-    tokenizer = AutoModel.from_pretrained(args.tokenizer_name_or_path)
-    expected = DVAEModel if args.beit_v1 else VQKDModel
-    if not isinstance(tokenizer, expected):
-        raise ValueError(
-            f"--tokenizer_name_or_path {args.tokenizer_name_or_path!r} is a {type(tokenizer).__name__}, but "
-            f"{'--beit_v1 needs a DVAEModel' if args.beit_v1 else 'BEiT v2 needs a VQKDModel (or pass --beit_v1)'}."
-        )
-    return tokenizer.eval().requires_grad_(False)
+    if args.beit_v1:
+        return load_visual_tokenizer(args.tokenizer_name_or_path, (DVAEModel,), "--beit_v1 needs a DVAEModel")
+    hint = "BEiT v2 needs a VQKDModel, or pass --beit_v1"
+    return load_visual_tokenizer(args.tokenizer_name_or_path, (VQKDModel,), hint)
 
 
-def codebook_size(tokenizer: VQKDModel | DVAEModel) -> int:
-    return tokenizer.config.vocab_size if isinstance(tokenizer, DVAEModel) else tokenizer.config.num_codes
-
-
-def build_model(args: MIMModelArguments, tokenizer: VQKDModel | DVAEModel) -> BeitV2ForMaskedImageModeling:
+def build_model(args: MIMModelArguments, tokenizer: VisualTokenizer) -> BeitV2ForMaskedImageModeling:
     if args.model_name_or_path:
         model = BeitV2ForMaskedImageModeling.from_pretrained(args.model_name_or_path)
     else:
@@ -124,8 +116,8 @@ def build_image_processor(args: MIMModelArguments, model_config: BeitV2Config, t
         "num_masking_patches": args.num_masking_patches,
     }
     if args.beit_v1:
-        return BeitV2ImageProcessor.for_beit_v1(**settings, tokenizer_image_size=tokenizer.config.image_size)
-    return BeitV2ImageProcessor(**settings, tokenizer_image_size=tokenizer.config.encoder_config.image_size)
+        return BeitV2ImageProcessor.for_beit_v1(**settings, tokenizer_image_size=tokenizer_image_size(tokenizer))
+    return BeitV2ImageProcessor(**settings, tokenizer_image_size=tokenizer_image_size(tokenizer))
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -32,9 +32,10 @@ import PIL.Image
 import torch
 from image_datasets import decode_image, load_image_stream
 from plots import bar_chart
-from transformers import AutoModel, HfArgumentParser
+from transformers import HfArgumentParser
+from visual_tokenizers import VisualTokenizer, codebook_size, load_visual_tokenizer, tokenizer_image_size
 
-from modeling_beitv2 import DVAEModel, VQKDModel
+from modeling_beitv2 import DVAEModel
 from processing.transforms import center_square_box
 
 logger = logging.getLogger(__name__)
@@ -118,15 +119,9 @@ class CodebookUsage:
         return [tuple(int(v) for v in found[index]) for index in order[:limit]]
 
 
-def tokenizer_input_size(tokenizer: VQKDModel | DVAEModel) -> int:
-    if isinstance(tokenizer, DVAEModel):
-        return tokenizer.config.image_size
-    return tokenizer.config.encoder_config.image_size
-
-
-def tokenizer_view(image: PIL.Image.Image, tokenizer: VQKDModel | DVAEModel) -> np.ndarray:
+def tokenizer_view(image: PIL.Image.Image, tokenizer: VisualTokenizer) -> np.ndarray:
     """The central square resized to the tokenizer's input size: `(size, size, 3)` uint8."""
-    size = tokenizer_input_size(tokenizer)
+    size = tokenizer_image_size(tokenizer)
     top, left, side, _ = center_square_box(*image.size)
     resample = PIL.Image.LANCZOS if isinstance(tokenizer, DVAEModel) else PIL.Image.BICUBIC
     return np.asarray(image.crop((left, top, left + side, top + side)).resize((size, size), resample))
@@ -134,7 +129,7 @@ def tokenizer_view(image: PIL.Image.Image, tokenizer: VQKDModel | DVAEModel) -> 
 
 @torch.no_grad()
 def tokenize_views(
-    tokenizer: VQKDModel | DVAEModel, views: np.ndarray, batch_size: int = 64, device: str = "cpu"
+    tokenizer: VisualTokenizer, views: np.ndarray, batch_size: int = 64, device: str = "cpu"
 ) -> np.ndarray:
     """`(N, size, size, 3)` uint8 views -> codes `(N, rows, columns)` int64."""
     rows, columns = tokenizer.config.patch_grid
@@ -144,13 +139,6 @@ def tokenize_views(
         pixels = tokenizer.map_pixels(pixels) if isinstance(tokenizer, DVAEModel) else pixels * 2 - 1
         codes.append(tokenizer.get_codebook_indices(pixels).cpu().view(-1, rows, columns))
     return torch.cat(codes).numpy()
-
-
-def load_tokenizer(name_or_path: str, device: str = "cpu") -> VQKDModel | DVAEModel:
-    tokenizer = AutoModel.from_pretrained(name_or_path)
-    if not isinstance(tokenizer, (VQKDModel, DVAEModel)):
-        raise ValueError(f"{name_or_path!r} is a {type(tokenizer).__name__}; expected a VQ-KD tokenizer or a dVAE.")
-    return tokenizer.eval().requires_grad_(False).to(device)
 
 
 def read_images(args: VisualizeArguments) -> list[PIL.Image.Image]:
@@ -251,9 +239,9 @@ def main(argv: list[str] | None = None) -> dict:
         args=sys.argv[1:] if argv is None else argv
     )
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
-    tokenizer = load_tokenizer(args.tokenizer_name_or_path, args.device)
+    tokenizer = load_visual_tokenizer(args.tokenizer_name_or_path).to(args.device)
     views = np.stack([tokenizer_view(image, tokenizer) for image in read_images(args)])
-    num_codes = tokenizer.config.vocab_size if isinstance(tokenizer, DVAEModel) else tokenizer.config.num_codes
+    num_codes = codebook_size(tokenizer)
     usage = CodebookUsage(views, tokenize_views(tokenizer, views, args.batch_size, args.device), num_codes)
     summary = write_visualization(usage, args)
     logger.info(

@@ -9,18 +9,18 @@ import pytest
 import torch
 from demo_data import write_demo_dataset
 from PIL import Image
+from visual_tokenizers import load_visual_tokenizer
 from visualize_codebook import (
     GRID_PADDING,
     CodebookUsage,
     VisualizeArguments,
-    load_tokenizer,
     main,
     read_images,
     tokenize_views,
     tokenizer_view,
 )
 
-from modeling_beitv2 import DVAEConfig, DVAEModel, VQKDConfig, VQKDModel
+from modeling_beitv2 import BeitV2Config, BeitV2ForMaskedImageModeling, DVAEConfig, DVAEModel, VQKDConfig, VQKDModel
 from modeling_beitv2.configuration_vqkd import vqkd_decoder_config, vqkd_encoder_config
 
 NUM_CODES = 16
@@ -48,7 +48,7 @@ def vqkd_dir(tmp_path_factory):
 
 def retokenize(tokenizer_dir, images_dir):
     """The views and codes of the same images, computed again independently of the script's output."""
-    tokenizer = load_tokenizer(str(tokenizer_dir))
+    tokenizer = load_visual_tokenizer(str(tokenizer_dir))
     images = read_images(VisualizeArguments(str(tokenizer_dir), "unused", train_dir=str(images_dir)))
     views = np.stack([tokenizer_view(image, tokenizer) for image in images])
     return views, tokenize_views(tokenizer, views)
@@ -101,7 +101,7 @@ def test_top_codes_grids_hold_patches_of_that_code(vqkd_dir, images_dir, tmp_pat
             np.testing.assert_array_equal(shown, views[image, row * 8 : row * 8 + 8, column * 8 : column * 8 + 8])
 
 
-def test_codes_from_the_command_line(vqkd_dir, images_dir, tmp_path):
+def test_codes_from_the_command_line(vqkd_dir, images_dir, tmp_path, tiny_beitv2_kwargs):
     _, codes = retokenize(vqkd_dir, images_dir)
     counts = np.bincount(codes.reshape(-1), minlength=NUM_CODES)
     used, unused = int(np.flatnonzero(counts)[-1]), np.flatnonzero(counts == 0)
@@ -114,6 +114,11 @@ def test_codes_from_the_command_line(vqkd_dir, images_dir, tmp_path):
 
     with pytest.raises(ValueError, match=r"--codes \[99\]"):
         run(vqkd_dir, images_dir, tmp_path, "--codes", "99")
+    # Something that is not a visual tokenizer is refused by name.
+    mim_dir = tmp_path / "mim"
+    BeitV2ForMaskedImageModeling(BeitV2Config(**tiny_beitv2_kwargs)).save_pretrained(mim_dir)
+    with pytest.raises(ValueError, match="is a BeitV2Model; expected a VQKDModel or DVAEModel"):
+        run(mim_dir, images_dir, tmp_path)
 
 
 def test_dvae_tokenizer(images_dir, tmp_path):

@@ -1,0 +1,33 @@
+"""Loading a frozen visual tokenizer (VQ-KD for BEiT v2, the DALL-E dVAE for BEiT v1) and the facts scripts need."""
+
+from __future__ import annotations
+
+from transformers import AutoModel
+
+from modeling_beitv2 import DVAEModel, VQKDModel
+
+VisualTokenizer = VQKDModel | DVAEModel
+
+
+def load_visual_tokenizer(
+    name_or_path: str, expected: tuple[type, ...] = (VQKDModel, DVAEModel), hint: str = ""
+) -> VisualTokenizer:
+    """The tokenizer at `name_or_path` in eval mode without gradients; a model of another class raises, with `hint`."""
+    tokenizer = AutoModel.from_pretrained(name_or_path)
+    if not isinstance(tokenizer, expected):
+        names = " or ".join(kind.__name__ for kind in expected)
+        raise ValueError(
+            f"{name_or_path!r} is a {type(tokenizer).__name__}; expected a {names}{f' ({hint})' if hint else ''}."
+        )
+    return tokenizer.eval().requires_grad_(False)
+
+
+def codebook_size(tokenizer: VisualTokenizer) -> int:
+    return tokenizer.config.vocab_size if isinstance(tokenizer, DVAEModel) else tokenizer.config.num_codes
+
+
+def tokenizer_image_size(tokenizer: VisualTokenizer) -> int:
+    """Side of the images the tokenizer reads (112 for the DALL-E dVAE, the VQ-KD encoder's size otherwise)."""
+    if isinstance(tokenizer, DVAEModel):
+        return tokenizer.config.image_size
+    return tokenizer.config.encoder_config.image_size
