@@ -14,13 +14,23 @@ A starting checkpoint can be
 from __future__ import annotations
 
 import logging
+import math
 import os
 
+import PIL.Image
 import torch
 import transformers
 from datasets import ClassLabel, DatasetDict, IterableDatasetDict, load_dataset
 from training import parse_arguments
-from transformers import AutoConfig, BeitModel, PretrainedConfig, PreTrainedModel, Trainer, TrainingArguments
+from transformers import (
+    AutoConfig,
+    BeitImageProcessor,
+    BeitModel,
+    PretrainedConfig,
+    PreTrainedModel,
+    Trainer,
+    TrainingArguments,
+)
 from transformers.image_processing_base import ImageProcessingMixin
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from transformers.trainer_utils import get_last_checkpoint
@@ -51,6 +61,28 @@ def pretraining_normalisation(
     if mean is None or std is None:
         return IMAGENET_MEAN, IMAGENET_STD
     return tuple(mean), tuple(std)
+
+
+def evaluation_image_processor(
+    image_size: int, image_mean: tuple[float, ...], image_std: tuple[float, ...], crop_pct: float = 0.875
+) -> BeitImageProcessor:
+    """The reference evaluation transform as a native processor: shorter side resized (bicubic) to
+    `floor(image_size / crop_pct)`, centre crop `image_size`, then `image_mean`/`image_std`.
+
+    Resizing the shorter side keeps the aspect ratio; a `{"height", "width"}` size would squash non-square images.
+    Centre cropping is explicit because `BeitImageProcessor` does not crop by default in transformers 5.
+    """
+    return BeitImageProcessor(
+        do_resize=True,
+        size={"shortest_edge": int(math.floor(image_size / crop_pct))},
+        resample=PIL.Image.BICUBIC,
+        do_center_crop=True,
+        crop_size={"height": image_size, "width": image_size},
+        do_normalize=True,
+        image_mean=list(image_mean),
+        image_std=list(image_std),
+        do_reduce_labels=False,
+    )
 
 
 def load_native_beit(

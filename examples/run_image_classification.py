@@ -30,7 +30,6 @@ for the embeddings, `i + 1` for block `i` and `L + 1` for the pooler norm and he
 from __future__ import annotations
 
 import logging
-import math
 import os
 from dataclasses import dataclass, field
 
@@ -43,6 +42,7 @@ from downstream import (
     LABEL_COLUMN_CANDIDATES,
     class_names,
     detect_column,
+    evaluation_image_processor,
     init_classifier_head,
     load_image_classification_data,
     load_native_beit,
@@ -295,18 +295,7 @@ def main() -> None:
     init_classifier_head(model.classifier, model_args.head_init_scale)
     image_size = model.config.image_size
     image_mean, image_std = pretraining_normalisation(model_args.model_name_or_path, model_args.cache_dir)
-    eval_resize = int(math.floor(image_size / data_args.crop_pct))
-    image_processor = BeitImageProcessor(
-        do_resize=True,
-        size={"height": eval_resize, "width": eval_resize},
-        resample=Image.BICUBIC,
-        do_center_crop=True,
-        crop_size={"height": image_size, "width": image_size},
-        do_normalize=True,
-        image_mean=list(image_mean),
-        image_std=list(image_std),
-        do_reduce_labels=False,
-    )
+    image_processor = evaluation_image_processor(image_size, image_mean, image_std, data_args.crop_pct)
     # Each rank draws its own augmentations (the data differs per rank already; the random crops must too).
     augmentation_seed = training_args.seed + training_args.process_index
     train_one, eval_one = build_transforms(data_args, image_size, image_processor, augmentation_seed)

@@ -3,9 +3,9 @@
 
 The reference code never shipped a linear-probe script (unilm issue 1574), so this is the protocol, exactly:
 
-1. Images. Train and evaluation images both go through the evaluation transform — bicubic resize of the image
-   to a square of `image_size / 0.875`, centre crop `image_size` (the checkpoint's pretraining resolution),
-   ImageNet mean/std normalisation — with no augmentation; each image is featurised once.
+1. Images. Train and evaluation images both go through the evaluation transform — bicubic resize of the shorter
+   side to `image_size / 0.875`, centre crop `image_size` (the checkpoint's pretraining resolution), the
+   checkpoint's pretraining mean/std — with no augmentation; each image is featurised once.
 2. Features. The backbone runs in eval mode (no drop path) under `torch.no_grad()`. Tokens are the last layer's
    output after the final LayerNorm of the pretraining model (the MIM model's `layernorm`, or a native `beit`
    checkpoint's own final norm when it has one). The image feature is the [CLS] token when the checkpoint was
@@ -44,15 +44,15 @@ from downstream import (
     LABEL_COLUMN_CANDIDATES,
     class_names,
     detect_column,
+    evaluation_image_processor,
     load_image_classification_data,
     pretraining_normalisation,
 )
 from image_datasets import decode_image
-from PIL import Image
 from torch import nn
 from tqdm.auto import tqdm
 from training import parse_arguments
-from transformers import AutoConfig, BeitImageProcessor, BeitModel, set_seed
+from transformers import AutoConfig, BeitModel, set_seed
 
 from modeling_beitv2 import BeitV2ForMaskedImageModeling
 
@@ -254,15 +254,8 @@ def main() -> None:
     num_classes = len(class_names(splits["train"], label_column))
 
     backbone = FrozenBackbone(args.model_name_or_path, args.pooling).to(args.device)
-    resize = int(math.floor(backbone.image_size / 0.875))
     image_mean, image_std = pretraining_normalisation(args.model_name_or_path)
-    processor = BeitImageProcessor(
-        size={"height": resize, "width": resize},
-        resample=Image.BICUBIC,
-        crop_size={"height": backbone.image_size, "width": backbone.image_size},
-        image_mean=list(image_mean),
-        image_std=list(image_std),
-    )
+    processor = evaluation_image_processor(backbone.image_size, image_mean, image_std)
     train_features, train_labels = extract_features(
         backbone,
         splits["train"],

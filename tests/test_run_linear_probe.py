@@ -23,22 +23,24 @@ sys.path.insert(0, str(ROOT / "examples"))
 from run_linear_probe import knn_predict  # noqa: E402
 
 TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, patch_size=8)
-# Class = which quadrant holds a bright square, on noisy grey images: it needs spatial information, not just
-# the mean colour.
+# Class = the colour of a square drawn in a random quadrant of a noisy grey image. A frozen random backbone's
+# [CLS] token attends almost uniformly, so it keeps the colour but not the location: the task must not need it.
 NUM_CLASSES = 4
+SQUARE_COLOURS = ((130, 0, 0), (0, 130, 0), (0, 0, 130), (130, 130, 0))
 
 
-def write_quadrant_task(root: Path, per_class: dict[str, int], size: int = 32) -> None:
+def write_colour_task(root: Path, per_class: dict[str, int], size: int = 32) -> None:
     rng = np.random.default_rng(0)
     half = size // 2
     for split, count in per_class.items():
         for label in range(NUM_CLASSES):
-            folder = root / split / f"quadrant{label}"
+            folder = root / split / f"colour{label}"
             folder.mkdir(parents=True)
             for index in range(count):
                 pixels = rng.integers(60, 120, size=(size, size, 3))
-                top, left = (label // 2) * half, (label % 2) * half
-                pixels[top : top + half, left : left + half] += 120
+                quadrant = rng.integers(0, 4)
+                top, left = (quadrant // 2) * half, (quadrant % 2) * half
+                pixels[top : top + half, left : left + half] += np.array(SQUARE_COLOURS[label])
                 Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(folder / f"{index}.png")
 
 
@@ -55,17 +57,17 @@ def run_probe(checkpoint: Path, data: Path, output_dir: Path, *extra: str) -> di
 
 
 @pytest.fixture(scope="module")
-def quadrant_data(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("quadrants")
-    write_quadrant_task(root, {"train": 24, "validation": 12})
+def colour_data(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("colours")
+    write_colour_task(root, {"train": 24, "validation": 12})
     return root
 
 
-def test_probe_and_knn_on_patch_aggregation_checkpoint_beat_chance(tmp_path, quadrant_data):
+def test_probe_and_knn_on_patch_aggregation_checkpoint_beat_chance(tmp_path, colour_data):
     torch.manual_seed(0)
     config = BeitV2Config(**TINY, image_size=32, vocab_size=16, early_layers=1, head_layers=1)
     BeitV2ForMaskedImageModeling(config).save_pretrained(tmp_path / "mim")
-    results = run_probe(tmp_path / "mim", quadrant_data, tmp_path / "out", "--knn", "--knn_k", "10")
+    results = run_probe(tmp_path / "mim", colour_data, tmp_path / "out", "--knn", "--knn_k", "10")
     assert results["pooling"] == "cls"
     assert results["num_train"] == 4 * 24 and results["num_eval"] == 4 * 12
     # Chance is 0.25; a frozen random backbone keeps enough spatial information for a linear head.
@@ -73,11 +75,11 @@ def test_probe_and_knn_on_patch_aggregation_checkpoint_beat_chance(tmp_path, qua
     assert results["knn_top1"] >= 0.6, results
 
 
-def test_native_checkpoint_without_aggregation_uses_mean_pooling(tmp_path, quadrant_data):
+def test_native_checkpoint_without_aggregation_uses_mean_pooling(tmp_path, colour_data):
     torch.manual_seed(0)
     config = BeitConfig(**TINY, image_size=32, use_shared_relative_position_bias=True, use_mean_pooling=False)
     BeitModel(config).save_pretrained(tmp_path / "native")
-    results = run_probe(tmp_path / "native", quadrant_data, tmp_path / "out")
+    results = run_probe(tmp_path / "native", colour_data, tmp_path / "out")
     assert results["pooling"] == "mean"
     assert results["linear_probe_top1"] >= 0.8, results
     assert "knn_top1" not in results
@@ -100,13 +102,13 @@ def test_knn_weighted_vote_matches_hand_computation():
         knn_predict(train, labels, query, num_classes=3, k=9)
 
 
-def test_unreadable_image_is_skipped_not_fatal(tmp_path, quadrant_data):
+def test_unreadable_image_is_skipped_not_fatal(tmp_path, colour_data):
     import shutil
 
     data = tmp_path / "data"
-    shutil.copytree(quadrant_data, data)
-    (data / "train" / "quadrant0" / "truncated.png").write_bytes(
-        (data / "train" / "quadrant0" / "0.png").read_bytes()[:50]
+    shutil.copytree(colour_data, data)
+    (data / "train" / "colour0" / "truncated.png").write_bytes(
+        (data / "train" / "colour0" / "0.png").read_bytes()[:50]
     )
     torch.manual_seed(0)
     BeitModel(BeitConfig(**TINY, image_size=32, use_mean_pooling=False)).save_pretrained(tmp_path / "native")
