@@ -296,22 +296,86 @@ def _masked_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torc
     return loss, accuracy
 
 
+def _geometric_offset_positions(source_size: int, target_size: int) -> torch.Tensor:
+    """Positions of the `source_size` source offsets on the integer target offset axis `-(target_size // 2)..`.
+
+    The reference BEiT fine-tuning loaders place source offset `i` at `sum(q**j for j < i)` (mirrored for negative
+    offsets) with `q` bisected in `[1.01, 1.5]`, so near offsets stay about 1 apart and only far ones stretch.
+    """
+    half_source, half_target = source_size // 2, target_size // 2
+    low, high = 1.01, 1.5
+    while high - low > 1e-6:
+        ratio = (low + high) / 2.0
+        if (1.0 - ratio**half_source) / (1.0 - ratio) > half_target:
+            high = ratio
+        else:
+            low = ratio
+    steps = torch.tensor([ratio**power for power in range(half_source)], dtype=torch.float64)
+    positive = torch.cumsum(steps, dim=0)
+    return torch.cat([-positive.flip(0), torch.zeros(1, dtype=torch.float64), positive])
+
+
+def _not_a_knot_spline_matrix(knots: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """`(len(targets), len(knots))` float64 matrix mapping values at `knots` to the not-a-knot cubic spline
+    interpolant evaluated at `targets` (clamped to the knot range, as FITPACK's evaluator does).
+
+    With fewer than 4 knots the spline degenerates to the interpolating polynomial of degree `len(knots) - 1`.
+    """
+    num_knots = knots.shape[0]
+    targets = targets.clamp(knots[0], knots[-1])
+    if num_knots < 4:
+        # Lagrange basis: column k is prod_{m != k} (t - x_m) / (x_k - x_m).
+        differences = targets[:, None, None] - knots[None, None, :]
+        denominators = knots[:, None] - knots[None, :]
+        off_diagonal = ~torch.eye(num_knots, dtype=torch.bool)
+        ratios = torch.where(off_diagonal, differences / torch.where(off_diagonal, denominators, 1.0), 1.0)
+        return ratios.prod(dim=-1)
+    widths = knots[1:] - knots[:-1]
+    # Second derivatives M solve S M = R y: continuity of the first derivative at interior knots, plus a
+    # continuous third derivative at the second and second-to-last knots (not-a-knot ends).
+    system = torch.zeros(num_knots, num_knots, dtype=torch.float64)
+    rhs = torch.zeros(num_knots, num_knots, dtype=torch.float64)
+    system[0, :3] = torch.stack([widths[1], -(widths[0] + widths[1]), widths[0]])
+    system[-1, -3:] = torch.stack([widths[-1], -(widths[-2] + widths[-1]), widths[-2]])
+    for row in range(1, num_knots - 1):
+        left, right = widths[row - 1], widths[row]
+        system[row, row - 1 : row + 2] = torch.stack([left, 2.0 * (left + right), right])
+        rhs[row, row - 1 : row + 2] = 6.0 * torch.stack([1.0 / left, -(1.0 / left + 1.0 / right), 1.0 / right])
+    second_derivatives = torch.linalg.solve(system, rhs)
+    interval = torch.searchsorted(knots[1:-1], targets, right=True)
+    width = widths[interval]
+    after = (targets - knots[interval]) / width
+    before = 1.0 - after
+    rows = torch.arange(targets.shape[0])
+    values = torch.zeros(targets.shape[0], num_knots, dtype=torch.float64)
+    values[rows, interval] = before
+    values[rows, interval + 1] += after
+    curvature = ((before**3 - before)[:, None] * second_derivatives[interval]) + (
+        (after**3 - after)[:, None] * second_derivatives[interval + 1]
+    )
+    return values + curvature * (width**2 / 6.0)[:, None]
+
+
 def resize_relative_position_bias_table(
     table: torch.Tensor, source_window: tuple[int, int], target_window: tuple[int, int]
 ) -> torch.Tensor:
     """Resize a BEiT relative position bias table to another patch grid.
 
     The table holds one row per 2-D offset `(dy, dx)` with `dy in [-(h-1), h-1]`, `dx in [-(w-1), w-1]`, laid
-    out row-major over a `(2h-1, 2w-1)` grid, followed by 3 rows for the [CLS] interactions. The offset grid is
-    resized with bicubic interpolation in 2-D with `align_corners=True`, so that offset (0, 0) stays at the
-    centre and the border offsets map to the border; the [CLS] rows are copied.
+    out row-major over a `(2h-1, 2w-1)` grid, followed by 3 rows for the [CLS] interactions. Each axis of the
+    offset grid is resized like the official BEiT / BEiT v2 fine-tuning code does: the source offsets are placed
+    on a geometric progression (`1, 1 + q, 1 + q + q**2, ...` and mirrored, `q` chosen so the largest one just
+    passes the largest target offset) and the bias is read at the integer target offsets from a cubic
+    interpolating spline through them (the not-a-knot spline that `scipy.interpolate.interp2d(kind="cubic")`
+    fits), one axis after the other. Offset (0, 0) keeps its value, near offsets keep nearly theirs; an axis
+    whose size does not change is left as is, and the [CLS] rows are copied.
 
     Args:
         table (`torch.Tensor` of shape `((2h-1)(2w-1) + 3, num_heads)`)
         source_window, target_window: `(rows, cols)` of the patch grids.
 
     Returns:
-        `torch.Tensor` of shape `((2H-1)(2W-1) + 3, num_heads)`.
+        `torch.Tensor` of shape `((2H-1)(2W-1) + 3, num_heads)`, in `table`'s dtype (computed in float64).
     """
     src_h, src_w = 2 * source_window[0] - 1, 2 * source_window[1] - 1
     dst_h, dst_w = 2 * target_window[0] - 1, 2 * target_window[1] - 1
@@ -322,11 +386,22 @@ def resize_relative_position_bias_table(
         )
     if (src_h, src_w) == (dst_h, dst_w):
         return table.clone()
+    # The reference's geometric-progression resize, not a plain resize of the offset grid: the latter stretches
+    # the near offsets that matter most and hurt ADE20K fine-tuning (microsoft/unilm issue 376).
+    axis_operators = []
+    for source_size, target_size in ((src_h, dst_h), (src_w, dst_w)):
+        if source_size == target_size:
+            axis_operators.append(torch.eye(source_size, dtype=torch.float64))
+            continue
+        half_target = target_size // 2
+        targets = torch.arange(-half_target, half_target + 1, dtype=torch.float64)
+        knots = _geometric_offset_positions(source_size, target_size)
+        axis_operators.append(_not_a_knot_spline_matrix(knots, targets))
+    row_operator, column_operator = (operator.to(table.device) for operator in axis_operators)
     offsets, cls_rows = table[:-3], table[-3:]
-    grid = offsets.reshape(src_h, src_w, -1).permute(2, 0, 1).unsqueeze(0).float()
-    resized = nn.functional.interpolate(grid, size=(dst_h, dst_w), mode="bicubic", align_corners=True)
-    resized = resized.squeeze(0).permute(1, 2, 0).reshape(dst_h * dst_w, -1).to(table.dtype)
-    return torch.cat([resized, cls_rows], dim=0)
+    grid = offsets.reshape(src_h, src_w, -1).to(torch.float64)
+    resized = torch.einsum("ti,ijh,sj->tsh", row_operator, grid, column_operator)
+    return torch.cat([resized.reshape(dst_h * dst_w, -1).to(table.dtype), cls_rows], dim=0)
 
 
 def convert_mim_to_native_beit(

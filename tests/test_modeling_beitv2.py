@@ -318,24 +318,103 @@ def test_drop_path_rates_follow_the_reference_ramp(tiny_beitv2_kwargs):
 # ------------------------------------------------------------------------------------------ export to native
 
 
-def test_resize_relative_position_bias_table():
+def _reference_offset_positions(grid_size: int, target_grid_size: int) -> torch.Tensor:
+    """The official loaders' source offset positions, written out independently: q bisected on [1.01, 1.5]."""
+    low, high = 1.01, 1.5
+    while high - low > 1e-6:
+        q = (low + high) / 2.0
+        if sum(q**power for power in range(grid_size // 2)) > target_grid_size // 2:
+            high = q
+        else:
+            low = q
+    positive = [sum(q**power for power in range(count)) for count in range(1, grid_size // 2 + 1)]
+    return torch.tensor([-p for p in reversed(positive)] + [0.0] + positive, dtype=torch.float64)
+
+
+def _axis_positions(grid_size: int, target_grid_size: int) -> torch.Tensor:
+    if grid_size == target_grid_size:  # an axis that keeps its size is not resampled
+        return torch.arange(grid_size, dtype=torch.float64) - grid_size // 2
+    return _reference_offset_positions(grid_size, target_grid_size)
+
+
+def _table_from_grid(grid: torch.Tensor, cls_rows: torch.Tensor) -> torch.Tensor:
+    return torch.cat([grid.reshape(-1, grid.shape[-1]), cls_rows]).float()
+
+
+def test_resize_relative_position_bias_table_shapes_identity_and_errors():
     heads = 2
     table = torch.randn(7 * 7 + 3, heads)
-    torch.testing.assert_close(resize_relative_position_bias_table(table, (4, 4), (4, 4)), table)
+    same = resize_relative_position_bias_table(table, (4, 4), (4, 4))
+    torch.testing.assert_close(same, table)
+    assert same.data_ptr() != table.data_ptr()
     resized = resize_relative_position_bias_table(table, (4, 4), (6, 6))
-    assert resized.shape == (11 * 11 + 3, heads)
-    torch.testing.assert_close(resized[-3:], table[-3:])
-    source_grid, target_grid = table[:-3].view(7, 7, heads), resized[:-3].view(11, 11, heads)
-    # Offset (0, 0) and the four corner offsets land on themselves: the 2-D offset grid is respected.
-    for (sy, sx), (ty, tx) in [((3, 3), (5, 5)), ((0, 0), (0, 0)), ((0, 6), (0, 10)), ((6, 0), (10, 0))]:
-        torch.testing.assert_close(target_grid[ty, tx], source_grid[sy, sx])
-    # A table that depends only on dy must stay constant along dx after resizing (not so for a flat resize).
-    rows_only = torch.arange(7.0).repeat_interleave(7).unsqueeze(1).expand(-1, heads)
-    rows_only = torch.cat([rows_only, torch.zeros(3, heads)])
-    resized_rows = resize_relative_position_bias_table(rows_only, (4, 4), (6, 6))[:-3].view(11, 11, heads)
-    torch.testing.assert_close(resized_rows, resized_rows[:, :1].expand_as(resized_rows))
+    assert resized.shape == (11 * 11 + 3, heads) and resized.dtype == table.dtype
+    torch.testing.assert_close(resized[-3:], table[-3:], rtol=0, atol=0)
+    # Offset (0, 0) is a source sample position and an integer target: its bias is kept.
+    torch.testing.assert_close(resized[:-3].view(11, 11, heads)[5, 5], table[:-3].view(7, 7, heads)[3, 3])
+    non_square = resize_relative_position_bias_table(torch.randn(9 * 13 + 3, 4), (5, 7), (8, 7))
+    assert non_square.shape == (15 * 13 + 3, 4)
     with pytest.raises(ValueError, match="needs 52"):
         resize_relative_position_bias_table(torch.zeros(50, 2), (4, 4), (6, 6))
+
+
+@pytest.mark.parametrize(
+    ("source_window", "target_window"), [((4, 4), (6, 6)), ((14, 14), (32, 32)), ((5, 8), (9, 12)), ((6, 5), (4, 5))]
+)
+def test_resize_relative_position_bias_table_reproduces_cubics_at_the_geometric_positions(
+    source_window, target_window
+):
+    # A not-a-knot cubic spline reproduces cubic polynomials, so a table that is a product of cubics of the
+    # reference's geometric source positions must come out as the same cubics of the integer target offsets
+    # (targets past the last source position take the border value, like scipy's interp2d).
+    (src_h, src_w), (dst_h, dst_w) = ((2 * rows - 1, 2 * cols - 1) for rows, cols in (source_window, target_window))
+    y_positions, x_positions = _axis_positions(src_h, dst_h), _axis_positions(src_w, dst_w)
+
+    def along_y(offset):
+        return 2.0 + 0.3 * offset - 0.05 * offset**2 + 0.002 * offset**3
+
+    def along_x(offset):
+        return 1.0 - 0.1 * offset + 0.01 * offset**2 + 0.001 * offset**3
+
+    heads_scale = torch.tensor([1.0, -0.5], dtype=torch.float64)
+    grid = along_y(y_positions)[:, None, None] * along_x(x_positions)[None, :, None] * heads_scale
+    resized = resize_relative_position_bias_table(
+        _table_from_grid(grid, torch.randn(3, 2)), source_window, target_window
+    )
+
+    y_targets = (torch.arange(dst_h, dtype=torch.float64) - dst_h // 2).clamp(y_positions[0], y_positions[-1])
+    x_targets = (torch.arange(dst_w, dtype=torch.float64) - dst_w // 2).clamp(x_positions[0], x_positions[-1])
+    expected = along_y(y_targets)[:, None, None] * along_x(x_targets)[None, :, None] * heads_scale
+    torch.testing.assert_close(resized[:-3].view(dst_h, dst_w, 2).double(), expected, rtol=1e-5, atol=1e-4)
+
+
+def test_resize_relative_position_bias_table_small_windows_and_separability():
+    # A 2x2 window has only 3 offsets per axis, too few for a cubic spline: the quadratic through them is used.
+    offsets = torch.arange(3, dtype=torch.float64) - 1
+    quadratic = (1.0 + offsets + 0.5 * offsets**2)[:, None, None].expand(3, 3, 1)
+    resized = resize_relative_position_bias_table(_table_from_grid(quadratic, torch.zeros(3, 1)), (2, 2), (3, 3))
+    positions = _reference_offset_positions(3, 5)
+    targets = (torch.arange(5, dtype=torch.float64) - 2).clamp(positions[0], positions[-1])
+    expected = (1.0 + targets + 0.5 * targets**2)[:, None].expand(5, 5)
+    torch.testing.assert_close(resized[:-3].view(5, 5).double(), expected, rtol=1e-6, atol=1e-6)
+    # A table that depends only on dy stays constant along dx (the grid is resized per axis, not as a flat list).
+    rows_only = torch.randn(7, 1, 2).expand(7, 7, 2)
+    resized_rows = resize_relative_position_bias_table(_table_from_grid(rows_only, torch.zeros(3, 2)), (4, 4), (6, 6))
+    resized_rows = resized_rows[:-3].view(11, 11, 2)
+    torch.testing.assert_close(resized_rows, resized_rows[:, :1].expand_as(resized_rows))
+
+
+def test_resize_relative_position_bias_table_keeps_near_offsets_near():
+    # The geometric positions keep neighbouring offsets about one patch apart; a uniform stretch of the
+    # 27-offset axis onto 63 offsets (the old bicubic resize) gave offset (0, 1) a bias of -0.227 instead of -1.
+    offsets = torch.arange(27, dtype=torch.float64) - 13
+    manhattan = -(offsets.abs()[:, None] + offsets.abs()[None, :])[:, :, None]
+    resized = resize_relative_position_bias_table(_table_from_grid(manhattan, torch.zeros(3, 1)), (14, 14), (32, 32))
+    resized = resized[:-3].view(63, 63)
+    assert resized[31, 31].item() == pytest.approx(0.0, abs=1e-6)
+    assert resized[31, 32].item() == pytest.approx(-1.0, abs=0.05)
+    assert resized[32, 31].item() == pytest.approx(-1.0, abs=0.05)
+    assert resized[31, 62].item() == pytest.approx(-13.0, abs=0.05)  # the farthest offset keeps the farthest bias
 
 
 def test_exported_backbone_matches_mim_backbone(tiny_beitv2_kwargs):
