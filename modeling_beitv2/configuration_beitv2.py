@@ -39,6 +39,8 @@ class BeitV2Config(BeitConfig):
     It extends transformers' `BeitConfig` (every backbone option keeps its meaning) and changes the defaults to
     BEiT v2 base pretraining: a [MASK] embedding, one relative position bias shared by all layers, no absolute
     position embedding, layer scale 0.1, LayerNorm eps 1e-6, a vocabulary of 8192 visual tokens, no drop path.
+    `use_mean_pooling` must keep its default `True`: the MIM model applies the final LayerNorm itself, and
+    `BeitModel` would otherwise add a second one.
 
     Args:
         use_patch_aggregation (`bool`, defaults to `True`):
@@ -90,6 +92,12 @@ class BeitV2Config(BeitConfig):
             raise ValueError(
                 f"image_size {self.image_size} is not divisible by patch_size {self.patch_size}; "
                 "choose an image size that is a multiple of the patch size."
+            )
+        if not self.use_mean_pooling:
+            # BeitModel would then add its own final LayerNorm: tokens normalised twice, and no native export.
+            raise ValueError(
+                f"use_mean_pooling={self.use_mean_pooling} is not supported: BEiT v2 pretraining has no such option, "
+                "the MIM backbone applies the final LayerNorm itself. Leave use_mean_pooling=True."
             )
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(

@@ -66,9 +66,13 @@ class VQKDConfig(PreTrainedConfig):
 
     Args:
         encoder_config (`dict` or `BeitConfig`, *optional*):
-            The encoder ViT. Defaults to ViT-B/16 at 224 px with absolute position embeddings, no layer scale.
+            The encoder ViT. Defaults to ViT-B/16 at 224 px with absolute position embeddings, no layer scale,
+            LayerNorm eps 1e-6 and a final LayerNorm on every token ([`vqkd_encoder_config`]); the keys of a dict
+            override these defaults, a `BeitConfig` is taken as is.
         decoder_config (`dict` or `BeitConfig`, *optional*):
-            The decoder ViT. Defaults to 3 base-width layers over the 14x14 code grid.
+            The decoder ViT. Defaults to 3 base-width layers with patch size 1 over the encoder's grid of codes
+            (`num_channels == code_dim`) and the encoder's defaults otherwise ([`vqkd_decoder_config`]); the keys
+            of a dict override these defaults.
         num_codes (`int`, defaults to 8192): codebook size.
         code_dim (`int`, defaults to 32): dimension of the codes.
         decay (`float`, defaults to 0.99): EMA decay of the codebook.
@@ -102,14 +106,17 @@ class VQKDConfig(PreTrainedConfig):
     initializer_range: float = 0.02
 
     def __post_init__(self, **kwargs: Any) -> None:
-        # Defaults filled in here (the sub-config class default would be BeitConfig's own, not the tokenizer's),
-        # and checks here rather than in `validate_*` hooks so that users get a plain `ValueError`.
-        if self.encoder_config is None:
-            self.encoder_config = vqkd_encoder_config()
-        if self.decoder_config is None:
+        # Missing or partial sub-configs are completed with the tokenizer's defaults here: `BeitConfig` would fill
+        # in its own (no position embeddings, no final LayerNorm, layer scale, eps 1e-12), silently another model.
+        # A saved config lists every key, so reloading one is unaffected. Checks are here rather than in
+        # `validate_*` hooks so that users get a plain `ValueError`.
+        if self.encoder_config is None or isinstance(self.encoder_config, dict):
+            self.encoder_config = {**vqkd_encoder_config(), **(self.encoder_config or {})}
+        if self.decoder_config is None or isinstance(self.decoder_config, dict):
             encoder = self.encoder_config
-            grid = _get(encoder, "image_size", 224) // _get(encoder, "patch_size", 16)
-            self.decoder_config = vqkd_decoder_config(grid_size=grid, code_dim=self.code_dim)
+            grid = _get(encoder, "image_size") // _get(encoder, "patch_size")
+            defaults = vqkd_decoder_config(grid_size=grid, code_dim=self.code_dim)
+            self.decoder_config = {**defaults, **(self.decoder_config or {})}
         if not 0.0 <= self.decay < 1.0:
             raise ValueError(f"decay must lie in [0, 1), got {self.decay}.")
         if self.dead_code_threshold < 0:
@@ -157,5 +164,5 @@ class VQKDConfig(PreTrainedConfig):
         return cls(**{"encoder_config": encoder, "decoder_config": decoder, **overrides})
 
 
-def _get(config: dict | BeitConfig, key: str, default: Any) -> Any:
-    return config.get(key, default) if isinstance(config, dict) else getattr(config, key)
+def _get(config: dict | BeitConfig, key: str) -> Any:
+    return config[key] if isinstance(config, dict) else getattr(config, key)

@@ -8,10 +8,13 @@ mean/std. Its targets are, as in the reference:
 * DINO / ViT (`ViTModel`) and DINOv2 (`Dinov2Model`, `Dinov2WithRegistersModel`): the final LayerNorm'ed tokens,
   without [CLS] and register tokens (`hidden_size` features).
 
-The teacher is frozen, in eval mode and always runs without gradients.
+The teacher is frozen, in eval mode and always runs without gradients. Like the reference teachers, it
+interpolates its position embeddings, so the tokenizer may train at another resolution than the teacher's own.
 """
 
 from __future__ import annotations
+
+import inspect
 
 import torch
 from torch import nn
@@ -43,6 +46,11 @@ class TeacherForPatchTargets(nn.Module):
         self.num_prefix_tokens = 1 + int(getattr(vision_config, "num_register_tokens", 0) or 0)
         self.register_buffer("image_mean", torch.tensor(image_mean).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("image_std", torch.tensor(image_std).view(1, -1, 1, 1), persistent=False)
+        # CLIP and ViT refuse inputs of another size than their config's unless asked to interpolate; DINOv2
+        # always interpolates and has no such argument.
+        backbone = model.vision_model if self.is_clip else model
+        accepts_flag = "interpolate_pos_encoding" in inspect.signature(backbone.forward).parameters
+        self.backbone_kwargs = {"interpolate_pos_encoding": True} if accepts_flag else {}
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, **kwargs) -> TeacherForPatchTargets:
@@ -72,12 +80,17 @@ class TeacherForPatchTargets(nn.Module):
         return image_size // self.patch_size, image_size // self.patch_size
 
     def check_compatible(self, vqkd_config, image_size: int) -> None:
-        """Raise `ValueError` if this teacher's feature size or patch grid does not match a `VQKDConfig`."""
+        """Raise `ValueError` if, at `image_size` pixels, this teacher's feature size or patch grid does not match a
+        `VQKDConfig`. The teacher's own training resolution does not matter: it interpolates its position embeddings.
+        """
         if self.feature_dim != vqkd_config.teacher_dim:
             raise ValueError(
                 f"The teacher's feature size is {self.feature_dim} but the tokenizer's teacher_dim is "
                 f"{vqkd_config.teacher_dim}; set VQKDConfig(teacher_dim={self.feature_dim})."
             )
+        if image_size % self.patch_size:
+            # the teacher's patch embedding would silently drop the border pixels and misalign its patches
+            raise ValueError(f"image_size {image_size} is not a multiple of the teacher's patch size {self.patch_size}.")
         if self.patch_grid(image_size) != tuple(vqkd_config.patch_grid):
             raise ValueError(
                 f"At {image_size} px the teacher's patch grid is {self.patch_grid(image_size)} (patch size "
@@ -95,10 +108,10 @@ class TeacherForPatchTargets(nn.Module):
         """
         normalised = (pixel_values.float() - self.image_mean) / self.image_std
         if self.is_clip:
-            tokens = self.model.vision_model(pixel_values=normalised).last_hidden_state
+            tokens = self.model.vision_model(pixel_values=normalised, **self.backbone_kwargs).last_hidden_state
             tokens = self.model.visual_projection(self.model.vision_model.post_layernorm(tokens))
         else:
-            tokens = self.model(pixel_values=normalised).last_hidden_state
+            tokens = self.model(pixel_values=normalised, **self.backbone_kwargs).last_hidden_state
         return tokens[:, self.num_prefix_tokens :]
 
 

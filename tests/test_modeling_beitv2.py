@@ -98,6 +98,14 @@ def test_config_round_trip(tmp_path, tiny_beitv2_kwargs):
     assert reloaded == {k: v for k, v in config.to_dict().items() if k != "_name_or_path"}
 
 
+def test_config_rejects_use_mean_pooling_false(tiny_beitv2_kwargs):
+    # BeitModel would add its own final LayerNorm on top of the MIM model's: tokens normalised twice.
+    assert BeitV2Config(**tiny_beitv2_kwargs).use_mean_pooling
+    assert all(BeitV2Config.from_preset(name).use_mean_pooling for name in ("tiny", "base", "large"))
+    with pytest.raises(ValueError, match="use_mean_pooling=False .*applies the final LayerNorm itself"):
+        BeitV2Config(**tiny_beitv2_kwargs, use_mean_pooling=False)
+
+
 # ---------------------------------------------------------------------------------------------- initialisation
 
 

@@ -71,3 +71,51 @@ def test_check_compatible_names_both_values():
     config = VQKDConfig.from_preset("tiny-decoder1", image_size=224, teacher_dim=32)
     with pytest.raises(ValueError, match=r"patch grid is \(28, 28\).*tokenizer's is \(14, 14\)"):
         teacher.check_compatible(config, image_size=224)
+
+
+@pytest.mark.parametrize("kind", ["clip", "vit"])
+def test_teacher_interpolates_position_embeddings_to_other_resolutions(kind, pixels):
+    # The teacher is built at 32 px; the tokenizer may train at another resolution (here 48 px, a 6x6 grid).
+    torch.manual_seed(0)
+    if kind == "clip":
+        model = CLIPVisionModelWithProjection(CLIPVisionConfig(**TINY, patch_size=8, projection_dim=24)).eval()
+        backbone = model.vision_model
+    else:
+        model = backbone = ViTModel(ViTConfig(**TINY, patch_size=8), add_pooling_layer=False).eval()
+    teacher = TeacherForPatchTargets(model, IMAGENET_MEAN, IMAGENET_STD)
+    feature_dim = 24 if kind == "clip" else 32
+
+    large = torch.rand(2, 3, 48, 48, generator=torch.Generator().manual_seed(1))
+    targets = teacher(large)
+    assert targets.shape == (2, 36, feature_dim) and torch.isfinite(targets).all()
+    normalised = (large - teacher.image_mean) / teacher.image_std
+    with pytest.raises(ValueError, match="doesn't match model"):
+        backbone(pixel_values=normalised)
+
+    # at the native size interpolation is the identity: the same targets as the uninterpolated model
+    normalised = (pixels - teacher.image_mean) / teacher.image_std
+    with torch.no_grad():
+        tokens = backbone(pixel_values=normalised).last_hidden_state
+        if kind == "clip":
+            tokens = model.visual_projection(model.vision_model.post_layernorm(tokens))
+    torch.testing.assert_close(teacher(pixels), tokens[:, 1:], rtol=0, atol=0)
+
+
+def test_dinov2_teacher_at_another_resolution():
+    torch.manual_seed(0)
+    config = Dinov2WithRegistersConfig(**TINY, patch_size=8, num_register_tokens=4)
+    teacher = TeacherForPatchTargets(Dinov2WithRegistersModel(config), IMAGENET_MEAN, IMAGENET_STD)
+    assert teacher(torch.rand(2, 3, 48, 48)).shape == (2, 36, 32)
+
+
+def test_check_compatible_at_another_resolution_than_the_teachers():
+    teacher = TeacherForPatchTargets(ViTModel(ViTConfig(**TINY, patch_size=8)), IMAGENET_MEAN, IMAGENET_STD)
+    config = VQKDConfig(
+        encoder_config=dict(TINY, image_size=48, patch_size=8),
+        decoder_config=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64),
+        code_dim=8,
+        teacher_dim=32,
+    )
+    teacher.check_compatible(config, image_size=48)  # the teacher's 32 px does not matter
+    with pytest.raises(ValueError, match="image_size 50 is not a multiple of the teacher's patch size 8"):
+        teacher.check_compatible(config, image_size=50)

@@ -63,6 +63,40 @@ def test_config_rejects_mismatched_decoder():
         tiny_config(decoder_config=vqkd_decoder_config("tiny", num_layers=1, grid_size=7, code_dim=8, **TINY_VIT))
 
 
+def test_partial_dict_sub_configs_get_the_tokenizer_defaults(tmp_path):
+    # BeitConfig's own defaults (no position embeddings, no final LayerNorm, layer scale 0.1, eps 1e-12) would
+    # silently build another model than the reference tokenizer.
+    vit = dict(TINY_VIT, num_hidden_layers=2)
+    partial = VQKDConfig(
+        encoder_config=dict(vit, image_size=32, patch_size=8),
+        decoder_config=dict(TINY_VIT, num_hidden_layers=1),
+        code_dim=8,
+    )
+    helpers = VQKDConfig(
+        encoder_config=vqkd_encoder_config(image_size=32, patch_size=8, **vit),
+        decoder_config=vqkd_decoder_config(num_layers=1, grid_size=4, code_dim=8, **TINY_VIT),
+        code_dim=8,
+    )
+    assert partial.to_dict() == helpers.to_dict()
+    for sub_config in (partial.encoder_config, partial.decoder_config):
+        assert sub_config.use_absolute_position_embeddings and not sub_config.use_mean_pooling
+        assert sub_config.layer_norm_eps == 1e-6 and sub_config.layer_scale_init_value == 0.0
+    decoder = partial.decoder_config
+    assert (decoder.num_hidden_layers, decoder.patch_size, decoder.image_size, decoder.num_channels) == (1, 1, 4, 8)
+    model = VQKDModel(partial)
+    assert isinstance(model.encoder.layernorm, torch.nn.LayerNorm) and model.encoder.layernorm.eps == 1e-6
+    assert model.encoder.embeddings.position_embeddings is not None
+    assert not isinstance(model.encoder.layers[0].lambda_1, torch.nn.Parameter)  # no layer scale
+
+    # an explicit value still wins, and the saved config.json lists every key, so reloading keeps all of them
+    custom = VQKDConfig(encoder_config=dict(vit, image_size=32, patch_size=8, layer_norm_eps=1e-5), code_dim=8)
+    assert custom.encoder_config.layer_norm_eps == 1e-5
+    partial.save_pretrained(tmp_path)
+    reloaded = AutoConfig.from_pretrained(tmp_path)
+    assert reloaded.encoder_config.to_dict() == partial.encoder_config.to_dict()
+    assert reloaded.decoder_config.to_dict() == partial.decoder_config.to_dict()
+
+
 def test_reference_init():
     # timm's trunc_normal_(std=0.02) with its absolute +-2 cut-off: a plain normal of std 0.02 in practice
     torch.manual_seed(0)
