@@ -121,9 +121,10 @@ def model_card_kwargs(
     hub_model_id: str | None,
     dataset_name: str | None,
     training_args: dict,
+    num_labels: int | None = None,
 ) -> dict:
     """Keyword arguments of `model_cards.write_model_card` shared by the fine-tuning scripts (measured metrics are
-    added when the card is written)."""
+    added when the card is written). `native_config` is the backbone's; `num_labels` defaults to its own."""
     config = AutoConfig.from_pretrained(model_name_or_path)
     return {
         "model_id": hub_model_id or output_dir,
@@ -140,7 +141,7 @@ def model_card_kwargs(
             "num_attention_heads": native_config.num_attention_heads,
             "image_size": native_config.image_size,
             "patch_size": native_config.patch_size,
-            "num_labels": native_config.num_labels,
+            "num_labels": num_labels if num_labels is not None else native_config.num_labels,
         },
     }
 

@@ -2,7 +2,7 @@
 
 Works on module names of transformers' BEiT layout (``embeddings.*``, ``layers.{i}.*``, optionally prefixed,
 e.g. ``beit.layers.3.mlp.fc1.weight``) and therefore on our MIM model, the VQ-KD encoder and the native
-``BeitForImageClassification`` / ``BeitForSemanticSegmentation`` alike.
+``BeitForImageClassification`` / ``UperNetForSemanticSegmentation`` (``backbone.beit.*``) alike.
 """
 
 from __future__ import annotations

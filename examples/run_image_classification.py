@@ -161,7 +161,8 @@ class LayerDecayTrainer(Trainer):
                 opt_model,
                 weight_decay=self.args.weight_decay,
                 layer_decay=self.layer_decay,
-                num_layers=opt_model.config.num_hidden_layers,
+                # A segmentation model (UperNet) keeps the backbone's depth in its backbone config.
+                num_layers=getattr(opt_model.config, "backbone_config", opt_model.config).num_hidden_layers,
             )
             apply_lr_scale(groups, self.args.learning_rate)
             for group in groups:

@@ -1,10 +1,11 @@
 #!/usr/bin/env python
-"""Semantic segmentation with transformers' `BeitForSemanticSegmentation` (UperNet + auxiliary FCN head) from a
-pretrained BEiT v2 / BEiT backbone, trained with the `Trainer` and layer-wise lr decay, evaluated by mIoU.
+"""Semantic segmentation with transformers' `UperNetForSemanticSegmentation` (UperNet + auxiliary FCN head) on a
+`BeitBackbone` holding a pretrained BEiT v2 / BEiT backbone, trained with the `Trainer` and layer-wise lr decay,
+evaluated by mIoU. The saved model uses native transformers classes only (pipelines and Hub widgets work).
 
 The paper's ADE20K recipe (appendix G; from BEiT): 512 x 512 crops, 160k iterations at batch 16, AdamW lr
 about 1e-4 ... 8e-4 (base/large), weight decay 0.05, layer decay 0.75 ... 0.85, warmup 1500 steps, linear decay,
-drop path 0.1, relative position bias initialised from the pretraining table, features of blocks
+drop path 0.1, relative position bias initialised from the pretraining table, features of (0-based) blocks
 [3, 5, 7, 11] (base) or [7, 11, 15, 23] (large):
 
     python examples/run_semantic_segmentation.py --model_name_or_path path/to/beitv2-mim \
@@ -49,7 +50,15 @@ from downstream import (
 from image_datasets import decode_image
 from PIL import Image
 from run_image_classification import LayerDecayTrainer, SkipUnreadableImages
-from transformers import BeitForSemanticSegmentation, BeitImageProcessor, TrainingArguments, default_data_collator
+from transformers import (
+    BeitConfig,
+    BeitImageProcessor,
+    BeitModel,
+    TrainingArguments,
+    UperNetConfig,
+    UperNetForSemanticSegmentation,
+    default_data_collator,
+)
 
 from processing.random_state import ProcessLocalRNG
 
@@ -131,6 +140,50 @@ def reduce_annotation(annotation: Image.Image, reduce_labels: bool) -> np.ndarra
     return labels
 
 
+def build_segmentation_model(
+    model_name_or_path: str,
+    out_indices: list[int],
+    crop_size: int,
+    id2label: dict[int, str],
+    auxiliary_loss_weight: float,
+    drop_path_rate: float,
+) -> UperNetForSemanticSegmentation:
+    """transformers' `UperNetForSemanticSegmentation` on a `BeitBackbone` (with BEiT's 4-level FPN) holding the
+    pretrained weights, all native classes, so the result loads and runs without this package.
+
+    `out_indices` are 0-based blocks, as in the reference configs. `BeitBackbone` reads block `b` as stage `b + 1`
+    (stage 0 is the patch embedding). `BeitForSemanticSegmentation` is not used: it reads the hidden state before
+    each index, i.e. block `b - 2`, so the reference features [3, 5, 7, 11] would come from blocks 1, 3, 5, 9 and
+    the last two blocks would get no gradient; the top block cannot be reached at all.
+    """
+    backbone = load_native_beit(model_name_or_path, BeitModel, image_size=crop_size, drop_path_rate=drop_path_rate)
+    backbone_config = BeitConfig.from_dict(
+        {
+            **backbone.config.to_dict(),
+            "out_indices": [index + 1 for index in out_indices],
+            "out_features": None,
+            "add_fpn": True,
+            "reshape_hidden_states": True,
+        }
+    )
+    config = UperNetConfig(
+        backbone_config=backbone_config,
+        num_labels=len(id2label),
+        id2label=id2label,
+        label2id={name: index for index, name in id2label.items()},
+        use_auxiliary_head=True,
+        auxiliary_loss_weight=auxiliary_loss_weight,
+        loss_ignore_index=IGNORE_INDEX,
+    )
+    model = UperNetForSemanticSegmentation(config)
+    missing, unexpected = model.backbone.beit.load_state_dict(backbone.state_dict(), strict=False)
+    # The backbone has no pooling layer; everything else must match exactly.
+    unexpected = [key for key in unexpected if not key.startswith("pooler.")]
+    if missing or unexpected:
+        raise ValueError(f"Backbone weights do not fit: missing {missing}, unexpected {unexpected}.")
+    return model
+
+
 def build_transforms(crop_size: int, reduce_labels: bool, image_processor: BeitImageProcessor, seed: int):
     mean = np.asarray(image_processor.image_mean, np.float32)[:, None, None]
     std = np.asarray(image_processor.image_std, np.float32)[:, None, None]
@@ -195,17 +248,14 @@ def main() -> None:
     )
     if len(out_indices) != 4 or not all(0 <= index < depth for index in out_indices):
         raise ValueError(f"out_indices must be 4 block indices in [0, {depth}), got {out_indices}.")
-    model = load_native_beit(
+    if sorted(set(out_indices)) != list(out_indices):
+        raise ValueError(f"out_indices must be increasing (the 4 levels go from fine to coarse), got {out_indices}.")
+    model = build_segmentation_model(
         model_args.model_name_or_path,
-        BeitForSemanticSegmentation,
-        image_size=data_args.crop_size,
-        num_labels=data_args.num_labels,
+        out_indices,
+        crop_size=data_args.crop_size,
         id2label=id2label,
-        label2id={name: index for index, name in id2label.items()},
-        out_indices=out_indices,
-        use_auxiliary_head=True,
         auxiliary_loss_weight=model_args.auxiliary_loss_weight,
-        semantic_loss_ignore_index=IGNORE_INDEX,
         drop_path_rate=model_args.drop_path_rate,
     )
     image_mean, image_std = pretraining_normalisation(model_args.model_name_or_path, model_args.cache_dir)
@@ -288,7 +338,7 @@ def main() -> None:
             "kind": "segmentation",
             **model_card_kwargs(
                 model_args.model_name_or_path,
-                model.config,
+                model.config.backbone_config,
                 training_args.output_dir,
                 training_args.hub_model_id,
                 data_args.dataset_name,
@@ -302,6 +352,7 @@ def main() -> None:
                     "crop_size": data_args.crop_size,
                     "out_indices": str(out_indices),
                 },
+                num_labels=data_args.num_labels,
             ),
         },
     )

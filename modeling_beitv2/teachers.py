@@ -90,7 +90,9 @@ class TeacherForPatchTargets(nn.Module):
             )
         if image_size % self.patch_size:
             # the teacher's patch embedding would silently drop the border pixels and misalign its patches
-            raise ValueError(f"image_size {image_size} is not a multiple of the teacher's patch size {self.patch_size}.")
+            raise ValueError(
+                f"image_size {image_size} is not a multiple of the teacher's patch size {self.patch_size}."
+            )
         if self.patch_grid(image_size) != tuple(vqkd_config.patch_grid):
             raise ValueError(
                 f"At {image_size} px the teacher's patch grid is {self.patch_grid(image_size)} (patch size "

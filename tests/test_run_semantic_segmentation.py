@@ -12,8 +12,10 @@ import evaluate
 import numpy as np
 import pytest
 import torch
+from param_groups import build_param_groups
 from PIL import Image
-from transformers import BeitForSemanticSegmentation, pipeline
+from run_semantic_segmentation import build_segmentation_model
+from transformers import AutoModelForSemanticSegmentation, UperNetForSemanticSegmentation, pipeline
 
 from modeling_beitv2 import BeitV2Config, BeitV2ForMaskedImageModeling
 
@@ -86,13 +88,15 @@ def test_segmentation_from_mim_checkpoint_learns_and_writes_miou(tmp_path):
     assert eval_results["eval_mean_iou"] >= 0.35, eval_results
     assert eval_results["eval_overall_accuracy"] >= 0.65, eval_results
     config = json.loads((output_dir / "config.json").read_text())
-    assert config["model_type"] == "beit" and config["out_indices"] == [0, 1, 2, 3]
-    assert config["use_auxiliary_head"] and config["semantic_loss_ignore_index"] == 255
+    assert config["model_type"] == "upernet" and config["backbone_config"]["model_type"] == "beit"
+    assert config["backbone_config"]["out_indices"] == [1, 2, 3, 4]  # stages = 0-based blocks + 1
+    assert config["use_auxiliary_head"] and config["loss_ignore_index"] == 255
     card = (output_dir / "README.md").read_text()
     assert "pipeline_tag: image-segmentation" in card and "| eval_mean_iou |" in card
-    model = BeitForSemanticSegmentation.from_pretrained(output_dir)
+    model = AutoModelForSemanticSegmentation.from_pretrained(output_dir)
+    assert type(model) is UperNetForSemanticSegmentation
     logits = model(pixel_values=torch.randn(1, 3, 32, 32)).logits
-    assert logits.shape == (1, 3, 16, 16)  # the first UperNet level is 4x the 4x4 patch grid
+    assert logits.shape == (1, 3, 32, 32)  # transformers' UperNet upsamples to the input size
     segments = pipeline("image-segmentation", model=str(output_dir), device="cpu")(
         Image.new("RGB", (48, 40), COLOURS[0])
     )
@@ -125,3 +129,43 @@ def test_accuracy_metric_top_k():
     )
     with pytest.raises(ValueError, match="top_k"):
         accuracy.compute(predictions=scores, references=[2, 0, 2], top_k=[5])
+
+
+def test_features_come_from_the_requested_blocks_and_every_block_learns(tmp_path):
+    config = BeitV2Config(
+        hidden_size=32,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        intermediate_size=64,
+        patch_size=8,
+        image_size=32,
+        vocab_size=16,
+        early_layers=2,
+        head_layers=1,
+    )
+    mim = BeitV2ForMaskedImageModeling(config)
+    mim.save_pretrained(tmp_path / "mim")
+    model = build_segmentation_model(
+        str(tmp_path / "mim"), [0, 1, 2, 3], 32, {0: "a", 1: "b"}, auxiliary_loss_weight=0.4, drop_path_rate=0.0
+    ).eval()
+    torch.testing.assert_close(
+        model.backbone.beit.embeddings.patch_embeddings.projection.weight,
+        mim.beit.embeddings.patch_embeddings.projection.weight,
+    )
+    pixel_values = torch.randn(2, 3, 32, 32)
+    output = model.backbone(pixel_values, output_hidden_states=True)
+    # BEiT's FPN keeps the third level as is: it must be the output of block 2 (0-based) = hidden_states[3].
+    block2 = output.hidden_states[3][:, 1:].transpose(1, 2).reshape(2, 32, 4, 4)
+    torch.testing.assert_close(output.feature_maps[2], block2)
+    # The reference levels include the last block, so it gets a gradient (BeitForSemanticSegmentation's indexing
+    # would leave the top blocks out).
+    model.train()
+    model(pixel_values=pixel_values, labels=torch.randint(0, 2, (2, 32, 32))).loss.backward()
+    last_block = model.backbone.beit.layers[-1]
+    assert all(param.grad is not None and param.grad.abs().sum() > 0 for param in last_block.parameters())
+    # Layer decay sees the backbone's layout under the UperNet prefix: embeddings 0, block i -> i + 1, rest L + 1.
+    groups = build_param_groups(model, weight_decay=0.05, layer_decay=0.5, num_layers=4)
+    scale_of = {name: group["lr_scale"] for group in groups for name in group["names"]}
+    assert scale_of["backbone.beit.embeddings.patch_embeddings.projection.weight"] == 0.5**5
+    assert scale_of["backbone.beit.layers.1.mlp.fc1.weight"] == 0.5**3
+    assert scale_of["backbone.fpn.fpn1.conv_transpose1.weight"] == scale_of["decode_head.classifier.weight"] == 1.0
