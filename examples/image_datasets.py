@@ -304,7 +304,22 @@ class StreamStateTracker:
 def build_dataloader(
     stream: ImageStream, batch_size: int, num_workers: int = 0, pin_memory: bool = False
 ) -> torch.utils.data.DataLoader:
-    """A DataLoader over an :class:`ImageStream`; decoding and transforms run in its workers."""
+    """A DataLoader over an :class:`ImageStream`; decoding and transforms run in its workers.
+
+    `datasets` hands whole shards to DataLoader workers, so a worker beyond this rank's shard count would get no
+    data: the number of workers is capped at that count (with a warning saying how to get more).
+    """
+    num_shards = stream.dataset.num_shards
+    if num_workers > num_shards:
+        logger.warning(
+            "Using %d DataLoader worker(s) instead of %d: this rank's stream has %d shard(s) and each worker reads "
+            "whole shards. Use a dataset with more files (or --streaming false, which prepares the split locally "
+            "and splits it into more shards) to load with more workers.",
+            num_shards,
+            num_workers,
+            num_shards,
+        )
+        num_workers = num_shards
     return torch.utils.data.DataLoader(
         stream,
         batch_size=batch_size,

@@ -124,6 +124,21 @@ def test_ranks_and_workers_see_disjoint_examples(tmp_path):
     assert sorted(indices) == list(range(16))
 
 
+def test_more_workers_than_shards_are_capped_not_fatal(tmp_path, caplog):
+    # One parquet file = one shard: a second worker would get nothing, and the stream raises on an empty epoch.
+    files = write_parquet_shards(tmp_path, 6, 1)
+    dataset, column = load_image_stream(data_files=files)
+    loader = build_dataloader(ImageStream(dataset, column, pixel_index), batch_size=2, num_workers=2)
+    assert loader.num_workers == 1
+    assert "Using 1 DataLoader worker(s) instead of 2: this rank's stream has 1 shard(s)" in caplog.text
+    indices = []
+    for batch in loader:
+        indices.extend(batch["index"].tolist())
+        if len(indices) == 6:
+            break
+    assert sorted(indices) == list(range(6))
+
+
 def test_shuffle_is_seeded_and_changes_with_epoch(tmp_path):
     files = write_parquet_shards(tmp_path, 16, 4)
     dataset, column = load_image_stream(data_files=files)
