@@ -12,9 +12,11 @@ from transformers.processing_utils import ImagesKwargs
 from .random_state import ProcessLocalRNG
 from .settings_cache import SettingsCache
 from .transforms import (
+    CenterCrop,
+    Compose,
     RandomHorizontalFlip,
     RandomResizedCrop,
-    center_square_box,
+    Resize,
     make_image_list,
     to_float_array,
     to_pil_image,
@@ -33,8 +35,8 @@ class VQKDImageProcessor(BaseImageProcessor):
     r"""
     Prepares images for the VQ-KD tokenizer: pixels mapped to [-1, 1] (mean 0.5, std 0.5), as its encoder expects.
 
-    - Evaluation (default): the central square (side = shorter side) resized to `image_size`, which equals "resize
-      the shorter side to `image_size`, then center-crop `image_size`" with a single resampling.
+    - Evaluation (default), the reference's validation transform: the shorter side resized to
+      `int(image_size / crop_pct)`, then the central `image_size` square.
     - Training (`do_augment=True`): RandomResizedCrop(`image_size`, `crop_scale`, `crop_ratio`) then a horizontal
       flip with probability 0.5, the VQ-KD training recipe.
 
@@ -44,6 +46,8 @@ class VQKDImageProcessor(BaseImageProcessor):
         image_mean, image_std (`tuple[float, float, float]`, defaults to 0.5): Normalisation (0.5 maps to [-1, 1]).
         crop_scale (`tuple[float, float]`, defaults to `(0.08, 1.0)`): Area range of the training crop.
         crop_ratio (`tuple[float, float]`, defaults to `(3/4, 4/3)`): Aspect-ratio range of the training crop.
+        crop_pct (`float`, *optional*): Evaluation crop fraction; by default the reference's rule, 224/256 below
+            384 px and 1.0 from 384 px.
         seed (`int` or `numpy.random.Generator`, *optional*): Seed of the augmentation RNG (not saved; independent
             per DataLoader worker, see `ProcessLocalRNG`).
 
@@ -66,6 +70,7 @@ class VQKDImageProcessor(BaseImageProcessor):
         image_std: tuple[float, float, float] = (0.5, 0.5, 0.5),
         crop_scale: tuple[float, float] = (0.08, 1.0),
         crop_ratio: tuple[float, float] = (3 / 4, 4 / 3),
+        crop_pct: float | None = None,
         seed: int | np.random.Generator | None = None,
         **kwargs,
     ):
@@ -76,11 +81,14 @@ class VQKDImageProcessor(BaseImageProcessor):
         self.image_std = [float(v) for v in image_std]
         self.crop_scale = [float(v) for v in crop_scale]
         self.crop_ratio = [float(v) for v in crop_ratio]
+        self.crop_pct = crop_pct
         self._rng = ProcessLocalRNG(seed)
         self._flip = RandomHorizontalFlip(0.5)
         # Built from the settings at use time, so attribute changes and per-call settings take effect.
         self._crop = SettingsCache(_CROP_SETTINGS, _build_crop)
+        self._eval_view = SettingsCache(_EVAL_SETTINGS, _build_eval_view)
         self._crop.get(self)  # bad settings fail here rather than at the first image
+        self._eval_view.get(self)
 
     def set_seed(self, seed: int | np.random.Generator | None) -> None:
         """Restarts the augmentation RNG from `seed`."""
@@ -102,7 +110,12 @@ class VQKDImageProcessor(BaseImageProcessor):
         """
         mean = np.asarray(settings.pop("image_mean", self.image_mean), dtype=np.float32)[:, None, None]
         std = np.asarray(settings.pop("image_std", self.image_std), dtype=np.float32)[:, None, None]
-        crop = self._crop.get(self, **settings)
+        unknown = set(settings) - set(_CROP_SETTINGS) - set(_EVAL_SETTINGS)
+        if unknown:
+            accepted = ("image_mean", "image_std", *dict.fromkeys(_CROP_SETTINGS + _EVAL_SETTINGS))
+            raise ValueError(f"Unknown setting(s) {sorted(unknown)}; accepted: {accepted}")
+        crop = self._crop.get(self, **{name: settings[name] for name in _CROP_SETTINGS if name in settings})
+        eval_view = self._eval_view.get(self, **{name: settings[name] for name in _EVAL_SETTINGS if name in settings})
         rng = self._rng.generator
         pixel_values = []
         for raw in make_image_list(images):
@@ -110,7 +123,7 @@ class VQKDImageProcessor(BaseImageProcessor):
             if do_augment:
                 image = self._flip(crop(image, rng), rng)
             else:
-                image = crop.apply_box(image, center_square_box(*image.size))
+                image = eval_view(image)
             pixel_values.append((to_float_array(image) - mean) / std)
         if return_tensors is not None:
             pixel_values = np.stack(pixel_values)
@@ -125,3 +138,14 @@ def _build_crop(
     image_size: int, interpolation: str, crop_scale: tuple[float, float], crop_ratio: tuple[float, float]
 ) -> RandomResizedCrop:
     return RandomResizedCrop(int(image_size), tuple(crop_scale), tuple(crop_ratio), interpolation)
+
+
+_EVAL_SETTINGS = ("image_size", "interpolation", "crop_pct")
+
+
+def _build_eval_view(image_size: int, interpolation: str, crop_pct: float | None) -> Compose:
+    if crop_pct is None:
+        crop_pct = 224 / 256 if image_size < 384 else 1.0
+    if not 0 < crop_pct <= 1:
+        raise ValueError(f"crop_pct must be in (0, 1], got {crop_pct}")
+    return Compose([Resize(int(image_size / crop_pct), interpolation), CenterCrop(int(image_size))])

@@ -13,9 +13,7 @@ from transformers import AutoImageProcessor
 
 from processing import (
     BeitV2ImageProcessor,
-    CenterCrop,
     DataCollatorForMaskedImageModeling,
-    Resize,
     VQKDImageProcessor,
 )
 
@@ -45,10 +43,19 @@ def test_vqkd_eval_maps_to_minus_one_one_and_matches_resize_center_crop():
     out = processor(gray, return_tensors="np")["pixel_values"]
     assert out.shape == (1, 3, 32, 32) and out.dtype == np.float32
     np.testing.assert_allclose(out, (128 / 255 - 0.5) / 0.5, atol=1e-6)
-    image = smooth_image()
-    reference = np.asarray(CenterCrop(32)(Resize(32)(image)), dtype=np.float32).transpose(2, 0, 1) / 127.5 - 1
-    ours = processor(image)["pixel_values"][0]
-    assert np.abs(ours - reference).mean() < 0.02
+    # The reference's validation transform: shorter side to int(32 / (224/256)) = 36, then the central 32 px
+    # (written here with PIL directly).
+    image = smooth_image(80, 60)
+    resized = image.resize((48, 36), PIL.Image.BICUBIC)
+    reference = np.asarray(resized.crop((8, 2, 40, 34)), dtype=np.float32).transpose(2, 0, 1) / 127.5 - 1
+    np.testing.assert_allclose(processor(image)["pixel_values"][0], reference, atol=1e-6)
+    # crop_pct 1.0 (and the reference's rule from 384 px): the central square of the shorter-side resize.
+    whole = np.asarray(image.resize((42, 32), PIL.Image.BICUBIC).crop((5, 0, 37, 32)), np.float32)
+    np.testing.assert_allclose(
+        processor(image, crop_pct=1.0)["pixel_values"][0], whole.transpose(2, 0, 1) / 127.5 - 1, atol=1e-6
+    )
+    with pytest.raises(ValueError, match="crop_pct"):
+        VQKDImageProcessor(crop_pct=1.5)
 
 
 def test_vqkd_training_augmentation_is_random_and_seeded():
