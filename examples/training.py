@@ -412,7 +412,23 @@ def read_training_state(accelerator: Accelerator, path: Path) -> dict:
             f"{state_file} is missing: the checkpoint was written by fewer processes than the "
             f"{accelerator.num_processes} running now; resume with the same number of processes."
         )
-    return json.loads(state_file.read_text())
+    saved = json.loads(state_file.read_text())
+    written_by = saved["loop"].get("num_processes", accelerator.num_processes)
+    if written_by != accelerator.num_processes:
+        raise ValueError(
+            f"{path} was written by {written_by} processes but {accelerator.num_processes} are running: the data "
+            "streams, RNG states and total batch size belong to that process count; resume with the same number."
+        )
+    return saved
+
+
+def _drop_metrics_after(metrics_file: Path, step: int) -> None:
+    """Remove records of steps after `step` (logged by the interrupted run after its last checkpoint)."""
+    if not metrics_file.exists():
+        return
+    lines = metrics_file.read_text().splitlines()
+    kept = [line for line in lines if json.loads(line)["step"] <= step]
+    metrics_file.write_text("".join(line + "\n" for line in kept))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -489,13 +505,33 @@ def train(
     accelerator.register_for_checkpointing(scheduler)
     Path(args.output_dir).mkdir(parents=True, exist_ok=True)  # by every rank: each writes its own files
     tracker = StreamStateTracker()
-    state = {"step": 0, "num_nonfinite_steps": 0, "consecutive_nonfinite": 0}
+    # The process count is part of the state: each rank resumes its own stream position and RNG.
+    state = {
+        "step": 0,
+        "num_nonfinite_steps": 0,
+        "consecutive_nonfinite": 0,
+        "num_processes": accelerator.num_processes,
+    }
     checkpoint = resolve_checkpoint(args.resume_from_checkpoint, args.output_dir)
+    earlier_checkpoints = list_checkpoints(args.output_dir)
+    if checkpoint is None and earlier_checkpoints:
+        # Rotation and `latest` go by step number, so a fresh run here would delete its own checkpoints and a
+        # later `latest` would resume the old run.
+        raise ValueError(
+            f"{args.output_dir} holds checkpoints of an earlier run ({', '.join(p.name for p in earlier_checkpoints)})"
+            ": pass --resume_from_checkpoint latest to continue it, or use another --output_dir (or delete them)."
+        )
+    accelerator.wait_for_everyone()  # every rank has looked before the main process changes the folder
+    if accelerator.is_main_process:
+        for interrupted in Path(args.output_dir).glob(f".tmp-{CHECKPOINT_PREFIX}*"):
+            shutil.rmtree(interrupted, ignore_errors=True)
     if checkpoint is not None:
         saved = read_training_state(accelerator, checkpoint)
         state.update(saved["loop"])
         tracker.load_state_dict(saved["stream"])
         stream.load_state_dict(tracker.worker_states)
+        if accelerator.is_main_process:
+            _drop_metrics_after(Path(args.output_dir) / METRICS_FILE, state["step"])
     elif accelerator.is_main_process and (Path(args.output_dir) / METRICS_FILE).exists():
         # A fresh run in a used folder starts a fresh metrics file; a resumed run appends to it.
         (Path(args.output_dir) / METRICS_FILE).unlink()

@@ -10,6 +10,7 @@ from PIL import Image
 from transformers import BeitConfig, BeitForImageClassification, BeitImageProcessor
 
 from model_cards import CARD_KINDS, render_model_card, split_front_matter, write_model_card
+from processing import BeitV2ImageProcessor, VQKDImageProcessor
 
 REQUIRED_METADATA = ("library_name", "pipeline_tag", "tags", "license")
 
@@ -100,12 +101,18 @@ def test_classifier_snippet_runs_against_a_written_card(tmp_path, monkeypatch):
     assert namespace["predictions"][0]["label"] in config.id2label.values()
 
 
-def test_mim_snippet_runs(tmp_path, monkeypatch, tiny_beitv2_kwargs):
+@pytest.mark.parametrize("saved_by", ["run_mim", "converter"])
+def test_mim_snippet_runs(tmp_path, monkeypatch, tiny_beitv2_kwargs, saved_by):
     from modeling_beitv2 import BeitV2Config, BeitV2ForMaskedImageModeling
 
     model_dir = tmp_path / "mim"
     BeitV2ForMaskedImageModeling(BeitV2Config(**tiny_beitv2_kwargs)).save_pretrained(model_dir)
-    BeitImageProcessor(size={"height": 32, "width": 32}, do_center_crop=False).save_pretrained(model_dir)
+    # run_mim.py saves its masking processor (custom code, which also returns a mask and a tokenizer view); the
+    # converter saves a native BeitImageProcessor. The snippet must work with both.
+    if saved_by == "run_mim":
+        BeitV2ImageProcessor(image_size=32, patch_size=8, tokenizer_image_size=32).save_pretrained(model_dir)
+    else:
+        BeitImageProcessor(size={"height": 32, "width": 32}, do_center_crop=False).save_pretrained(model_dir)
     card = render_model_card("mim", model_id=str(model_dir))
     Image.new("RGB", (40, 30), "blue").save(tmp_path / "cat.jpg")
     monkeypatch.chdir(tmp_path)
@@ -114,3 +121,24 @@ def test_mim_snippet_runs(tmp_path, monkeypatch, tiny_beitv2_kwargs):
         exec(_usage_snippet(card), namespace)
     assert namespace["predicted_tokens"].shape == (8,)  # half of the 16 patches masked
     assert namespace["features"].shape == (1, 17, 32)
+
+
+def test_vqkd_snippet_runs(tmp_path, monkeypatch):
+    from modeling_beitv2 import VQKDConfig, VQKDModel
+    from modeling_beitv2.configuration_vqkd import vqkd_decoder_config, vqkd_encoder_config
+
+    width = dict(hidden_size=32, num_attention_heads=2, intermediate_size=64)
+    config = VQKDConfig(
+        encoder_config=vqkd_encoder_config("tiny", image_size=32, patch_size=8, num_hidden_layers=2, **width),
+        decoder_config=vqkd_decoder_config("tiny", num_layers=1, grid_size=4, code_dim=8, **width),
+        num_codes=16, code_dim=8, teacher_dim=16, kmeans_init=False,
+    )  # fmt: skip
+    model_dir = tmp_path / "vqkd"
+    VQKDModel(config).save_pretrained(model_dir)
+    VQKDImageProcessor(image_size=32).save_pretrained(model_dir)  # what run_vqkd.py saves (custom code)
+    card = render_model_card("vqkd", model_id=str(model_dir))
+    Image.new("RGB", (40, 30), "blue").save(tmp_path / "cat.jpg")
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(_usage_snippet(card), namespace)
+    assert namespace["codes"].shape == (1, 16) and int(namespace["codes"].max()) < 16

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -116,6 +117,29 @@ def test_resume_continues_exactly_with_drop_path(mim_inputs, tmp_path):
     assert [record["step"] for record in resumed_records] == [5, 6]
     for key in ("loss", "loss_1", "loss_2", "grad_norm", "lr"):
         assert [r[key] for r in resumed_records] == pytest.approx([r[key] for r in full_records[4:]], rel=1e-6)
+
+
+def test_output_dir_bookkeeping_across_runs(mim_inputs, tmp_path):
+    files, tokenizer = mim_inputs
+    output_dir = tmp_path / "out"
+    run_mim.main(mim_args(files, tokenizer, output_dir, "--max_steps", "4", "--save_steps", "2"))
+    # Killed after step 4 with its last complete checkpoint at 2, in the middle of another save.
+    shutil.rmtree(output_dir / "checkpoint-4")
+    (output_dir / ".tmp-checkpoint-3").mkdir()
+    # A fresh run would rotate away its own checkpoints (the old ones have higher steps): refused.
+    with pytest.raises(ValueError, match=r"holds checkpoints of an earlier run \(checkpoint-2\)"):
+        run_mim.main(mim_args(files, tokenizer, output_dir, "--max_steps", "4"))
+    # Resuming on another number of processes is refused too (each rank owns its stream position and RNG).
+    state_file = output_dir / "checkpoint-2" / "training_state_rank0.json"
+    saved = json.loads(state_file.read_text())
+    state_file.write_text(json.dumps({**saved, "loop": {**saved["loop"], "num_processes": 2}}))
+    with pytest.raises(ValueError, match="written by 2 processes but 1 are running"):
+        run_mim.main(mim_args(files, tokenizer, output_dir, "--max_steps", "4", "--resume_from_checkpoint", "latest"))
+    state_file.write_text(json.dumps(saved))
+    # The resumed run replaces the records logged after the checkpoint and clears the interrupted save.
+    run_mim.main(mim_args(files, tokenizer, output_dir, "--max_steps", "4", "--resume_from_checkpoint", "latest"))
+    assert [record["step"] for record in read_metrics(output_dir)] == [1, 2, 3, 4]
+    assert not list(output_dir.glob(".tmp-checkpoint-*"))
 
 
 def test_beit_v1_mode_with_dvae_tokens(tmp_path):
