@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -187,6 +188,20 @@ def mim_arguments(tokenizer_dir: Path, beit_v1: bool) -> list[str]:
     return arguments + (["--beit_v1", "true"] if beit_v1 else [])
 
 
+DEMO_FOLDERS = (
+    "logs",
+    "data",
+    "teacher",
+    "vqkd",
+    "dvae_random_init",
+    "mim_beitv2",
+    "mim_beit_v1_style",
+    "random_init",
+    "codebook",
+    "probe",
+)
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--output_dir", default="demo_output", help="Everything the demo writes goes here.")
@@ -196,6 +211,10 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(1)  # see run_scripts
     size = SIZES["quick" if args.quick else "full"]
     output = Path(args.output_dir).resolve()
+    # Every run starts afresh: the training scripts refuse to start over in a folder holding an earlier run's
+    # checkpoints, and stale results must not mix with new ones. Only the demo's own folders are removed.
+    for name in DEMO_FOLDERS:
+        shutil.rmtree(output / name, ignore_errors=True)
     output.mkdir(parents=True, exist_ok=True)
     logs = output / "logs"
     started = time.perf_counter()

@@ -29,6 +29,12 @@ def test_quick_demo_learns_codes_tokens_and_features(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert f"All outputs are in {output}" in result.stdout
     assert "| BEiT v2 (VQ-KD) |" in result.stdout  # the results table is printed
+    # A second run in the same folder starts afresh: it removes every folder the first one made (the scripts
+    # would refuse to start over next to an earlier run's checkpoints).
+    sys.path.insert(0, str(ROOT / "examples"))
+    from demo import DEMO_FOLDERS
+
+    assert {path.name for path in output.iterdir() if path.is_dir()} <= set(DEMO_FOLDERS)
 
     # Codebook: more than half of the 64 codes are used on the held-out images.
     codebook = json.loads((output / "codebook" / "codebook_usage.json").read_text())
