@@ -188,6 +188,15 @@ class BeitV2ForMaskedImageModeling(BeitV2PreTrainedModel):
         self.aggregation_head = BeitV2PatchAggregationHead(config) if config.use_patch_aggregation else None
         self.post_init()
 
+    def save_pretrained(self, save_directory, *args, **kwargs) -> None:
+        # Saved custom code maps only the saved class; `AutoModel` on a MIM checkpoint should give its backbone
+        # with `trust_remote_code=True` too, as it does where this package is installed.
+        if self._auto_class is not None:
+            auto_map = dict(getattr(self.config, "auto_map", None) or {})
+            auto_map.setdefault("AutoModel", f"{BeitV2Model.__module__.rsplit('.', 1)[-1]}.{BeitV2Model.__name__}")
+            self.config.auto_map = auto_map
+        super().save_pretrained(save_directory, *args, **kwargs)
+
     def _check_inputs(
         self, pixel_values: torch.Tensor, bool_masked_pos: torch.Tensor, labels: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor | None, tuple[int, int]]:

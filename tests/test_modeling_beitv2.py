@@ -495,6 +495,7 @@ def test_custom_code_reloads_in_a_fresh_process_without_the_package(tmp_path, ti
     }
     auto_map = json.loads((folder / "config.json").read_text())["auto_map"]
     assert auto_map["AutoModelForMaskedImageModeling"] == "modeling_beitv2.BeitV2ForMaskedImageModeling"
+    assert auto_map["AutoModel"] == "modeling_beitv2.BeitV2Model"
     pixel_values, bool_masked_pos, labels = make_batch(model.config)
     torch.save({"inputs": (pixel_values, bool_masked_pos, labels)}, tmp_path / "inputs.pt")
     with torch.no_grad():
@@ -513,8 +514,16 @@ def test_custom_code_reloads_in_a_fresh_process_without_the_package(tmp_path, ti
         pixel_values, bool_masked_pos, labels = torch.load({str(tmp_path / "inputs.pt")!r})["inputs"]
         with torch.no_grad():
             print("LOSS", model(pixel_values, bool_masked_pos, labels).loss.item())
+        from transformers import AutoModel
+        backbone = AutoModel.from_pretrained({str(folder)!r}, trust_remote_code=True).eval()
+        assert type(backbone).__name__ == "BeitV2Model", type(backbone)
+        with torch.no_grad():
+            hidden = backbone(pixel_values).last_hidden_state
+            expected = model.beit(pixel_values).last_hidden_state
+        print("BACKBONE_DIFF", (hidden - expected).abs().max().item())
         """,
         cwd=tmp_path,
     )
-    loss = float(result.stdout.split("LOSS")[1])
+    loss = float(result.stdout.split("LOSS")[1].split()[0])
     assert loss == pytest.approx(expected, rel=1e-6)
+    assert float(result.stdout.split("BACKBONE_DIFF")[1]) == 0.0
