@@ -202,20 +202,37 @@ DEMO_FOLDERS = (
 )
 
 
+DEMO_MARKER = ".beitv2-demo"
+
+
+def prepare_output_dir(output: Path) -> Path:
+    """An empty folder, or one an earlier demo run wrote (it holds `DEMO_MARKER`), cleared of that run's folders.
+
+    Every run starts afresh: the training scripts refuse to start over next to an earlier run's checkpoints, and
+    stale results must not mix with new ones. Any other non-empty folder is refused rather than cleaned.
+    """
+    if output.exists() and any(output.iterdir()) and not (output / DEMO_MARKER).exists():
+        raise ValueError(f"{output} is not empty and was not written by the demo; choose another --output_dir.")
+    for name in DEMO_FOLDERS:
+        shutil.rmtree(output / name, ignore_errors=True)
+    output.mkdir(parents=True, exist_ok=True)
+    (output / DEMO_MARKER).touch()
+    return output
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--output_dir", default="demo_output", help="Everything the demo writes goes here.")
+    parser.add_argument(
+        "--output_dir",
+        default="demo_output",
+        help="Everything the demo writes goes here: an empty folder, or one of an earlier demo run (cleared).",
+    )
     parser.add_argument("--quick", action="store_true", help="The reduced run of the tests (under 3 minutes).")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # see run_scripts
     size = SIZES["quick" if args.quick else "full"]
-    output = Path(args.output_dir).resolve()
-    # Every run starts afresh: the training scripts refuse to start over in a folder holding an earlier run's
-    # checkpoints, and stale results must not mix with new ones. Only the demo's own folders are removed.
-    for name in DEMO_FOLDERS:
-        shutil.rmtree(output / name, ignore_errors=True)
-    output.mkdir(parents=True, exist_ok=True)
+    output = prepare_output_dir(Path(args.output_dir).resolve())
     logs = output / "logs"
     started = time.perf_counter()
     timings: dict[str, float] = {}

@@ -168,6 +168,7 @@ def build_segmentation_model(
     )
     config = UperNetConfig(
         backbone_config=backbone_config,
+        hidden_size=backbone_config.hidden_size,  # the reference head's channels (768 for base), not 512
         num_labels=len(id2label),
         id2label=id2label,
         label2id={name: index for index, name in id2label.items()},

@@ -426,8 +426,14 @@ def _drop_metrics_after(metrics_file: Path, step: int) -> None:
     """Remove records of steps after `step` (logged by the interrupted run after its last checkpoint)."""
     if not metrics_file.exists():
         return
-    lines = metrics_file.read_text().splitlines()
-    kept = [line for line in lines if json.loads(line)["step"] <= step]
+    kept = []
+    for line in metrics_file.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # the last line of a run killed while writing it
+            continue
+        if record["step"] <= step:
+            kept.append(line)
     metrics_file.write_text("".join(line + "\n" for line in kept))
 
 

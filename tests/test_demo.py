@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from demo import DEMO_FOLDERS, DEMO_MARKER, prepare_output_dir
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,12 +30,9 @@ def test_quick_demo_learns_codes_tokens_and_features(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert f"All outputs are in {output}" in result.stdout
     assert "| BEiT v2 (VQ-KD) |" in result.stdout  # the results table is printed
-    # A second run in the same folder starts afresh: it removes every folder the first one made (the scripts
-    # would refuse to start over next to an earlier run's checkpoints).
-    sys.path.insert(0, str(ROOT / "examples"))
-    from demo import DEMO_FOLDERS
-
+    # A second run in the same folder will start afresh: every folder this one made is one the demo clears.
     assert {path.name for path in output.iterdir() if path.is_dir()} <= set(DEMO_FOLDERS)
+    assert (output / DEMO_MARKER).exists()
 
     # Codebook: more than half of the 64 codes are used on the held-out images.
     codebook = json.loads((output / "codebook" / "codebook_usage.json").read_text())
@@ -67,3 +65,19 @@ def test_quick_demo_learns_codes_tokens_and_features(tmp_path):
         with Image.open(output / plot) as image:
             assert image.size == (640, 400)
     assert (output / "results.md").read_text().strip() in result.stdout
+
+
+def test_output_dir_is_cleared_only_when_the_demo_wrote_it(tmp_path):
+    earlier = tmp_path / "earlier_run"
+    prepare_output_dir(earlier)
+    (earlier / "vqkd" / "checkpoint-800").mkdir(parents=True)
+    (earlier / "my_notes.txt").write_text("kept")
+    prepare_output_dir(earlier)
+    assert not (earlier / "vqkd").exists() and (earlier / "my_notes.txt").read_text() == "kept"
+
+    project = tmp_path / "project"
+    (project / "data").mkdir(parents=True)
+    (project / "data" / "labels.csv").write_text("a,b")
+    with pytest.raises(ValueError, match="not empty and was not written by the demo"):
+        prepare_output_dir(project)
+    assert (project / "data" / "labels.csv").exists()

@@ -126,6 +126,8 @@ def test_output_dir_bookkeeping_across_runs(mim_inputs, tmp_path):
     # Killed after step 4 with its last complete checkpoint at 2, in the middle of another save.
     shutil.rmtree(output_dir / "checkpoint-4")
     (output_dir / ".tmp-checkpoint-3").mkdir()
+    with (output_dir / "metrics.jsonl").open("a") as metrics:
+        metrics.write('{"step": 5, "lo')  # a record cut short by the kill
     # A fresh run would rotate away its own checkpoints (the old ones have higher steps): refused.
     with pytest.raises(ValueError, match=r"holds checkpoints of an earlier run \(checkpoint-2\)"):
         run_mim.main(mim_args(files, tokenizer, output_dir, "--max_steps", "4"))
