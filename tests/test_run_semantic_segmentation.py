@@ -45,21 +45,24 @@ def write_ade_folder(root: Path, counts: dict[str, int]) -> None:
             Image.fromarray(annotation).save(root / "annotations" / folder / f"ADE_{index:04d}.png")
 
 
+# A 4-block BEiT v2 on 32 px images with 8 px patches (a 4x4 grid).
+TINY_MIM_CONFIG = BeitV2Config(
+    hidden_size=32,
+    num_hidden_layers=4,
+    num_attention_heads=2,
+    intermediate_size=64,
+    patch_size=8,
+    image_size=32,
+    vocab_size=16,
+    early_layers=2,
+    head_layers=1,
+)
+
+
 @pytest.mark.slow
 def test_segmentation_from_mim_checkpoint_learns_and_writes_miou(tmp_path):
     torch.manual_seed(0)
-    config = BeitV2Config(
-        hidden_size=32,
-        num_hidden_layers=4,
-        num_attention_heads=2,
-        intermediate_size=64,
-        patch_size=8,
-        image_size=32,
-        vocab_size=16,
-        early_layers=2,
-        head_layers=1,
-    )
-    BeitV2ForMaskedImageModeling(config).save_pretrained(tmp_path / "mim")
+    BeitV2ForMaskedImageModeling(TINY_MIM_CONFIG).save_pretrained(tmp_path / "mim")
     # 11 + 1 training examples: batches of 4 keep at least 3 images (UperNet's BatchNorm needs 2) after the skip.
     write_ade_folder(tmp_path / "ade", {"training": 11, "validation": 4})
     # One unreadable image (training) and one unreadable annotation (validation): skipped and logged, not fatal.
@@ -132,18 +135,7 @@ def test_accuracy_metric_top_k():
 
 
 def test_features_come_from_the_requested_blocks_and_every_block_learns(tmp_path):
-    config = BeitV2Config(
-        hidden_size=32,
-        num_hidden_layers=4,
-        num_attention_heads=2,
-        intermediate_size=64,
-        patch_size=8,
-        image_size=32,
-        vocab_size=16,
-        early_layers=2,
-        head_layers=1,
-    )
-    mim = BeitV2ForMaskedImageModeling(config)
+    mim = BeitV2ForMaskedImageModeling(TINY_MIM_CONFIG)
     mim.save_pretrained(tmp_path / "mim")
     model = build_segmentation_model(
         str(tmp_path / "mim"), [0, 1, 2, 3], 32, {0: "a", 1: "b"}, auxiliary_loss_weight=0.4, drop_path_rate=0.0
