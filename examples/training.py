@@ -495,8 +495,8 @@ def train(
 
     ``setup`` comes from :func:`setup_pretraining`; its scheduler is NOT prepared (it is stepped once per optimizer
     step here and registered for checkpointing). ``step_function(model, batch)`` gets the prepared model and returns
-    the loss and a dict of scalar metrics for one micro-batch (already on the device). The trackers get ``tracker_config`` plus the peak lr and
-    the step count.
+    the loss and a dict of scalar metrics for one micro-batch (already on the device). The trackers get
+    ``tracker_config`` plus the peak lr and the step count.
 
     A non-finite loss on any rank skips backward for that micro-batch and discards the current accumulation cycle
     (no parameter update, the schedule still advances). After ``max_consecutive_nonfinite`` such steps in a row the
@@ -519,8 +519,7 @@ def train(
         "num_processes": accelerator.num_processes,
     }
     checkpoint = resolve_checkpoint(args.resume_from_checkpoint, args.output_dir)
-    earlier_checkpoints = list_checkpoints(args.output_dir)
-    if checkpoint is None and earlier_checkpoints:
+    if checkpoint is None and (earlier_checkpoints := list_checkpoints(args.output_dir)):
         # Rotation and `latest` go by step number, so a fresh run here would delete its own checkpoints and a
         # later `latest` would resume the old run.
         raise ValueError(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -85,10 +86,8 @@ class VQKDImageProcessor(BaseImageProcessor):
         self._rng = ProcessLocalRNG(seed)
         self._flip = RandomHorizontalFlip(0.5)
         # Built from the settings at use time, so attribute changes and per-call settings take effect.
-        self._crop = SettingsCache(_CROP_SETTINGS, _build_crop)
-        self._eval_view = SettingsCache(_EVAL_SETTINGS, _build_eval_view)
-        self._crop.get(self)  # bad settings fail here rather than at the first image
-        self._eval_view.get(self)
+        self._views = SettingsCache(_VIEW_SETTINGS, _build_views)
+        self._views.get(self)  # bad settings fail here rather than at the first image
 
     def set_seed(self, seed: int | np.random.Generator | None) -> None:
         """Restarts the augmentation RNG from `seed`."""
@@ -110,42 +109,43 @@ class VQKDImageProcessor(BaseImageProcessor):
         """
         mean = np.asarray(settings.pop("image_mean", self.image_mean), dtype=np.float32)[:, None, None]
         std = np.asarray(settings.pop("image_std", self.image_std), dtype=np.float32)[:, None, None]
-        unknown = set(settings) - set(_CROP_SETTINGS) - set(_EVAL_SETTINGS)
-        if unknown:
-            accepted = ("image_mean", "image_std", *dict.fromkeys(_CROP_SETTINGS + _EVAL_SETTINGS))
-            raise ValueError(f"Unknown setting(s) {sorted(unknown)}; accepted: {accepted}")
-        crop = self._crop.get(self, **{name: settings[name] for name in _CROP_SETTINGS if name in settings})
-        eval_view = self._eval_view.get(self, **{name: settings[name] for name in _EVAL_SETTINGS if name in settings})
+        views = self._views.get(self, **settings)
         rng = self._rng.generator
         pixel_values = []
         for raw in make_image_list(images):
             image = to_pil_image(raw)
             if do_augment:
-                image = self._flip(crop(image, rng), rng)
+                image = self._flip(views.training_crop(image, rng), rng)
             else:
-                image = eval_view(image)
+                image = views.evaluation_view(image)
             pixel_values.append((to_float_array(image) - mean) / std)
         if return_tensors is not None:
             pixel_values = np.stack(pixel_values)
         return BatchFeature(data={"pixel_values": pixel_values}, tensor_type=return_tensors)
 
 
-# What `_build_crop` reads; `image_mean`/`image_std` are applied directly in `preprocess`.
-_CROP_SETTINGS = ("image_size", "interpolation", "crop_scale", "crop_ratio")
+@dataclass(frozen=True)
+class _Views:
+    training_crop: RandomResizedCrop
+    evaluation_view: Compose
 
 
-def _build_crop(
-    image_size: int, interpolation: str, crop_scale: tuple[float, float], crop_ratio: tuple[float, float]
-) -> RandomResizedCrop:
-    return RandomResizedCrop(int(image_size), tuple(crop_scale), tuple(crop_ratio), interpolation)
+# What `_build_views` reads; `image_mean`/`image_std` are applied directly in `preprocess`.
+_VIEW_SETTINGS = ("image_size", "interpolation", "crop_scale", "crop_ratio", "crop_pct")
 
 
-_EVAL_SETTINGS = ("image_size", "interpolation", "crop_pct")
-
-
-def _build_eval_view(image_size: int, interpolation: str, crop_pct: float | None) -> Compose:
+def _build_views(
+    image_size: int,
+    interpolation: str,
+    crop_scale: tuple[float, float],
+    crop_ratio: tuple[float, float],
+    crop_pct: float | None,
+) -> _Views:
     if crop_pct is None:
         crop_pct = 224 / 256 if image_size < 384 else 1.0
     if not 0 < crop_pct <= 1:
         raise ValueError(f"crop_pct must be in (0, 1], got {crop_pct}")
-    return Compose([Resize(int(image_size / crop_pct), interpolation), CenterCrop(int(image_size))])
+    return _Views(
+        training_crop=RandomResizedCrop(int(image_size), tuple(crop_scale), tuple(crop_ratio), interpolation),
+        evaluation_view=Compose([Resize(int(image_size / crop_pct), interpolation), CenterCrop(int(image_size))]),
+    )
