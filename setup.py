@@ -25,9 +25,12 @@ setup(
         "pillow>=10.0",
         "pyyaml>=6.0",
         "tqdm>=4.0",
+        # StatefulDataLoader: exact resume of the loader, workers included
+        "torchdata>=0.9",
     ],
     extras_require={
         "dev": ["pytest>=8", "pytest-timeout>=2.1", "ruff>=0.6"],
         "deepspeed": ["deepspeed>=0.15"],
+        "tensorboard": ["tensorboard>=2.10"],
     },
 )
