@@ -1,10 +1,12 @@
 """Full MIM training steps (forward, backward, AdamW) of ours vs transformers' BeitForMaskedImageModeling.
 
-Same config and weights, ViT-Ti/16 at 224 px, batch 8, 40% masked; the variants are interleaved step by step
-in one process so that machine noise hits them alike. Peak memory is measured per variant in a child process
-(peak RSS growth over the training steps). Prints one JSON line per measurement and one with the ratios.
+Same config and weights, ViT-Ti/16 at 224 px, batch 8, 40% masked (the same count in every image, so ours runs
+its static-shape path, `num_masked_patches=`, as the training script does); all models use the same
+`--attn_implementation`. The variants are interleaved step by step in one process so that machine noise hits them
+alike. Peak memory is measured per variant in a child process (peak RSS growth over the training steps). Prints
+one JSON line per measurement and one with the ratios.
 
-    python benchmarks/bench_mim.py [--steps 6] [--threads 2]
+    python benchmarks/bench_mim.py [--steps 6] [--threads 2] [--attn_implementation sdpa]
 """
 
 from __future__ import annotations
@@ -24,14 +26,19 @@ from modeling_beitv2 import BeitV2Config, BeitV2ForMaskedImageModeling
 VARIANTS = ("transformers_beit_v1", "ours_aggregation_off", "ours_aggregation_on")
 
 
-def build(variant: str, image_size: int) -> torch.nn.Module:
+# FlexAttention has no backward pass on CPU, so it cannot train here.
+CPU_ATTENTION_IMPLEMENTATIONS = ("eager", "sdpa")
+
+
+def build(variant: str, image_size: int, attn_implementation: str = "sdpa") -> torch.nn.Module:
     config = BeitV2Config.from_preset("tiny", image_size=image_size, use_patch_aggregation=variant.endswith("on"))
     torch.manual_seed(0)
-    ours = BeitV2ForMaskedImageModeling(config)
+    ours = BeitV2ForMaskedImageModeling._from_config(config, attn_implementation=attn_implementation)
     if variant != "transformers_beit_v1":
         return ours
     stock_fields = set(BeitConfig().to_dict()) - {"model_type", "transformers_version", "architectures"}
-    stock = BeitForMaskedImageModeling(BeitConfig(**{k: v for k, v in config.to_dict().items() if k in stock_fields}))
+    stock_config = BeitConfig(**{k: v for k, v in config.to_dict().items() if k in stock_fields})
+    stock = BeitForMaskedImageModeling._from_config(stock_config, attn_implementation=attn_implementation)
     stock.load_state_dict(ours.state_dict(), strict=False)  # same weights; ours may hold an extra head
     return stock
 
@@ -42,7 +49,7 @@ def make_batch(batch_size: int, image_size: int, vocab_size: int = 8192):
     pixel_values = torch.randn(batch_size, 3, image_size, image_size, generator=generator)
     bool_masked_pos = torch.zeros(batch_size, num_patches, dtype=torch.bool)
     for row in bool_masked_pos:
-        row[torch.randperm(num_patches, generator=generator)[: int(0.4 * num_patches)]] = True
+        row[torch.randperm(num_patches, generator=generator)[: num_patches * 2 // 5]] = True
     labels = torch.randint(0, vocab_size, (batch_size, num_patches), generator=generator)
     return pixel_values, bool_masked_pos, labels
 
@@ -52,7 +59,8 @@ def train_step(variant: str, model, optimizer, batch) -> float:
     if variant == "transformers_beit_v1":
         loss = model(pixel_values, bool_masked_pos=bool_masked_pos, labels=labels[bool_masked_pos]).loss
     else:
-        loss = model(pixel_values, bool_masked_pos, labels=labels).loss
+        num_masked = bool_masked_pos.shape[1] * 2 // 5  # make_batch masks this many patches in every image
+        loss = model(pixel_values, bool_masked_pos, labels=labels, num_masked_patches=num_masked).loss
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
@@ -76,7 +84,7 @@ def peak_rss_mib(reset: bool = False) -> float:
 def peak_memory_child(variant: str, args) -> None:
     """Runs in a child process: prints the peak RSS growth (MiB) over a few training steps of one variant."""
     torch.set_num_threads(args.threads)
-    model = build(variant, args.image_size)
+    model = build(variant, args.image_size, args.attn_implementation)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     batch = make_batch(args.batch_size, args.image_size)
     before = peak_rss_mib(reset=True)
@@ -91,6 +99,7 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--image_size", type=int, default=224)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--attn_implementation", choices=CPU_ATTENTION_IMPLEMENTATIONS, default="sdpa")
     parser.add_argument("--memory_child", choices=VARIANTS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_child:
@@ -98,7 +107,7 @@ def main() -> None:
         return
 
     torch.set_num_threads(args.threads)
-    models = {variant: build(variant, args.image_size) for variant in VARIANTS}
+    models = {variant: build(variant, args.image_size, args.attn_implementation) for variant in VARIANTS}
     optimizers = {v: torch.optim.AdamW(m.parameters(), lr=1e-4) for v, m in models.items()}
     batch = make_batch(args.batch_size, args.image_size)
     elapsed = dict.fromkeys(VARIANTS, 0.0)
@@ -113,7 +122,8 @@ def main() -> None:
     for variant in VARIANTS:
         child = subprocess.run(
             [sys.executable, __file__, "--memory_child", variant, "--batch_size", str(args.batch_size),
-             "--image_size", str(args.image_size), "--threads", str(args.threads)],
+             "--image_size", str(args.image_size), "--threads", str(args.threads),
+             "--attn_implementation", args.attn_implementation],
             capture_output=True, text=True, check=True,
         )  # fmt: skip
         memory = json.loads(child.stdout.strip().splitlines()[-1])["peak_rss_growth_mib"]
@@ -124,6 +134,7 @@ def main() -> None:
             "image_size": args.image_size,
             "batch_size": args.batch_size,
             "threads": args.threads,
+            "attn_implementation": args.attn_implementation,
             "images_per_s": args.batch_size * args.steps / elapsed[variant],
             "step_s": elapsed[variant] / args.steps,
             "peak_rss_growth_mib": memory,

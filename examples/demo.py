@@ -183,7 +183,7 @@ def mim_arguments(tokenizer_dir: Path, beit_v1: bool) -> list[str]:
         overrides += ",early_layers=2,head_layers=1"
     arguments = [
         "--tokenizer_name_or_path", str(tokenizer_dir), "--config_name", "tiny", "--config_overrides", overrides,
-        "--image_size", str(IMAGE_SIZE), "--learning_rate", "1.5e-3", "--warmup_ratio", "0.05",
+        "--image_size", str(IMAGE_SIZE), "--learning_rate", "1.5e-3", "--warmup_steps", "0.05",
     ]  # fmt: skip
     return arguments + (["--beit_v1", "true"] if beit_v1 else [])
 
@@ -266,7 +266,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     vqkd_arguments = common_training_arguments(splits["train"], vqkd_dir, size.vqkd_steps, args.seed) + [
         "--teacher_name_or_path", str(teacher_dir), "--config_name", "tiny", "--image_size", str(IMAGE_SIZE),
-        "--config_overrides", tokenizer_overrides, "--learning_rate", "2e-3", "--warmup_ratio", "0.05",
+        "--config_overrides", tokenizer_overrides, "--learning_rate", "2e-3", "--warmup_steps", "0.05",
     ]  # fmt: skip
     run_scripts([("run_vqkd.py", vqkd_arguments, logs / "run_vqkd.log")])
     now = stage("vqkd", now)
@@ -342,7 +342,7 @@ def main(argv: list[str] | None = None) -> dict:
         },
         "mim": {
             name: {
-                "masked_token_accuracy": records[-1]["mlm_acc_1"],
+                "masked_token_accuracy": records[-1]["mim_accuracy"],
                 "chance_masked_token_accuracy": 1 / NUM_CODES,
                 "last_logged": records[-1],
             }
@@ -370,8 +370,8 @@ def plot_losses(vqkd_metrics: list[dict], mim_metrics: dict[str, list[dict]], pa
     """One PNG with the VQ-KD reconstruction loss and the two MIM losses (each divided by its first value, so that
     the three fit one axis)."""
     series = {}
-    curves = [("VQ-KD 1 - cosine", vqkd_metrics, "rec_loss")] + [
-        (f"MIM {name} loss", records, "loss_1") for name, records in mim_metrics.items()
+    curves = [("VQ-KD 1 - cosine", vqkd_metrics, "loss_reconstruction")] + [
+        (f"MIM {name} loss", records, "loss_mim") for name, records in mim_metrics.items()
     ]
     for label, records, key in curves:
         first = records[0][key] or 1.0
@@ -390,7 +390,7 @@ def results_table(results: dict) -> str:
         f"| VQ-KD | codebook usage on the evaluation images | {vqkd['codebook_usage_eval_images']:.1%} "
         f"of {vqkd['num_codes']} |",
         f"| VQ-KD | perplexity on the evaluation images | {vqkd['perplexity_eval_images']:.1f} |",
-        f"| VQ-KD | final 1 - cosine to the teacher | {vqkd['last_logged']['rec_loss']:.3f} |",
+        f"| VQ-KD | final 1 - cosine to the teacher | {vqkd['last_logged']['loss_reconstruction']:.3f} |",
     ]
     for name, mim in results["mim"].items():
         lines.append(

@@ -1,6 +1,7 @@
 """What the stage-3 scripts (fine-tuning, linear probe, kNN, segmentation) share: loading a pretrained backbone
-as a native transformers `beit` model, loading labelled image data, and the `Trainer` scripts' argument parsing and
-train / evaluate / save ending.
+as a native transformers `beit` model, loading labelled image data, and the `Trainer` scripts' argument parsing,
+`Trainer` subclass (`LayerDecayTrainer`), collator wrapper (`SkipUnreadableImages`) and train / evaluate / save
+ending. Scripts import what they share from here, never from one another.
 
 A starting checkpoint can be
 - a BEiT v2 / BEiT MIM checkpoint of this package (`model_type: "beitv2"`), exported with
@@ -16,12 +17,14 @@ from __future__ import annotations
 import logging
 import math
 import os
+from collections.abc import Callable
 
 import PIL.Image
 import torch
 import transformers
 from datasets import ClassLabel, DatasetDict, IterableDatasetDict, load_dataset
-from training import parse_arguments
+from param_groups import apply_lr_scale, build_param_groups
+from pretraining_arguments import parse_arguments
 from transformers import (
     AutoConfig,
     BeitImageProcessor,
@@ -35,8 +38,8 @@ from transformers.image_processing_base import ImageProcessingMixin
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from transformers.trainer_utils import get_last_checkpoint
 
-# Registers the `beitv2` model type with the Auto classes, so that AutoConfig reads our MIM checkpoints.
-import modeling_beitv2
+import modeling_beitv2  # registers the `beitv2` model type with the Auto classes: AutoConfig reads MIM checkpoints
+from model_cards import write_model_card
 
 logger = logging.getLogger(__name__)
 
@@ -209,9 +212,104 @@ def class_names(split, label_column: str) -> list[str]:
     return [str(index) for index in range(max(values) + 1)]
 
 
+class LayerDecayTrainer(Trainer):
+    """`Trainer` with BEiT's parameter groups and soft-target cross entropy.
+
+    - `create_optimizer` builds the weight-decay / layer-decay groups of `param_groups.build_param_groups`, each
+      with its own initial lr, and hands them to the optimizer class `TrainingArguments.optim` selects.
+    - `compute_loss` takes soft labels `(batch, num_classes)` (mixup/cutmix/label smoothing) with
+      `-sum(target * log_softmax(logits))`; integer labels (class ids, segmentation maps) go to the model's own loss.
+    - `train_data_collator` is used for the training dataloader only, so evaluation sees unmixed hard labels.
+    - `create_model_card` (also called by `push_to_hub`) writes this project's card from `model_cards/`, with the
+      `eval_*` numbers of the last evaluation as measured results.
+    """
+
+    def __init__(
+        self,
+        *args,
+        layer_decay: float | None = None,
+        train_data_collator: Callable[[list[dict]], dict] | None = None,
+        model_card: dict | None = None,
+        **kwargs,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        # transformers sees `**kwargs` in BEiT's forward and would then count `labels != -100` as the number of
+        # items (B x C for mixup's soft labels) and skip dividing by the accumulation steps; BEiT ignores it.
+        self.model_accepts_loss_kwargs = False
+        self.layer_decay = layer_decay
+        self.train_data_collator = train_data_collator
+        self.model_card = model_card
+
+    def create_model_card(self, **unused) -> None:
+        if self.model_card is None:
+            return super().create_model_card(**unused)
+        if not self.is_world_process_zero():
+            return None
+        measured = {}
+        for entry in self.state.log_history:
+            measured.update({key: round(value, 4) for key, value in entry.items() if key.startswith("eval_")})
+        for key in ("eval_runtime", "eval_samples_per_second", "eval_steps_per_second", "eval_loss"):
+            measured.pop(key, None)
+        write_model_card(self.args.output_dir, **self.model_card, metrics=measured)
+        return None
+
+    def create_optimizer(self, model=None) -> torch.optim.Optimizer:
+        if self.optimizer is None:
+            opt_model = self.model if model is None else model
+            groups = build_param_groups(
+                opt_model,
+                weight_decay=self.args.weight_decay,
+                layer_decay=self.layer_decay,
+                # A segmentation model (UperNet) keeps the backbone's depth in its backbone config.
+                num_layers=getattr(opt_model.config, "backbone_config", opt_model.config).num_hidden_layers,
+            )
+            apply_lr_scale(groups, self.args.learning_rate)
+            for group in groups:
+                group.pop("names")
+            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+            self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
+        return self.optimizer
+
+    def get_train_dataloader(self):
+        if self.train_data_collator is None:
+            return super().get_train_dataloader()
+        eval_collator, self.data_collator = self.data_collator, self.train_data_collator
+        try:
+            return super().get_train_dataloader()
+        finally:
+            self.data_collator = eval_collator
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        labels = inputs.get("labels")
+        if labels is None or not labels.is_floating_point():
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        outputs = model(pixel_values=inputs["pixel_values"])
+        per_example = -(labels * torch.log_softmax(outputs.logits.float(), dim=-1)).sum(dim=-1)
+        loss = per_example.sum() / num_items_in_batch if num_items_in_batch is not None else per_example.mean()
+        return (loss, outputs) if return_outputs else loss
+
+
+class SkipUnreadableImages:
+    """Collator wrapper that drops the examples whose image could not be decoded (`pixel_values` is None).
+
+    Decoding happens in our transform rather than inside `datasets`, where one truncated file would stop a whole
+    stream; a bad image costs its batch one example and is logged with its reason and the running count.
+    """
+
+    def __init__(self, collate: Callable[[list[dict]], dict]) -> None:
+        self.collate = collate
+
+    def __call__(self, features: list[dict]) -> dict:
+        kept = [feature for feature in features if feature["pixel_values"] is not None]
+        if not kept:
+            raise ValueError(f"All {len(features)} images of a batch were unreadable; check the dataset.")
+        return self.collate(kept)
+
+
 def parse_trainer_arguments(dataclass_types: tuple[type, ...]) -> tuple:
-    """:func:`training.parse_arguments` for a `Trainer` script (the last type is its `TrainingArguments`), then
-    logging at INFO on the processes that `Trainer` logs from and at WARNING on the others."""
+    """:func:`pretraining_arguments.parse_arguments` for a `Trainer` script (the last type is its
+    `TrainingArguments`), then logging at INFO on the processes that `Trainer` logs from and at WARNING on the
+    others."""
     parsed = parse_arguments(dataclass_types)
     level = logging.INFO if parsed[-1].should_log else logging.WARNING
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=level)

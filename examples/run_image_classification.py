@@ -24,7 +24,8 @@ folder works with `pipeline("image-classification")` and the Hub widget without 
 
 Layer-wise lr decay: parameter group lr = `learning_rate * layer_decay ** (L + 1 - layer_id)` with layer id 0
 for the embeddings, `i + 1` for block `i` and `L + 1` for the pooler norm and head. The groups are built in
-`LayerDecayTrainer.create_optimizer`, which DeepSpeed also calls when its config has no `optimizer` section.
+`downstream.LayerDecayTrainer.create_optimizer`, which DeepSpeed also calls when its config has no `optimizer`
+section.
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ from datasets import Image as ImageFeature
 from downstream import (
     IMAGE_COLUMN_CANDIDATES,
     LABEL_COLUMN_CANDIDATES,
+    LayerDecayTrainer,
+    SkipUnreadableImages,
     class_names,
     detect_column,
     evaluation_image_processor,
@@ -52,17 +55,14 @@ from downstream import (
     train_evaluate_and_save,
 )
 from image_datasets import decode_image
-from param_groups import apply_lr_scale, build_param_groups
 from PIL import Image
 from transformers import (
     BeitForImageClassification,
     BeitImageProcessor,
-    Trainer,
     TrainingArguments,
     default_data_collator,
 )
 
-from model_cards import write_model_card
 from processing.random_state import ProcessLocalRNG
 from processing.transforms import RandAugment, RandomErasing, RandomHorizontalFlip, RandomResizedCrop
 
@@ -111,100 +111,6 @@ class DataArguments:
     mixup_alpha: float = field(default=0.8, metadata={"help": "Mixup Beta(alpha, alpha); 0: off."})
     cutmix_alpha: float = field(default=1.0, metadata={"help": "CutMix Beta(alpha, alpha); 0: off."})
     label_smoothing: float = field(default=0.1, metadata={"help": "Label smoothing of the training targets."})
-
-
-class LayerDecayTrainer(Trainer):
-    """`Trainer` with BEiT's parameter groups and soft-target cross entropy.
-
-    - `create_optimizer` builds the weight-decay / layer-decay groups of `param_groups.build_param_groups`, each
-      with its own initial lr, and hands them to the optimizer class `TrainingArguments.optim` selects.
-    - `compute_loss` takes soft labels `(batch, num_classes)` (mixup/cutmix/label smoothing) with
-      `-sum(target * log_softmax(logits))`; integer labels (class ids, segmentation maps) go to the model's own loss.
-    - `train_data_collator` is used for the training dataloader only, so evaluation sees unmixed hard labels.
-    - `create_model_card` (also called by `push_to_hub`) writes this project's card from `model_cards/`, with the
-      `eval_*` numbers of the last evaluation as measured results.
-    """
-
-    def __init__(
-        self,
-        *args,
-        layer_decay: float | None = None,
-        train_data_collator=None,
-        model_card: dict | None = None,
-        **kwargs,
-    ) -> None:
-        super().__init__(*args, **kwargs)
-        # transformers sees `**kwargs` in BEiT's forward and would then count `labels != -100` as the number of
-        # items (B x C for mixup's soft labels) and skip dividing by the accumulation steps; BEiT ignores it.
-        self.model_accepts_loss_kwargs = False
-        self.layer_decay = layer_decay
-        self.train_data_collator = train_data_collator
-        self.model_card = model_card
-
-    def create_model_card(self, **unused) -> None:
-        if self.model_card is None:
-            return super().create_model_card(**unused)
-        if not self.is_world_process_zero():
-            return None
-        measured = {}
-        for entry in self.state.log_history:
-            measured.update({key: round(value, 4) for key, value in entry.items() if key.startswith("eval_")})
-        for key in ("eval_runtime", "eval_samples_per_second", "eval_steps_per_second", "eval_loss"):
-            measured.pop(key, None)
-        write_model_card(self.args.output_dir, **self.model_card, metrics=measured)
-        return None
-
-    def create_optimizer(self, model=None) -> torch.optim.Optimizer:
-        if self.optimizer is None:
-            opt_model = self.model if model is None else model
-            groups = build_param_groups(
-                opt_model,
-                weight_decay=self.args.weight_decay,
-                layer_decay=self.layer_decay,
-                # A segmentation model (UperNet) keeps the backbone's depth in its backbone config.
-                num_layers=getattr(opt_model.config, "backbone_config", opt_model.config).num_hidden_layers,
-            )
-            apply_lr_scale(groups, self.args.learning_rate)
-            for group in groups:
-                group.pop("names")
-            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
-            self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
-        return self.optimizer
-
-    def get_train_dataloader(self):
-        if self.train_data_collator is None:
-            return super().get_train_dataloader()
-        eval_collator, self.data_collator = self.data_collator, self.train_data_collator
-        try:
-            return super().get_train_dataloader()
-        finally:
-            self.data_collator = eval_collator
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        labels = inputs.get("labels")
-        if labels is None or not labels.is_floating_point():
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        outputs = model(pixel_values=inputs["pixel_values"])
-        per_example = -(labels * torch.log_softmax(outputs.logits.float(), dim=-1)).sum(dim=-1)
-        loss = per_example.sum() / num_items_in_batch if num_items_in_batch is not None else per_example.mean()
-        return (loss, outputs) if return_outputs else loss
-
-
-class SkipUnreadableImages:
-    """Collator wrapper that drops the examples whose image could not be decoded (`pixel_values` is None).
-
-    Decoding happens in our transform rather than inside `datasets`, where one truncated file would stop a whole
-    stream; a bad image costs its batch one example and is logged with its reason and the running count.
-    """
-
-    def __init__(self, collate) -> None:
-        self.collate = collate
-
-    def __call__(self, features: list[dict]) -> dict:
-        kept = [feature for feature in features if feature["pixel_values"] is not None]
-        if not kept:
-            raise ValueError(f"All {len(features)} images of a batch were unreadable; check the dataset.")
-        return self.collate(kept)
 
 
 def build_transforms(data_args: DataArguments, image_size: int, image_processor: BeitImageProcessor, seed: int):

@@ -49,9 +49,9 @@ from downstream import (
     pretraining_normalisation,
 )
 from image_datasets import decode_image
+from pretraining_arguments import parse_arguments
 from torch import nn
 from tqdm.auto import tqdm
-from training import parse_arguments
 from transformers import AutoConfig, BeitModel, set_seed
 
 from modeling_beitv2 import BeitV2ForMaskedImageModeling

@@ -4,40 +4,76 @@
     accelerate launch --config_file examples/configs/ddp.yaml examples/run_mim.py \\
         --dataset_name timm/imagenet-1k-wds --tokenizer_name_or_path path/to/vqkd \\
         --config_name base --num_masking_patches 75 --output_dir beitv2-base --per_device_train_batch_size 128 \\
-        --max_steps 187500 --mixed_precision bf16
+        --max_steps 187500 --bf16 --dataloader_num_workers 12 --torch_compile
 
 Defaults follow the paper (appendix E, ViT-B 300 epochs): AdamW betas (0.9, 0.98), weight decay 0.05, peak lr
 1.5e-3 at batch 2048 (scaled linearly to the total batch unless --learning_rate is given), warmup 10 of 300
 epochs then per-step cosine to 1e-5, gradient clipping at 3.0, blockwise masking of 40% of the patches. The
 tokenizer (VQ-KD, or the DALL-E dVAE with --beit_v1) is frozen, in eval mode, kept out of `prepare()` and never
-saved with the checkpoints.
+saved with the checkpoints. Under --bf16/--fp16 it tokenizes under fp16 autocast (--frozen_model_precision).
+
+The training loop is `main()`: copy this file to change the loss, add an EMA or another evaluation.
+Exit status: 0 when the run finished, `training.PREEMPTED_EXIT_CODE` (75) when SIGTERM/SIGINT stopped it before its
+last step (a checkpoint was saved: relaunch with --resume_from_checkpoint latest).
 """
 
 from __future__ import annotations
 
 import logging
+import sys
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
-from training import (
+from checkpointing import load_checkpoint, prepare_output_dir, resolve_checkpoint, restore_rng_states, save_checkpoint
+from image_datasets import dataloader_state_from_json, dataloader_state_to_json, image_counts, resume_dataloader
+from model_configs import mim_config, pretrained_config_updates
+from pretraining_arguments import (
     DataArguments,
     PretrainingArguments,
-    build_accelerator,
-    finish_training,
-    outside_zero3,
+    build_lr_scheduler,
+    check_hub_access,
+    check_range,
     parse_arguments,
-    parse_config_overrides,
-    setup_pretraining,
-    train,
+    resolve_learning_rate,
+    resolve_training_steps,
+)
+from tqdm.auto import tqdm
+from training import (
+    FROZEN_MODEL_PRECISIONS,
+    PREEMPTED_EXIT_CODE,
+    MetricsWindow,
+    NonFiniteGuard,
+    StopSignal,
+    build_accelerator,
+    build_optimizer,
+    end_training,
+    evaluation_dataloader,
+    export_model,
+    final_state,
+    frozen_forward,
+    gradient_norm,
+    load_datasets,
+    outside_zero3,
+    stream_size,
+    sum_over_ranks,
+    to_device,
+    tracker_config,
+    training_dataloader,
+    write_record,
 )
 from visual_tokenizers import VisualTokenizer, codebook_size, load_visual_tokenizer, tokenizer_image_size
 
 from modeling_beitv2 import BEITV2_PRESETS, BeitV2Config, BeitV2ForMaskedImageModeling, DVAEModel, VQKDModel
+from modeling_beitv2.attention import BEIT_FLEX_ATTENTION
 from processing import BeitV2ImageProcessor
 
 logger = logging.getLogger(__name__)
 
 PAPER_LEARNING_RATE, PAPER_BATCH_SIZE = 1.5e-3, 2048
+# The model's own names, logged as they are (the reference logs them as loss_1, loss_2, mlm_acc_1, mlm_acc_2).
+ATTENTION_CHOICES = ("eager", "sdpa", BEIT_FLEX_ATTENTION)
+MIM_METRICS = ("loss", "loss_mim", "mim_accuracy", "loss_aggregation", "aggregation_accuracy")
 
 
 @dataclass
@@ -46,11 +82,16 @@ class MIMModelArguments:
         metadata={"help": "Frozen tokenizer: a VQ-KD (BEiT v2) or dVAE (BEiT v1, with --beit_v1) name or path."}
     )
     model_name_or_path: str | None = field(default=None, metadata={"help": "Continue from a saved MIM model."})
-    config_name: str = field(default="base", metadata={"help": f"Backbone preset: {sorted(BEITV2_PRESETS)}."})
+    config_name: str = field(
+        default="base",
+        metadata={"help": f"Backbone preset ({', '.join(sorted(BEITV2_PRESETS))}) or a config name/path."},
+    )
     config_overrides: str | None = field(
         default=None, metadata={"help": "Comma-separated key=value, e.g. 'hidden_size=32,num_hidden_layers=4'."}
     )
-    image_size: int = field(default=224, metadata={"help": "Training resolution of the backbone."})
+    image_size: int | None = field(
+        default=None, metadata={"help": "Training resolution (default 224, or the --model_name_or_path model's)."}
+    )
     mask_ratio: float = field(default=0.4, metadata={"help": "Fraction of patches masked (blockwise)."})
     num_masking_patches: int | None = field(
         default=None,
@@ -65,35 +106,82 @@ class MIMModelArguments:
             "help": "BEiT v1: dVAE tokens (112 px lanczos DALL-E-mapped view), no patch aggregation, 0.5 mean/std."
         },
     )
+    attn_implementation: str | None = field(
+        default=None,
+        metadata={"help": f"Attention of the trained model: {', '.join(ATTENTION_CHOICES)} (default: the model's)."},
+    )
+    frozen_model_precision: str = field(
+        default="auto",
+        metadata={
+            "help": "Autocast of the frozen tokenizer: fp32, fp16 or bf16. auto: fp16 under --bf16/--fp16 (its codes "
+            "equal fp32's on 99.9% of patches, bf16's on 98.5%; see the README), fp32 otherwise."
+        },
+    )
+
+    def __post_init__(self):
+        check_range("mask_ratio", self.mask_ratio, low=0, high=1, low_inclusive=False, high_inclusive=False)
+        check_range("num_masking_patches", self.num_masking_patches, low=1)
+        check_range("drop_path_rate", self.drop_path_rate, low=0, high=1, high_inclusive=False)
+        check_range("image_size", self.image_size, low=1)
+        if self.frozen_model_precision not in FROZEN_MODEL_PRECISIONS:
+            raise ValueError(
+                f"--frozen_model_precision must be one of {', '.join(FROZEN_MODEL_PRECISIONS)}; "
+                f"got {self.frozen_model_precision!r}."
+            )
+        if self.attn_implementation not in (None, *ATTENTION_CHOICES):
+            raise ValueError(
+                f"--attn_implementation must be one of {', '.join(ATTENTION_CHOICES)}; got {self.attn_implementation!r}."
+            )
 
 
 @dataclass
 class MIMTrainingArguments(PretrainingArguments):
     weight_decay: float = field(default=0.05)
     adam_beta2: float = field(default=0.98, metadata={"help": "0.98 for 300 epochs, 0.999 for 1600 (paper)."})
-    warmup_ratio: float = field(default=10 / 300, metadata={"help": "10 of 300 epochs in the paper."})
+    warmup_steps: float = field(default=10 / 300, metadata={"help": "Steps, or a fraction (paper: 10 of 300 epochs)."})
     max_grad_norm: float | None = field(default=3.0)
 
 
-def load_tokenizer(args: MIMModelArguments) -> VisualTokenizer:
+def load_tokenizer(args: MIMModelArguments, hub_kwargs: dict[str, Any]) -> VisualTokenizer:
     """The frozen tokenizer, checked against the BEiT version chosen by --beit_v1."""
     if args.beit_v1:
-        return load_visual_tokenizer(args.tokenizer_name_or_path, (DVAEModel,), "--beit_v1 needs a DVAEModel")
+        return load_visual_tokenizer(
+            args.tokenizer_name_or_path, (DVAEModel,), "--beit_v1 needs a DVAEModel", **hub_kwargs
+        )
     hint = "BEiT v2 needs a VQKDModel, or pass --beit_v1"
-    return load_visual_tokenizer(args.tokenizer_name_or_path, (VQKDModel,), hint)
+    return load_visual_tokenizer(args.tokenizer_name_or_path, (VQKDModel,), hint, **hub_kwargs)
 
 
-def build_model(args: MIMModelArguments, tokenizer: VisualTokenizer) -> BeitV2ForMaskedImageModeling:
+def build_model(
+    args: MIMModelArguments, tokenizer: VisualTokenizer, hub_kwargs: dict[str, Any]
+) -> BeitV2ForMaskedImageModeling:
+    """A fresh model from --config_name (+ overrides), or --model_name_or_path with what may change for it (drop
+    path); either way checked against the tokenizer's codebook and patch grid."""
+    attention = {} if args.attn_implementation is None else {"attn_implementation": args.attn_implementation}
     if args.model_name_or_path:
-        model = BeitV2ForMaskedImageModeling.from_pretrained(args.model_name_or_path)
+        revision, token = hub_kwargs["revision"], hub_kwargs["token"]
+        config = BeitV2Config.from_pretrained(args.model_name_or_path, revision=revision, token=token)
+        updates = pretrained_config_updates(
+            config, image_size=args.image_size, drop_path_rate=args.drop_path_rate, overrides=args.config_overrides
+        )
+        model = BeitV2ForMaskedImageModeling.from_pretrained(
+            args.model_name_or_path, **updates, **attention, **hub_kwargs
+        )
     else:
-        overrides = {"image_size": args.image_size, "vocab_size": codebook_size(tokenizer)}
-        if args.beit_v1:
-            overrides["use_patch_aggregation"] = False
-        overrides.update(parse_config_overrides(args.config_overrides))
-        if args.drop_path_rate is not None:
-            overrides["drop_path_rate"] = args.drop_path_rate
-        model = BeitV2ForMaskedImageModeling(BeitV2Config.from_preset(args.config_name, **overrides))
+        config = mim_config(
+            args.config_name,
+            image_size=args.image_size or 224,
+            vocab_size=codebook_size(tokenizer),
+            overrides=args.config_overrides,
+            drop_path_rate=args.drop_path_rate,
+            beit_v1=args.beit_v1,
+            hub_kwargs=hub_kwargs,
+        )
+        if args.attn_implementation is not None:
+            config._attn_implementation = args.attn_implementation
+        # The constructor, not `_from_config`: under ZeRO-3 that one initialises inside `deepspeed.zero.Init`, with
+        # other random draws than a plain run.
+        model = BeitV2ForMaskedImageModeling(config)
     config = model.config
     if config.vocab_size != codebook_size(tokenizer):
         raise ValueError(
@@ -107,80 +195,206 @@ def build_model(args: MIMModelArguments, tokenizer: VisualTokenizer) -> BeitV2Fo
     return model
 
 
+def tokenizer_precision(requested: str, mixed_precision: str) -> str:
+    """The frozen tokenizer's autocast. Labels are discrete, so agreement with fp32 is what counts: with fp16's
+    10-bit mantissa the codes of a base-size VQ-KD tokenizer equal fp32's on 99.9% of patches, with bf16's 7 bits on
+    98.5% (`benchmarks/bench_tokenizer_precision.py`), at the same speed; the official engine tokenizes under fp16
+    autocast too."""
+    if requested != "auto":
+        return requested
+    return "fp32" if mixed_precision == "no" else "fp16"
+
+
 def build_image_processor(args: MIMModelArguments, model_config: BeitV2Config, tokenizer) -> BeitV2ImageProcessor:
-    image_size = model_config.image_size
     settings = {
-        "image_size": image_size,
+        "image_size": model_config.image_size,
         "patch_size": model_config.patch_size,
         "mask_ratio": args.mask_ratio,
         "num_masking_patches": args.num_masking_patches,
+        "tokenizer_image_size": tokenizer_image_size(tokenizer),
     }
-    if args.beit_v1:
-        return BeitV2ImageProcessor.for_beit_v1(**settings, tokenizer_image_size=tokenizer_image_size(tokenizer))
-    return BeitV2ImageProcessor(**settings, tokenizer_image_size=tokenizer_image_size(tokenizer))
+    return BeitV2ImageProcessor.for_beit_v1(**settings) if args.beit_v1 else BeitV2ImageProcessor(**settings)
 
 
-def main(argv: list[str] | None = None) -> dict:
-    model_args, data_args, training_args = parse_arguments(
-        (MIMModelArguments, DataArguments, MIMTrainingArguments), argv
-    )
-    accelerator = build_accelerator(training_args)
-
-    with outside_zero3(accelerator):
-        tokenizer = load_tokenizer(model_args).to(accelerator.device)
-    model = build_model(model_args, tokenizer)
-    if training_args.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-    processor = build_image_processor(model_args, model.config, tokenizer)
+def image_transform(processor: BeitV2ImageProcessor, augment: bool):
+    """`(image, rng) -> model inputs` for the data loaders: the crops (augmented for training), the mask."""
 
     def transform(image, rng):
         processor.set_seed(rng)
-        features = processor.preprocess(image, do_augment=True, return_tensors="np")
+        features = processor.preprocess(image, do_augment=augment, return_tensors="np")
         return {name: features[name][0] for name in processor.model_input_names}
 
-    setup = setup_pretraining(
-        accelerator, model, data_args, training_args, transform, PAPER_LEARNING_RATE, PAPER_BATCH_SIZE
+    return transform
+
+
+def evaluate(accelerator, model, tokenize, dataloader, num_masked_patches: int) -> dict[str, float]:
+    """`eval_loss`, `eval_loss_mim`, `eval_mim_accuracy` (and the aggregation head's) over the held-out images."""
+    model = accelerator.unwrap_model(model)  # no DDP collectives: ranks may hold different numbers of batches
+    names = [name for name in MIM_METRICS if model.config.use_patch_aggregation or "aggregation" not in name]
+    totals = torch.zeros(len(names) + 1, device=accelerator.device)  # per-image sums, then the image count
+    model.eval()
+    for batch in dataloader:
+        batch = to_device(batch, accelerator.device)
+        with torch.no_grad(), accelerator.autocast():
+            outputs = model(
+                pixel_values=batch["pixel_values"],
+                bool_masked_pos=batch["bool_masked_pos"],
+                labels=tokenize(batch["tokenizer_pixel_values"]),
+                num_masked_patches=num_masked_patches,
+            )
+        values = [outputs[name].float() for name in names] + [torch.ones((), device=accelerator.device)]
+        totals += torch.stack(values) * batch["pixel_values"].shape[0]
+    model.train()
+    totals = accelerator.reduce(totals, reduction="sum").tolist()
+    return {f"eval_{name}": total / max(totals[-1], 1) for name, total in zip(names, totals, strict=False)}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Train; returns the final loop state (`step`, `num_nonfinite_steps`, `stop_reason`, `last_metrics`)."""
+    model_args, data_args, args = parse_arguments((MIMModelArguments, DataArguments, MIMTrainingArguments), argv)
+    repo_id = check_hub_access(args)
+    accelerator = build_accelerator(args)
+    hub_kwargs = {"revision": args.model_revision, "token": args.token, "trust_remote_code": args.trust_remote_code}
+    with outside_zero3(accelerator):
+        tokenizer = load_tokenizer(model_args, hub_kwargs).to(accelerator.device)
+    model = build_model(model_args, tokenizer, hub_kwargs)
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    processor = build_image_processor(model_args, model.config, tokenizer)
+    num_masked_patches = processor.mask_generator.num_masking_patches  # exact per image: a static shape
+
+    train_data, image_column, eval_data, eval_column = load_datasets(accelerator, data_args, args)
+    transform = image_transform(processor, augment=True)
+    dataloader = training_dataloader(accelerator, train_data, image_column, transform, data_args, args)
+    eval_dataloader = None
+    if eval_data is not None:
+        transform = image_transform(processor, augment=False)
+        eval_dataloader = evaluation_dataloader(accelerator, eval_data, eval_column, transform, data_args, args)
+    learning_rate = resolve_learning_rate(args, accelerator.num_processes, PAPER_LEARNING_RATE, PAPER_BATCH_SIZE)
+    num_examples = stream_size(train_data, data_args.dataset_split, data_args.max_train_samples)
+    num_training_steps = resolve_training_steps(args, num_examples, accelerator.num_processes)
+    optimizer = build_optimizer(model, args, learning_rate)
+    scheduler = build_lr_scheduler(optimizer, args, num_training_steps)
+    if args.torch_compile:
+        model.compile()  # in place: parameter names, checkpoints and save_pretrained stay those of the model
+    model, optimizer = accelerator.prepare(model, optimizer)
+    tokenize = frozen_forward(
+        tokenizer.get_codebook_indices,
+        accelerator,
+        precision=tokenizer_precision(model_args.frozen_model_precision, args.mixed_precision),
+        compile=args.torch_compile,
     )
+
+    checkpoint = resolve_checkpoint(args.resume_from_checkpoint, args.output_dir)
+    prepare_output_dir(accelerator, args.output_dir, checkpoint)
+    state: dict[str, Any] = {"step": 0, "num_nonfinite_steps": 0}
+    if checkpoint is not None:
+        loop_state, dataloader_state = load_checkpoint(
+            accelerator, checkpoint, model=model, optimizer=optimizer, scheduler=scheduler
+        )
+        state.update(loop_state)
+        resume_dataloader(dataloader, dataloader_state_from_json(dataloader_state))
+    batches = iter(dataloader)  # draws from the torch RNG, so it comes before the saved RNG states are restored
+    if checkpoint is not None:
+        restore_rng_states(accelerator, checkpoint)
+        logger.info("Resumed from %s at step %d", checkpoint, state["step"])
+    if args.report_to != "none":
+        config = tracker_config(model_args, data_args, args, learning_rate=learning_rate, steps=num_training_steps)
+        accelerator.init_trackers("beitv1-mim" if model_args.beit_v1 else "beitv2-mim", config=config)
     logger.info(
-        "Masked image modeling (%s) for %d steps at peak lr %.3g with tokenizer %s.",
+        "Masked image modeling (%s) for %d steps with tokenizer %s.",
         "BEiT v1" if model_args.beit_v1 else "BEiT v2",
-        setup.num_training_steps,
-        setup.learning_rate,
+        num_training_steps,
         model_args.tokenizer_name_or_path,
     )
 
-    def step_function(model: torch.nn.Module, batch: dict[str, torch.Tensor]):
-        with torch.no_grad():
-            labels = tokenizer.get_codebook_indices(batch["tokenizer_pixel_values"])
-        outputs = model(pixel_values=batch["pixel_values"], bool_masked_pos=batch["bool_masked_pos"], labels=labels)
-        metrics = {"loss_1": outputs.loss_mim, "mlm_acc_1": outputs.mim_accuracy}
-        if outputs.loss_aggregation is not None:
-            metrics.update(loss_2=outputs.loss_aggregation, mlm_acc_2=outputs.aggregation_accuracy)
-        return outputs.loss, metrics
+    stop, guard = StopSignal(), NonFiniteGuard(accelerator, optimizer, state["num_nonfinite_steps"])
+    window = MetricsWindow(accelerator, args.output_dir, data_args.dataloader_num_workers)
+    progress = tqdm(total=num_training_steps, initial=state["step"], disable=not accelerator.is_local_main_process)
+    stop_reason, last_metrics = None, {}
+    model.train()
+    while state["step"] < num_training_steps and stop_reason is None:
+        batch = to_device(window.next_batch(batches), accelerator.device)
+        with accelerator.accumulate(model):
+            labels = tokenize(batch["tokenizer_pixel_values"])
+            outputs = model(
+                pixel_values=batch["pixel_values"],
+                bool_masked_pos=batch["bool_masked_pos"],
+                labels=labels,
+                num_masked_patches=num_masked_patches,
+            )
+            if guard.allows_backward(outputs.loss):
+                accelerator.backward(outputs.loss)
+            if accelerator.sync_gradients:
+                grad_norm = gradient_norm(accelerator, model, args.max_grad_norm)
+                guard.check(grad_norm)  # a non-finite norm makes the optimizer skip this update
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        window.add({name: getattr(outputs, name) for name in MIM_METRICS}, valid=torch.isfinite(outputs.loss.detach()))
+        if not accelerator.sync_gradients:
+            continue  # the rest happens once per optimizer step
 
-    state = train(
-        accelerator,
-        training_args,
-        setup,
-        step_function,
-        tracker_config=vars(model_args),
-        project_name="beitv1-mim" if model_args.beit_v1 else "beitv2-mim",
-    )
-    finish_training(
-        accelerator,
-        training_args,
-        data_args,
-        setup,
-        state,
-        processor,
-        card_kind="mim",
-        card_fields={
-            "family": "beit" if model_args.beit_v1 else "beitv2",
-            "size": None if model_args.model_name_or_path else model_args.config_name,
-        },
-    )
-    return state
+        state["step"] += 1
+        scheduler.step()
+        progress.update(1)
+        window.add({"grad_norm": grad_norm})
+        step = state["step"]
+        is_logging_step = step % args.logging_steps == 0 or step == num_training_steps
+        if is_logging_step:  # the only host-device syncs of the loop
+            state["num_nonfinite_steps"] = int(guard.num_nonfinite_steps.item())
+            counts = sum_over_ranks(accelerator, image_counts(dataloader))
+            extra = {"lr": scheduler.get_last_lr()[0], **counts, "num_nonfinite_steps": state["num_nonfinite_steps"]}
+            last_metrics = window.log(step, extra)
+            state["consecutive_nonfinite"] = guard.longest_run()
+            if state["consecutive_nonfinite"] >= args.max_consecutive_nonfinite:
+                stop_reason = "nonfinite"
+        if stop_reason is None:
+            stop_reason = stop.requested(accelerator, is_logging_step)  # the signal's name, or None
+        if eval_dataloader is not None and (
+            step == num_training_steps or (args.eval_steps and step % args.eval_steps == 0)
+        ):
+            eval_metrics = evaluate(accelerator, model, tokenize, eval_dataloader, num_masked_patches)
+            write_record(accelerator, window.path, {"step": step, **eval_metrics})
+            last_metrics = {**last_metrics, **eval_metrics}
+        if (args.save_steps and step % args.save_steps == 0) or stop_reason or step == num_training_steps:
+            state["num_nonfinite_steps"] = int(guard.num_nonfinite_steps.item())
+            save_checkpoint(
+                accelerator,
+                args.output_dir,
+                step,
+                model=model,
+                optimizer=optimizer,
+                scheduler=scheduler,
+                loop_state=state,
+                dataloader_state=dataloader_state_to_json(dataloader.state_dict()),
+                image_processor=processor,
+                save_total_limit=args.save_total_limit,
+                weights_are_finite=stop_reason != "nonfinite",
+            )
+
+    progress.close()
+    stop.restore()
+    if state["step"] == num_training_steps and stop_reason != "nonfinite":  # also when a signal came at the end
+        export_model(
+            accelerator,
+            model,
+            args,
+            data_args,
+            processor,
+            learning_rate=learning_rate,
+            num_training_steps=num_training_steps,
+            last_metrics=last_metrics,
+            card_kind="mim",
+            card_fields={
+                "family": "beit" if model_args.beit_v1 else "beitv2",
+                "size": None if model_args.model_name_or_path else model_args.config_name,
+            },
+            repo_id=repo_id,
+        )
+    del model, optimizer, scheduler, dataloader, batches, eval_dataloader, guard  # see end_training
+    end_training(accelerator)
+    return final_state({**state, "last_metrics": last_metrics}, stop_reason, num_training_steps, args.output_dir)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(PREEMPTED_EXIT_CODE if main()["preempted"] else 0)

@@ -40,6 +40,8 @@ import transformers
 from datasets import Dataset, DatasetDict, load_dataset
 from datasets import Image as ImageFeature
 from downstream import (
+    LayerDecayTrainer,
+    SkipUnreadableImages,
     detect_column,
     load_native_beit,
     model_card_kwargs,
@@ -49,7 +51,6 @@ from downstream import (
 )
 from image_datasets import decode_image
 from PIL import Image
-from run_image_classification import LayerDecayTrainer, SkipUnreadableImages
 from transformers import (
     BeitConfig,
     BeitImageProcessor,

@@ -3,42 +3,79 @@
 
     accelerate launch --config_file examples/configs/ddp.yaml examples/run_vqkd.py \\
         --dataset_name timm/imagenet-1k-wds --teacher_name_or_path openai/clip-vit-base-patch16 \\
-        --output_dir vqkd-base --per_device_train_batch_size 64 --max_steps 250000 --mixed_precision bf16
+        --output_dir vqkd-base --per_device_train_batch_size 64 --max_steps 250000 --bf16 --dataloader_num_workers 12
 
 Defaults follow the paper (appendix D): AdamW betas (0.9, 0.99), weight decay 1e-4, peak lr 2e-4 at batch 512
 (scaled linearly to the total batch unless --learning_rate is given), 5% warmup then per-step cosine to 1e-5, no
-gradient clipping, RandomResizedCrop + flip. The teacher is frozen, never passed to `prepare()` and never saved.
+gradient clipping, RandomResizedCrop + flip. The teacher is frozen, never passed to `prepare()` and never saved; it
+runs under the run's autocast (--frozen_model_precision to choose another).
+
+The training loop is `main()`: copy this file to change the loss or add an evaluation.
+Exit status: 0 when the run finished, `training.PREEMPTED_EXIT_CODE` (75) when SIGTERM/SIGINT stopped it before its
+last step (a checkpoint was saved: relaunch with --resume_from_checkpoint latest).
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field, fields
+import math
+import sys
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from training import (
+from checkpointing import load_checkpoint, prepare_output_dir, resolve_checkpoint, restore_rng_states, save_checkpoint
+from image_datasets import dataloader_state_from_json, dataloader_state_to_json, image_counts, resume_dataloader
+from model_configs import VQKD_CONFIG_ALIASES, pretrained_config_updates, vqkd_config
+from pretraining_arguments import (
     DataArguments,
     PretrainingArguments,
-    build_accelerator,
-    finish_training,
-    outside_zero3,
+    build_lr_scheduler,
+    check_hub_access,
+    check_range,
     parse_arguments,
-    parse_config_overrides,
-    setup_pretraining,
-    total_batch_size,
-    train,
+    resolve_learning_rate,
+    resolve_training_steps,
+)
+from tqdm.auto import tqdm
+from training import (
+    FROZEN_MODEL_PRECISIONS,
+    PREEMPTED_EXIT_CODE,
+    MetricsWindow,
+    NonFiniteGuard,
+    StopSignal,
+    build_accelerator,
+    build_optimizer,
+    end_training,
+    evaluation_dataloader,
+    export_model,
+    final_state,
+    frozen_forward,
+    gradient_norm,
+    load_datasets,
+    outside_zero3,
+    stream_size,
+    sum_over_ranks,
+    to_device,
+    tracker_config,
+    training_dataloader,
+    write_record,
 )
 
 from modeling_beitv2 import VQKD_PRESETS, TeacherForPatchTargets, VQKDConfig, VQKDModel
-from modeling_beitv2.configuration_vqkd import vqkd_decoder_config, vqkd_encoder_config
 from processing import VQKDImageProcessor
 
 logger = logging.getLogger(__name__)
 
 PAPER_LEARNING_RATE, PAPER_BATCH_SIZE = 2e-4, 512
-# Short names accepted by --config_name, as for run_mim.py.
-CONFIG_ALIASES = {"tiny": "tiny-decoder1", "base": "base-decoder3"}
+VQKD_METRICS = {  # logged name -> VQKDOutput field
+    "loss": "loss",
+    "loss_reconstruction": "reconstruction_loss",
+    "loss_quantization": "quantization_loss",
+    "perplexity": "perplexity",
+    "codebook_usage": "codebook_usage",
+    "num_dead_codes": "num_dead_codes",
+}
 
 
 @dataclass
@@ -53,7 +90,10 @@ class VQKDModelArguments:
     model_name_or_path: str | None = field(default=None, metadata={"help": "Continue from a saved tokenizer."})
     config_name: str = field(
         default="base-decoder3",
-        metadata={"help": f"Tokenizer preset: {sorted(VQKD_PRESETS)} or an alias {CONFIG_ALIASES}."},
+        metadata={
+            "help": f"Tokenizer preset ({', '.join(sorted(VQKD_PRESETS))}), an alias {VQKD_CONFIG_ALIASES}, or a "
+            "config name/path."
+        },
     )
     config_overrides: str | None = field(
         default=None,
@@ -63,121 +103,242 @@ class VQKDModelArguments:
             "prefixes to one of them, e.g. 'hidden_size=32,num_attention_heads=2,decoder.num_hidden_layers=1'."
         },
     )
-    image_size: int = field(default=224, metadata={"help": "Training resolution."})
+    image_size: int | None = field(
+        default=None, metadata={"help": "Training resolution (default 224, or the --model_name_or_path model's)."}
+    )
+    frozen_model_precision: str = field(
+        default="auto",
+        metadata={
+            "help": "Autocast of the frozen teacher: fp32, fp16 or bf16. auto: the run's --bf16/--fp16 (its targets "
+            "are continuous, and bf16 cannot overflow where large teachers overflow fp16), fp32 otherwise."
+        },
+    )
+
+    def __post_init__(self):
+        check_range("image_size", self.image_size, low=1)
+        if self.frozen_model_precision not in FROZEN_MODEL_PRECISIONS:
+            raise ValueError(
+                f"--frozen_model_precision must be one of {', '.join(FROZEN_MODEL_PRECISIONS)}; "
+                f"got {self.frozen_model_precision!r}."
+            )
 
 
 @dataclass
 class VQKDTrainingArguments(PretrainingArguments):
     weight_decay: float = field(default=1e-4)
     adam_beta2: float = field(default=0.99)
-    warmup_ratio: float = field(default=0.05, metadata={"help": "5 of 100 epochs in the paper."})
+    warmup_steps: float = field(default=0.05, metadata={"help": "Steps, or a fraction (paper: 5 of 100 epochs)."})
 
 
-def build_tokenizer_config(args: VQKDModelArguments, teacher: TeacherForPatchTargets) -> VQKDConfig:
-    """The preset's tokenizer with the teacher's feature size and patch size, plus --config_overrides."""
-    name = CONFIG_ALIASES.get(args.config_name, args.config_name)
-    if name not in VQKD_PRESETS:
-        raise ValueError(f"Unknown --config_name {args.config_name!r}; choose one of {sorted(VQKD_PRESETS)}.")
-    preset = VQKD_PRESETS[name]
-    tokenizer_keys = {item.name for item in fields(VQKDConfig)} - {"encoder_config", "decoder_config"}
-    top: dict[str, Any] = {}
-    encoder: dict[str, Any] = {}
-    decoder: dict[str, Any] = {}
-    for key, value in parse_config_overrides(args.config_overrides).items():
-        if key.startswith("encoder."):
-            encoder[key.removeprefix("encoder.")] = value
-        elif key.startswith("decoder."):
-            decoder[key.removeprefix("decoder.")] = value
-        elif key in tokenizer_keys:
-            top[key] = value
-        else:
-            encoder[key], decoder[key] = value, value
-    code_dim = top.get("code_dim", 32)
-    grid = args.image_size // teacher.patch_size
-    if grid * teacher.patch_size != args.image_size:
-        raise ValueError(f"--image_size {args.image_size} is not a multiple of the teacher's patch size.")
-    encoder_config = vqkd_encoder_config(
-        preset["size"], image_size=args.image_size, patch_size=teacher.patch_size, **encoder
-    )
-    decoder_config = vqkd_decoder_config(
-        preset["size"], num_layers=preset["decoder_layers"], grid_size=grid, code_dim=code_dim, **decoder
-    )
-    top.setdefault("teacher_dim", teacher.feature_dim)
-    return VQKDConfig(encoder_config=encoder_config, decoder_config=decoder_config, **top)
-
-
-def main(argv: list[str] | None = None) -> dict:
-    model_args, data_args, training_args = parse_arguments(
-        (VQKDModelArguments, DataArguments, VQKDTrainingArguments), argv
-    )
-    accelerator = build_accelerator(training_args)
-
-    with outside_zero3(accelerator):
-        teacher = TeacherForPatchTargets.from_pretrained(model_args.teacher_name_or_path)
-    if model_args.model_name_or_path:
-        model = VQKDModel.from_pretrained(model_args.model_name_or_path)
+def build_model(args: VQKDModelArguments, teacher: TeacherForPatchTargets, hub_kwargs: dict[str, Any]) -> VQKDModel:
+    """A fresh tokenizer shaped by the teacher (feature size, patch grid), or --model_name_or_path; checked."""
+    if args.model_name_or_path:
+        revision, token = hub_kwargs["revision"], hub_kwargs["token"]
+        config = VQKDConfig.from_pretrained(args.model_name_or_path, revision=revision, token=token)
+        updates = pretrained_config_updates(
+            config, image_size=args.image_size, drop_path_rate=None, overrides=args.config_overrides
+        )
+        model = VQKDModel.from_pretrained(args.model_name_or_path, **updates, **hub_kwargs)
     else:
-        model = VQKDModel(build_tokenizer_config(model_args, teacher))
-    image_size = model.config.encoder_config.image_size
-    teacher.check_compatible(model.config, image_size)
-    teacher.to(accelerator.device)
-    if training_args.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        config = vqkd_config(
+            args.config_name,
+            image_size=args.image_size or 224,
+            teacher_patch_size=teacher.patch_size,
+            teacher_dim=teacher.feature_dim,
+            overrides=args.config_overrides,
+            hub_kwargs=hub_kwargs,
+        )
+        model = VQKDModel(config)
+    teacher.check_compatible(model.config, model.config.encoder_config.image_size)
+    return model
 
-    processor = VQKDImageProcessor(image_size=image_size)
+
+def image_transform(processor: VQKDImageProcessor, augment: bool):
+    """`(image, rng) -> {"pixel_values"}` for the data loaders (augmented for training)."""
 
     def transform(image, rng):
         processor.set_seed(rng)
-        return {"pixel_values": processor.preprocess(image, do_augment=True, return_tensors="np")["pixel_values"][0]}
-
-    setup = setup_pretraining(
-        accelerator, model, data_args, training_args, transform, PAPER_LEARNING_RATE, PAPER_BATCH_SIZE
-    )
-    logger.info(
-        "Training the tokenizer for %d steps at peak lr %.3g (total batch %d) against %s.",
-        setup.num_training_steps,
-        setup.learning_rate,
-        total_batch_size(training_args, accelerator.num_processes),
-        model_args.teacher_name_or_path,
-    )
-
-    def step_function(model: torch.nn.Module, batch: dict[str, torch.Tensor]):
-        pixel_values = batch["pixel_values"]
-        # The teacher sees the same crop in [0, 1] and applies its own normalisation.
-        teacher_features = teacher((pixel_values.float() + 1) / 2)
-        outputs = model(pixel_values=pixel_values, teacher_features=teacher_features)
-        return outputs.loss, {
-            "rec_loss": outputs.reconstruction_loss,
-            "quant_loss": outputs.quantization_loss,
-            "perplexity": outputs.perplexity,
-            "codebook_usage": outputs.codebook_usage,
-            "dead_codes": outputs.num_dead_codes,
+        return {
+            "pixel_values": processor.preprocess(image, do_augment=augment, return_tensors="np")["pixel_values"][0]
         }
 
-    state = train(
-        accelerator,
-        training_args,
-        setup,
-        step_function,
-        tracker_config=vars(model_args),
-        project_name="vqkd",
-    )
-    finish_training(
-        accelerator,
-        training_args,
-        data_args,
-        setup,
-        state,
-        processor,
-        card_kind="vqkd",
-        card_fields={
-            "teacher": model_args.teacher_name_or_path,
-            "codebook_size": model.config.num_codes,
-            "size": CONFIG_ALIASES.get(model_args.config_name, model_args.config_name).split("-")[0],
-        },
-    )
-    return state
+    return transform
+
+
+def teacher_targets(teach, pixel_values: torch.Tensor) -> torch.Tensor:
+    # The teacher sees the same crop in [0, 1] and applies its own normalisation.
+    return teach((pixel_values.float() + 1) / 2)
+
+
+def evaluate(accelerator, model, teach, dataloader) -> dict[str, float]:
+    """`eval_reconstruction_cosine` (to the teacher), `eval_loss_quantization`, and the codebook usage and
+    perplexity of the codes the held-out images get (eval mode: the codebook does not move)."""
+    model = accelerator.unwrap_model(model)  # no DDP collectives: ranks may hold different numbers of batches
+    totals = torch.zeros(3, device=accelerator.device)  # per-image sums of cosine and quantization loss, images
+    code_counts = torch.zeros(model.config.num_codes, device=accelerator.device)
+    model.eval()
+    for batch in dataloader:
+        pixel_values = to_device(batch, accelerator.device)["pixel_values"]
+        with torch.no_grad(), accelerator.autocast():
+            outputs = model(pixel_values=pixel_values, teacher_features=teacher_targets(teach, pixel_values))
+        one = torch.ones((), device=accelerator.device)
+        values = [1 - outputs.reconstruction_loss.float(), outputs.quantization_loss.float(), one]
+        totals += torch.stack(values) * pixel_values.shape[0]
+        code_counts += torch.bincount(outputs.codebook_indices.flatten(), minlength=code_counts.numel())
+    model.train()
+    totals = accelerator.reduce(totals, reduction="sum")
+    code_counts = accelerator.reduce(code_counts, reduction="sum")
+    probabilities = code_counts / code_counts.sum().clamp(min=1)
+    entropy = -(probabilities * probabilities.clamp(min=1e-12).log()).sum()
+    cosine, quantization, num_images = totals.tolist()
+    return {
+        "eval_reconstruction_cosine": cosine / max(num_images, 1),
+        "eval_loss_quantization": quantization / max(num_images, 1),
+        "eval_codebook_usage": (code_counts > 0).float().mean().item(),
+        "eval_perplexity": math.exp(entropy.item()),
+    }
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Train; returns the final loop state (`step`, `num_nonfinite_steps`, `stop_reason`, `last_metrics`)."""
+    model_args, data_args, args = parse_arguments((VQKDModelArguments, DataArguments, VQKDTrainingArguments), argv)
+    repo_id = check_hub_access(args)
+    accelerator = build_accelerator(args)
+    hub_kwargs = {"revision": args.model_revision, "token": args.token, "trust_remote_code": args.trust_remote_code}
+    with outside_zero3(accelerator):
+        teacher = TeacherForPatchTargets.from_pretrained(model_args.teacher_name_or_path, **hub_kwargs)
+    model = build_model(model_args, teacher, hub_kwargs)
+    teacher.to(accelerator.device)
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    processor = VQKDImageProcessor(image_size=model.config.encoder_config.image_size)
+
+    train_data, image_column, eval_data, eval_column = load_datasets(accelerator, data_args, args)
+    transform = image_transform(processor, augment=True)
+    dataloader = training_dataloader(accelerator, train_data, image_column, transform, data_args, args)
+    eval_dataloader = None
+    if eval_data is not None:
+        transform = image_transform(processor, augment=False)
+        eval_dataloader = evaluation_dataloader(accelerator, eval_data, eval_column, transform, data_args, args)
+    learning_rate = resolve_learning_rate(args, accelerator.num_processes, PAPER_LEARNING_RATE, PAPER_BATCH_SIZE)
+    num_examples = stream_size(train_data, data_args.dataset_split, data_args.max_train_samples)
+    num_training_steps = resolve_training_steps(args, num_examples, accelerator.num_processes)
+    optimizer = build_optimizer(model, args, learning_rate)
+    scheduler = build_lr_scheduler(optimizer, args, num_training_steps)
+    if args.torch_compile:
+        # The two ViTs, in place (parameter names and checkpoints unchanged). Not the quantizer: its EMA codebook
+        # update writes in place during the forward, which compiled autograd refuses.
+        model.encoder.compile()
+        model.decoder.compile()
+    model, optimizer = accelerator.prepare(model, optimizer)
+    precision = model_args.frozen_model_precision
+    if precision == "auto":
+        precision = "fp32" if args.mixed_precision == "no" else args.mixed_precision
+    teach = frozen_forward(teacher, accelerator, precision=precision, compile=args.torch_compile)
+
+    checkpoint = resolve_checkpoint(args.resume_from_checkpoint, args.output_dir)
+    prepare_output_dir(accelerator, args.output_dir, checkpoint)
+    state: dict[str, Any] = {"step": 0, "num_nonfinite_steps": 0}
+    if checkpoint is not None:
+        loop_state, dataloader_state = load_checkpoint(
+            accelerator, checkpoint, model=model, optimizer=optimizer, scheduler=scheduler
+        )
+        state.update(loop_state)
+        resume_dataloader(dataloader, dataloader_state_from_json(dataloader_state))
+    batches = iter(dataloader)  # draws from the torch RNG, so it comes before the saved RNG states are restored
+    if checkpoint is not None:
+        restore_rng_states(accelerator, checkpoint)
+        logger.info("Resumed from %s at step %d", checkpoint, state["step"])
+    if args.report_to != "none":
+        config = tracker_config(model_args, data_args, args, learning_rate=learning_rate, steps=num_training_steps)
+        accelerator.init_trackers("vqkd", config=config)
+    logger.info("Training the tokenizer for %d steps against %s.", num_training_steps, model_args.teacher_name_or_path)
+
+    stop, guard = StopSignal(), NonFiniteGuard(accelerator, optimizer, state["num_nonfinite_steps"])
+    window = MetricsWindow(accelerator, args.output_dir, data_args.dataloader_num_workers)
+    progress = tqdm(total=num_training_steps, initial=state["step"], disable=not accelerator.is_local_main_process)
+    stop_reason, last_metrics = None, {}
+    model.train()
+    while state["step"] < num_training_steps and stop_reason is None:
+        pixel_values = to_device(window.next_batch(batches), accelerator.device)["pixel_values"]
+        with accelerator.accumulate(model):
+            outputs = model(pixel_values=pixel_values, teacher_features=teacher_targets(teach, pixel_values))
+            if guard.allows_backward(outputs.loss):
+                accelerator.backward(outputs.loss)
+            if accelerator.sync_gradients:
+                grad_norm = gradient_norm(accelerator, model, args.max_grad_norm)
+                guard.check(grad_norm)  # a non-finite norm makes the optimizer skip this update
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        metrics = {name: getattr(outputs, field) for name, field in VQKD_METRICS.items()}
+        window.add(metrics, valid=torch.isfinite(outputs.loss.detach()))
+        if not accelerator.sync_gradients:
+            continue  # the rest happens once per optimizer step
+
+        state["step"] += 1
+        scheduler.step()
+        progress.update(1)
+        window.add({"grad_norm": grad_norm})
+        step = state["step"]
+        is_logging_step = step % args.logging_steps == 0 or step == num_training_steps
+        if is_logging_step:  # the only host-device syncs of the loop
+            state["num_nonfinite_steps"] = int(guard.num_nonfinite_steps.item())
+            counts = sum_over_ranks(accelerator, image_counts(dataloader))
+            extra = {"lr": scheduler.get_last_lr()[0], **counts, "num_nonfinite_steps": state["num_nonfinite_steps"]}
+            last_metrics = window.log(step, extra)
+            state["consecutive_nonfinite"] = guard.longest_run()
+            if state["consecutive_nonfinite"] >= args.max_consecutive_nonfinite:
+                stop_reason = "nonfinite"
+        if stop_reason is None:
+            stop_reason = stop.requested(accelerator, is_logging_step)  # the signal's name, or None
+        if eval_dataloader is not None and (
+            step == num_training_steps or (args.eval_steps and step % args.eval_steps == 0)
+        ):
+            eval_metrics = evaluate(accelerator, model, teach, eval_dataloader)
+            write_record(accelerator, window.path, {"step": step, **eval_metrics})
+            last_metrics = {**last_metrics, **eval_metrics}
+        if (args.save_steps and step % args.save_steps == 0) or stop_reason or step == num_training_steps:
+            state["num_nonfinite_steps"] = int(guard.num_nonfinite_steps.item())
+            save_checkpoint(
+                accelerator,
+                args.output_dir,
+                step,
+                model=model,
+                optimizer=optimizer,
+                scheduler=scheduler,
+                loop_state=state,
+                dataloader_state=dataloader_state_to_json(dataloader.state_dict()),
+                image_processor=processor,
+                save_total_limit=args.save_total_limit,
+                weights_are_finite=stop_reason != "nonfinite",
+            )
+
+    progress.close()
+    stop.restore()
+    if state["step"] == num_training_steps and stop_reason != "nonfinite":  # also when a signal came at the end
+        export_model(
+            accelerator,
+            model,
+            args,
+            data_args,
+            processor,
+            learning_rate=learning_rate,
+            num_training_steps=num_training_steps,
+            last_metrics=last_metrics,
+            card_kind="vqkd",
+            card_fields={
+                "teacher": model_args.teacher_name_or_path,
+                "codebook_size": accelerator.unwrap_model(model).config.num_codes,
+                "size": None
+                if model_args.model_name_or_path
+                else VQKD_CONFIG_ALIASES.get(model_args.config_name, model_args.config_name).split("-")[0],
+            },
+            repo_id=repo_id,
+        )
+    del model, optimizer, scheduler, dataloader, batches, eval_dataloader, guard  # see end_training
+    end_training(accelerator)
+    return final_state({**state, "last_metrics": last_metrics}, stop_reason, num_training_steps, args.output_dir)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(PREEMPTED_EXIT_CODE if main()["preempted"] else 0)

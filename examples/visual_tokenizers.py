@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from transformers import AutoModel
 
 from modeling_beitv2 import DVAEModel, VQKDModel
@@ -10,10 +12,16 @@ VisualTokenizer = VQKDModel | DVAEModel
 
 
 def load_visual_tokenizer(
-    name_or_path: str, expected: tuple[type, ...] = (VQKDModel, DVAEModel), hint: str = ""
+    name_or_path: str,
+    expected: tuple[type, ...] = (VQKDModel, DVAEModel),
+    hint: str = "",
+    **hub_kwargs: Any,
 ) -> VisualTokenizer:
-    """The tokenizer at `name_or_path` in eval mode without gradients; a model of another class raises, with `hint`."""
-    tokenizer = AutoModel.from_pretrained(name_or_path)
+    """The tokenizer at `name_or_path` in eval mode without gradients; a model of another class raises, with `hint`.
+
+    `hub_kwargs` (`revision`, `token`, `trust_remote_code`) go to `AutoModel.from_pretrained`.
+    """
+    tokenizer = AutoModel.from_pretrained(name_or_path, **hub_kwargs)
     if not isinstance(tokenizer, expected):
         names = " or ".join(kind.__name__ for kind in expected)
         raise ValueError(

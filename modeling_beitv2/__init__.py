@@ -6,6 +6,12 @@ that `save_pretrained` also writes their code (loadable with `trust_remote_code=
 
 from transformers import AutoConfig, AutoModel, AutoModelForMaskedImageModeling
 
+from .attention import (
+    BEIT_FLEX_ATTENTION,
+    FlexAttentionOptions,
+    get_flex_attention_options,
+    set_flex_attention_options,
+)
 from .configuration_beitv2 import BEITV2_PRESETS, BeitV2Config
 from .configuration_dvae import DVAEConfig
 from .configuration_vqkd import VQKD_PRESETS, VQKDConfig
@@ -36,9 +42,11 @@ for _config_class, _model_class in ((VQKDConfig, VQKDModel), (DVAEConfig, DVAEMo
 
 __all__ = [
     "BEITV2_PRESETS",
+    "BEIT_FLEX_ATTENTION",
     "DVAEConfig",
     "DVAEModel",
     "DVAEOutput",
+    "FlexAttentionOptions",
     "NormEMAVectorQuantizer",
     "QuantizerOutput",
     "TeacherForPatchTargets",
@@ -52,5 +60,7 @@ __all__ = [
     "BeitV2Model",
     "BeitV2PreTrainedModel",
     "convert_mim_to_native_beit",
+    "get_flex_attention_options",
     "resize_relative_position_bias_table",
+    "set_flex_attention_options",
 ]

@@ -1,10 +1,14 @@
 """BEiT v2 masked image modeling on top of transformers' BEiT building blocks.
 
-`BeitV2Model` is transformers' `BeitModel` with the reference initialisation. `BeitV2ForMaskedImageModeling`
-adds the masked-token head (run on masked positions only) and BEiT v2's patch-aggregation head; with
-`use_patch_aggregation=False` it is BEiT v1 masked image modeling. `convert_mim_to_native_beit` turns a
-pretrained backbone into a stock transformers `beit` model for fine-tuning, so fine-tuned checkpoints need no
-custom code.
+`BeitV2Model` is transformers' `BeitModel` with the reference initialisation and a relative position bias computed
+once per forward pass. `BeitV2ForMaskedImageModeling` adds the masked-token head (run on masked positions only) and
+BEiT v2's patch-aggregation head; with `use_patch_aggregation=False` it is BEiT v1 masked image modeling.
+`convert_mim_to_native_beit` turns a pretrained backbone into a stock transformers `beit` model for fine-tuning,
+so fine-tuned checkpoints need no custom code.
+
+Attention implementations (`attn_implementation=` in `from_pretrained` / `_from_config` / the config, or
+`model.set_attn_implementation(...)`): `"sdpa"` (the default), `"eager"` and `"beit_flex_attention"` (see
+`attention.py`). transformers' `"flex_attention"` is refused: it would apply head 0's position bias to all heads.
 """
 
 from __future__ import annotations
@@ -16,14 +20,25 @@ import torch
 from torch import nn
 from transformers import BeitConfig, BeitModel, PreTrainedModel
 from transformers import initialization as init
+from transformers.masking_utils import create_bidirectional_mask
 from transformers.models.beit.modeling_beit import (
     BeitEmbeddings,
     BeitLayer,
+    BeitModelOutputWithPooling,
     BeitPreTrainedModel,
     BeitRelativePositionBias,
 )
 from transformers.utils import ModelOutput
+from transformers.utils.generic import merge_with_config_defaults
+from transformers.utils.output_capturing import capture_outputs
 
+from .attention import (
+    BEIT_FLEX_ATTENTION,
+    BeitV2RelativePositionBias,
+    additive_mask,
+    relative_position_index,
+    resize_relative_position_bias_table,
+)
 from .configuration_beitv2 import BeitV2Config
 from .initialization import init_vit_module_, mark_residual_branches, trunc_normal_one_std_
 
@@ -108,6 +123,18 @@ class BeitV2PreTrainedModel(BeitPreTrainedModel):
     config: BeitV2Config
     config_class = BeitV2Config
     base_model_prefix = "beit"
+    # Lets transformers accept "beit_flex_attention" (a name containing "flex_attention" is checked against this
+    # flag); transformers' own "flex_attention" is refused in `get_correct_attn_implementation`.
+    _supports_flex_attn = True
+
+    def get_correct_attn_implementation(self, requested_attention: str | None, is_init_check: bool = False) -> str:
+        if requested_attention == "flex_attention":
+            raise ValueError(
+                "attn_implementation='flex_attention' is not supported: transformers' flex_attention adds head 0's "
+                f"relative position bias to every head. Use '{BEIT_FLEX_ATTENTION}' (FlexAttention with the per-head "
+                "bias), 'sdpa' or 'eager'."
+            )
+        return super().get_correct_attn_implementation(requested_attention, is_init_check)
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -122,6 +149,9 @@ class BeitV2PreTrainedModel(BeitPreTrainedModel):
                 trunc_normal_one_std_(module.position_embeddings, std)
         elif isinstance(module, BeitRelativePositionBias):
             init.zeros_(module.relative_position_bias_table)
+            if isinstance(module, BeitV2RelativePositionBias):
+                # A non-persistent buffer: `from_pretrained` leaves it uninitialised on purpose.
+                init.copy_(module.relative_position_index, relative_position_index(module.window_size, "cpu"))
         elif isinstance(module, BeitLayer):
             if isinstance(module.lambda_1, nn.Parameter):
                 init.constant_(module.lambda_1, self.config.layer_scale_init_value)
@@ -130,9 +160,12 @@ class BeitV2PreTrainedModel(BeitPreTrainedModel):
 
 class BeitV2Model(BeitV2PreTrainedModel, BeitModel):
     r"""
-    The BEiT v2 backbone: transformers' [`BeitModel`] (same forward, same outputs) with the reference
+    The BEiT v2 backbone: transformers' [`BeitModel`] (same inputs, weights and outputs) with the reference
     initialisation — truncated normal (std `initializer_range`, cut at ±1 std) for every Linear, Conv, [CLS] and
     [MASK], and the attention output and second MLP weight of block `i` divided by `sqrt(2 i)`.
+
+    Its relative position biases skip transformers' per-call identity resize at the configured image size; the
+    shared one is computed once per forward pass (or passed in, see `encode`).
 
     Inputs: `pixel_values` `(batch, num_channels, height, width)`, optional `bool_masked_pos`
     `(batch, num_patches)`. Output: `last_hidden_state` `(batch, 1 + num_patches, hidden_size)`.
@@ -142,9 +175,100 @@ class BeitV2Model(BeitV2PreTrainedModel, BeitModel):
         super().__init__(config, add_pooling_layer=add_pooling_layer)
 
     def post_init(self) -> None:
-        # `BeitModel.__init__` calls this once its layers exist and before the weights are initialised.
+        # `BeitModel.__init__` calls this once its layers exist and before the weights are initialised: swap in
+        # the cheaper bias modules (same parameters, same state-dict keys) before the init pass sees them.
+        if self.shared_position_bias is not None:
+            self.shared_position_bias = BeitV2RelativePositionBias(self.config)
+        for layer in self.layers:
+            if layer.relative_position_bias is not None:
+                layer.relative_position_bias = BeitV2RelativePositionBias(self.config)
         mark_residual_branches(self.layers, first_layer_number=1)
         super().post_init()
+
+    def compute_shared_position_bias(
+        self, resolution: tuple[int, int], interpolate_pos_encoding: bool = False
+    ) -> torch.Tensor | None:
+        """The shared relative position bias `(1, num_heads, 1 + num_patches, 1 + num_patches)` for images of
+        `resolution = (height, width)` pixels, or `None` when the config has no shared bias."""
+        if self.shared_position_bias is None:
+            return None
+        height, width = resolution
+        window = (height // self.config.patch_size, width // self.config.patch_size)
+        return self.shared_position_bias(
+            window, interpolate_pos_encoding=interpolate_pos_encoding, dim_size=1 + window[0] * window[1]
+        )
+
+    @merge_with_config_defaults
+    @capture_outputs(tie_last_hidden_states=False)
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        bool_masked_pos: torch.BoolTensor | None = None,
+        interpolate_pos_encoding: bool = False,
+        attention_mask: torch.Tensor | None = None,
+        **kwargs,
+    ) -> BeitModelOutputWithPooling:
+        r"""
+        Same inputs and outputs as [`BeitModel.forward`] (`output_hidden_states` / `output_attentions` are recorded
+        by transformers' output capturing); the blocks run in [`encode`].
+        """
+        kwargs.pop("output_hidden_states", None)  # recorded by `capture_outputs`, not by `encode`
+        hidden_states, _ = self.encode(
+            pixel_values,
+            bool_masked_pos,
+            interpolate_pos_encoding=interpolate_pos_encoding,
+            attention_mask=attention_mask,
+            **kwargs,
+        )
+        sequence_output = self.layernorm(hidden_states)
+        pooled_output = self.pooler(sequence_output) if self.pooler is not None else None
+        return BeitModelOutputWithPooling(last_hidden_state=sequence_output, pooler_output=pooled_output)
+
+    def encode(
+        self,
+        pixel_values: torch.Tensor,
+        bool_masked_pos: torch.BoolTensor | None = None,
+        shared_position_bias: torch.Tensor | None = None,
+        interpolate_pos_encoding: bool = False,
+        attention_mask: torch.Tensor | None = None,
+        output_hidden_states: bool = False,
+        **kwargs,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
+        r"""
+        Embeddings and blocks, without the final LayerNorm, the pooler and transformers' hook-based output capturing
+        (whose first call installs hooks under a lock, which `torch.compile(fullgraph=True)` cannot trace).
+
+        `shared_position_bias` (`(1, num_heads, 1 + num_patches, 1 + num_patches)`, from
+        `compute_shared_position_bias`) lets a caller reuse the bias; it is computed here when `None`. Returns the
+        last block's output `(batch, 1 + num_patches, hidden_size)` and, with `output_hidden_states`, the embeddings
+        followed by every block's output (`num_hidden_layers + 1` tensors), else `None`.
+        """
+        embedding_output = self.embeddings(pixel_values, bool_masked_pos=bool_masked_pos)
+        resolution = pixel_values.shape[2:]
+        attention_mask = create_bidirectional_mask(
+            config=self.config, inputs_embeds=embedding_output, attention_mask=attention_mask
+        )
+        if attention_mask is not None:
+            # SDPA's padding masks are boolean; `BeitModel` adds them to the float bias as they are (+1 where tokens
+            # should be kept, nothing masked).
+            attention_mask = additive_mask(attention_mask, embedding_output.dtype)
+        if shared_position_bias is None:
+            shared_position_bias = self.compute_shared_position_bias(resolution, interpolate_pos_encoding)
+        if shared_position_bias is not None:
+            attention_mask = shared_position_bias if attention_mask is None else shared_position_bias + attention_mask
+
+        hidden_states = embedding_output
+        all_hidden_states = [hidden_states]
+        for layer in self.layers:
+            hidden_states = layer(
+                hidden_states,
+                attention_mask=attention_mask,
+                interpolate_pos_encoding=interpolate_pos_encoding,
+                resolution=resolution,
+                **kwargs,
+            )
+            all_hidden_states.append(hidden_states)
+        return hidden_states, tuple(all_hidden_states) if output_hidden_states else None
 
 
 def _patch_grid(config: BeitConfig) -> tuple[int, int]:
@@ -165,6 +289,18 @@ def _num_patches_for(pixel_values: torch.Tensor, patch_size: int | tuple[int, in
     return height // patch_h, width // patch_w
 
 
+def _select_masked(tokens: torch.Tensor, bool_masked_pos: torch.Tensor, masked_index: torch.Tensor | None):
+    """Masked rows of `tokens` `(batch, num_patches, ...)` in row-major order: `(num_masked, ...)`.
+
+    With `masked_index` `(batch, K)` (ascending positions per image) this is a gather of static size; without it,
+    boolean indexing, whose output size depends on the mask's values (a host-device synchronisation).
+    """
+    if masked_index is None:
+        return tokens[bool_masked_pos]
+    index = masked_index.view(*masked_index.shape, *([1] * (tokens.ndim - 2))).expand(-1, -1, *tokens.shape[2:])
+    return tokens.gather(1, index).flatten(0, 1)
+
+
 class BeitV2ForMaskedImageModeling(BeitV2PreTrainedModel):
     r"""
     BEiT v2 masked image modeling: predict the visual token (e.g. a VQ-KD code) of every masked patch.
@@ -178,6 +314,9 @@ class BeitV2ForMaskedImageModeling(BeitV2PreTrainedModel):
 
     A batch without any masked patch gives `loss = 0` (still attached to the graph so `backward()` works and
     gradients are zero) and accuracies of 0, instead of the NaN a mean over zero positions would give.
+
+    With `num_masked_patches` (the same count in every image, as BEiT's mask generators guarantee) the forward pass
+    has static shapes and no host-device synchronisation, and compiles to one graph; outputs are identical.
     """
 
     def __init__(self, config: BeitV2Config) -> None:
@@ -198,9 +337,14 @@ class BeitV2ForMaskedImageModeling(BeitV2PreTrainedModel):
         super().save_pretrained(save_directory, *args, **kwargs)
 
     def _check_inputs(
-        self, pixel_values: torch.Tensor, bool_masked_pos: torch.Tensor, labels: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor | None, tuple[int, int]]:
-        """Validated `(bool_masked_pos (batch, num_patches), masked labels or None, (rows, cols) patch grid)`."""
+        self,
+        pixel_values: torch.Tensor,
+        bool_masked_pos: torch.Tensor,
+        labels: torch.Tensor | None,
+        num_masked_patches: int | None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Validated `(bool_masked_pos (batch, num_patches), masked_index (batch, K) or None, masked labels or None)`.
+        With `num_masked_patches` the host checks shapes only; the count is asserted on the device, without waiting."""
         rows, cols = _num_patches_for(pixel_values, self.config.patch_size)
         batch_size, num_patches = pixel_values.shape[0], rows * cols
         if bool_masked_pos is None:
@@ -213,17 +357,33 @@ class BeitV2ForMaskedImageModeling(BeitV2PreTrainedModel):
                 f"for {batch_size} images of {rows}x{cols} patches."
             )
         bool_masked_pos = bool_masked_pos.bool()
+        masked_index = None
+        if num_masked_patches is not None:
+            if isinstance(num_masked_patches, bool) or not isinstance(num_masked_patches, int):
+                raise ValueError(f"num_masked_patches must be an int or None, got {num_masked_patches!r}.")
+            if not 0 <= num_masked_patches <= num_patches:
+                raise ValueError(f"num_masked_patches must lie in [0, {num_patches}], got {num_masked_patches}.")
+            torch._assert_async(
+                (bool_masked_pos.sum(dim=1) == num_masked_patches).all(),
+                f"bool_masked_pos must mask exactly num_masked_patches={num_masked_patches} patches in every image.",
+            )
+            # A stable descending sort puts each image's masked positions first, in increasing order: the
+            # row-major order of boolean indexing, with a static output size.
+            order = torch.argsort(bool_masked_pos.to(torch.uint8), dim=1, descending=True, stable=True)
+            masked_index = order[:, :num_masked_patches]
         if labels is not None:
-            num_masked = int(bool_masked_pos.sum())
             if tuple(labels.shape) == (batch_size, num_patches):
-                labels = labels[bool_masked_pos]
-            elif labels.ndim != 1 or labels.shape[0] != num_masked:
-                raise ValueError(
-                    f"labels has shape {tuple(labels.shape)}; expected the full code grid ({batch_size}, "
-                    f"{num_patches}) or the codes of the {num_masked} masked patches ({num_masked},)."
-                )
+                labels = _select_masked(labels, bool_masked_pos, masked_index)
+            else:
+                # The dynamic path needs the count to check the shape; the static path knows it.
+                num_masked = int(bool_masked_pos.sum()) if masked_index is None else batch_size * num_masked_patches
+                if labels.ndim != 1 or labels.shape[0] != num_masked:
+                    raise ValueError(
+                        f"labels has shape {tuple(labels.shape)}; expected the full code grid ({batch_size}, "
+                        f"{num_patches}) or the codes of the {num_masked} masked patches ({num_masked},)."
+                    )
             labels = labels.long()
-        return bool_masked_pos, labels, (rows, cols)
+        return bool_masked_pos, masked_index, labels
 
     def forward(
         self,
@@ -232,6 +392,7 @@ class BeitV2ForMaskedImageModeling(BeitV2PreTrainedModel):
         labels: torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        num_masked_patches: int | None = None,
     ) -> BeitV2MaskedImageModelingOutput | tuple:
         r"""
         Args:
@@ -244,30 +405,39 @@ class BeitV2ForMaskedImageModeling(BeitV2PreTrainedModel):
                 row-major order.
             output_hidden_states (`bool`, *optional*):
                 Return the backbone's hidden states.
+            num_masked_patches (`int`, *optional*):
+                The number of masked patches in EVERY image (`num_masked = batch * num_masked_patches`). Selects
+                the static-shape path: no host-device synchronisation, one graph under `torch.compile`, same
+                outputs. A mask with another count fails a device-side assertion (raised at the next
+                synchronisation on GPU, at once on CPU). Leave it `None` for masks of varying counts.
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
-        bool_masked_pos, labels, window = self._check_inputs(pixel_values, bool_masked_pos, labels)
+        bool_masked_pos, masked_index, labels = self._check_inputs(
+            pixel_values, bool_masked_pos, labels, num_masked_patches
+        )
         use_aggregation = self.aggregation_head is not None
 
-        outputs = self.beit(
+        # Computed once, shared by every backbone block and the aggregation head.
+        resolution = tuple(pixel_values.shape[2:])
+        shared_position_bias = self.beit.compute_shared_position_bias(resolution)
+        sequence_output, all_hidden_states = self.beit.encode(  # before the final LayerNorm
             pixel_values,
-            bool_masked_pos=bool_masked_pos,
+            bool_masked_pos,
+            shared_position_bias=shared_position_bias,
             output_hidden_states=bool(output_hidden_states) or use_aggregation,
         )
-        sequence_output = outputs.last_hidden_state  # before the final LayerNorm
-        logits = self.lm_head(self.layernorm(sequence_output[:, 1:][bool_masked_pos]))
+        masked_output = _select_masked(sequence_output[:, 1:], bool_masked_pos, masked_index)
+        logits = self.lm_head(self.layernorm(masked_output))
 
         aggregation_logits = None
         if use_aggregation:
-            resolution = pixel_values.shape[2:]
-            relative_position_bias = self.beit.shared_position_bias(window, dim_size=sequence_output.shape[1])
             head_output = self.aggregation_head(
                 sequence_output[:, :1],
-                outputs.hidden_states[self.config.early_layers][:, 1:],
-                relative_position_bias,
+                all_hidden_states[self.config.early_layers][:, 1:],
+                shared_position_bias,
                 resolution,
             )
-            masked_head_output = head_output[:, 1:][bool_masked_pos]
+            masked_head_output = _select_masked(head_output[:, 1:], bool_masked_pos, masked_index)
             if self.config.shared_lm_head:
                 aggregation_logits = self.lm_head(self.layernorm(masked_head_output))
             else:
@@ -281,7 +451,7 @@ class BeitV2ForMaskedImageModeling(BeitV2PreTrainedModel):
                 loss_aggregation, aggregation_accuracy = _masked_token_loss(aggregation_logits, labels)
                 loss = loss_mim + loss_aggregation
 
-        hidden_states = outputs.hidden_states if output_hidden_states else None
+        hidden_states = all_hidden_states if output_hidden_states else None
         output = BeitV2MaskedImageModelingOutput(
             loss=loss,
             loss_mim=loss_mim,
@@ -303,114 +473,6 @@ def _masked_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torc
     loss = nn.functional.cross_entropy(logits.float(), labels)
     accuracy = (logits.detach().argmax(dim=-1) == labels).float().mean()
     return loss, accuracy
-
-
-def _geometric_offset_positions(source_size: int, target_size: int) -> torch.Tensor:
-    """Positions of the `source_size` source offsets on the integer target offset axis `-(target_size // 2)..`.
-
-    The reference BEiT fine-tuning loaders place source offset `i` at `sum(q**j for j < i)` (mirrored for negative
-    offsets) with `q` bisected in `[1.01, 1.5]`, so near offsets stay about 1 apart and only far ones stretch.
-    """
-    half_source, half_target = source_size // 2, target_size // 2
-    low, high = 1.01, 1.5
-    while high - low > 1e-6:
-        ratio = (low + high) / 2.0
-        if (1.0 - ratio**half_source) / (1.0 - ratio) > half_target:
-            high = ratio
-        else:
-            low = ratio
-    steps = torch.tensor([ratio**power for power in range(half_source)], dtype=torch.float64)
-    positive = torch.cumsum(steps, dim=0)
-    return torch.cat([-positive.flip(0), torch.zeros(1, dtype=torch.float64), positive])
-
-
-def _not_a_knot_spline_matrix(knots: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """`(len(targets), len(knots))` float64 matrix mapping values at `knots` to the not-a-knot cubic spline
-    interpolant evaluated at `targets` (clamped to the knot range, as FITPACK's evaluator does).
-
-    With fewer than 4 knots the spline degenerates to the interpolating polynomial of degree `len(knots) - 1`.
-    """
-    num_knots = knots.shape[0]
-    targets = targets.clamp(knots[0], knots[-1])
-    if num_knots < 4:
-        # Lagrange basis: column k is prod_{m != k} (t - x_m) / (x_k - x_m).
-        differences = targets[:, None, None] - knots[None, None, :]
-        denominators = knots[:, None] - knots[None, :]
-        off_diagonal = ~torch.eye(num_knots, dtype=torch.bool)
-        ratios = torch.where(off_diagonal, differences / torch.where(off_diagonal, denominators, 1.0), 1.0)
-        return ratios.prod(dim=-1)
-    widths = knots[1:] - knots[:-1]
-    # Second derivatives M solve S M = R y: continuity of the first derivative at interior knots, plus a
-    # continuous third derivative at the second and second-to-last knots (not-a-knot ends).
-    system = torch.zeros(num_knots, num_knots, dtype=torch.float64)
-    rhs = torch.zeros(num_knots, num_knots, dtype=torch.float64)
-    system[0, :3] = torch.stack([widths[1], -(widths[0] + widths[1]), widths[0]])
-    system[-1, -3:] = torch.stack([widths[-1], -(widths[-2] + widths[-1]), widths[-2]])
-    for row in range(1, num_knots - 1):
-        left, right = widths[row - 1], widths[row]
-        system[row, row - 1 : row + 2] = torch.stack([left, 2.0 * (left + right), right])
-        rhs[row, row - 1 : row + 2] = 6.0 * torch.stack([1.0 / left, -(1.0 / left + 1.0 / right), 1.0 / right])
-    second_derivatives = torch.linalg.solve(system, rhs)
-    interval = torch.searchsorted(knots[1:-1], targets, right=True)
-    width = widths[interval]
-    after = (targets - knots[interval]) / width
-    before = 1.0 - after
-    rows = torch.arange(targets.shape[0])
-    values = torch.zeros(targets.shape[0], num_knots, dtype=torch.float64)
-    values[rows, interval] = before
-    values[rows, interval + 1] += after
-    curvature = ((before**3 - before)[:, None] * second_derivatives[interval]) + (
-        (after**3 - after)[:, None] * second_derivatives[interval + 1]
-    )
-    return values + curvature * (width**2 / 6.0)[:, None]
-
-
-def resize_relative_position_bias_table(
-    table: torch.Tensor, source_window: tuple[int, int], target_window: tuple[int, int]
-) -> torch.Tensor:
-    """Resize a BEiT relative position bias table to another patch grid.
-
-    The table holds one row per 2-D offset `(dy, dx)` with `dy in [-(h-1), h-1]`, `dx in [-(w-1), w-1]`, laid
-    out row-major over a `(2h-1, 2w-1)` grid, followed by 3 rows for the [CLS] interactions. Each axis of the
-    offset grid is resized like the official BEiT / BEiT v2 fine-tuning code does: the source offsets are placed
-    on a geometric progression (`1, 1 + q, 1 + q + q**2, ...` and mirrored, `q` chosen so the largest one just
-    passes the largest target offset) and the bias is read at the integer target offsets from a cubic
-    interpolating spline through them (the not-a-knot spline that `scipy.interpolate.interp2d(kind="cubic")`
-    fits), one axis after the other. Offset (0, 0) keeps its value, near offsets keep nearly theirs; an axis
-    whose size does not change is left as is, and the [CLS] rows are copied.
-
-    Args:
-        table (`torch.Tensor` of shape `((2h-1)(2w-1) + 3, num_heads)`)
-        source_window, target_window: `(rows, cols)` of the patch grids.
-
-    Returns:
-        `torch.Tensor` of shape `((2H-1)(2W-1) + 3, num_heads)`, in `table`'s dtype (computed in float64).
-    """
-    src_h, src_w = 2 * source_window[0] - 1, 2 * source_window[1] - 1
-    dst_h, dst_w = 2 * target_window[0] - 1, 2 * target_window[1] - 1
-    if table.shape[0] != src_h * src_w + 3:
-        raise ValueError(
-            f"Relative position bias table has {table.shape[0]} rows; a {source_window} patch grid needs "
-            f"{src_h * src_w + 3}."
-        )
-    if (src_h, src_w) == (dst_h, dst_w):
-        return table.clone()
-    # The reference's geometric-progression resize, not a plain resize of the offset grid: the latter stretches
-    # the near offsets that matter most and hurt ADE20K fine-tuning (microsoft/unilm issue 376).
-    axis_operators = []
-    for source_size, target_size in ((src_h, dst_h), (src_w, dst_w)):
-        if source_size == target_size:
-            axis_operators.append(torch.eye(source_size, dtype=torch.float64))
-            continue
-        half_target = target_size // 2
-        targets = torch.arange(-half_target, half_target + 1, dtype=torch.float64)
-        knots = _geometric_offset_positions(source_size, target_size)
-        axis_operators.append(_not_a_knot_spline_matrix(knots, targets))
-    row_operator, column_operator = (operator.to(table.device) for operator in axis_operators)
-    offsets, cls_rows = table[:-3], table[-3:]
-    grid = offsets.reshape(src_h, src_w, -1).to(torch.float64)
-    resized = torch.einsum("ti,ijh,sj->tsh", row_operator, grid, column_operator)
-    return torch.cat([resized.reshape(dst_h * dst_w, -1).to(table.dtype), cls_rows], dim=0)
 
 
 def convert_mim_to_native_beit(

@@ -186,7 +186,10 @@ class VQKDModel(VQKDPreTrainedModel):
         self.post_init()
 
     def _features_to_code_space(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        features = self.encoder.patch_features(pixel_values)
+        # Pixels follow the encoder's dtype (a tokenizer loaded in bf16 keeps only the task layer and the quantizer
+        # in fp32); under autocast the encoder's matmuls and attention run in half precision either way.
+        encoder_dtype = self.encoder.embeddings.patch_embeddings.projection.weight.dtype
+        features = self.encoder.patch_features(pixel_values.to(encoder_dtype))
         # The reference runs the task layer in fp32 with autocast off, so codes never see half precision.
         with torch.autocast(device_type=features.device.type, enabled=False):
             return self.encode_task_layer(features.to(self.encode_task_layer[-1].weight.dtype))

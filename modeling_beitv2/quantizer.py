@@ -197,6 +197,8 @@ class NormEMAVectorQuantizer(nn.Module):
         self.register_buffer("codebook", torch.empty(num_codes, code_dim))
         self.register_buffer("cluster_size", torch.zeros(num_codes))
         self.register_buffer("initted", torch.tensor(False))
+        # Host-side copy of `initted` once it has been seen True (see `_is_initialised`).
+        self._seen_initialised = False
         self.reset_codebook()
 
     def reset_codebook(self) -> None:
@@ -207,14 +209,27 @@ class NormEMAVectorQuantizer(nn.Module):
             init.copy_(self.codebook, F.normalize(torch.randn_like(self.codebook), dim=-1))
         init.zeros_(self.cluster_size)
         init.copy_(self.initted, torch.tensor(not self.kmeans_init))
+        self._seen_initialised = False
 
     @torch.no_grad()
     def reset_usage(self) -> None:
         """Zero the usage statistics (e.g. before an evaluation pass that counts unused codes)."""
         self.cluster_size.zero_()
 
+    def _is_initialised(self) -> bool:
+        # Reading the buffer synchronises with the device (a stall every step for a frozen tokenizer on a GPU, and a
+        # graph break under torch.compile). Once True it only turns False again through `reset_codebook` or a state
+        # dict, which reset the cached answer.
+        if not self._seen_initialised:
+            self._seen_initialised = bool(self.initted)
+        return self._seen_initialised
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        self._seen_initialised = False
+        super()._load_from_state_dict(*args, **kwargs)
+
     def _check_initialised(self) -> None:
-        if not self.initted:
+        if not self._is_initialised():
             raise ValueError(
                 "The codebook is still waiting for its k-means initialisation (kmeans_init=True), which runs on the "
                 "first training batch; run a training step or load a trained tokenizer before tokenizing."
@@ -241,7 +256,7 @@ class NormEMAVectorQuantizer(nn.Module):
         with torch.autocast(device_type=z.device.type, enabled=False):
             z = F.normalize(z.float(), dim=-1)
             flat = z.reshape(-1, self.code_dim)
-            if self.training and not self.initted:
+            if self.training and not self._is_initialised():
                 self._kmeans_init(flat.detach())
             self._check_initialised()
             codebook = self.codebook.float()  # a no-op unless the whole model was cast to half precision
@@ -262,6 +277,7 @@ class NormEMAVectorQuantizer(nn.Module):
         _broadcast_from_rank0(self.codebook)
         _broadcast_from_rank0(self.cluster_size)
         self.initted.fill_(True)
+        self._seen_initialised = True
 
     @torch.no_grad()
     def _update(self, flat: torch.Tensor, indices: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -17,10 +17,46 @@ from safetensors.torch import load_file
 from test_data import write_parquet_shards
 from test_run_mim import make_vqkd_tokenizer, mim_args
 from test_run_vqkd import make_image_folder, make_teacher, vqkd_args
+from training import PREEMPTED_EXIT_CODE
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples"
 ACCELERATE = str(Path(sys.executable).parent / "accelerate")
+
+# Runs a script with an audit of the examples each rank trains on (written to example_ids_rank{N}.txt in
+# --output_dir): the streams yield their example ids (`ImageStream(with_ids=True)`, a test-only option) and the
+# loop's batch fetch writes and removes them before the batch reaches the model.
+AUDITED_LAUNCH = """
+import os, runpy, sys
+sys.path.insert(0, {examples!r})
+import training
+
+class AuditedStream(training.ImageStream):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, with_ids=True, **kwargs)
+
+training.ImageStream = AuditedStream
+next_batch = training.MetricsWindow.next_batch
+output_dir = sys.argv[sys.argv.index("--output_dir") + 1]
+
+def audited_next_batch(self, batches):
+    batch = next_batch(self, batches)
+    rank = self.accelerator.process_index
+    with open(os.path.join(output_dir, f"example_ids_rank{{rank}}.txt"), "a") as ids:
+        ids.writelines(identifier + "\\n" for identifier in batch.pop("example_id"))
+    return batch
+
+training.MetricsWindow.next_batch = audited_next_batch
+sys.argv = [{script!r}, *sys.argv[1:]]
+runpy.run_path({script!r}, run_name="__main__")
+"""
+
+
+def audited(script: str, folder: Path) -> str:
+    """A launcher file that runs examples/`script` with the example-id audit."""
+    launcher = folder / f"audited_{script}"
+    launcher.write_text(AUDITED_LAUNCH.format(examples=str(EXAMPLES), script=str(EXAMPLES / script)))
+    return str(launcher)
 
 
 def script_env() -> dict[str, str]:
@@ -31,7 +67,7 @@ def launch_two_cpu_processes(script: str, args: list[str], timeout: int = 240) -
     command = [
         ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
         "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
-        str(EXAMPLES / script), *args,
+        script, *args,
     ]  # fmt: skip
     result = subprocess.run(command, env=script_env(), capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
@@ -54,14 +90,14 @@ def test_mim_on_two_cpu_processes_trains_on_disjoint_shards(tmp_path):
     files = write_parquet_shards(tmp_path / "parquet", 16, 4)  # 2 shards per rank
     tokenizer = make_vqkd_tokenizer(tmp_path / "vqkd")
     output_dir = tmp_path / "out"
-    args = mim_args(files, tokenizer, output_dir, "--max_steps", "2", "--log_example_ids", "--save_steps", "0")
+    args = mim_args(files, tokenizer, output_dir, "--max_steps", "2", "--save_steps", "0")
     args[args.index("--per_device_train_batch_size") + 1] = "3"
-    result = launch_two_cpu_processes("run_mim.py", args)
+    result = launch_two_cpu_processes(audited("run_mim.py", tmp_path), args)
     # 2 steps x 3 images per rank, all from different shards: no image is seen by both ranks.
     assert_two_ranks_with_disjoint_data(result, output_dir, per_rank=6)
     records = read_metrics(output_dir)
     assert [record["step"] for record in records] == [1, 2]
-    assert all(record["images_per_second"] > 0 and "loss_2" in record for record in records)
+    assert all(record["images_per_second"] > 0 and "loss_aggregation" in record for record in records)
     assert sorted(p.name for p in (output_dir / "checkpoint-2").glob("training_state_rank*.json")) == [
         "training_state_rank0.json",
         "training_state_rank1.json",
@@ -73,14 +109,14 @@ def test_vqkd_on_two_cpu_processes_trains_on_disjoint_examples(tmp_path):
     images = make_image_folder(tmp_path / "images", num_images=10, corrupt=False)  # 1 shard: split by example
     teacher = make_teacher(tmp_path / "teacher")
     output_dir = tmp_path / "out"
-    args = vqkd_args(images, teacher, output_dir, "--max_steps", "2", "--log_example_ids", "--save_steps", "0")
+    args = vqkd_args(images, teacher, output_dir, "--max_steps", "2", "--save_steps", "0")
     args[args.index("--per_device_train_batch_size") + 1] = "2"
-    result = launch_two_cpu_processes("run_vqkd.py", args)
+    result = launch_two_cpu_processes(audited("run_vqkd.py", tmp_path), args)
     assert_two_ranks_with_disjoint_data(result, output_dir, per_rank=4)
-    assert {"codebook_usage", "perplexity", "dead_codes"} <= set(read_metrics(output_dir)[-1])
+    assert {"codebook_usage", "perplexity", "num_dead_codes"} <= set(read_metrics(output_dir)[-1])
 
 
-def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+def test_sigterm_saves_a_checkpoint_and_exits_as_preempted(tmp_path):
     images = make_image_folder(tmp_path / "images", num_images=6, corrupt=False)
     teacher = make_teacher(tmp_path / "teacher")
     output_dir = tmp_path / "out"
@@ -102,7 +138,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
         finally:
             process.kill()
     output = log_file.read_text()
-    assert process.returncode == 0, output[-4000:]
+    assert process.returncode == PREEMPTED_EXIT_CODE, output[-4000:]  # not 0: the run did not finish
     assert "Stopped by SIGTERM" in output
     checkpoints = list(output_dir.glob("checkpoint-*"))
     assert len(checkpoints) == 1 and 2 <= int(checkpoints[0].name.split("-")[1]) < 100000

@@ -1,4 +1,7 @@
-"""The stage-3 scripts normalise images the way the checkpoint was pretrained."""
+"""The stage-3 scripts normalise images the way the checkpoint was pretrained, and share code through downstream.py."""
+
+import ast
+from pathlib import Path
 
 import numpy as np
 import PIL.Image
@@ -32,3 +35,26 @@ def test_evaluation_processor_resizes_the_shorter_side_then_crops_the_centre(tmp
         expected = np.asarray(image.resize((72, 36), PIL.Image.BICUBIC).crop((20, 2, 52, 34)), np.float32) / 255
         np.testing.assert_allclose(output, expected.transpose(2, 0, 1), atol=2 / 255)
         assert output.max() < 0.05
+
+
+def test_no_example_script_imports_another_script():
+    """Scripts (files with a `__main__` block) share code through helper modules such as downstream.py: importing
+    a script runs its module-level setup and ties the scripts' command lines together."""
+    examples = Path(__file__).resolve().parents[1] / "examples"
+    trees = {path.stem: ast.parse(path.read_text()) for path in examples.glob("*.py")}
+    scripts = {name for name, tree in trees.items() if "__main__" in ast.unparse(tree)}
+    assert {"run_image_classification", "run_semantic_segmentation"} <= scripts
+    imported = {
+        (name, module)
+        for name, tree in trees.items()
+        for node in ast.walk(tree)
+        for module in (
+            [alias.name for alias in node.names]
+            if isinstance(node, ast.Import)
+            else [node.module]
+            if isinstance(node, ast.ImportFrom) and node.level == 0
+            else []
+        )
+        if module.split(".")[0] in scripts
+    }
+    assert imported == set()

@@ -276,6 +276,89 @@ def test_bad_inputs_raise_value_error(tiny_beitv2_kwargs, field, bad, message):
         model(**inputs)
 
 
+def make_exact_count_batch(config: BeitV2Config, num_masked: int, batch_size: int = 3, seed: int = 0):
+    """A batch whose masks hide exactly `num_masked` patches per image, as BEiT's mask generators do."""
+    pixel_values, _, labels = make_batch(config, batch_size, seed)
+    generator = torch.Generator().manual_seed(seed + 1)
+    bool_masked_pos = torch.zeros(batch_size, config.num_patches, dtype=torch.bool)
+    for row in bool_masked_pos:
+        row[torch.randperm(config.num_patches, generator=generator)[:num_masked]] = True
+    return pixel_values, bool_masked_pos, labels
+
+
+@pytest.mark.parametrize("num_masked", [5, 0])
+@pytest.mark.parametrize("labels_form", ["grid", "masked_codes"])
+def test_static_masked_count_path_is_identical_to_boolean_indexing(tiny_beitv2_kwargs, num_masked, labels_form):
+    model = BeitV2ForMaskedImageModeling(BeitV2Config(**tiny_beitv2_kwargs, shared_lm_head=False))
+    randomize_all_parameters(model)
+    pixel_values, bool_masked_pos, labels = make_exact_count_batch(model.config, num_masked)
+    if labels_form == "masked_codes":
+        labels = labels[bool_masked_pos]
+    outputs, grads = [], []
+    for count in (None, num_masked):
+        model.zero_grad()
+        out = model(pixel_values, bool_masked_pos, labels, num_masked_patches=count)
+        out.loss.backward()
+        outputs.append(out)
+        grads.append({name: param.grad.clone() for name, param in model.named_parameters()})
+    dynamic, static = outputs
+    assert static.logits.shape == (3 * num_masked, model.config.vocab_size)
+    for field in dynamic:
+        assert torch.equal(static[field], dynamic[field]), field
+    for name, grad in grads[0].items():
+        assert torch.equal(grads[1][name], grad), name
+
+
+def test_static_masked_count_path_checks_without_synchronising(tiny_beitv2_kwargs):
+    model = BeitV2ForMaskedImageModeling(BeitV2Config(**tiny_beitv2_kwargs))
+    pixel_values, bool_masked_pos, labels = make_exact_count_batch(model.config, 5)
+    for bad in (True, 5.0, torch.tensor(5)):
+        with pytest.raises(ValueError, match="num_masked_patches must be an int or None"):
+            model(pixel_values, bool_masked_pos, num_masked_patches=bad)
+    for bad in (-1, 17):
+        with pytest.raises(ValueError, match=rf"num_masked_patches must lie in \[0, 16\], got {bad}"):
+            model(pixel_values, bool_masked_pos, num_masked_patches=bad)
+    with pytest.raises(ValueError, match=r"labels has shape \(14,\); .*codes of the 15 masked patches \(15,\)"):
+        model(pixel_values, bool_masked_pos, labels[bool_masked_pos][:-1], num_masked_patches=5)
+    # The count itself is checked on the device: on CPU the assertion fires at once.
+    bool_masked_pos[1, ~bool_masked_pos[1]] = torch.tensor([True] + [False] * 10)
+    with pytest.raises(RuntimeError, match="must mask exactly num_masked_patches=5 patches in every image"):
+        model(pixel_values, bool_masked_pos, labels, num_masked_patches=5)
+
+
+def test_static_path_compiles_to_one_graph_and_matches_eager(tiny_beitv2_kwargs):
+    # `fullgraph=True` fails on any graph break: a host-device synchronisation (`int(tensor)`, boolean indexing)
+    # would be one. The Inductor backend adds minutes of C++ compilation on CPU and nothing to the graph capture.
+    torch._dynamo.reset()
+    model = BeitV2ForMaskedImageModeling(BeitV2Config(**tiny_beitv2_kwargs))
+    randomize_all_parameters(model)
+    pixel_values, bool_masked_pos, labels = make_exact_count_batch(model.config, 5)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    actual = compiled(pixel_values, bool_masked_pos, labels, num_masked_patches=5)
+    actual.loss.backward()
+    actual_grads = {name: param.grad.clone() for name, param in model.named_parameters()}
+    model.zero_grad()
+    expected = model(pixel_values, bool_masked_pos, labels, num_masked_patches=5)
+    expected.loss.backward()
+    torch.testing.assert_close(actual.loss, expected.loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(actual.aggregation_logits, expected.aggregation_logits, rtol=1e-5, atol=1e-5)
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(actual_grads[name], param.grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+def test_static_path_never_synchronises_on_gpu(tiny_beitv2_kwargs):
+    model = BeitV2ForMaskedImageModeling(BeitV2Config(**tiny_beitv2_kwargs)).cuda()
+    batch = [tensor.cuda() for tensor in make_exact_count_batch(model.config, 5)]
+    model(*batch, num_masked_patches=5).loss.backward()  # warm-up: lazy CUDA initialisation may synchronise
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        model(*batch, num_masked_patches=5).loss.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
 def test_sdpa_and_eager_attention_agree(tiny_beitv2_kwargs):
     config = BeitV2Config(**tiny_beitv2_kwargs)
     eager = BeitV2ForMaskedImageModeling._from_config(config, attn_implementation="eager").eval()
@@ -490,7 +573,7 @@ def test_custom_code_reloads_in_a_fresh_process_without_the_package(tmp_path, ti
     randomize_all_parameters(model)
     folder = tmp_path / "mim"
     model.save_pretrained(folder)
-    assert {"configuration_beitv2.py", "modeling_beitv2.py", "initialization.py"} <= {
+    assert {"configuration_beitv2.py", "modeling_beitv2.py", "initialization.py", "attention.py"} <= {
         p.name for p in folder.glob("*.py")
     }
     auto_map = json.loads((folder / "config.json").read_text())["auto_map"]

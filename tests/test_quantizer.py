@@ -142,3 +142,26 @@ def test_tokenizing_before_the_kmeans_init_is_an_error():
         quantizer(torch.randn(8, 4))
     quantizer.train()(torch.randn(32, 4))  # the first training batch initialises it
     assert quantizer.eval().lookup(torch.randn(8, 4)).shape == (8,)
+
+
+def test_initialisation_is_read_from_the_device_once():
+    """A frozen tokenizer must not synchronise with the device on every call to read `initted`."""
+    quantizer = NormEMAVectorQuantizer(num_codes=8, code_dim=4, kmeans_init=False).eval()
+    z = torch.randn(5, 4)
+    quantizer.lookup(z)
+    # Changing the buffer behind the module's back is not seen: the answer is cached on the host...
+    quantizer.initted.fill_(False)
+    quantizer.lookup(z)
+    # ...until the state is reloaded or reset, which read it again.
+    state = {**quantizer.state_dict(), "initted": torch.tensor(False)}
+    quantizer.load_state_dict(state)
+    with pytest.raises(ValueError, match="waiting for its k-means initialisation"):
+        quantizer.lookup(z)
+    quantizer.initted.fill_(True)
+    quantizer.lookup(z)
+    waiting = NormEMAVectorQuantizer(num_codes=8, code_dim=4, kmeans_init=True)
+    waiting.train()(z)  # the k-means init runs and sets the cached answer
+    assert waiting._seen_initialised and bool(waiting.initted)
+    waiting.reset_codebook()
+    with pytest.raises(ValueError, match="waiting for its k-means initialisation"):
+        waiting.eval().lookup(z)

@@ -1,4 +1,4 @@
-"""examples/run_vqkd.py in one process: training, logging, checkpoints, exact resume, frozen teacher."""
+"""examples/run_vqkd.py in one process: training, logging, checkpoints, exact resume, evaluation, frozen teacher."""
 
 from __future__ import annotations
 
@@ -23,6 +23,10 @@ import run_vqkd  # noqa: E402
 from modeling_beitv2 import VQKDModel  # noqa: E402
 
 TINY_TOKENIZER = "hidden_size=32,num_attention_heads=2,intermediate_size=64,num_hidden_layers=2,num_codes=32"
+VQKD_KEYS = (
+    "loss", "loss_reconstruction", "loss_quantization", "perplexity", "codebook_usage", "num_dead_codes", "lr",
+    "images_per_second", "data_wait_fraction",
+)  # fmt: skip
 
 
 def make_image_folder(root: Path, num_images: int = 10, corrupt: bool = True) -> Path:
@@ -85,10 +89,10 @@ def test_trains_logs_codebook_statistics_and_saves(vqkd_inputs, tmp_path):
     state = run_vqkd.main(
         vqkd_args(images, teacher, output_dir, "--max_steps", "5", "--save_steps", "2", "--save_total_limit", "2")
     )
-    assert state["step"] == 5 and not state["stopped_early"]
+    assert state["step"] == 5 and state["stop_reason"] is None
     records = read_metrics(output_dir)
     assert [record["step"] for record in records] == [1, 2, 3, 4, 5]
-    for key in ("loss", "rec_loss", "quant_loss", "perplexity", "codebook_usage", "dead_codes", "lr"):
+    for key in VQKD_KEYS:
         assert all(np.isfinite(record[key]) for record in records), key
     assert records[0]["lr"] < records[1]["lr"]  # linear warmup over 2 steps, then cosine down
     assert records[-1]["lr"] < records[1]["lr"]
@@ -103,11 +107,15 @@ def test_trains_logs_codebook_statistics_and_saves(vqkd_inputs, tmp_path):
     # The teacher is in no checkpoint: only the tokenizer's own weights are saved.
     saved = load_file(output_dir / "checkpoint-5" / "model.safetensors")
     assert not any("teacher" in key for key in saved) and any(key.startswith("quantizer.") for key in saved)
-    assert sorted(p.name for p in (output_dir / "checkpoint-5").glob("*.safetensors")) == ["model.safetensors"]
-    # The final export: the tokenizer follows the teacher (feature size 16, patch 8 at 32 px -> 4x4 grid).
-    model = VQKDModel.from_pretrained(output_dir)
-    assert model.config.teacher_dim == 16 and tuple(model.config.patch_grid) == (4, 4)
-    assert (output_dir / "preprocessor_config.json").is_file() and (output_dir / "README.md").is_file()
+    for tensors in (output_dir / "checkpoint-5").glob("*.safetensors"):  # model, optimizer, RNG states
+        assert not any("teacher" in key for key in load_file(tensors)), tensors.name
+    # The final export and every checkpoint load with from_pretrained: the tokenizer follows the teacher (feature
+    # size 16, patch 8 at 32 px -> 4x4 grid).
+    for folder in (output_dir, output_dir / "checkpoint-4"):
+        model = VQKDModel.from_pretrained(folder)
+        assert model.config.teacher_dim == 16 and tuple(model.config.patch_grid) == (4, 4)
+        assert (folder / "preprocessor_config.json").is_file()
+    assert (output_dir / "README.md").is_file()
 
 
 def test_resume_continues_exactly(vqkd_inputs, tmp_path):
@@ -128,7 +136,7 @@ def test_resume_continues_exactly(vqkd_inputs, tmp_path):
     assert state["step"] == 6
     full_records, resumed_records = read_metrics(full), read_metrics(resumed)
     assert [record["step"] for record in resumed_records] == [1, 2, 3, 4, 5, 6]  # appended to the old file
-    for key in ("loss", "rec_loss", "quant_loss", "perplexity", "lr"):
+    for key in ("loss", "loss_reconstruction", "loss_quantization", "perplexity", "lr"):
         assert [r[key] for r in resumed_records[3:]] == pytest.approx([r[key] for r in full_records[3:]], rel=1e-6)
     final_full = load_file(full / "model.safetensors")
     final_resumed = load_file(resumed / "model.safetensors")
@@ -142,13 +150,51 @@ def test_teacher_mismatch_and_bad_overrides_raise(vqkd_inputs, tmp_path):
         run_vqkd.main(vqkd_args(images, teacher, tmp_path / "a", "--max_steps", "1", "--image_size", "36"))
     with pytest.raises(ValueError, match="key=value"):
         run_vqkd.main(vqkd_args(images, teacher, tmp_path / "b", "--max_steps", "1", "--config_overrides", "oops"))
-    with pytest.raises(ValueError, match="Unknown --config_name"):
+    with pytest.raises(ValueError, match="--config_name .huge. is neither a preset"):
         run_vqkd.main(vqkd_args(images, teacher, tmp_path / "c", "--max_steps", "1", "--config_name", "huge"))
+
+
+def test_evaluation_on_a_validation_folder(vqkd_inputs, tmp_path):
+    images, teacher = vqkd_inputs
+    validation = make_image_folder(tmp_path / "validation", num_images=5, corrupt=False)
+    output_dir = tmp_path / "out"
+    extra = ("--max_steps", "2", "--do_eval", "--validation_dir", str(validation), "--save_steps", "0")
+    state = run_vqkd.main(vqkd_args(images, teacher, output_dir, *extra))
+    evaluations = [record for record in read_metrics(output_dir) if "eval_reconstruction_cosine" in record]
+    assert [record["step"] for record in evaluations] == [2]  # without --eval_steps: at the end
+    record = evaluations[0]
+    assert -1 <= record["eval_reconstruction_cosine"] <= 1 and np.isfinite(record["eval_loss_quantization"])
+    # 6 images x 16 patches (5 + the RGBA one) spread over 32 codes: at least one used, at most all of them.
+    assert 1 / 32 <= record["eval_codebook_usage"] <= 1 and 1 <= record["eval_perplexity"] <= 32
+    assert state["last_metrics"]["eval_codebook_usage"] == record["eval_codebook_usage"]
+
+
+@pytest.mark.slow
+def test_torch_compile_and_frozen_teacher_autocast(vqkd_inputs, tmp_path, monkeypatch):
+    """--torch_compile compiles the tokenizer and the teacher's forward; with --bf16 the teacher runs under autocast."""
+    images, teacher = vqkd_inputs
+    under_autocast = []
+    from_pretrained = run_vqkd.TeacherForPatchTargets.from_pretrained
+
+    def load_and_watch(*args, **kwargs):
+        loaded = from_pretrained(*args, **kwargs)
+        loaded.register_forward_pre_hook(
+            lambda module, inputs: under_autocast.append(torch.is_autocast_enabled("cpu"))
+        )
+        return loaded
+
+    monkeypatch.setattr(run_vqkd.TeacherForPatchTargets, "from_pretrained", load_and_watch)
+    common = ("--max_steps", "2", "--save_steps", "0", "--bf16")
+    run_vqkd.main(vqkd_args(images, teacher, tmp_path / "eager", *common))
+    assert under_autocast and all(under_autocast)
+    run_vqkd.main(vqkd_args(images, teacher, tmp_path / "compiled", *common, "--torch_compile"))
+    eager, compiled = read_metrics(tmp_path / "eager"), read_metrics(tmp_path / "compiled")
+    assert [r["loss"] for r in compiled] == pytest.approx([r["loss"] for r in eager], rel=2e-2)  # bf16 kernels differ
 
 
 def test_arguments_from_yaml_and_json_files(tmp_path):
     import yaml
-    from training import DataArguments, parse_arguments, parse_config_overrides
+    from pretraining_arguments import DataArguments, parse_arguments
 
     settings = {
         "teacher_name_or_path": "some/teacher",
@@ -166,9 +212,4 @@ def test_arguments_from_yaml_and_json_files(tmp_path):
         # The paper's VQ-KD recipe is the default: betas (0.9, 0.99), weight decay 1e-4, 5% warmup, no clipping.
         assert training_args.max_steps == 7 and training_args.adam_beta2 == 0.99
         assert training_args.weight_decay == 1e-4 and training_args.max_grad_norm is None
-        assert data_args.streaming is True
-    assert parse_config_overrides(settings["config_overrides"]) == {
-        "hidden_size": 32,
-        "kmeans_init": False,
-        "decay": 0.9,
-    }
+        assert training_args.warmup_steps == 0.05 and data_args.streaming is True

@@ -119,3 +119,29 @@ def test_check_compatible_at_another_resolution_than_the_teachers():
     teacher.check_compatible(config, image_size=48)  # the teacher's 32 px does not matter
     with pytest.raises(ValueError, match="image_size 50 is not a multiple of the teacher's patch size 8"):
         teacher.check_compatible(config, image_size=50)
+
+
+@pytest.mark.parametrize("kind", ["clip", "vit"])
+def test_teacher_runs_in_half_precision_under_autocast_and_compiles(kind, pixels):
+    torch.manual_seed(0)
+    if kind == "clip":
+        model = CLIPVisionModelWithProjection(CLIPVisionConfig(**TINY, patch_size=8, projection_dim=24))
+        first_query = model.vision_model.encoder.layers[0].self_attn.q_proj
+    else:
+        model = ViTModel(ViTConfig(**TINY, patch_size=8), add_pooling_layer=False)
+        first_query = model.layers[0].attention.q_proj
+    teacher = TeacherForPatchTargets(model, IMAGENET_MEAN, IMAGENET_STD)
+    expected = teacher(pixels)
+    query_dtypes = []
+    first_query.register_forward_hook(lambda module, args, output: query_dtypes.append(output.dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        targets = teacher(pixels)
+    # Nothing in the teacher forces fp32: its matmuls (and on a GPU its SDPA attention) run in bf16.
+    assert query_dtypes == [torch.bfloat16]
+    torch.testing.assert_close(targets.float(), expected, rtol=0.05, atol=0.05)
+    # A teacher loaded in bf16 takes fp32 images as they come from the data pipeline.
+    half_teacher = TeacherForPatchTargets(model.to(torch.bfloat16), IMAGENET_MEAN, IMAGENET_STD)
+    torch.testing.assert_close(half_teacher(pixels).float(), expected, rtol=0.05, atol=0.05)
+    torch._dynamo.reset()
+    compiled = torch.compile(teacher, backend="aot_eager")
+    torch.testing.assert_close(compiled(pixels), teacher(pixels), rtol=1e-5, atol=1e-5)

@@ -8,6 +8,7 @@ from conftest import run_without_package
 from transformers import AutoConfig, AutoModel
 
 from modeling_beitv2 import VQKDConfig, VQKDModel, VQKDOutput
+from modeling_beitv2 import quantizer as quantizer_module
 from modeling_beitv2.configuration_vqkd import vqkd_decoder_config, vqkd_encoder_config
 
 TINY_VIT = dict(hidden_size=32, num_attention_heads=2, intermediate_size=64)
@@ -129,9 +130,55 @@ def test_half_precision_tokenizer_keeps_the_code_path_in_fp32(model, tmp_path):
         loaded.encode_task_layer[0].weight.dtype == torch.float32 and loaded.quantizer.codebook.dtype == torch.float32
     )
     assert loaded.get_codebook_indices(pixels.bfloat16()).shape == expected.shape
+    # fp32 pixels follow the encoder's dtype instead of failing in its bf16 patch projection
+    assert torch.equal(loaded.get_codebook_indices(pixels), loaded.get_codebook_indices(pixels.bfloat16()))
     cast = VQKDModel.from_pretrained(tmp_path).to(torch.bfloat16)  # everything bf16, codebook included
     assert cast.get_codebook_indices(pixels.bfloat16()).dtype == torch.int64
     assert torch.isfinite(cast.train()(pixels.bfloat16(), teacher_features=torch.randn(2, 16, 16)).loss)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_codes_under_autocast_agree_with_fp32_and_only_the_code_path_runs_in_fp32(model, monkeypatch, dtype):
+    model.eval()
+    pixels = torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    reference = model.get_codebook_indices(pixels)
+
+    seen = {}
+    lookup = quantizer_module.nearest_code_indices
+
+    def recording_lookup(vectors, codebook, *args, **kwargs):
+        seen["lookup"] = (vectors.dtype, codebook.dtype, torch.is_autocast_enabled("cpu"))
+        return lookup(vectors, codebook, *args, **kwargs)
+
+    monkeypatch.setattr(quantizer_module, "nearest_code_indices", recording_lookup)
+    attention = model.encoder.layers[0].attention
+    attention.q_proj.register_forward_hook(lambda module, args, output: seen.update(query=output.dtype))
+    attention.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.update(mask=kwargs.get("attention_mask")), with_kwargs=True
+    )
+    model.encode_task_layer.register_forward_hook(
+        lambda module, args, output: seen.update(task_layer=(args[0].dtype, output.dtype))
+    )
+    with torch.autocast("cpu", dtype=dtype):
+        codes = model.get_codebook_indices(pixels)
+    # The encoder runs in half precision with no attention mask, so SDPA may pick the flash kernel on a GPU;
+    # the task layer and the nearest-code search run in fp32 with autocast off.
+    assert seen["query"] == dtype and seen["mask"] is None
+    assert seen["task_layer"] == (torch.float32, torch.float32)
+    assert seen["lookup"] == (torch.float32, torch.float32, False)
+    agreement = (codes == reference).float().mean().item()
+    print(f"{dtype} autocast codes equal to fp32 ones on {agreement:.1%} of {codes.numel()} patches")
+    assert agreement >= 0.8
+
+
+def test_tokenizer_compiles(model):
+    model.eval()
+    pixels = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    torch._dynamo.reset()
+    compiled = torch.compile(model.get_codebook_indices, backend="aot_eager")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = model.get_codebook_indices(pixels)
+        assert torch.equal(compiled(pixels), expected)
 
 
 def test_forward_losses_and_shapes(model):
