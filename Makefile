@@ -19,10 +19,11 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python examples/demo.py --output_dir demo_output
 
+# The suite runs on every core (pytest-xdist, at most 4 workers: each test already uses up to 2 threads).
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest --numprocesses auto --maxprocesses 4
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -29,7 +29,7 @@ setup(
         "torchdata>=0.9",
     ],
     extras_require={
-        "dev": ["pytest>=8", "pytest-timeout>=2.1", "ruff>=0.6"],
+        "dev": ["pytest>=8", "pytest-timeout>=2.1", "pytest-xdist>=3.5", "ruff>=0.6"],
         "deepspeed": ["deepspeed>=0.15"],
         "tensorboard": ["tensorboard>=2.10"],
     },

@@ -84,3 +84,12 @@ def fresh_accelerator_state():
     AcceleratorState._reset_state(reset_partial_state=True)
     yield
     AcceleratorState._reset_state(reset_partial_state=True)
+
+
+@pytest.fixture
+def compile_without_inductor(monkeypatch):
+    """`torch.compile` with the `aot_eager` backend: Dynamo and AOTAutograd still trace the whole graph (graph breaks,
+    syncs and numerics show), but Inductor's code generation, which takes minutes on 2 CPU cores, is skipped."""
+    import functools
+
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))

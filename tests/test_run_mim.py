@@ -396,7 +396,7 @@ def test_report_to_tensorboard_writes_events(mim_inputs, tmp_path):
     assert list(output_dir.rglob("events.out.tfevents.*"))
 
 
-@pytest.mark.slow
+@pytest.mark.usefixtures("compile_without_inductor")
 def test_torch_compile_matches_eager(mim_inputs, tmp_path):
     files, tokenizer = mim_inputs
     common = ("--max_steps", "2", "--save_steps", "0", "--num_masking_patches", "5")

@@ -169,7 +169,7 @@ def test_evaluation_on_a_validation_folder(vqkd_inputs, tmp_path):
     assert state["last_metrics"]["eval_codebook_usage"] == record["eval_codebook_usage"]
 
 
-@pytest.mark.slow
+@pytest.mark.usefixtures("compile_without_inductor")
 def test_torch_compile_and_frozen_teacher_autocast(vqkd_inputs, tmp_path, monkeypatch):
     """--torch_compile compiles the tokenizer and the teacher's forward; with --bf16 the teacher runs under autocast."""
     images, teacher = vqkd_inputs
