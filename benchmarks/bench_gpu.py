@@ -877,8 +877,8 @@ def tokenizer_section(bench: Bench) -> None:
     name = "ours, VQ-KD tiny" if sizes.tiny_tokenizer else "ours, VQ-KD base-decoder3"
     size = config.encoder_config.image_size
     generator = torch.Generator().manual_seed(1)
-    # The tokenizer's view as the image processor gives it: in [-1, 1].
-    pixels = (torch.rand(sizes.batch_size, 3, size, size, generator=generator) * 2 - 1).to(device)
+    # The tokenizer's view as the image processor gives it: in [0, 1] (the tokenizer maps it itself).
+    pixels = torch.rand(sizes.batch_size, 3, size, size, generator=generator).to(device)
     with tf32_matmuls(False), torch.no_grad():
         reference = tokenizer.get_codebook_indices(pixels)
         flops = count_flops(lambda: tokenizer.get_codebook_indices(pixels))
@@ -1292,10 +1292,10 @@ def vqkd_script_flops(bench: Bench, config: VQKDConfig, teacher_dir: Path, count
     model = VQKDModel._from_config(copy.deepcopy(config), attn_implementation="eager").to(device).train()
     teacher = TeacherForPatchTargets.from_pretrained(str(teacher_dir)).to(device)
     size = config.encoder_config.image_size
-    pixels = torch.rand(count_batch, 3, size, size, device=device) * 2 - 1
+    pixels = torch.rand(count_batch, 3, size, size, device=device)
 
     def step() -> None:
-        targets = teacher((pixels + 1) / 2)
+        targets = teacher(pixels)
         model(pixels, teacher_features=targets).loss.backward()
 
     try:

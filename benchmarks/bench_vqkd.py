@@ -151,7 +151,7 @@ def bench_model(device: str, repeats: int, batch_size: int = 8) -> None:
     torch.manual_seed(0)
     model = tiny_vit_tokenizer(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-4, betas=(0.9, 0.99), weight_decay=1e-4)
-    pixels = torch.rand(batch_size, 3, 224, 224, device=device) * 2 - 1
+    pixels = torch.rand(batch_size, 3, 224, 224, device=device)  # [0, 1]: the tokenizer maps them itself
     targets = torch.randn(batch_size, 196, 512, device=device)
     step_times, token_times = [], []
     for repeat in range(repeats + 1):

@@ -140,7 +140,9 @@ def train_teacher(train_dir: Path, eval_dir: Path, output_dir: Path, steps: int,
     optimizer = torch.optim.AdamW([*backbone.parameters(), *classifier.parameters()], lr=3e-3, weight_decay=0.05)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=3e-3, total_steps=steps, pct_start=0.1)
     # Pixels in [-1, 1]: the teacher's image processor below says mean = std = 0.5.
-    augment = VQKDImageProcessor(image_size=IMAGE_SIZE, crop_scale=(0.4, 1.0), seed=seed)
+    augment = VQKDImageProcessor(
+        image_size=IMAGE_SIZE, image_mean=(0.5,) * 3, image_std=(0.5,) * 3, crop_scale=(0.4, 1.0), seed=seed
+    )
     rng = np.random.default_rng(seed)
     backbone.train()
     train_accuracies = []

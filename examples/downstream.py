@@ -292,8 +292,9 @@ class LayerDecayTrainer(Trainer):
 class SkipUnreadableImages:
     """Collator wrapper that drops the examples whose image could not be decoded (`pixel_values` is None).
 
-    Decoding happens in our transform rather than inside `datasets`, where one truncated file would stop a whole
-    stream; a bad image costs its batch one example and is logged with its reason and the running count.
+    Decoding happens in our transform (`image_datasets.decode_or_skip`, which logs each bad image once with its
+    reason and the running count) rather than inside `datasets`, where one truncated file would stop a whole
+    stream; a bad image costs its batch one example.
     """
 
     def __init__(self, collate: Callable[[list[dict]], dict]) -> None:

@@ -42,7 +42,7 @@ import logging
 import operator
 import os
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, MutableMapping
 from typing import Any
 
 import numpy as np
@@ -434,6 +434,40 @@ def decode_image(value: dict[str, Any] | None, convert: bool = True) -> tuple[PI
         return None, f"unconvertible: {error}"
 
 
+def decode_or_skip(
+    value: dict[str, Any] | None, counts: MutableMapping[str, int], convert: bool = True, kind: str = "image"
+) -> PIL.Image.Image | None:
+    """Decode one undecoded `Image` value with :func:`decode_image`, or log and count it as skipped.
+
+    The one place a bad image is reported: every script that decodes images calls this, so a skip is logged once,
+    with its reason and the running count, and counted the same way everywhere.
+
+    Args:
+        value (`dict` or `None`): an undecoded `Image` value (``{"bytes": ..., "path": ...}``).
+        counts (`MutableMapping[str, int]`): counters updated in place: ``num_bad_images`` (skipped) and
+            ``num_converted_images`` (not RGB, converted); :func:`new_decode_counts` makes one, and an
+            :class:`ImageStream` state holds them too.
+        convert (`bool`): convert to RGB (``False`` keeps the image's own mode, e.g. a segmentation map).
+        kind (`str`): what the value is, for the log message ("image", "annotation").
+
+    Returns:
+        The decoded image, or ``None`` when it cannot be used (missing, unreadable, zero size, unconvertible).
+    """
+    image, status = decode_image(value, convert=convert)
+    if image is None:
+        counts["num_bad_images"] += 1
+        path = (value or {}).get("path") or "(bytes)"
+        logger.warning("Skipping %s %s: %s (%d skipped so far)", kind, path, status, counts["num_bad_images"])
+        return None
+    counts["num_converted_images"] += status == "converted"
+    return image
+
+
+def new_decode_counts() -> dict[str, int]:
+    """Zeroed counters for :func:`decode_or_skip`."""
+    return {"num_bad_images": 0, "num_converted_images": 0}
+
+
 def example_id(value: dict[str, Any]) -> str:
     """A stable id of one example: the SHA-1 of its image bytes, or its path when the bytes are not inline."""
     if value.get("bytes") is not None:
@@ -575,12 +609,9 @@ class ImageStream(torch.utils.data.IterableDataset):
                 order = self._window_order(len(window), state["epoch"], state["window"])
                 for position in range(state["offset"], len(window)):
                     value = window[order[position]][self.image_column]
-                    image, status = decode_image(value)
+                    image = decode_or_skip(value, state)  # counts into the state's num_bad/converted_images
                     if image is None:
-                        state["num_bad_images"] += 1
-                        logger.warning("Skipping image %s: %s", (value or {}).get("path") or "(bytes)", status)
                         continue
-                    state["num_converted_images"] += status == "converted"
                     rng = np.random.default_rng(
                         [self.seed, self.rank, worker_id, state["epoch"], state["window"], position]
                     )

@@ -54,7 +54,7 @@ from downstream import (
     pretraining_normalisation,
     train_evaluate_and_save,
 )
-from image_datasets import decode_image
+from image_datasets import decode_or_skip, new_decode_counts
 from PIL import Image
 from transformers import (
     BeitForImageClassification,
@@ -207,20 +207,14 @@ def main() -> None:
     augmentation_seed = training_args.seed + training_args.process_index
     train_one, eval_one = build_transforms(data_args, image_size, image_processor, augmentation_seed)
 
-    # Images are decoded by `decode_image` (odd modes converted to RGB, unreadable ones skipped and counted).
+    # Images are decoded by `decode_or_skip` (odd modes converted to RGB, unreadable ones logged, counted and
+    # dropped by the `SkipUnreadableImages` collator) rather than inside `datasets`, where one bad file stops the run.
     raw = raw.cast_column(image_column, ImageFeature(decode=False))
-    num_unreadable = 0
+    decode_counts = new_decode_counts()
 
     def decode_or_none(value, one):
-        nonlocal num_unreadable
-        image, status = decode_image(value)
-        if image is None:
-            num_unreadable += 1
-            logger.warning(
-                "Skipping image %s: %s (%d skipped so far)", (value or {}).get("path"), status, num_unreadable
-            )
-            return None
-        return one(image)
+        image = decode_or_skip(value, decode_counts)
+        return None if image is None else one(image)
 
     def with_transform(split, one):
         def transform(batch):

@@ -48,7 +48,7 @@ from downstream import (
     load_image_classification_data,
     pretraining_normalisation,
 )
-from image_datasets import decode_image
+from image_datasets import decode_or_skip, new_decode_counts
 from pretraining_arguments import parse_arguments
 from torch import nn
 from tqdm.auto import tqdm
@@ -131,19 +131,17 @@ class FrozenBackbone(nn.Module):
 def extract_features(backbone, split, image_column, label_column, processor, batch_size, device, description):
     """Featurise a dataset split: returns `(features (N, hidden_size) float32, labels (N,) int64)` on CPU.
 
-    Images are decoded here (`image_datasets.decode_image`): odd modes become RGB, and an unreadable image is
+    Images are decoded here (`image_datasets.decode_or_skip`): odd modes become RGB, and an unreadable image is
     skipped with its label and logged with its reason, instead of stopping the run.
     """
     split = split.cast_column(image_column, ImageFeature(decode=False))
-    features, labels, num_skipped = [], [], 0
+    features, labels, decode_counts = [], [], new_decode_counts()
     for start in tqdm(range(0, len(split), batch_size), desc=description):
         batch = split[start : start + batch_size]
         images, batch_labels = [], []
         for value, label in zip(batch[image_column], batch[label_column]):
-            image, status = decode_image(value)
+            image = decode_or_skip(value, decode_counts)
             if image is None:
-                num_skipped += 1
-                logger.warning("Skipping image %s: %s", (value or {}).get("path"), status)
                 continue
             images.append(image)
             batch_labels.append(label)
@@ -152,8 +150,8 @@ def extract_features(backbone, split, image_column, label_column, processor, bat
         pixel_values = processor(images, return_tensors="pt")["pixel_values"].to(device)
         features.append(backbone(pixel_values).float().cpu())
         labels.append(torch.as_tensor(batch_labels, dtype=torch.long))
-    if num_skipped:
-        logger.warning("%s: skipped %d unreadable images.", description, num_skipped)
+    if decode_counts["num_bad_images"]:
+        logger.warning("%s: skipped %d unreadable images.", description, decode_counts["num_bad_images"])
     return torch.cat(features), torch.cat(labels)
 
 

@@ -62,7 +62,7 @@ from training import (
     training_dataloader,
     write_record,
 )
-from visual_tokenizers import VisualTokenizer, codebook_size, load_visual_tokenizer, tokenizer_image_size
+from visual_tokenizers import VisualTokenizer, load_visual_tokenizer
 
 from modeling_beitv2 import BEITV2_PRESETS, BeitV2Config, BeitV2ForMaskedImageModeling, DVAEModel, VQKDModel
 from modeling_beitv2.attention import BEIT_FLEX_ATTENTION
@@ -171,7 +171,7 @@ def build_model(
         config = mim_config(
             args.config_name,
             image_size=args.image_size or 224,
-            vocab_size=codebook_size(tokenizer),
+            vocab_size=tokenizer.codebook_size,
             overrides=args.config_overrides,
             drop_path_rate=args.drop_path_rate,
             beit_v1=args.beit_v1,
@@ -183,14 +183,14 @@ def build_model(
         # other random draws than a plain run.
         model = BeitV2ForMaskedImageModeling(config)
     config = model.config
-    if config.vocab_size != codebook_size(tokenizer):
+    if config.vocab_size != tokenizer.codebook_size:
         raise ValueError(
-            f"The model predicts {config.vocab_size} classes but the tokenizer has {codebook_size(tokenizer)} codes."
+            f"The model predicts {config.vocab_size} classes but the tokenizer has {tokenizer.codebook_size} codes."
         )
-    if tuple(config.patch_grid) != tuple(tokenizer.config.patch_grid):
+    if tuple(config.patch_grid) != tuple(tokenizer.patch_grid):
         raise ValueError(
             f"The model's patch grid {tuple(config.patch_grid)} differs from the tokenizer's "
-            f"{tuple(tokenizer.config.patch_grid)}; the labels must cover the same patches."
+            f"{tuple(tokenizer.patch_grid)}; the labels must cover the same patches."
         )
     return model
 
@@ -211,7 +211,7 @@ def build_image_processor(args: MIMModelArguments, model_config: BeitV2Config, t
         "patch_size": model_config.patch_size,
         "mask_ratio": args.mask_ratio,
         "num_masking_patches": args.num_masking_patches,
-        "tokenizer_image_size": tokenizer_image_size(tokenizer),
+        "tokenizer_image_size": tokenizer.image_size,
     }
     return BeitV2ImageProcessor.for_beit_v1(**settings) if args.beit_v1 else BeitV2ImageProcessor(**settings)
 

@@ -49,7 +49,7 @@ from downstream import (
     pretraining_normalisation,
     train_evaluate_and_save,
 )
-from image_datasets import decode_image
+from image_datasets import decode_or_skip, new_decode_counts
 from PIL import Image
 from transformers import (
     BeitConfig,
@@ -279,12 +279,14 @@ def main() -> None:
         annotation_column, ImageFeature(decode=False)
     )
 
+    decode_counts = new_decode_counts()
+
     def decode_pair(image_value, annotation_value, one):
-        image, status = decode_image(image_value)
-        annotation, annotation_status = decode_image(annotation_value, convert=False)
-        if image is None or annotation is None:
-            path = (image_value or {}).get("path")
-            logger.warning("Skipping example %s: image %s, annotation %s", path, status, annotation_status)
+        image = decode_or_skip(image_value, decode_counts)
+        if image is None:
+            return None, None
+        annotation = decode_or_skip(annotation_value, decode_counts, convert=False, kind="annotation")
+        if annotation is None:
             return None, None
         return one(image, annotation)
 

@@ -166,8 +166,8 @@ def image_transform(processor: VQKDImageProcessor, augment: bool):
 
 
 def teacher_targets(teach, pixel_values: torch.Tensor) -> torch.Tensor:
-    # The teacher sees the same crop in [0, 1] and applies its own normalisation.
-    return teach((pixel_values.float() + 1) / 2)
+    # The teacher sees the same [0, 1] crop as the tokenizer; each applies its own normalisation.
+    return teach(pixel_values.float())
 
 
 def evaluate(accelerator, model, teach, dataloader) -> dict[str, float]:

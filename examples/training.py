@@ -26,7 +26,14 @@ from accelerate.utils import DistributedType, set_seed
 from checkpointing import CHECKPOINT_PREFIX, METRICS_FILE
 from datasets.distributed import split_dataset_by_node
 from huggingface_hub import HfApi
-from image_datasets import ImageStream, build_dataloader, decode_image, load_image_stream, split_off_validation
+from image_datasets import (
+    ImageStream,
+    build_dataloader,
+    decode_or_skip,
+    load_image_stream,
+    new_decode_counts,
+    split_off_validation,
+)
 from param_groups import build_param_groups
 from pretraining_arguments import (
     DataArguments,
@@ -179,7 +186,7 @@ def training_dataloader(
 
 class HeldOutImages(torch.utils.data.IterableDataset):
     """One ordered pass over this rank's share of the held-out images (the first `max_samples`), unusable images
-    skipped. The transform's random draws (MIM masks) depend only on the position, so every evaluation of a run sees
+    skipped and logged. The transform's random draws (MIM masks) depend only on the position, so every evaluation of a run sees
     the same inputs and the results are comparable."""
 
     def __init__(self, dataset, image_column: str, transform: Callable, rank: int, world_size: int, seed: int,
@@ -193,8 +200,9 @@ class HeldOutImages(torch.utils.data.IterableDataset):
     def __iter__(self) -> Iterator[dict[str, Any]]:
         worker = torch.utils.data.get_worker_info()
         worker_id = 0 if worker is None else worker.id
+        counts = new_decode_counts()  # per pass: each evaluation logs the held-out images it skips
         for index, example in enumerate(self.dataset):
-            image, _ = decode_image(example[self.image_column])
+            image = decode_or_skip(example[self.image_column], counts)
             if image is not None:
                 yield dict(self.transform(image, np.random.default_rng([self.seed, self.rank, worker_id, index])))
 

@@ -1,4 +1,9 @@
-"""Loading a frozen visual tokenizer (VQ-KD for BEiT v2, the DALL-E dVAE for BEiT v1) and the facts scripts need."""
+"""Loading a frozen visual tokenizer (VQ-KD for BEiT v2, the DALL-E dVAE for BEiT v1).
+
+Both share one interface, so scripts treat them alike: `codebook_size`, `image_size` (side of the images read),
+`patch_grid` (rows, columns of codes) and `get_codebook_indices(pixel_values)` on plain [0, 1] pixels; each applies
+its own input mapping.
+"""
 
 from __future__ import annotations
 
@@ -28,14 +33,3 @@ def load_visual_tokenizer(
             f"{name_or_path!r} is a {type(tokenizer).__name__}; expected a {names}{f' ({hint})' if hint else ''}."
         )
     return tokenizer.eval().requires_grad_(False)
-
-
-def codebook_size(tokenizer: VisualTokenizer) -> int:
-    return tokenizer.config.vocab_size if isinstance(tokenizer, DVAEModel) else tokenizer.config.num_codes
-
-
-def tokenizer_image_size(tokenizer: VisualTokenizer) -> int:
-    """Side of the images the tokenizer reads (112 for the DALL-E dVAE, the VQ-KD encoder's size otherwise)."""
-    if isinstance(tokenizer, DVAEModel):
-        return tokenizer.config.image_size
-    return tokenizer.config.encoder_config.image_size

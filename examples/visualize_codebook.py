@@ -10,8 +10,8 @@ Tokenizes a set of images with a VQ-KD tokenizer (or the DALL-E dVAE), groups th
   drawn code where its patches come from (`[image_index, row, column]`, in grid order, row-major).
 
 Each image is seen the way the tokenizer sees it at evaluation: the central square resized to the tokenizer's
-input size (bicubic for VQ-KD, lanczos for the dVAE), then mapped to [-1, 1] (VQ-KD) or with DALL-E's
-`map_pixels` (dVAE). The patches drawn are cells of that resized view (`image_size / grid` pixels per side).
+input size (bicubic for VQ-KD, lanczos for the dVAE), as [0, 1] pixels that the tokenizer maps to its own input
+range. The patches drawn are cells of that resized view (`image_size / grid` pixels per side).
 
     python examples/visualize_codebook.py --tokenizer_name_or_path path/to/vqkd \\
         --dataset_name ILSVRC/imagenet-1k --dataset_split validation --max_images 5000 \\
@@ -30,10 +30,10 @@ from pathlib import Path
 import numpy as np
 import PIL.Image
 import torch
-from image_datasets import decode_image, load_image_stream
+from image_datasets import decode_or_skip, load_image_stream, new_decode_counts
 from plots import bar_chart
 from transformers import HfArgumentParser
-from visual_tokenizers import VisualTokenizer, codebook_size, load_visual_tokenizer, tokenizer_image_size
+from visual_tokenizers import VisualTokenizer, load_visual_tokenizer
 
 from modeling_beitv2 import DVAEModel
 from processing.transforms import center_square_box
@@ -121,7 +121,7 @@ class CodebookUsage:
 
 def tokenizer_view(image: PIL.Image.Image, tokenizer: VisualTokenizer) -> np.ndarray:
     """The central square resized to the tokenizer's input size: `(size, size, 3)` uint8."""
-    size = tokenizer_image_size(tokenizer)
+    size = tokenizer.image_size
     top, left, side, _ = center_square_box(*image.size)
     resample = PIL.Image.LANCZOS if isinstance(tokenizer, DVAEModel) else PIL.Image.BICUBIC
     return np.asarray(image.crop((left, top, left + side, top + side)).resize((size, size), resample))
@@ -132,11 +132,10 @@ def tokenize_views(
     tokenizer: VisualTokenizer, views: np.ndarray, batch_size: int = 64, device: str = "cpu"
 ) -> np.ndarray:
     """`(N, size, size, 3)` uint8 views -> codes `(N, rows, columns)` int64."""
-    rows, columns = tokenizer.config.patch_grid
+    rows, columns = tokenizer.patch_grid
     codes = []
     for start in range(0, len(views), batch_size):
         pixels = torch.from_numpy(views[start : start + batch_size]).permute(0, 3, 1, 2).float().div(255).to(device)
-        pixels = tokenizer.map_pixels(pixels) if isinstance(tokenizer, DVAEModel) else pixels * 2 - 1
         codes.append(tokenizer.get_codebook_indices(pixels).cpu().view(-1, rows, columns))
     return torch.cat(codes).numpy()
 
@@ -151,11 +150,10 @@ def read_images(args: VisualizeArguments) -> list[PIL.Image.Image]:
         split=args.dataset_split,
         image_column_name=args.image_column_name,
     )
-    images = []
+    images, counts = [], new_decode_counts()
     for example in dataset:
-        image, status = decode_image(example[image_column])
+        image = decode_or_skip(example[image_column], counts)
         if image is None:
-            logger.warning("Skipping an image: %s", status)
             continue
         images.append(image)
         if len(images) == args.max_images:
@@ -241,7 +239,7 @@ def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     tokenizer = load_visual_tokenizer(args.tokenizer_name_or_path).to(args.device)
     views = np.stack([tokenizer_view(image, tokenizer) for image in read_images(args)])
-    num_codes = codebook_size(tokenizer)
+    num_codes = tokenizer.codebook_size
     usage = CodebookUsage(views, tokenize_views(tokenizer, views, args.batch_size, args.device), num_codes)
     summary = write_visualization(usage, args)
     logger.info(

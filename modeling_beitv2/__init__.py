@@ -10,18 +10,18 @@ from .attention import (
     BEIT_FLEX_ATTENTION,
     FlexAttentionOptions,
     get_flex_attention_options,
+    resize_relative_position_bias_table,
     set_flex_attention_options,
 )
 from .configuration_beitv2 import BEITV2_PRESETS, BeitV2Config
 from .configuration_dvae import DVAEConfig
 from .configuration_vqkd import VQKD_PRESETS, VQKDConfig
+from .export_native import convert_mim_to_native_beit
 from .modeling_beitv2 import (
     BeitV2ForMaskedImageModeling,
     BeitV2MaskedImageModelingOutput,
     BeitV2Model,
     BeitV2PreTrainedModel,
-    convert_mim_to_native_beit,
-    resize_relative_position_bias_table,
 )
 from .modeling_dvae import DVAEModel, DVAEOutput
 from .modeling_vqkd import VQKDModel, VQKDOutput

@@ -905,22 +905,16 @@ def convert_checkpoint(
             image_size=image_size,
         )
         teacher = {512: "CLIP ViT-B/16", 768: "DINO ViT-B/16"}.get(model.config.teacher_dim)
-        # The tokenizer sees pixels mapped to [-1, 1].
-        processor = resize_image_processor(model.config.encoder_config.image_size, (0.5,) * 3, (0.5,) * 3, resample=3)
+        # Plain [0, 1] pixels: the tokenizer maps them to its encoder's [-1, 1] itself.
+        processor = resize_image_processor(model.image_size, (0.0,) * 3, (1.0,) * 3, resample=3)
         notes = {"family": "beitv2", "teacher": teacher}
         return ConversionResult(model, processor, kind, notes)
     if num_attention_heads is not None:
         raise ValueError("num_attention_heads does not apply to dalle_dvae (a convolutional network).")
     encoder_path, decoder_path = _dalle_pickle_paths(checkpoint)
     model = convert_dalle_dvae(load_dalle_pickle(encoder_path), load_dalle_pickle(decoder_path), image_size=image_size)
-    # Normalising [0, 1] pixels with mean -eps / (1 - 2 eps) and std 1 / (1 - 2 eps) is DALL-E's map_pixels.
-    eps = model.config.logit_laplace_eps
-    processor = resize_image_processor(
-        model.config.image_size,
-        (-eps / (1 - 2 * eps),) * 3,
-        (1 / (1 - 2 * eps),) * 3,
-        resample=1,  # PIL Lanczos, as BEiT
-    )
+    # Plain [0, 1] pixels: the dVAE applies DALL-E's map_pixels itself. Resampling: PIL Lanczos, as BEiT.
+    processor = resize_image_processor(model.image_size, (0.0,) * 3, (1.0,) * 3, resample=1)
     return ConversionResult(model, processor, kind, {"family": "beit"})
 
 

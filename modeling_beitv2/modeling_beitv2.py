@@ -3,8 +3,7 @@
 `BeitV2Model` is transformers' `BeitModel` with the reference initialisation and a relative position bias computed
 once per forward pass. `BeitV2ForMaskedImageModeling` adds the masked-token head (run on masked positions only) and
 BEiT v2's patch-aggregation head; with `use_patch_aggregation=False` it is BEiT v1 masked image modeling.
-`convert_mim_to_native_beit` turns a pretrained backbone into a stock transformers `beit` model for fine-tuning,
-so fine-tuned checkpoints need no custom code.
+The export of a pretrained backbone to a stock transformers `beit` model lives in `export_native.py`.
 
 Attention implementations (`attn_implementation=` in `from_pretrained` / `_from_config` / the config, or
 `model.set_attn_implementation(...)`): `"sdpa"` (the default), `"eager"` and `"beit_flex_attention"` (see
@@ -13,12 +12,11 @@ Attention implementations (`attn_implementation=` in `from_pretrained` / `_from_
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import BeitConfig, BeitModel, PreTrainedModel
+from transformers import BeitModel
 from transformers import initialization as init
 from transformers.masking_utils import create_bidirectional_mask
 from transformers.models.beit.modeling_beit import (
@@ -37,13 +35,9 @@ from .attention import (
     BeitV2RelativePositionBias,
     additive_mask,
     relative_position_index,
-    resize_relative_position_bias_table,
 )
 from .configuration_beitv2 import BeitV2Config
 from .initialization import init_vit_module_, mark_residual_branches, trunc_normal_one_std_
-
-# Config fields that only make sense for pretraining; dropped when exporting to a native `beit` model.
-_MIM_ONLY_CONFIG_KEYS = ("use_patch_aggregation", "early_layers", "head_layers", "shared_lm_head")
 
 
 @dataclass
@@ -271,13 +265,6 @@ class BeitV2Model(BeitV2PreTrainedModel, BeitModel):
         return hidden_states, tuple(all_hidden_states) if output_hidden_states else None
 
 
-def _patch_grid(config: BeitConfig) -> tuple[int, int]:
-    image_size, patch_size = config.image_size, config.patch_size
-    image_h, image_w = image_size if isinstance(image_size, (tuple, list)) else (image_size, image_size)
-    patch_h, patch_w = patch_size if isinstance(patch_size, (tuple, list)) else (patch_size, patch_size)
-    return image_h // patch_h, image_w // patch_w
-
-
 def _num_patches_for(pixel_values: torch.Tensor, patch_size: int | tuple[int, int]) -> tuple[int, int]:
     patch_h, patch_w = patch_size if isinstance(patch_size, (tuple, list)) else (patch_size, patch_size)
     height, width = pixel_values.shape[-2:]
@@ -473,89 +460,3 @@ def _masked_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torc
     loss = nn.functional.cross_entropy(logits.float(), labels)
     accuracy = (logits.detach().argmax(dim=-1) == labels).float().mean()
     return loss, accuracy
-
-
-def convert_mim_to_native_beit(
-    model: BeitV2ForMaskedImageModeling | BeitV2Model,
-    model_class: type[PreTrainedModel] = BeitModel,
-    image_size: int | None = None,
-    **config_overrides,
-) -> PreTrainedModel:
-    """Export a pretrained BEiT v2 / BEiT backbone as a stock transformers `beit` model for fine-tuning.
-
-    The shared relative position bias is copied into every layer (resized with
-    :func:`resize_relative_position_bias_table` when `image_size` differs), the [MASK] embedding, the final
-    LayerNorm, `lm_head` and the patch-aggregation head are dropped. The result loads and saves with plain
-    transformers (`model_type: "beit"`), so pipelines and Hub widgets need no custom code.
-
-    Args:
-        model: A BEiT v2 MIM model or backbone.
-        model_class: The transformers class to build, e.g. `BeitModel`, `BeitForImageClassification` or
-            `BeitForSemanticSegmentation`.
-        image_size: Fine-tuning resolution (defaults to the pretraining one).
-        config_overrides: Extra `BeitConfig` fields (`num_labels`, `id2label`, `drop_path_rate`, `out_indices`...).
-
-    Returns:
-        A `model_class` instance whose backbone weights come from `model`; heads keep transformers' init.
-    """
-    backbone = model.beit if isinstance(model, BeitV2ForMaskedImageModeling) else model
-    source_config = backbone.config
-    config_dict = source_config.to_dict()
-    # Backbone feature selection is recomputed from `out_indices`/`out_features` overrides, if any.
-    derived = ("model_type", "architectures", "auto_map", "transformers_version", "out_features", "out_indices")
-    for key in (*_MIM_ONLY_CONFIG_KEYS, *derived, "stage_names"):
-        config_dict.pop(key, None)
-    config_dict.update(
-        use_mask_token=False,
-        use_relative_position_bias=source_config.use_shared_relative_position_bias
-        or source_config.use_relative_position_bias,
-        use_shared_relative_position_bias=False,
-        use_mean_pooling=True,
-    )
-    if image_size is not None:
-        config_dict["image_size"] = image_size
-    config_dict.update(config_overrides)
-    native = model_class(BeitConfig(**config_dict))
-
-    source_state = backbone.state_dict()
-    target_prefix = "beit." if hasattr(native, "beit") else ""
-    source_window = _patch_grid(source_config)
-    target_window = _patch_grid(native.config)
-    new_state = {}
-    for name, tensor in source_state.items():
-        if name == "embeddings.mask_token" or name.startswith("pooler."):
-            continue
-        if name == "shared_position_bias.relative_position_bias_table":
-            resized = resize_relative_position_bias_table(tensor, source_window, target_window)
-            for index in range(native.config.num_hidden_layers):
-                new_state[f"{target_prefix}layers.{index}.relative_position_bias.relative_position_bias_table"] = (
-                    resized.clone()
-                )
-            continue
-        if name.endswith(".relative_position_bias.relative_position_bias_table"):
-            tensor = resize_relative_position_bias_table(tensor, source_window, target_window)
-        if name == "embeddings.position_embeddings" and source_window != target_window:
-            tensor = _resize_absolute_position_embeddings(tensor, source_window, target_window)
-        new_state[target_prefix + name] = tensor
-
-    missing, unexpected = native.load_state_dict(new_state, strict=False)
-    backbone_prefixes = (f"{target_prefix}embeddings.", f"{target_prefix}layers.")
-    backbone_missing = [key for key in missing if key.startswith(backbone_prefixes)]
-    if unexpected or backbone_missing:
-        raise ValueError(
-            f"Export to {model_class.__name__} left backbone keys unaccounted for: "
-            f"missing={backbone_missing}, unexpected={unexpected}."
-        )
-    return native
-
-
-def _resize_absolute_position_embeddings(
-    position_embeddings: torch.Tensor, source_window: tuple[int, int], target_window: tuple[int, int]
-) -> torch.Tensor:
-    """Bicubic resize of `(1, 1 + h*w, dim)` absolute position embeddings, keeping the [CLS] row."""
-    cls_row, grid = position_embeddings[:, :1], position_embeddings[:, 1:]
-    dim = grid.shape[-1]
-    grid = grid.reshape(1, *source_window, dim).permute(0, 3, 1, 2)
-    grid = nn.functional.interpolate(grid.float(), size=target_window, mode="bicubic", align_corners=False)
-    grid = grid.permute(0, 2, 3, 1).reshape(1, math.prod(target_window), dim).to(position_embeddings.dtype)
-    return torch.cat([cls_row, grid], dim=1)

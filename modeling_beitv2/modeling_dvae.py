@@ -156,9 +156,9 @@ class DVAEModel(DVAEPreTrainedModel):
     r"""
     The DALL-E dVAE as a tokenizer for BEiT (v1) masked image modeling.
 
-    Inputs are DALL-E-mapped pixels: `map_pixels(x) = (1 - 2 eps) x + eps` for `x` in [0, 1] (eps 0.1), at
-    `config.image_size` (112 px for BEiT). `get_codebook_indices` returns the argmax codes, `decode` turns codes
-    back into [0, 1] pixels.
+    Inputs are plain [0, 1] pixels at `config.image_size` (112 px for BEiT); the model applies DALL-E's
+    `map_pixels(x) = (1 - 2 eps) x + eps` (eps 0.1) itself. `get_codebook_indices` returns the argmax codes,
+    `decode` turns codes back into [0, 1] pixels.
 
     Example:
 
@@ -166,8 +166,7 @@ class DVAEModel(DVAEPreTrainedModel):
     >>> import torch
     >>> from modeling_beitv2 import DVAEConfig, DVAEModel
     >>> model = DVAEModel(DVAEConfig(vocab_size=64, hidden_size=16, num_blocks_per_group=1, image_size=32))
-    >>> pixels = model.map_pixels(torch.rand(2, 3, 32, 32))
-    >>> model.get_codebook_indices(pixels).shape
+    >>> model.get_codebook_indices(torch.rand(2, 3, 32, 32)).shape
     torch.Size([2, 16])
     ```
     """
@@ -178,8 +177,23 @@ class DVAEModel(DVAEPreTrainedModel):
         self.decoder = DVAEDecoder(config)
         self.post_init()
 
+    @property
+    def codebook_size(self) -> int:
+        """Number of visual tokens (codebook entries)."""
+        return self.config.vocab_size
+
+    @property
+    def image_size(self) -> int:
+        """Side of the square images the encoder reads."""
+        return self.config.image_size
+
+    @property
+    def patch_grid(self) -> tuple[int, int]:
+        """(rows, columns) of the code grid of one image."""
+        return self.config.patch_grid
+
     def map_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
-        """[0, 1] pixels -> the encoder's input range [eps, 1 - eps]."""
+        """[0, 1] pixels -> the encoder's input range [eps, 1 - eps] (applied by `encode`, not by callers)."""
         eps = self.config.logit_laplace_eps
         return (1 - 2 * eps) * pixels + eps
 
@@ -189,17 +203,17 @@ class DVAEModel(DVAEPreTrainedModel):
         return ((pixels - eps) / (1 - 2 * eps)).clamp(0, 1)
 
     def encode(self, pixel_values: torch.Tensor) -> torch.FloatTensor:
-        """Mapped pixels `(batch, 3, H, W)` -> code logits `(batch, vocab_size, H / 8, W / 8)`."""
+        """[0, 1] pixels `(batch, 3, H, W)` -> code logits `(batch, vocab_size, H / 8, W / 8)`."""
         if pixel_values.ndim != 4 or pixel_values.shape[1] != self.config.num_channels:
             raise ValueError(
                 f"Expected pixel_values of shape (batch, {self.config.num_channels}, height, width), "
                 f"got {tuple(pixel_values.shape)}."
             )
-        return self.encoder(pixel_values)
+        return self.encoder(self.map_pixels(pixel_values))
 
     @torch.no_grad()
     def get_codebook_indices(self, pixel_values: torch.Tensor) -> torch.LongTensor:
-        """Mapped pixels `(batch, 3, H, W)` -> argmax codes `(batch, (H / 8) * (W / 8))`, int64."""
+        """[0, 1] pixels `(batch, 3, H, W)` -> argmax codes `(batch, (H / 8) * (W / 8))`, int64."""
         return self.encode(pixel_values).argmax(dim=1).flatten(1)
 
     def decode(self, indices: torch.LongTensor) -> torch.FloatTensor:
@@ -218,7 +232,7 @@ class DVAEModel(DVAEPreTrainedModel):
     def forward(self, pixel_values: torch.Tensor) -> DVAEOutput:
         """
         Args:
-            pixel_values (`torch.FloatTensor` of shape `(batch_size, 3, height, width)`): DALL-E-mapped pixels.
+            pixel_values (`torch.FloatTensor` of shape `(batch_size, 3, height, width)`): images in [0, 1].
         """
         logits = self.encode(pixel_values)
         indices = logits.argmax(dim=1).flatten(1)

@@ -1,7 +1,8 @@
 """The VQ-KD visual tokenizer of BEiT v2: ViT encoder -> l2-normalised EMA quantizer -> ViT decoder -> teacher features.
 
-Input convention: `pixel_values` are RGB images scaled to [-1, 1] (`x * 2 - 1` for `x` in [0, 1]; mean 0.5,
-std 0.5), as the reference tokenizer's "default" pre-processing.
+Input convention: `pixel_values` are plain RGB images in [0, 1]. The model maps them to its encoder's [-1, 1] itself
+(`x * 2 - 1`, the reference tokenizer's "default" `pre_process`), so image processors, scripts and teachers never
+need to know the tokenizer's internal range.
 
 State-dict layout and the official checkpoint's names (for converters):
 
@@ -150,16 +151,19 @@ class VQKDModel(VQKDPreTrainedModel):
     The VQ-KD tokenizer. `get_codebook_indices` turns images into visual tokens for masked image modeling;
     `forward` computes the training losses against teacher patch features (see `modeling_beitv2.teachers`).
 
-    Pixels must be scaled to [-1, 1]. The quantizer's EMA codebook update happens inside `forward` in training
-    mode (it is not trained by the optimizer); its buffers are synchronised over `torch.distributed` ranks.
+    Pixels are plain [0, 1] images; the model maps them to its encoder's [-1, 1] itself. It shares `codebook_size`,
+    `image_size`, `patch_grid` and `get_codebook_indices` with `DVAEModel`. The quantizer's EMA codebook update
+    happens inside `forward` in training mode (it is not trained by the optimizer); its buffers are synchronised over
+    `torch.distributed` ranks.
 
     Example:
 
     ```python
     >>> import torch
     >>> from modeling_beitv2 import VQKDConfig, VQKDModel
-    >>> model = VQKDModel(VQKDConfig.from_preset("tiny-decoder1", image_size=32, num_codes=64)).eval()
-    >>> model.get_codebook_indices(torch.rand(2, 3, 32, 32) * 2 - 1).shape
+    >>> config = VQKDConfig.from_preset("tiny-decoder1", image_size=32, num_codes=64, kmeans_init=False)
+    >>> model = VQKDModel(config).eval()
+    >>> model.get_codebook_indices(torch.rand(2, 3, 32, 32)).shape
     torch.Size([2, 4])
     ```
     """
@@ -185,11 +189,28 @@ class VQKDModel(VQKDPreTrainedModel):
         )
         self.post_init()
 
+    @property
+    def codebook_size(self) -> int:
+        """Number of visual tokens (codebook entries)."""
+        return self.config.num_codes
+
+    @property
+    def image_size(self) -> int:
+        """Side of the square images the encoder reads."""
+        return self.config.encoder_config.image_size
+
+    @property
+    def patch_grid(self) -> tuple[int, int]:
+        """(rows, columns) of the code grid of one image."""
+        return self.config.patch_grid
+
     def _features_to_code_space(self, pixel_values: torch.Tensor) -> torch.Tensor:
         # Pixels follow the encoder's dtype (a tokenizer loaded in bf16 keeps only the task layer and the quantizer
-        # in fp32); under autocast the encoder's matmuls and attention run in half precision either way.
+        # in fp32); under autocast the encoder's matmuls and attention run in half precision either way. The
+        # [0, 1] -> [-1, 1] mapping (the reference's `pre_process`) runs in the input's dtype before that cast, so a
+        # half-precision encoder rounds the mapped pixels once, not the raw and then the mapped ones.
         encoder_dtype = self.encoder.embeddings.patch_embeddings.projection.weight.dtype
-        features = self.encoder.patch_features(pixel_values.to(encoder_dtype))
+        features = self.encoder.patch_features((pixel_values * 2 - 1).to(encoder_dtype))
         # The reference runs the task layer in fp32 with autocast off, so codes never see half precision.
         with torch.autocast(device_type=features.device.type, enabled=False):
             return self.encode_task_layer(features.to(self.encode_task_layer[-1].weight.dtype))
@@ -197,7 +218,7 @@ class VQKDModel(VQKDPreTrainedModel):
     def encode(self, pixel_values: torch.Tensor) -> QuantizerOutput:
         """
         Args:
-            pixel_values (`torch.FloatTensor` of shape `(batch_size, 3, height, width)`): images in [-1, 1].
+            pixel_values (`torch.FloatTensor` of shape `(batch_size, 3, height, width)`): images in [0, 1].
 
         Returns:
             [`QuantizerOutput`] with `quantized` of shape `(batch_size, num_patches, code_dim)` and `indices` of shape
@@ -208,7 +229,7 @@ class VQKDModel(VQKDPreTrainedModel):
     @torch.no_grad()
     def get_codebook_indices(self, pixel_values: torch.Tensor) -> torch.LongTensor:
         """
-        Visual tokens of `pixel_values` (`(batch_size, 3, height, width)`, in [-1, 1]) as a `(batch_size, num_patches)`
+        Visual tokens of `pixel_values` (`(batch_size, 3, height, width)`, in [0, 1]) as a `(batch_size, num_patches)`
         int64 tensor. Touches no statistic of the quantizer, whatever the mode.
         """
         return self.quantizer.lookup(self._features_to_code_space(pixel_values))
@@ -239,7 +260,7 @@ class VQKDModel(VQKDPreTrainedModel):
         r"""
         Args:
             pixel_values (`torch.FloatTensor` of shape `(batch_size, 3, height, width)`):
-                Images scaled to [-1, 1].
+                Images in [0, 1].
             teacher_features (`torch.FloatTensor` of shape `(batch_size, num_patches, teacher_dim)`, *optional*):
                 Teacher patch targets of the same images (see `modeling_beitv2.teachers.TeacherForPatchTargets`).
                 Without them only the quantization loss is computed and `loss` is `None`.

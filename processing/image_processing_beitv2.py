@@ -10,6 +10,7 @@ from transformers.feature_extraction_utils import BatchFeature
 from transformers.image_processing_utils import BaseImageProcessor
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from transformers.processing_utils import ImagesKwargs
+from transformers.utils import logging
 
 from .masking import BlockwiseMaskGenerator, RandomMaskGenerator
 from .random_state import ProcessLocalRNG
@@ -24,10 +25,11 @@ from .transforms import (
     to_pil_image,
 )
 
+logger = logging.get_logger(__name__)
+
 IMAGENET_MEAN, IMAGENET_STD = tuple(IMAGENET_DEFAULT_MEAN), tuple(IMAGENET_DEFAULT_STD)
-# DALL-E's `map_pixels`: pixels in [0, 1] squeezed into [eps, 1 - eps].
-_DALLE_EPS = 0.1
-_TOKENIZER_PIXEL_MAPPINGS = ("minus_one_to_one", "dalle")
+# A setting of earlier versions: the tokenizer view is now plain [0, 1] and each tokenizer maps it itself.
+_REMOVED_TOKENIZER_PIXEL_MAPPING = "tokenizer_pixel_mapping"
 _MASK_TYPES = ("blockwise", "random")
 
 
@@ -37,7 +39,6 @@ class BeitV2ImageProcessorKwargs(ImagesKwargs, total=False):
     interpolation: str
     tokenizer_image_size: int
     tokenizer_interpolation: str
-    tokenizer_pixel_mapping: str
     mask_type: str
     mask_ratio: float
     num_masking_patches: int
@@ -70,8 +71,6 @@ class BeitV2ImageProcessor(BaseImageProcessor):
         image_mean, image_std (`tuple[float, float, float]`, defaults to ImageNet's): Backbone view normalisation.
         tokenizer_image_size (`int`, defaults to 224): Side of the tokenizer view (112 for DALL-E).
         tokenizer_interpolation (`str`, defaults to "bicubic"): Resampling filter of the tokenizer view.
-        tokenizer_pixel_mapping (`str`, defaults to "minus_one_to_one"): "minus_one_to_one" maps [0, 1] to [-1, 1]
-            (VQ-KD); "dalle" applies DALL-E's `map_pixels`, `x * (1 - 2 * 0.1) + 0.1`.
         mask_type (`str`, defaults to "blockwise"): "blockwise" (`BlockwiseMaskGenerator`) or "random".
         mask_ratio (`float`, defaults to 0.4): Fraction of patches masked; `num_masking_patches` wins if given.
         num_masking_patches (`int`, *optional*): Exact masked count (the reference recipe uses 75 of 196).
@@ -88,7 +87,9 @@ class BeitV2ImageProcessor(BaseImageProcessor):
 
     Calling it returns a `BatchFeature` with, per image:
         - `pixel_values`: `(3, image_size, image_size)` float32, normalised with `image_mean`/`image_std`;
-        - `tokenizer_pixel_values`: `(3, tokenizer_image_size, tokenizer_image_size)` float32;
+        - `tokenizer_pixel_values`: `(3, tokenizer_image_size, tokenizer_image_size)` float32 in [0, 1], not
+          normalised: the visual tokenizers (`VQKDModel`, `DVAEModel`) map plain pixels to their input range
+          themselves;
         - `bool_masked_pos`: `(num_patches,)` bool, row-major over the patch grid, `True` = masked.
     They are lists (one entry per image) or, with `return_tensors="np"`/`"pt"`, stacked along a batch axis.
     """
@@ -105,7 +106,6 @@ class BeitV2ImageProcessor(BaseImageProcessor):
         image_std: tuple[float, float, float] = IMAGENET_STD,
         tokenizer_image_size: int = 224,
         tokenizer_interpolation: str = "bicubic",
-        tokenizer_pixel_mapping: str = "minus_one_to_one",
         mask_type: str = "blockwise",
         mask_ratio: float = 0.4,
         num_masking_patches: int | None = None,
@@ -119,6 +119,13 @@ class BeitV2ImageProcessor(BaseImageProcessor):
         seed: int | np.random.Generator | None = None,
         **kwargs,
     ):
+        if _REMOVED_TOKENIZER_PIXEL_MAPPING in kwargs:
+            # Saved configs of earlier versions hold it; the tokenizers now own their input mapping.
+            logger.warning(
+                f"`{_REMOVED_TOKENIZER_PIXEL_MAPPING}` is deprecated and ignored: `tokenizer_pixel_values` are plain "
+                "[0, 1] pixels, which VQKDModel and DVAEModel map to their own input range."
+            )
+            kwargs.pop(_REMOVED_TOKENIZER_PIXEL_MAPPING)
         super().__init__(**kwargs)
         self.image_size = int(image_size)
         self.patch_size = int(patch_size)
@@ -127,7 +134,6 @@ class BeitV2ImageProcessor(BaseImageProcessor):
         self.image_std = [float(v) for v in image_std]
         self.tokenizer_image_size = int(tokenizer_image_size)
         self.tokenizer_interpolation = tokenizer_interpolation
-        self.tokenizer_pixel_mapping = tokenizer_pixel_mapping
         self.mask_type = mask_type
         self.mask_ratio = mask_ratio
         self.num_masking_patches = num_masking_patches
@@ -147,14 +153,13 @@ class BeitV2ImageProcessor(BaseImageProcessor):
     def for_beit_v1(cls, **kwargs) -> BeitV2ImageProcessor:
         """
         BEiT v1 settings: backbone view normalised with mean = std = 0.5, tokenizer view for the DALL-E dVAE
-        (112 px, lanczos, `map_pixels`), crop scale (0.08, 1) as in BEiT v1's pretraining script. `kwargs` override.
+        (112 px, lanczos), crop scale (0.08, 1) as in BEiT v1's pretraining script. `kwargs` override.
         """
         settings = {
             "image_mean": (0.5, 0.5, 0.5),
             "image_std": (0.5, 0.5, 0.5),
             "tokenizer_image_size": 112,
             "tokenizer_interpolation": "lanczos",
-            "tokenizer_pixel_mapping": "dalle",
             "crop_scale": (0.08, 1.0),
         }
         settings.update(kwargs)
@@ -200,7 +205,7 @@ class BeitV2ImageProcessor(BaseImageProcessor):
             else:
                 view, tokenizer_view = transforms.two_view_crop.apply_box(image, center_square_box(*image.size))
             outputs["pixel_values"].append((to_float_array(view) - mean) / std)
-            outputs["tokenizer_pixel_values"].append(transforms.map_tokenizer_pixels(to_float_array(tokenizer_view)))
+            outputs["tokenizer_pixel_values"].append(to_float_array(tokenizer_view))
             outputs["bool_masked_pos"].append(transforms.mask_generator(rng).reshape(-1))
         if return_tensors is not None:
             outputs = {name: np.stack(values) for name, values in outputs.items()}
@@ -213,12 +218,6 @@ class _Transforms:
     color_jitter: ColorJitter
     flip: RandomHorizontalFlip
     two_view_crop: TwoViewRandomResizedCrop
-    tokenizer_pixel_mapping: str
-
-    def map_tokenizer_pixels(self, pixels: np.ndarray) -> np.ndarray:
-        if self.tokenizer_pixel_mapping == "dalle":
-            return pixels * (1 - 2 * _DALLE_EPS) + _DALLE_EPS
-        return pixels * 2.0 - 1.0
 
 
 # What `_build_transforms` reads; `image_mean`/`image_std` are applied directly in `preprocess`.
@@ -228,7 +227,6 @@ _TRANSFORM_SETTINGS = (
     "interpolation",
     "tokenizer_image_size",
     "tokenizer_interpolation",
-    "tokenizer_pixel_mapping",
     "mask_type",
     "mask_ratio",
     "num_masking_patches",
@@ -248,7 +246,6 @@ def _build_transforms(
     interpolation: str,
     tokenizer_image_size: int,
     tokenizer_interpolation: str,
-    tokenizer_pixel_mapping: str,
     mask_type: str,
     mask_ratio: float,
     num_masking_patches: int | None,
@@ -262,10 +259,6 @@ def _build_transforms(
 ) -> _Transforms:
     if image_size % patch_size != 0:
         raise ValueError(f"image_size ({image_size}) must be a multiple of patch_size ({patch_size})")
-    if tokenizer_pixel_mapping not in _TOKENIZER_PIXEL_MAPPINGS:
-        raise ValueError(
-            f"tokenizer_pixel_mapping must be one of {_TOKENIZER_PIXEL_MAPPINGS}, got {tokenizer_pixel_mapping!r}"
-        )
     if mask_type not in _MASK_TYPES:
         raise ValueError(f"mask_type must be one of {_MASK_TYPES}, got {mask_type!r}")
     grid = (image_size // patch_size,) * 2
@@ -288,5 +281,4 @@ def _build_transforms(
             interpolation,
             tokenizer_interpolation,
         ),
-        tokenizer_pixel_mapping=tokenizer_pixel_mapping,
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,9 +33,16 @@ class VQKDImageProcessorKwargs(ImagesKwargs, total=False):
     seed: int
 
 
+logger = logging.getLogger(__name__)
+# Normalisation that processors of earlier versions saved: they mapped the pixels to [-1, 1] for VQ-KD, which the
+# tokenizer now does itself.
+_EARLIER_VERSION_NORMALISATION = [0.5, 0.5, 0.5]
+
+
 class VQKDImageProcessor(BaseImageProcessor):
     r"""
-    Prepares images for the VQ-KD tokenizer: pixels mapped to [-1, 1] (mean 0.5, std 0.5), as its encoder expects.
+    Prepares images for the VQ-KD tokenizer: plain [0, 1] pixels by default, which `VQKDModel` maps to its encoder's
+    [-1, 1] itself (and a teacher normalises its own way).
 
     - Evaluation (default), the reference's validation transform: the shorter side resized to
       `int(image_size / crop_pct)`, then the central `image_size` square.
@@ -44,7 +52,9 @@ class VQKDImageProcessor(BaseImageProcessor):
     Args:
         image_size (`int`, defaults to 224): Output side length.
         interpolation (`str`, defaults to "bicubic"): PIL resampling filter.
-        image_mean, image_std (`tuple[float, float, float]`, defaults to 0.5): Normalisation (0.5 maps to [-1, 1]).
+        image_mean, image_std (`tuple[float, float, float]`, defaults to 0 and 1): Normalisation `(x - mean) / std`;
+            the defaults leave the pixels in [0, 1], what `VQKDModel` reads. Saved configs of earlier versions hold
+            0.5 / 0.5 (the [-1, 1] that the model now applies itself): set them back to 0 / 1 for the tokenizer.
         crop_scale (`tuple[float, float]`, defaults to `(0.08, 1.0)`): Area range of the training crop.
         crop_ratio (`tuple[float, float]`, defaults to `(3/4, 4/3)`): Aspect-ratio range of the training crop.
         crop_pct (`float`, *optional*): Evaluation crop fraction; by default the reference's rule, 224/256 below
@@ -63,12 +73,28 @@ class VQKDImageProcessor(BaseImageProcessor):
     model_input_names = ["pixel_values"]
     valid_kwargs = VQKDImageProcessorKwargs
 
+    @classmethod
+    def from_dict(cls, image_processor_dict: dict[str, Any], **kwargs: Any):
+        """As `BaseImageProcessor.from_dict`, but a config saved by an earlier version (mean and std 0.5: the
+        [-1, 1] mapping that `VQKDModel` now applies itself) loads as plain [0, 1] pixels, with a warning, instead of
+        giving the tokenizer doubly mapped pixels and wrong codes without a word."""
+        image_processor_dict = dict(image_processor_dict)
+        mean, std = image_processor_dict.get("image_mean"), image_processor_dict.get("image_std")
+        if mean is not None and std is not None and [*mean] == [*std] == _EARLIER_VERSION_NORMALISATION:
+            logger.warning(
+                "This VQKDImageProcessor config was saved by an earlier version, which mapped pixels to [-1, 1] for "
+                "the tokenizer (mean 0.5, std 0.5). VQKDModel now maps [0, 1] pixels itself, so the processor is "
+                "loaded with mean 0 and std 1; save it again to update the file."
+            )
+            image_processor_dict.update(image_mean=[0.0, 0.0, 0.0], image_std=[1.0, 1.0, 1.0])
+        return super().from_dict(image_processor_dict, **kwargs)
+
     def __init__(
         self,
         image_size: int = 224,
         interpolation: str = "bicubic",
-        image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5),
-        image_std: tuple[float, float, float] = (0.5, 0.5, 0.5),
+        image_mean: tuple[float, float, float] = (0.0, 0.0, 0.0),
+        image_std: tuple[float, float, float] = (1.0, 1.0, 1.0),
         crop_scale: tuple[float, float] = (0.08, 1.0),
         crop_ratio: tuple[float, float] = (3 / 4, 4 / 3),
         crop_pct: float | None = None,

@@ -9,7 +9,7 @@ def mim_example(seed, with_label=False):
     rng = np.random.default_rng(seed)
     example = {
         "pixel_values": rng.standard_normal((3, 8, 8)).astype(np.float32),
-        "tokenizer_pixel_values": rng.uniform(-1, 1, (3, 4, 4)).astype(np.float32),
+        "tokenizer_pixel_values": rng.uniform(0, 1, (3, 4, 4)).astype(np.float32),
         "bool_masked_pos": rng.random(4) < 0.5,
     }
     if with_label:

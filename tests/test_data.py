@@ -23,9 +23,11 @@ from image_datasets import (  # noqa: E402
     dataloader_state_from_json,
     dataloader_state_to_json,
     decode_image,
+    decode_or_skip,
     example_id,
     image_counts,
     load_image_stream,
+    new_decode_counts,
     resume_dataloader,
     split_off_validation,
 )
@@ -119,6 +121,22 @@ def test_decode_image_converts_odd_modes_and_rejects_bad_bytes():
     assert image is None and status.startswith("unreadable")
     assert decode_image(None) == (None, "missing")
     assert example_id({"bytes": b"abc", "path": "x"}) != example_id({"bytes": b"abd", "path": "x"})
+
+
+def test_decode_or_skip_logs_each_bad_image_once_and_counts(caplog):
+    counts = new_decode_counts()
+    gray = {"bytes": png_bytes(5, mode="L"), "path": "gray.png"}
+    with caplog.at_level("WARNING", logger="image_datasets"):
+        assert decode_or_skip({"bytes": png_bytes(7), "path": "ok.png"}, counts).mode == "RGB"
+        assert decode_or_skip(gray, counts).mode == "RGB"
+        assert decode_or_skip(gray, counts, convert=False).mode == "L"  # kept in its own mode, not counted
+        assert decode_or_skip({"bytes": png_bytes(3)[:25], "path": "cut.png"}, counts) is None
+        assert decode_or_skip(None, counts, kind="annotation") is None
+    assert counts == {"num_bad_images": 2, "num_converted_images": 1}
+    messages = [record.getMessage() for record in caplog.records]
+    assert len(messages) == 2  # only the skips are logged, once each
+    assert messages[0].startswith("Skipping image cut.png: unreadable") and "(1 skipped so far)" in messages[0]
+    assert messages[1] == "Skipping annotation (bytes): missing (2 skipped so far)"
 
 
 def test_load_image_stream_sources_and_errors(tmp_path):

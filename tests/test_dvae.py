@@ -59,9 +59,11 @@ def test_tokenize_and_decode(model):
     mapped = model.map_pixels(pixels)
     assert mapped.min() >= 0.1 and mapped.max() <= 0.9
     torch.testing.assert_close(model.unmap_pixels(mapped), pixels)
-    output = model(mapped)
+    output = model(pixels)
     assert output.logits.shape == (2, 64, 4, 4)
-    indices = model.get_codebook_indices(mapped)
+    # The model takes plain [0, 1] pixels and applies DALL-E's map_pixels itself.
+    torch.testing.assert_close(output.logits, model.encoder(mapped), rtol=0, atol=0)
+    indices = model.get_codebook_indices(pixels)
     assert indices.shape == (2, 16) and indices.dtype == torch.int64
     torch.testing.assert_close(indices, output.logits.argmax(1).flatten(1))
     torch.testing.assert_close(indices, output.codebook_indices)
@@ -81,5 +83,10 @@ def test_config_validation_and_roundtrip(model, tmp_path):
     assert (tmp_path / "modeling_dvae.py").exists()
     reloaded = AutoModel.from_pretrained(tmp_path)
     assert isinstance(reloaded, DVAEModel)
-    pixels = model.map_pixels(torch.rand(1, 3, 32, 32))
+    pixels = torch.rand(1, 3, 32, 32)
     torch.testing.assert_close(reloaded.eval()(pixels).logits, model(pixels).logits)
+
+
+def test_shared_tokenizer_interface(model):
+    assert model.codebook_size == 64 and model.image_size == 32 and model.patch_grid == (4, 4)
+    assert model.get_codebook_indices(torch.rand(1, 3, 32, 32)).shape == (1, model.patch_grid[0] * model.patch_grid[1])

@@ -1,4 +1,5 @@
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -37,22 +38,28 @@ def smooth_image(width=80, height=60):
     return PIL.Image.fromarray((np.stack([xs, ys, (xs + ys) / 2], axis=-1) * 255).astype(np.uint8))
 
 
-def test_vqkd_eval_maps_to_minus_one_one_and_matches_resize_center_crop():
+def test_vqkd_eval_gives_plain_pixels_and_matches_resize_center_crop():
     processor = VQKDImageProcessor(image_size=32)
     gray = PIL.Image.new("RGB", (50, 40), (128, 128, 128))
     out = processor(gray, return_tensors="np")["pixel_values"]
     assert out.shape == (1, 3, 32, 32) and out.dtype == np.float32
-    np.testing.assert_allclose(out, (128 / 255 - 0.5) / 0.5, atol=1e-6)
+    # Plain [0, 1] pixels: VQKDModel maps them to its encoder's [-1, 1] itself.
+    np.testing.assert_allclose(out, 128 / 255, atol=1e-6)
+    np.testing.assert_allclose(
+        processor(gray, image_mean=(0.5,) * 3, image_std=(0.5,) * 3)["pixel_values"][0],
+        (128 / 255 - 0.5) / 0.5,
+        atol=1e-6,
+    )
     # The reference's validation transform: shorter side to int(32 / (224/256)) = 36, then the central 32 px
     # (written here with PIL directly).
     image = smooth_image(80, 60)
     resized = image.resize((48, 36), PIL.Image.BICUBIC)
-    reference = np.asarray(resized.crop((8, 2, 40, 34)), dtype=np.float32).transpose(2, 0, 1) / 127.5 - 1
+    reference = np.asarray(resized.crop((8, 2, 40, 34)), dtype=np.float32).transpose(2, 0, 1) / 255
     np.testing.assert_allclose(processor(image)["pixel_values"][0], reference, atol=1e-6)
     # crop_pct 1.0 (and the reference's rule from 384 px): the central square of the shorter-side resize.
     whole = np.asarray(image.resize((42, 32), PIL.Image.BICUBIC).crop((5, 0, 37, 32)), np.float32)
     np.testing.assert_allclose(
-        processor(image, crop_pct=1.0)["pixel_values"][0], whole.transpose(2, 0, 1) / 127.5 - 1, atol=1e-6
+        processor(image, crop_pct=1.0)["pixel_values"][0], whole.transpose(2, 0, 1) / 255, atol=1e-6
     )
     with pytest.raises(ValueError, match="crop_pct"):
         VQKDImageProcessor(crop_pct=1.5)
@@ -80,7 +87,8 @@ def test_beitv2_outputs_shapes_types_and_normalisation():
     assert (batch["bool_masked_pos"].sum(-1) == round(0.4 * 16)).all()
     expected = (value / 255 - IMAGENET_MEAN) / IMAGENET_STD
     np.testing.assert_allclose(batch["pixel_values"][0, :, 5, 5].numpy(), expected, atol=1e-5)
-    np.testing.assert_allclose(batch["tokenizer_pixel_values"].numpy(), 2 * value / 255 - 1, atol=1e-6)
+    # The tokenizer view is plain [0, 1] pixels, whatever the backbone normalisation.
+    np.testing.assert_allclose(batch["tokenizer_pixel_values"].numpy(), value / 255, atol=1e-6)
     assert processor.num_patches == 16
 
 
@@ -91,7 +99,8 @@ def test_beit_v1_preset_dalle_view():
     assert out["pixel_values"].shape == (1, 3, 224, 224)
     assert out["tokenizer_pixel_values"].shape == (1, 3, 112, 112)
     np.testing.assert_allclose(out["pixel_values"], (value / 255 - 0.5) / 0.5, atol=1e-5)
-    np.testing.assert_allclose(out["tokenizer_pixel_values"], value / 255 * 0.8 + 0.1, atol=1e-6)
+    # Plain [0, 1] pixels: DVAEModel applies DALL-E's map_pixels itself.
+    np.testing.assert_allclose(out["tokenizer_pixel_values"], value / 255, atol=1e-6)
     assert out["bool_masked_pos"].shape == (1, 196) and out["bool_masked_pos"].sum() == 75
     assert processor.tokenizer_interpolation == "lanczos"
 
@@ -107,7 +116,6 @@ def test_training_views_share_one_crop_box():
         interpolation="nearest",
         tokenizer_interpolation="nearest",
         color_jitter=0.0,
-        tokenizer_pixel_mapping="dalle",
         image_mean=(0, 0, 0),
         image_std=(1, 1, 1),
     )
@@ -116,7 +124,7 @@ def test_training_views_share_one_crop_box():
     for _ in range(20):
         out = processor(image, do_augment=True, return_tensors="np")
         view = np.rint(out["pixel_values"][0].transpose(1, 2, 0) * 255)
-        tokenizer_view = np.rint((out["tokenizer_pixel_values"][0].transpose(1, 2, 0) - 0.1) / 0.8 * 255)
+        tokenizer_view = np.rint(out["tokenizer_pixel_values"][0].transpose(1, 2, 0) * 255)
         first, second = _x_range(view), _x_range(tokenizer_view)
         # The coarser view samples fewer pixels of the same box: its extremes lie within one of its pixels.
         box_width, box_height = first[1] - first[0] + 1, first[3] - first[2] + 1
@@ -171,8 +179,6 @@ def test_random_mask_type_and_errors():
     assert tiny_processor(mask_type="random", mask_ratio=0.5)(smooth_image())["bool_masked_pos"][0].sum() == 8
     with pytest.raises(ValueError, match="mask_type"):
         tiny_processor(mask_type="grid")
-    with pytest.raises(ValueError, match="tokenizer_pixel_mapping"):
-        tiny_processor(tokenizer_pixel_mapping="zero_one")
     with pytest.raises(ValueError, match="multiple of patch_size"):
         tiny_processor(image_size=30)
     with pytest.raises(ValueError, match="mask_ratio"):
@@ -194,9 +200,9 @@ def test_changed_attributes_and_per_call_settings_take_effect():
     processor.image_mean = processor.image_std = [0.5, 0.5, 0.5]
     pixels = processor(image, return_tensors="np")["pixel_values"]
     assert pixels.min() >= -1 and pixels.max() <= 1 and pixels.min() < -0.9
-    processor.tokenizer_pixel_mapping = "dalle"
+    # The backbone normalisation never reaches the tokenizer view: it stays plain [0, 1].
     tokenizer_pixels = processor(image, return_tensors="np")["tokenizer_pixel_values"]
-    assert tokenizer_pixels.min() >= 0.1 - 1e-6 and tokenizer_pixels.max() <= 0.9 + 1e-6
+    assert tokenizer_pixels.min() >= 0 and tokenizer_pixels.max() <= 1 and tokenizer_pixels.min() < 0.05
     # Bad values fail at the next call with the constructor's messages; unknown names are rejected.
     processor.mask_type = "grid"
     with pytest.raises(ValueError, match="mask_type"):
@@ -251,7 +257,23 @@ def test_v1_preset_round_trip(tmp_path):
     processor.save_pretrained(tmp_path)
     loaded = AutoImageProcessor.from_pretrained(tmp_path)
     assert loaded.to_dict() == processor.to_dict()
-    assert loaded.tokenizer_pixel_mapping == "dalle" and loaded.tokenizer_image_size == 112
+    assert loaded.tokenizer_image_size == 112 and loaded.tokenizer_interpolation == "lanczos"
+
+
+@pytest.mark.parametrize("mapping", ["minus_one_to_one", "dalle"])
+def test_saved_config_with_removed_tokenizer_pixel_mapping_still_loads(tmp_path, mapping, caplog):
+    # Configs saved by earlier versions hold `tokenizer_pixel_mapping`; it is ignored with a warning and the
+    # tokenizer view is plain [0, 1] (each tokenizer now maps its input itself).
+    tiny_processor().save_pretrained(tmp_path)
+    path = tmp_path / "preprocessor_config.json"
+    saved = json.loads(path.read_text())
+    path.write_text(json.dumps({**saved, "tokenizer_pixel_mapping": mapping}))
+    with caplog.at_level(logging.WARNING):
+        loaded = BeitV2ImageProcessor.from_pretrained(tmp_path)
+    assert "tokenizer_pixel_mapping" in caplog.text
+    assert not hasattr(loaded, "tokenizer_pixel_mapping") and "tokenizer_pixel_mapping" not in loaded.to_dict()
+    gray = PIL.Image.new("RGB", (40, 40), (51,) * 3)
+    np.testing.assert_allclose(loaded(gray)["tokenizer_pixel_values"][0], 51 / 255, atol=1e-6)
 
 
 def test_custom_code_loads_in_fresh_process_without_the_package(tmp_path):
@@ -333,3 +355,21 @@ def test_datasets_with_transform_and_map():
     mapped = dataset.map(lambda batch: dict(processor(batch["image"])), batched=True, remove_columns=["image"])
     mapped.set_format("torch")
     assert mapped[0]["bool_masked_pos"].dtype == torch.bool and mapped[0]["pixel_values"].shape == (3, 32, 32)
+
+
+def test_vqkd_processor_saved_by_an_earlier_version_loads_as_plain_pixels(tmp_path, caplog):
+    # Earlier versions saved mean/std 0.5 (their [-1, 1] tokenizer view); VQKDModel now maps [0, 1] itself, so those
+    # values would map twice and give wrong codes silently.
+    VQKDImageProcessor(image_size=32).save_pretrained(tmp_path)
+    path = tmp_path / "preprocessor_config.json"
+    saved = json.loads(path.read_text())
+    assert saved["image_mean"] == [0.0, 0.0, 0.0] and saved["image_std"] == [1.0, 1.0, 1.0]
+    path.write_text(json.dumps({**saved, "image_mean": [0.5] * 3, "image_std": [0.5] * 3}))
+    with caplog.at_level(logging.WARNING):
+        loaded = VQKDImageProcessor.from_pretrained(tmp_path)
+    assert "saved by an earlier version" in caplog.text
+    gray = PIL.Image.new("RGB", (40, 40), (51,) * 3)
+    np.testing.assert_allclose(loaded(gray)["pixel_values"][0], 51 / 255, atol=1e-6)
+    # Other normalisations are the user's choice and load as saved.
+    path.write_text(json.dumps({**saved, "image_mean": [0.5] * 3, "image_std": [0.25] * 3}))
+    assert VQKDImageProcessor.from_pretrained(tmp_path).image_std == [0.25] * 3

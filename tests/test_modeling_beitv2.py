@@ -526,6 +526,14 @@ def test_exported_backbone_matches_mim_backbone(tiny_beitv2_kwargs):
         torch.testing.assert_close(layer.relative_position_bias.relative_position_bias_table, shared)
 
 
+def test_export_lives_in_its_own_module_and_is_re_exported():
+    import modeling_beitv2.export_native
+    import modeling_beitv2.modeling_beitv2
+
+    assert modeling_beitv2.export_native.convert_mim_to_native_beit is convert_mim_to_native_beit
+    assert not hasattr(modeling_beitv2.modeling_beitv2, "convert_mim_to_native_beit")
+
+
 @pytest.mark.parametrize(
     ("model_class", "overrides"),
     [
@@ -573,9 +581,10 @@ def test_custom_code_reloads_in_a_fresh_process_without_the_package(tmp_path, ti
     randomize_all_parameters(model)
     folder = tmp_path / "mim"
     model.save_pretrained(folder)
-    assert {"configuration_beitv2.py", "modeling_beitv2.py", "initialization.py", "attention.py"} <= {
-        p.name for p in folder.glob("*.py")
-    }
+    saved_code = {p.name for p in folder.glob("*.py")}
+    assert {"configuration_beitv2.py", "modeling_beitv2.py", "initialization.py", "attention.py"} <= saved_code
+    # The export to native `beit` is a tool for this package's users, not part of the model: it is not shipped.
+    assert "export_native.py" not in saved_code
     auto_map = json.loads((folder / "config.json").read_text())["auto_map"]
     assert auto_map["AutoModelForMaskedImageModeling"] == "modeling_beitv2.BeitV2ForMaskedImageModeling"
     assert auto_map["AutoModel"] == "modeling_beitv2.BeitV2Model"

@@ -119,7 +119,7 @@ def test_beitv2_trains_from_parquet_stream_and_saves(mim_inputs, tmp_path):
         model = BeitV2ForMaskedImageModeling.from_pretrained(folder)
         assert model.config.vocab_size == 32 and model.config.use_patch_aggregation
         processor = BeitV2ImageProcessor.from_pretrained(folder)
-        assert processor.tokenizer_pixel_mapping == "minus_one_to_one" and processor.image_size == 32
+        assert processor.image_size == 32 and processor.tokenizer_image_size == 32
         assert processor.num_masking_patches == 5  # the exact count wins over the default mask_ratio 0.4
     saved = load_file(output_dir / "checkpoint-4" / "model.safetensors")
     assert not any(key.startswith(("tokenizer", "quantizer", "encoder.")) for key in saved)
@@ -180,7 +180,7 @@ def test_beit_v1_mode_with_dvae_tokens(tmp_path, monkeypatch):
     assert records[0]["loss"] == pytest.approx(records[0]["loss_mim"], rel=1e-6)
     assert not BeitV2ForMaskedImageModeling.from_pretrained(output_dir).config.use_patch_aggregation
     processor = BeitV2ImageProcessor.from_pretrained(output_dir)
-    assert processor.tokenizer_pixel_mapping == "dalle" and processor.tokenizer_image_size == 16
+    assert processor.tokenizer_image_size == 16 and processor.tokenizer_interpolation == "lanczos"
     assert list(processor.image_mean) == [0.5, 0.5, 0.5]
 
 
@@ -486,3 +486,17 @@ def test_slow_input_pipeline_warns_naming_the_workers_flag(tmp_path, caplog, fre
             assert record["data_wait_fraction"] > 0.5 and record["images_per_second"] > 0
     assert "--dataloader_num_workers" in caplog.text
     assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+
+
+def test_held_out_images_skip_and_log_unreadable_ones(tmp_path, caplog):
+    from image_datasets import load_image_stream
+
+    files = write_parquet_shards(tmp_path / "parquet", 6, 1, corrupt=(2,))
+    dataset, column = load_image_stream(data_files=files)
+    held_out = training.HeldOutImages(
+        dataset, column, lambda image, rng: {"side": image.size[0]}, rank=0, world_size=1, seed=0, max_samples=None
+    )
+    with caplog.at_level(logging.WARNING, logger="image_datasets"):
+        examples = list(held_out)
+    assert len(examples) == 5
+    assert "Skipping image" in caplog.text and "1 skipped so far" in caplog.text

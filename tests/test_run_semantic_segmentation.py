@@ -83,7 +83,8 @@ def test_segmentation_from_mim_checkpoint_learns_and_writes_miou(tmp_path):
     ]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, timeout=240, env=env)
     assert result.returncode == 0, result.stderr[-4000:]
-    assert "ADE_0099.jpg: image unreadable" in result.stderr and "annotation unreadable" in result.stderr
+    assert "Skipping image" in result.stderr and "ADE_0099.jpg: unreadable" in result.stderr
+    assert "Skipping annotation" in result.stderr and "ADE_0099.png: unreadable" in result.stderr
 
     eval_results = json.loads((output_dir / "eval_results.json").read_text())
     # Predicting the majority class everywhere gives mIoU about 0.17 and pixel accuracy about 0.5; 40 steps learn

@@ -114,8 +114,18 @@ def test_trains_logs_codebook_statistics_and_saves(vqkd_inputs, tmp_path):
     for folder in (output_dir, output_dir / "checkpoint-4"):
         model = VQKDModel.from_pretrained(folder)
         assert model.config.teacher_dim == 16 and tuple(model.config.patch_grid) == (4, 4)
-        assert (folder / "preprocessor_config.json").is_file()
+        # The saved processor gives the plain [0, 1] pixels the tokenizer maps itself.
+        saved_processor = json.loads((folder / "preprocessor_config.json").read_text())
+        assert saved_processor["image_mean"] == [0.0] * 3 and saved_processor["image_std"] == [1.0] * 3
     assert (output_dir / "README.md").is_file()
+
+
+def test_teacher_sees_the_tokenizers_plain_pixels():
+    # Tokenizer and teacher read the same [0, 1] view; each applies its own normalisation.
+    pixels = torch.rand(2, 3, 8, 8).half()
+    seen = []
+    run_vqkd.teacher_targets(lambda images: seen.append(images) or images, pixels)
+    assert seen[0].dtype == torch.float32 and torch.equal(seen[0], pixels.float())
 
 
 def test_resume_continues_exactly(vqkd_inputs, tmp_path):

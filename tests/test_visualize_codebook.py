@@ -144,3 +144,17 @@ def test_usage_statistics_and_location_order():
     # Code 0: first patch of image 0, first patch of image 1, then the remaining ones of image 0.
     assert usage.locations(0, 10) == [(0, 0, 0), (1, 0, 0), (0, 0, 1), (0, 1, 1)]
     assert usage.locations(3, 10) == []
+
+
+@pytest.mark.parametrize("kind", ["vqkd", "dvae"])
+def test_views_reach_the_tokenizer_as_plain_pixels(kind, vqkd_dir, tmp_path):
+    # Both tokenizers map [0, 1] pixels to their own input range: the script must not map them again.
+    if kind == "dvae":
+        torch.manual_seed(0)
+        DVAEModel(DVAEConfig(vocab_size=32, hidden_size=8, num_blocks_per_group=1, image_size=32)).save_pretrained(
+            tmp_path / "dvae"
+        )
+    tokenizer = load_visual_tokenizer(str(vqkd_dir if kind == "vqkd" else tmp_path / "dvae"))
+    views = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
+    expected = tokenizer.get_codebook_indices(torch.from_numpy(views).permute(0, 3, 1, 2).float() / 255)
+    np.testing.assert_array_equal(tokenize_views(tokenizer, views, batch_size=2), expected.view(3, 4, 4).numpy())

@@ -121,7 +121,7 @@ def test_reference_init():
 
 
 def test_half_precision_tokenizer_keeps_the_code_path_in_fp32(model, tmp_path):
-    pixels = torch.rand(2, 3, 32, 32) * 2 - 1
+    pixels = torch.rand(2, 3, 32, 32)
     expected = model.eval().get_codebook_indices(pixels)
     model.save_pretrained(tmp_path)
     loaded = VQKDModel.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
@@ -140,7 +140,7 @@ def test_half_precision_tokenizer_keeps_the_code_path_in_fp32(model, tmp_path):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_codes_under_autocast_agree_with_fp32_and_only_the_code_path_runs_in_fp32(model, monkeypatch, dtype):
     model.eval()
-    pixels = torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    pixels = torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     reference = model.get_codebook_indices(pixels)
 
     seen = {}
@@ -173,7 +173,7 @@ def test_codes_under_autocast_agree_with_fp32_and_only_the_code_path_runs_in_fp3
 
 def test_tokenizer_compiles(model):
     model.eval()
-    pixels = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    pixels = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     torch._dynamo.reset()
     compiled = torch.compile(model.get_codebook_indices, backend="aot_eager")
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -182,7 +182,7 @@ def test_tokenizer_compiles(model):
 
 
 def test_forward_losses_and_shapes(model):
-    pixels = torch.rand(2, 3, 32, 32) * 2 - 1
+    pixels = torch.rand(2, 3, 32, 32)
     teacher = torch.randn(2, 16, 16)
     output = model(pixels, teacher_features=teacher)
     assert isinstance(output, VQKDOutput)
@@ -201,7 +201,7 @@ def test_forward_losses_and_shapes(model):
 
 
 def test_training_updates_codebook_but_tokenization_does_not(model):
-    pixels = torch.rand(2, 3, 32, 32) * 2 - 1
+    pixels = torch.rand(2, 3, 32, 32)
     snapshot = {name: buffer.clone() for name, buffer in model.named_buffers() if name.startswith("quantizer")}
     for mode in (True, False):
         indices = model.train(mode).get_codebook_indices(pixels)
@@ -217,7 +217,7 @@ def test_training_updates_codebook_but_tokenization_does_not(model):
 
 def test_decode_from_indices_equals_decode_from_quantized(model):
     model.eval()
-    encoded = model.encode(torch.rand(2, 3, 32, 32) * 2 - 1)
+    encoded = model.encode(torch.rand(2, 3, 32, 32))
     torch.testing.assert_close(model.decode(indices=encoded.indices), model.decode(quantized=encoded.quantized))
     with pytest.raises(ValueError, match="exactly one"):
         model.decode()
@@ -226,7 +226,7 @@ def test_decode_from_indices_equals_decode_from_quantized(model):
 
 
 def test_save_load_roundtrip_and_auto_classes(model, tmp_path):
-    model.train()(torch.rand(2, 3, 32, 32) * 2 - 1)  # move the codebook away from its init
+    model.train()(torch.rand(2, 3, 32, 32))  # move the codebook away from its init
     model.save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "config.json").read_text())
     assert saved["model_type"] == "beitv2_vqkd"
@@ -243,7 +243,7 @@ def test_save_load_roundtrip_and_auto_classes(model, tmp_path):
 @pytest.mark.slow
 def test_custom_code_reload_in_fresh_process(model, tmp_path):
     model.eval()
-    pixels = torch.rand(2, 3, 32, 32) * 2 - 1
+    pixels = torch.rand(2, 3, 32, 32)
     expected = model.get_codebook_indices(pixels)
     model.save_pretrained(tmp_path / "vqkd")
     torch.save(pixels, tmp_path / "pixels.pt")
@@ -258,3 +258,18 @@ def test_custom_code_reload_in_fresh_process(model, tmp_path):
         cwd=tmp_path,
     )
     assert result.stdout.strip().splitlines()[-1] == str(expected.tolist())
+
+
+def test_takes_plain_pixels_and_maps_them_itself(model):
+    # The reference's `pre_process`: [0, 1] -> [-1, 1] inside the tokenizer, before the encoder.
+    model.eval()
+    pixels = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    by_hand = model.encode_task_layer(model.encoder.patch_features(pixels * 2 - 1))
+    torch.testing.assert_close(model.encode(pixels).indices, model.quantizer.lookup(by_hand), rtol=0, atol=0)
+    assert torch.equal(model.get_codebook_indices(pixels), model.quantizer.lookup(by_hand))
+
+
+def test_shared_tokenizer_interface(model):
+    assert model.codebook_size == model.config.num_codes
+    assert model.image_size == 32 and model.patch_grid == (4, 4)
+    assert model.eval().get_codebook_indices(torch.rand(1, 3, 32, 32)).shape == (1, 16)

@@ -45,7 +45,7 @@ def main(world_size: int, rank: int, port: int, output_file: str) -> None:
     torch.manual_seed(0)
     model = VQKDModel(config).train()
     data = torch.Generator().manual_seed(1)
-    images = torch.rand(8, 3, 32, 32, generator=data) * 2 - 1
+    images = torch.rand(8, 3, 32, 32, generator=data)  # [0, 1]: the tokenizer maps them itself
     targets = torch.randn(8, 16, 16, generator=data)
     share = slice(rank * 8 // world_size, (rank + 1) * 8 // world_size)
     # broadcast_buffers=False: DDP must not hide a codebook that drifted apart between ranks.
