@@ -40,8 +40,8 @@ GPU session, in one go. Here, first (wheels the GPU machine lacks, and the offic
 
 then the device command, with ``carry: [".whl", ".official"]`` and a 600 s limit::
 
-    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \\
-      && export PYTHONPATH=/tmp/site:$PWD \\
+    python3 -m pip install -q --no-index --no-deps --no-compile --target .site .whl/*.whl \\
+      && export PYTHONPATH=$PWD/.site:$PWD \\
       && python3 benchmarks/bench_gpu.py --official_beit2_dir .official/beit2 --output $OUT/results_gpu.md
 
 and copy the returned `results_gpu.md` / `results_gpu.json` into benchmarks/. If the budget is tight, `--compile off`
