@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): setup.py constraints-ci.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --upgrade --quiet pip
-	$(BIN)/pip install --quiet -c constraints-ci.txt -e ".[dev,deepspeed,tensorboard]"
+	$(BIN)/pip install --quiet -c constraints-ci.txt -e ".[dev,deepspeed,tensorboard,plots]"
 	touch $(STAMP)
 
 install: $(STAMP)

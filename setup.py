@@ -32,5 +32,7 @@ setup(
         "dev": ["pytest>=8", "pytest-timeout>=2.1", "pytest-xdist>=3.5", "ruff>=0.6"],
         "deepspeed": ["deepspeed>=0.15"],
         "tensorboard": ["tensorboard>=2.10"],
+        # The demo's and the visualisation scripts' figures (examples/plots.py, visualize_mim.py).
+        "plots": ["matplotlib>=3.7"],
     },
 )

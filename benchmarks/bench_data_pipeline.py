@@ -1,5 +1,7 @@
 """
-Data-pipeline throughput on ONE CPU core: decode a 500x375 JPEG -> two-view augmentation -> mask -> batch tensors.
+Data-pipeline throughput on ONE CPU core: decode a 500x375 JPEG -> two-view augmentation -> mask -> batch tensors,
+with exactly the per-image transform (`run_mim.image_transform`) and the collator (`build_dataloader`'s default,
+`DataCollatorForMaskedImageModeling`) that examples/run_mim.py trains with.
 
 Prints one JSON line per preset: {"benchmark": "data_pipeline", "preset": ..., "images_per_s_per_core": ..., ...}.
 Give `--train_images_per_s` (the MIM training throughput of one GPU, from the training-step benchmark) to also get
@@ -19,7 +21,9 @@ import io  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import platform  # noqa: E402
+import sys  # noqa: E402
 import time  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 import PIL  # noqa: E402
@@ -27,6 +31,10 @@ import PIL.Image  # noqa: E402
 import torch  # noqa: E402
 
 from processing import BeitV2ImageProcessor, DataCollatorForMaskedImageModeling  # noqa: E402
+
+# The training scripts import their helpers as top-level modules from examples/.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+from run_mim import image_transform  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -43,20 +51,22 @@ def make_jpeg(width: int = 500, height: int = 375) -> bytes:
 
 
 def run(preset: str, processor: BeitV2ImageProcessor, jpeg: bytes, num_images: int, batch_size: int) -> dict:
+    transform = image_transform(processor, augment=True)
     collator = DataCollatorForMaskedImageModeling()
     timings = {"decode": 0.0, "augment_and_mask": 0.0, "collate": 0.0}
     # Warm-up: first calls pay for lazy imports and allocator growth.
-    for _ in range(5):
-        processor(PIL.Image.open(io.BytesIO(jpeg)), do_augment=True)
+    for index in range(5):
+        transform(PIL.Image.open(io.BytesIO(jpeg)), np.random.default_rng([0, index]))
     examples = []
     start = time.perf_counter()
-    for _ in range(num_images):
+    for index in range(num_images):
         t0 = time.perf_counter()
         image = PIL.Image.open(io.BytesIO(jpeg))
         image.load()
+        # Each example draws from its own generator, as in the scripts' ImageStream (its creation is timed too).
+        rng = np.random.default_rng([1, index])
         t1 = time.perf_counter()
-        out = processor(image, do_augment=True)
-        examples.append({name: values[0] for name, values in out.items()})
+        examples.append(transform(image, rng))
         t2 = time.perf_counter()
         timings["decode"] += t1 - t0
         timings["augment_and_mask"] += t2 - t1
@@ -86,10 +96,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     jpeg = make_jpeg()
-    presets = {
-        "beit_v2": BeitV2ImageProcessor(seed=0),
-        "beit_v1": BeitV2ImageProcessor.for_beit_v1(seed=0),
-    }
+    presets = {"beit_v2": BeitV2ImageProcessor(), "beit_v1": BeitV2ImageProcessor.for_beit_v1()}
     for preset, processor in presets.items():
         result = run(preset, processor, jpeg, args.num_images, args.batch_size)
         if args.train_images_per_s:

@@ -18,14 +18,15 @@ One checkpoint is a folder ``output_dir/checkpoint-{step}``::
 Guarantees:
 
 * **Atomic.** Everything is written into ``.tmp-checkpoint-{step}``, flushed to disk, and renamed once every rank
-  has finished, so a run killed mid-save never leaves a folder that looks complete; :func:`prepare_output_dir`
-  clears such leftovers. This needs a file system shared by all ranks, as multi-node checkpointing always does.
+  has finished, so a run killed mid-save never leaves a folder that looks complete;
+  :func:`checkpoint_folders.prepare_output_dir` clears such leftovers. This needs a file system shared by all ranks,
+  as multi-node checkpointing always does.
 * **Loading executes no code.** Tensors are safetensors, everything else JSON; files of any other kind in a
   checkpoint folder (a planted ``.pkl`` or ``.bin``; the Hub custom code ``save_pretrained`` copies, which only
   ``trust_remote_code`` imports) are never opened. The one exception is DeepSpeed: its engine
   (model shards, ZeRO-partitioned optimizer) has its own ``torch.save`` format, kept in ``deepspeed/``. Those files
   are read with ``torch.load(weights_only=True)`` and only the few DeepSpeed classes listed in
-  ``DEEPSPEED_SAFE_GLOBALS`` are allowed in them, so no code runs there either.
+  ``deepspeed_checkpoints.DEEPSPEED_SAFE_GLOBALS`` are allowed in them, so no code runs there either.
 * **The last good weights survive.** A checkpoint whose weights are not finite (the caller says so, or a parameter
   holds NaN/inf) is marked in ``checkpoint.json``; rotation by ``save_total_limit`` always keeps the newest finite
   checkpoint besides the newest ones. ``latest`` still means the newest checkpoint: a non-finite stop skips the bad
@@ -40,30 +41,45 @@ Guarantees:
 Supported: one process, DDP (``MULTI_GPU``/``MULTI_CPU``/...), DeepSpeed ZeRO 1-3 (under ZeRO-3 the weights for
 ``model.safetensors`` are gathered, so the config needs ``stage3_gather_16bit_weights_on_model_save``). FSDP and
 Megatron-LM are refused.
+
+This module writes and reads one checkpoint (:func:`save_checkpoint`, :func:`load_checkpoint`,
+:func:`restore_rng_states`). The output folder's bookkeeping (listing, resolving ``latest``, setting an abandoned
+branch aside, rotation) is in :mod:`checkpoint_folders`, the pickle-free state files in :mod:`state_files`, the
+random states in :mod:`rng_states` and the DeepSpeed engine's files in :mod:`deepspeed_checkpoints`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime
-import importlib
 import json
 import logging
 import os
-import pickle
-import random
-import re
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
+from checkpoint_folders import (
+    CHECKPOINT_INFO_FILE,
+    CHECKPOINT_PREFIX,
+    FORMAT_VERSION,
+    TEMPORARY_PREFIX,
+    TRAINING_STATE,
+    check_resumable,
+    checkpoint_step,
+    has_finite_weights,
+    list_checkpoints,
+    rotate_checkpoints,
+)
+from deepspeed_checkpoints import DEEPSPEED_TAG, load_deepspeed_engine
+from rng_states import capture_rng_states, set_rng_states
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from state_files import read_state, write_state
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -71,239 +87,17 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_PREFIX = "checkpoint-"
-METRICS_FILE = "metrics.jsonl"
-TEMPORARY_PREFIX = ".tmp-"
-ABANDONED_PREFIX = "abandoned-"
-CHECKPOINT_INFO_FILE = "checkpoint.json"
-TRAINING_STATE = "training_state_rank{rank}"
 RNG_STATE = "rng_state_rank{rank}"
 OPTIMIZER_STATE = "optimizer"
 SCHEDULER_STATE = "scheduler"
 GRAD_SCALER_STATE = "grad_scaler"
 DEEPSPEED_FOLDER = "deepspeed"
-DEEPSPEED_TAG = "engine"
-FORMAT_VERSION = 1
-
-# The only Python classes (besides plain containers and tensors) that DeepSpeed 0.19 pickles into its engine
-# checkpoints: found by loading ZeRO-2/3 (fp32) and ZeRO-1 (bf16) checkpoints with `weights_only=True`, plus fp16's
-# dynamic loss scaler.
-DEEPSPEED_SAFE_GLOBALS = (
-    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
-    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
-    "deepspeed.runtime.zero.config.ZeroStageEnum",
-    "deepspeed.utils.tensor_fragment.fragment_address",
-)
-
-# DeepSpeed checkpoint engines whose files are plain torch.save files (DataStates has a format of its own).
-_TORCH_FORMAT_ENGINES = {"TorchCheckpointEngine", "FastCheckpointEngine", "DecoupledCheckpointEngine"}
 
 _SUPPORTED_TYPES_HINT = "one process, DDP (MULTI_GPU, MULTI_CPU, ...) or DeepSpeed"
 
 
 class CheckpointWriteError(OSError):
     """Writing a checkpoint failed (full disk, lost mount, quota...); earlier checkpoints are untouched."""
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Finding checkpoints
-
-
-def list_checkpoints(output_dir: str | Path) -> list[Path]:
-    """Complete checkpoints in ``output_dir``, oldest first.
-
-    Temporary folders of interrupted saves (``.tmp-checkpoint-N``) and moved-aside branches (``abandoned-*``) are
-    not listed.
-    """
-    output_dir = Path(output_dir)
-    if not output_dir.is_dir():
-        return []
-    found = [path for path in output_dir.iterdir() if path.is_dir() and _checkpoint_step(path) is not None]
-    return sorted(found, key=_checkpoint_step)
-
-
-def resolve_checkpoint(resume_from_checkpoint: str | None, output_dir: str | Path) -> Path | None:
-    """The checkpoint folder to resume from, or None for a fresh start.
-
-    Args:
-        resume_from_checkpoint: None (fresh run), ``"latest"`` (the newest checkpoint in ``output_dir``, whether its
-            weights are finite or not, see the module docstring; None with an info line when there is none) or the
-            path of a checkpoint folder.
-        output_dir: the run's output folder.
-
-    Raises:
-        ValueError: the path is not a checkpoint folder written by this module.
-    """
-    if resume_from_checkpoint is None:
-        return None
-    if resume_from_checkpoint == "latest":
-        checkpoints = list_checkpoints(output_dir)
-        if not checkpoints:
-            logger.info("--resume_from_checkpoint latest: no checkpoint in %s, starting from scratch.", output_dir)
-            return None
-        return checkpoints[-1]
-    path = Path(resume_from_checkpoint)
-    _read_checkpoint_info(path)  # raises a ValueError naming what is wrong with the folder
-    return path
-
-
-def _checkpoint_step(path: Path) -> int | None:
-    match = re.fullmatch(rf"{re.escape(CHECKPOINT_PREFIX)}(\d+)", path.name)
-    return int(match.group(1)) if match else None
-
-
-def _read_checkpoint_info(checkpoint: Path) -> dict[str, Any]:
-    """``checkpoint.json`` of a checkpoint folder, with a clear error for anything that is not one."""
-    info_file = Path(checkpoint) / CHECKPOINT_INFO_FILE
-    if not info_file.is_file():
-        if not Path(checkpoint).is_dir():
-            raise ValueError(f"Checkpoint folder {checkpoint} does not exist.")
-        legacy = any(Path(checkpoint).glob("*.pkl")) or (Path(checkpoint) / "optimizer.bin").exists()
-        hint = (
-            " It looks like a checkpoint of an earlier version (Accelerate's pickle files), which is no longer "
-            "loaded because unpickling can execute code; start from its model weights with --model_name_or_path."
-            if legacy
-            else ""
-        )
-        raise ValueError(f"{checkpoint} is not a checkpoint folder: it has no {CHECKPOINT_INFO_FILE}.{hint}")
-    info = json.loads(info_file.read_text())
-    if info.get("format_version") != FORMAT_VERSION:
-        raise ValueError(
-            f"{checkpoint} has checkpoint format version {info.get('format_version')!r}; this code reads version "
-            f"{FORMAT_VERSION}."
-        )
-    return info
-
-
-def _check_resumable(accelerator: Accelerator, checkpoint: Path) -> dict[str, Any]:
-    """The checkpoint's info after checking it belongs to this process count and distributed setup."""
-    info = _read_checkpoint_info(checkpoint)
-    if info["num_processes"] != accelerator.num_processes:
-        raise ValueError(
-            f"{checkpoint} was written by {info['num_processes']} processes but {accelerator.num_processes} are "
-            "running: the data streams, RNG states and total batch size belong to that process count; resume with "
-            "the same number."
-        )
-    state_file = Path(checkpoint) / f"{TRAINING_STATE.format(rank=accelerator.process_index)}.json"
-    if not state_file.is_file():
-        raise ValueError(f"{state_file} is missing: the checkpoint is incomplete (was it copied partially?).")
-    uses_deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
-    if info["deepspeed"] != uses_deepspeed:
-        written, running = ("with", "without") if info["deepspeed"] else ("without", "with")
-        raise ValueError(
-            f"{checkpoint} was written {written} DeepSpeed but this run is {running} it: the optimizer state is "
-            f"stored {'by the DeepSpeed engine' if info['deepspeed'] else 'unpartitioned'}; resume it the same way, "
-            f"or start from its weights (from_pretrained on {checkpoint})."
-        )
-    return info
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The output folder before training
-
-
-def prepare_output_dir(accelerator: Accelerator, output_dir: str | Path, checkpoint: Path | None) -> None:
-    """Make ``output_dir`` ready for a fresh run (``checkpoint`` None) or for resuming from ``checkpoint``.
-
-    Every rank calls it, before training. It
-
-    * refuses a fresh run in a folder that holds checkpoints: rotation and ``latest`` go by step number, so a fresh
-      run there would rotate away its own checkpoints and a later ``latest`` would resume the old run;
-    * checks that ``checkpoint`` can be resumed by this run (process count, DeepSpeed or not) before changing
-      anything;
-    * removes temporary folders of interrupted saves;
-    * when resuming from step K: moves checkpoints of steps after K (an abandoned branch) and the ``metrics.jsonl``
-      records after step K (including a line cut short by a kill) into ``output_dir/abandoned-<UTC time>/`` with a
-      warning naming them; a fresh run moves an old ``metrics.jsonl`` there too. Nothing is deleted.
-
-    Raises:
-        ValueError: a fresh run over checkpoints, or a checkpoint this run cannot resume.
-    """
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    if checkpoint is None:
-        if earlier := list_checkpoints(output_dir):
-            raise ValueError(
-                f"{output_dir} holds checkpoints of an earlier run ({', '.join(path.name for path in earlier)}): "
-                "pass --resume_from_checkpoint latest to continue it, or use another --output_dir (or delete them)."
-            )
-        resumed_step = None
-    else:
-        resumed_step = _check_resumable(accelerator, checkpoint)["step"]
-    accelerator.wait_for_everyone()  # every rank has looked before the main process changes the folder
-    if accelerator.is_main_process:
-        for interrupted in output_dir.glob(f"{TEMPORARY_PREFIX}{CHECKPOINT_PREFIX}*"):
-            shutil.rmtree(interrupted, ignore_errors=True)
-        _set_aside_abandoned(output_dir, resumed_step, checkpoint)
-    accelerator.wait_for_everyone()  # no rank writes into the folder before it is ready
-
-
-def _set_aside_abandoned(output_dir: Path, resumed_step: int | None, checkpoint: Path | None) -> None:
-    """Move checkpoints after ``resumed_step`` and the metrics records after it (all of them for a fresh run)."""
-    later = []
-    if resumed_step is not None:
-        resumed = checkpoint.resolve()
-        later = [
-            path
-            for path in list_checkpoints(output_dir)
-            if _checkpoint_step(path) > resumed_step and path.resolve() != resumed
-        ]
-    metrics_file = output_dir / METRICS_FILE
-    kept, dropped = _split_metrics(metrics_file, resumed_step)
-    if not later and not dropped:
-        return
-    folder = _new_abandoned_folder(output_dir)
-    for path in later:
-        os.replace(path, folder / path.name)
-    if dropped:
-        # The dropped lines are safe in the abandoned folder before metrics.jsonl is replaced.
-        (folder / METRICS_FILE).write_text("".join(line + "\n" for line in dropped))
-        if kept:
-            partial = metrics_file.with_name(f"{TEMPORARY_PREFIX}{METRICS_FILE}")
-            partial.write_text("".join(line + "\n" for line in kept))
-            os.replace(partial, metrics_file)
-        else:
-            metrics_file.unlink()
-    if resumed_step is None:
-        logger.warning("A fresh run in %s: moved the earlier run's %s to %s.", output_dir, METRICS_FILE, folder)
-    else:
-        logger.warning(
-            "Resuming from step %d abandons what was saved after it: moved %s and %d %s record(s) after step %d "
-            "to %s.",
-            resumed_step,
-            ", ".join(path.name for path in later) if later else "no checkpoint",
-            len(dropped),
-            METRICS_FILE,
-            resumed_step,
-            folder,
-        )
-
-
-def _split_metrics(metrics_file: Path, step: int | None) -> tuple[list[str], list[str]]:
-    """Lines of ``metrics.jsonl`` kept by a run resuming at ``step`` and the lines it drops (all for None)."""
-    if not metrics_file.is_file():
-        return [], []
-    kept, dropped = [], []
-    for line in metrics_file.read_text().splitlines():
-        try:
-            record = json.loads(line)
-            belongs = step is not None and record.get("step", step) <= step
-        except (json.JSONDecodeError, AttributeError, TypeError):  # e.g. a line cut short by a kill
-            belongs = False
-        (kept if belongs else dropped).append(line)
-    return kept, dropped
-
-
-def _new_abandoned_folder(output_dir: Path) -> Path:
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    for attempt in range(1000):
-        folder = output_dir / f"{ABANDONED_PREFIX}{stamp}{f'-{attempt}' if attempt else ''}"
-        try:
-            folder.mkdir()
-            return folder
-        except FileExistsError:  # two resumes within one second
-            continue
-    raise FileExistsError(f"Could not create a new {ABANDONED_PREFIX}{stamp}-N folder in {output_dir}.")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -371,8 +165,8 @@ def save_checkpoint(
             # save_state itself would add its RNG / scheduler pickles, which this module replaces.
             model.save_checkpoint(str(temporary / DEEPSPEED_FOLDER), tag=DEEPSPEED_TAG, save_latest=False)
         rank = accelerator.process_index
-        _write_state(temporary, TRAINING_STATE.format(rank=rank), {"loop": loop_state, "dataloader": dataloader_state})
-        _write_state(temporary, RNG_STATE.format(rank=rank), _capture_rng_states())
+        write_state(temporary, TRAINING_STATE.format(rank=rank), {"loop": loop_state, "dataloader": dataloader_state})
+        write_state(temporary, RNG_STATE.format(rank=rank), capture_rng_states())
         if accelerator.is_main_process:
             _write_main_process_files(
                 accelerator, temporary, step, model, optimizer, scheduler, state_dict, image_processor,
@@ -395,7 +189,7 @@ def save_checkpoint(
             shutil.rmtree(final)
         os.replace(temporary, final)
         _fsync_directory(output_dir)
-        _rotate_checkpoints(output_dir, save_total_limit, final)
+        rotate_checkpoints(output_dir, save_total_limit, final)
         logger.info("Saved checkpoint %s", final)
     accelerator.wait_for_everyone()
     return final
@@ -433,10 +227,10 @@ def _write_main_process_files(
     if image_processor is not None:
         image_processor.save_pretrained(folder)
     if not uses_deepspeed:  # under DeepSpeed the engine checkpoint holds the (partitioned) optimizer
-        _write_state(folder, OPTIMIZER_STATE, optimizer.state_dict())
-    _write_state(folder, SCHEDULER_STATE, scheduler.state_dict())
+        write_state(folder, OPTIMIZER_STATE, optimizer.state_dict())
+    write_state(folder, SCHEDULER_STATE, scheduler.state_dict())
     if accelerator.scaler is not None:
-        _write_state(folder, GRAD_SCALER_STATE, accelerator.scaler.state_dict())
+        write_state(folder, GRAD_SCALER_STATE, accelerator.scaler.state_dict())
     info = {
         "format_version": FORMAT_VERSION,
         "step": step,
@@ -478,27 +272,6 @@ def _nonfinite_tensors(state_dict: dict[str, torch.Tensor]) -> list[str]:
         finite = torch.stack([flag for _, flag in entries]).tolist()
         nonfinite.extend(name for (name, _), ok in zip(entries, finite, strict=True) if not ok)
     return nonfinite
-
-
-def _rotate_checkpoints(output_dir: Path, save_total_limit: int | None, newest: Path) -> None:
-    """Delete all but the newest ``save_total_limit`` checkpoints, never the newest one with finite weights."""
-    if save_total_limit is None:
-        return
-    checkpoints = list_checkpoints(output_dir)
-    keep = {newest, *checkpoints[-save_total_limit:]}
-    finite = [path for path in checkpoints if _has_finite_weights(path)]
-    if finite:
-        keep.add(finite[-1])
-    for old in checkpoints:
-        if old not in keep:
-            shutil.rmtree(old, ignore_errors=True)
-
-
-def _has_finite_weights(checkpoint: Path) -> bool:
-    try:
-        return bool(_read_checkpoint_info(checkpoint)["weights_are_finite"])
-    except (ValueError, KeyError, OSError):  # not one of ours: nothing vouches for its weights
-        return False
 
 
 def _on_any_rank(accelerator: Accelerator, flag: bool) -> bool:
@@ -578,23 +351,23 @@ def load_checkpoint(
     """
     _check_supported(accelerator)
     checkpoint = Path(checkpoint)
-    info = _check_resumable(accelerator, checkpoint)
+    info = check_resumable(accelerator, checkpoint)
     if not info["weights_are_finite"] and accelerator.is_main_process:
         _warn_nonfinite_resume(checkpoint, info)
     if info["deepspeed"]:
-        _load_deepspeed_engine(model, checkpoint / DEEPSPEED_FOLDER)
+        load_deepspeed_engine(model, checkpoint / DEEPSPEED_FOLDER)
     else:
         _load_model_weights(accelerator.unwrap_model(model), checkpoint)
-        optimizer.load_state_dict(_read_state(checkpoint, OPTIMIZER_STATE))
-    scheduler.load_state_dict(_read_state(checkpoint, SCHEDULER_STATE))
+        optimizer.load_state_dict(read_state(checkpoint, OPTIMIZER_STATE))
+    scheduler.load_state_dict(read_state(checkpoint, SCHEDULER_STATE))
     _load_grad_scaler(accelerator, checkpoint)
-    state = _read_state(checkpoint, TRAINING_STATE.format(rank=accelerator.process_index))
+    state = read_state(checkpoint, TRAINING_STATE.format(rank=accelerator.process_index))
     return state["loop"], state["dataloader"]
 
 
 def _warn_nonfinite_resume(checkpoint: Path, info: dict[str, Any]) -> None:
-    earlier = [path for path in list_checkpoints(checkpoint.parent) if _checkpoint_step(path) < info["step"]]
-    finite = [path for path in earlier if _has_finite_weights(path)]
+    earlier = [path for path in list_checkpoints(checkpoint.parent) if checkpoint_step(path) < info["step"]]
+    finite = [path for path in earlier if has_finite_weights(path)]
     why = (
         f"{len(info['nonfinite_parameters'])} parameter(s) hold NaN/inf ({', '.join(info['nonfinite_parameters'][:5])})"
         if info["nonfinite_parameters"]
@@ -638,78 +411,10 @@ def _load_model_weights(model: torch.nn.Module, checkpoint: Path) -> None:
 def _load_grad_scaler(accelerator: Accelerator, checkpoint: Path) -> None:
     saved = (checkpoint / f"{GRAD_SCALER_STATE}.json").is_file()
     if accelerator.scaler is not None and saved:
-        accelerator.scaler.load_state_dict(_read_state(checkpoint, GRAD_SCALER_STATE))
+        accelerator.scaler.load_state_dict(read_state(checkpoint, GRAD_SCALER_STATE))
     elif accelerator.scaler is not None:
         logger.info("%s has no fp16 loss-scaler state (saved without fp16): the loss scale starts afresh.", checkpoint)
     # A saved scale without a scaler now is fine: switching fp16 to bf16 is the usual cure for non-finite losses.
-
-
-@contextlib.contextmanager
-def _weights_only_engine_loads(engine: Any) -> Iterator[None]:
-    """Make the DeepSpeed engine read its checkpoint files with ``weights_only=True``.
-
-    DeepSpeed's checkpoint engines read ``torch.save`` files with ``torch.load`` (``TorchCheckpointEngine`` with
-    ``weights_only=False``) and offer no switch, so ``load`` is replaced on this engine's instance for the duration.
-    """
-    checkpoint_engine = engine.checkpoint_engine
-    if type(checkpoint_engine).__name__ not in _TORCH_FORMAT_ENGINES:
-        raise ValueError(
-            f"DeepSpeed's checkpoint engine is {type(checkpoint_engine).__name__}; resuming supports the engines that "
-            f"write torch.save files ({', '.join(sorted(_TORCH_FORMAT_ENGINES))}), which can be read without "
-            "unpickling code."
-        )
-    allowed = [_import_object(name) for name in DEEPSPEED_SAFE_GLOBALS]
-
-    def load(path: str, map_location: Any = None) -> Any:
-        try:
-            with torch.serialization.safe_globals(allowed):
-                return torch.load(path, map_location=map_location, weights_only=True)
-        except pickle.UnpicklingError as exc:
-            raise ValueError(
-                f"DeepSpeed checkpoint file {path} holds a Python object outside DEEPSPEED_SAFE_GLOBALS and was not "
-                f"unpickled (unpickling can execute code). If the file is yours and the class is harmless data, add "
-                f"it to checkpointing.DEEPSPEED_SAFE_GLOBALS. {exc}"
-            ) from None
-
-    checkpoint_engine.load = load
-    try:
-        yield
-    finally:
-        del checkpoint_engine.load  # the class's method again
-
-
-def _load_deepspeed_engine(engine: Any, folder: Path) -> None:
-    """Model and (partitioned) optimizer through DeepSpeed's own format, read without running code."""
-    with _weights_only_engine_loads(engine):
-        load_path, _ = engine.load_checkpoint(
-            str(folder), tag=DEEPSPEED_TAG, load_module_strict=True, load_lr_scheduler_states=False
-        )
-    if load_path is None:
-        raise ValueError(f"DeepSpeed found no engine checkpoint in {folder}.")
-
-
-def _import_object(qualified_name: str) -> Any:
-    module, _, name = qualified_name.rpartition(".")
-    return getattr(importlib.import_module(module), name)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Random states
-
-
-def _capture_rng_states() -> dict[str, Any]:
-    kind, key, position, has_gauss, cached_gaussian = np.random.get_state()
-    states: dict[str, Any] = {
-        "python": random.getstate(),
-        "numpy": (kind, key.tolist(), position, has_gauss, cached_gaussian),
-        "torch": torch.get_rng_state(),
-        "cuda": None,
-        "cuda_device": None,
-    }
-    if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state_all()
-        states["cuda_device"] = torch.cuda.current_device()
-    return states
 
 
 def restore_rng_states(accelerator: Accelerator, checkpoint: Path) -> None:
@@ -723,96 +428,4 @@ def restore_rng_states(accelerator: Accelerator, checkpoint: Path) -> None:
     state_name = RNG_STATE.format(rank=accelerator.process_index)
     if not (Path(checkpoint) / f"{state_name}.json").is_file():
         raise ValueError(f"{checkpoint} has no {state_name}.json: it was written by fewer processes.")
-    states = _read_state(Path(checkpoint), state_name)
-    random.setstate(states["python"])
-    kind, key, position, has_gauss, cached_gaussian = states["numpy"]
-    np.random.set_state((kind, np.asarray(key, dtype=np.uint32), position, has_gauss, cached_gaussian))
-    torch.set_rng_state(states["torch"])
-    saved_cuda = states["cuda"]
-    if saved_cuda is None or not torch.cuda.is_available():
-        if saved_cuda is not None or torch.cuda.is_available():
-            logger.warning("CUDA random states are not restored: the checkpoint and this run differ in using CUDA.")
-        return
-    if len(saved_cuda) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(saved_cuda)
-    else:
-        logger.warning(
-            "The checkpoint saw %d CUDA devices per process, this run sees %d: only the current device's random "
-            "state is restored.",
-            len(saved_cuda),
-            torch.cuda.device_count(),
-        )
-        torch.cuda.set_rng_state(saved_cuda[states["cuda_device"]], device=torch.cuda.current_device())
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# State dicts as JSON + safetensors
-#
-# Optimizer, scheduler and RNG states are nested dicts/lists/tuples of scalars and tensors. The JSON keeps the
-# structure, with tags where JSON alone would lose the type: {"__tensor__": name} for a tensor (stored in the
-# safetensors file under that name), {"__tuple__": [...]} for a tuple (AdamW's betas, python's RNG state) and
-# {"__items__": [[key, value], ...]} for a dict with non-string keys (the optimizer's per-parameter state).
-
-_TAGS = ("__tensor__", "__tuple__", "__items__")
-
-
-def _write_state(folder: Path, stem: str, state: Any) -> None:
-    """``state`` as ``{stem}.json`` plus ``{stem}.safetensors`` when it holds tensors."""
-    tensors: dict[str, torch.Tensor] = {}
-    encoded = _encode(state, tensors, stem)
-    if tensors:
-        save_file(tensors, folder / f"{stem}.safetensors")
-    (folder / f"{stem}.json").write_text(json.dumps(encoded))
-
-
-def _read_state(folder: Path, stem: str) -> Any:
-    """What :func:`_write_state` wrote; tensors come back on the CPU (``load_state_dict`` moves them)."""
-    encoded = json.loads((folder / f"{stem}.json").read_text())
-    tensor_file = folder / f"{stem}.safetensors"
-    tensors = load_file(tensor_file) if tensor_file.is_file() else {}
-    return _decode(encoded, tensors)
-
-
-def _encode(value: Any, tensors: dict[str, torch.Tensor], path: str) -> Any:
-    if isinstance(value, torch.Tensor):
-        name = path
-        while name in tensors:  # only for dict keys that contain dots; keeps names unique
-            name += "_"
-        # A copy on the CPU: safetensors refuses tensors that share memory, and writes from host memory anyway.
-        tensors[name] = value.detach().to("cpu", copy=True).contiguous()
-        return {"__tensor__": name}
-    if isinstance(value, np.generic):
-        return value.item()
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    if isinstance(value, tuple):
-        return {"__tuple__": [_encode(item, tensors, f"{path}.{index}") for index, item in enumerate(value)]}
-    if isinstance(value, list):
-        return [_encode(item, tensors, f"{path}.{index}") for index, item in enumerate(value)]
-    if isinstance(value, dict):
-        if all(isinstance(key, str) for key in value) and not any(tag in value for tag in _TAGS):
-            return {key: _encode(item, tensors, f"{path}.{key}") for key, item in value.items()}
-        return {
-            "__items__": [
-                [_encode(key, tensors, f"{path}.key"), _encode(item, tensors, f"{path}.{key}")]
-                for key, item in value.items()
-            ]
-        }
-    raise TypeError(
-        f"Cannot store {type(value).__name__} at {path!r} in a checkpoint without pickle; state dicts may hold "
-        "tensors, numbers, strings, None, lists, tuples and dicts."
-    )
-
-
-def _decode(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
-    if isinstance(value, list):
-        return [_decode(item, tensors) for item in value]
-    if not isinstance(value, dict):
-        return value
-    if len(value) == 1 and "__tensor__" in value:
-        return tensors[value["__tensor__"]]
-    if len(value) == 1 and "__tuple__" in value:
-        return tuple(_decode(item, tensors) for item in value["__tuple__"])
-    if len(value) == 1 and "__items__" in value:
-        return {_decode(key, tensors): _decode(item, tensors) for key, item in value["__items__"]}
-    return {key: _decode(item, tensors) for key, item in value.items()}
+    set_rng_states(read_state(Path(checkpoint), state_name))

@@ -6,7 +6,8 @@
 writes `model.safetensors`, `config.json`, `preprocessor_config.json` and a model card (`README.md`); custom-code
 models (VQ-KD, MIM, dVAE) also get their code files so that they load with `trust_remote_code=True`.
 `--push_to_hub --hub_model_id user/name` uploads the folder. Kinds, shape inference and key accounting are
-documented in `modeling_beitv2/convert_unilm.py`.
+documented in `modeling_beitv2/convert_unilm.py`; the image processor is built here, from the reference's
+evaluation preprocessing the conversion reports, with `processing/evaluation.py`.
 """
 
 from __future__ import annotations
@@ -16,8 +17,16 @@ import json
 import logging
 from pathlib import Path
 
-from model_cards import write_model_card
-from modeling_beitv2.convert_unilm import CONVERSION_KINDS, convert_checkpoint, save_conversion
+from transformers.models.beit.image_processing_pil_beit import BeitImageProcessorPil
+
+from model_cards import check_hub_model_id, check_license, write_model_card
+from modeling_beitv2.convert_unilm import (
+    CONVERSION_KINDS,
+    EvaluationPreprocessing,
+    convert_checkpoint,
+    save_conversion,
+)
+from processing.evaluation import evaluation_image_processor, family_normalisation
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +39,25 @@ _CARD_KIND = {
     "timm": "classifier",
     "dalle_dvae": "dvae",
 }
+
+
+# The tokenizers read plain [0, 1] pixels and map them to their own input range themselves.
+_UNIT_PIXELS = ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+
+
+def conversion_image_processor(preprocessing: EvaluationPreprocessing) -> BeitImageProcessorPil:
+    """The image processor saved beside a converted model: the reference's evaluation preprocessing."""
+    if preprocessing.normalisation is None:
+        image_mean, image_std = _UNIT_PIXELS
+    else:
+        image_mean, image_std = family_normalisation(preprocessing.normalisation)
+    return evaluation_image_processor(
+        preprocessing.image_size,
+        image_mean,
+        image_std,
+        crop_pct=preprocessing.crop_pct,
+        resample=preprocessing.resample,
+    )
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -53,9 +81,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--push_to_hub", action="store_true")
     parser.add_argument("--hub_model_id", default=None, help="user/name of the Hub repo (required with --push_to_hub)")
     parser.add_argument("--private", action="store_true", help="create the Hub repo as private")
+    parser.add_argument(
+        "--license",
+        default="mit",
+        help="license id written to the model card (default: mit, the license of the official releases in "
+        "microsoft/unilm and openai/DALL-E)",
+    )
     args = parser.parse_args(argv)
     if args.push_to_hub and not args.hub_model_id:
         parser.error("--push_to_hub needs --hub_model_id (e.g. user/beitv2-base-patch16-224-pt1k-mim)")
+    try:
+        check_license(args.license)
+        check_hub_model_id(args.hub_model_id)
+    except ValueError as error:
+        parser.error(str(error))
     return args
 
 
@@ -73,24 +112,14 @@ def convert(args: argparse.Namespace) -> Path:
         id2label=id2label,
     )
     output_dir = save_conversion(result, args.output_dir)
-    model_id = args.hub_model_id or output_dir.name
-    config = result.model.config
-    # The VQ-KD config nests its ViTs; its encoder describes the input side.
-    vit_config = getattr(config, "encoder_config", config)
-    architecture = {
-        k: getattr(vit_config, k)
-        for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "image_size", "patch_size")
-        if hasattr(vit_config, k)
-    }
-    codebook_size = getattr(config, "num_codes", None) or (config.vocab_size if args.kind == "dalle_dvae" else None)
-    if codebook_size:
-        architecture["codebook_size"] = codebook_size
+    conversion_image_processor(result.preprocessing).save_pretrained(output_dir)
     write_model_card(
         output_dir,
         _CARD_KIND[args.kind],
-        model_id=model_id,
+        config=result.model.config,  # sizes, codebook and paper preset are read from it
+        hub_model_id=args.hub_model_id,
+        license=args.license,
         family=result.notes.get("family"),
-        size=result.notes.get("size"),
         source_note=f"Converted from the official checkpoint `{Path(args.checkpoint).name}` with "
         "`examples/convert_unilm_checkpoint.py` of beitv2-hf; the weights were not retrained.",
         training_args={
@@ -98,8 +127,6 @@ def convert(args: argparse.Namespace) -> Path:
             "conversion kind": args.kind,
             **{k: v for k, v in result.notes.items() if v is not None},
         },
-        metrics={},
-        architecture=architecture,
         teacher=result.notes.get("teacher"),
     )
     logger.info("Converted %s (%s) into %s", args.checkpoint, args.kind, output_dir)

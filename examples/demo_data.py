@@ -86,3 +86,32 @@ def load_labelled_images(folder: str | Path) -> tuple[np.ndarray, np.ndarray]:
     if not images:
         raise ValueError(f"No images of the classes {CLASS_NAMES} found under {folder}.")
     return np.stack(images), np.asarray(labels, dtype=np.int64)
+
+
+def write_showcase(split_dir: str | Path, output_dir: str | Path, per_class: int = 1) -> list[Path]:
+    """Copy the first `per_class` images of every class of a split into one flat folder, as
+    `{label}_{class_name}_{index}.png`, so that a script reading the first N images of the folder (in sorted order)
+    shows every class in turn.
+
+    Returns:
+        The written files, in `CLASS_NAMES` order (their sorted order too, for at most 10 classes and 10 per class).
+    """
+    if per_class < 1:
+        raise ValueError(f"per_class must be at least 1, got {per_class}.")
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for label, name in enumerate(CLASS_NAMES):
+        sources = sorted((Path(split_dir) / name).glob("*.png"))[:per_class]
+        if not sources:
+            raise ValueError(f"No images of class {name!r} under {split_dir}.")
+        for index, source in enumerate(sources):
+            target = output_dir / f"{label}_{name}_{index}.png"
+            target.write_bytes(source.read_bytes())
+            written.append(target)
+    return written
+
+
+def showcase_class(path: str | Path) -> str:
+    """The class name of an image written by :func:`write_showcase`."""
+    return CLASS_NAMES[int(Path(path).stem.split("_", 1)[0])]

@@ -1,7 +1,11 @@
 """What the stage-3 scripts (fine-tuning, linear probe, kNN, segmentation) share: loading a pretrained backbone
-as a native transformers `beit` model, loading labelled image data, and the `Trainer` scripts' argument parsing,
-`Trainer` subclass (`LayerDecayTrainer`), collator wrapper (`SkipUnreadableImages`) and train / evaluate / save
-ending. Scripts import what they share from here, never from one another.
+as a native transformers `beit` model, loading labelled image data with the hold-out of an evaluation split
+(`prepare_splits`) and the truncation of a split (`first_examples`), and the `Trainer` scripts' argument parsing,
+`Trainer` (`LayerDecayTrainer`, built by `fine_tuning_trainer` with the `SkipUnreadableImages` collator and the
+model card), pixel normalisation of training views (`pixel_normaliser`), metrics (`load_metric`) and train /
+evaluate / save ending, with the checks they run at start (`check_trainer_start`). The flags the scripts share are
+declared once, in the dataclasses their own arguments extend (`LabelledDataArguments`, `ClassificationDataArguments`,
+`FineTuningModelArguments`). Scripts import what they share from here, never from one another.
 
 A starting checkpoint can be
 - a BEiT v2 / BEiT MIM checkpoint of this package (`model_type: "beitv2"`), exported with
@@ -15,77 +19,108 @@ A starting checkpoint can be
 from __future__ import annotations
 
 import logging
-import math
 import os
 from collections.abc import Callable
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+from typing import TYPE_CHECKING
 
-import PIL.Image
+import numpy as np
 import torch
 import transformers
-from datasets import ClassLabel, DatasetDict, IterableDatasetDict, load_dataset
+from data_sources import split_off_validation
+from datasets import ClassLabel, Dataset, DatasetDict, IterableDataset, IterableDatasetDict, load_dataset
 from param_groups import apply_lr_scale, build_param_groups
 from pretraining_arguments import parse_arguments
+from startup_checks import TRACKER_INSTALL_COMMANDS, check_hub_access
 from transformers import (
     AutoConfig,
-    BeitImageProcessor,
+    BeitForImageClassification,
     BeitModel,
-    PretrainedConfig,
     PreTrainedModel,
     Trainer,
     TrainingArguments,
+    default_data_collator,
 )
-from transformers.image_processing_base import ImageProcessingMixin
-from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from transformers.integrations import get_available_reporting_integrations
 from transformers.trainer_utils import get_last_checkpoint
 
 import modeling_beitv2  # registers the `beitv2` model type with the Auto classes: AutoConfig reads MIM checkpoints
-from model_cards import write_model_card
+from model_cards import LICENSE_HELP, check_hub_model_id, check_license, hub_reference, write_model_card
+from processing.evaluation import evaluation_image_processor, saved_normalisation
+
+if TYPE_CHECKING:
+    import evaluate
+    import PIL.Image
+
+    # Only annotations: importing `BeitImageProcessor` at run time prints transformers' "requires torchvision ...
+    # falling back to BeitImageProcessorPil" warning; the scripts build the PIL one (`processing.evaluation`).
+    from transformers import BeitImageProcessor
 
 logger = logging.getLogger(__name__)
 
-IMAGENET_MEAN, IMAGENET_STD = tuple(IMAGENET_DEFAULT_MEAN), tuple(IMAGENET_DEFAULT_STD)
+# The `evaluate` metrics of the scripts, kept in this repository so that an evaluation needs no Hub access.
+METRICS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "metrics")
+
 IMAGE_COLUMN_CANDIDATES = ("image", "img", "pixel_values", "jpg", "png", "webp")
 LABEL_COLUMN_CANDIDATES = ("label", "labels", "fine_label", "class", "cls", "target")
 
 
-def pretraining_normalisation(
-    model_name_or_path: str, cache_dir: str | None = None
-) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """The pixel mean and std a checkpoint was pretrained with, from its saved image processor.
-
-    A backbone sees images normalised the way it was trained: BEiT v2 checkpoints use ImageNet's mean/std, BEiT
-    (v1) ones 0.5/0.5. A checkpoint without an image processor config gets ImageNet's.
-    """
-    try:
-        processor_dict, _ = ImageProcessingMixin.get_image_processor_dict(model_name_or_path, cache_dir=cache_dir)
-    except OSError:
-        return IMAGENET_MEAN, IMAGENET_STD
-    mean, std = processor_dict.get("image_mean"), processor_dict.get("image_std")
-    if mean is None or std is None:
-        return IMAGENET_MEAN, IMAGENET_STD
-    return tuple(mean), tuple(std)
+def check_train_val_split(train_val_split: float) -> None:
+    """Raise a ValueError unless `train_val_split` (the held-out fraction, see `prepare_splits`) is in [0, 1)."""
+    if not 0.0 <= train_val_split < 1.0:
+        raise ValueError(f"--train_val_split must be in [0, 1) (0: no hold-out), got {train_val_split}.")
 
 
-def evaluation_image_processor(
-    image_size: int, image_mean: tuple[float, ...], image_std: tuple[float, ...], crop_pct: float = 0.875
-) -> BeitImageProcessor:
-    """The reference evaluation transform as a native processor: shorter side resized (bicubic) to
-    `floor(image_size / crop_pct)`, centre crop `image_size`, then `image_mean`/`image_std`.
+@dataclass
+class LabelledDataArguments:
+    """The data flags of every stage-3 script: the `datasets` dataset, the splits that train and evaluate, the
+    hold-out of an evaluation split when the data has none (`prepare_splits`), the image column and the truncation
+    of each split (`first_examples`). Each script's data arguments extend it with their own source and columns."""
 
-    Resizing the shorter side keeps the aspect ratio; a `{"height", "width"}` size would squash non-square images.
-    Centre cropping is explicit because `BeitImageProcessor` does not crop by default in transformers 5.
-    """
-    return BeitImageProcessor(
-        do_resize=True,
-        size={"shortest_edge": int(math.floor(image_size / crop_pct))},
-        resample=PIL.Image.BICUBIC,
-        do_center_crop=True,
-        crop_size={"height": image_size, "width": image_size},
-        do_normalize=True,
-        image_mean=list(image_mean),
-        image_std=list(image_std),
-        do_reduce_labels=False,
+    dataset_name: str | None = field(default=None, metadata={"help": "Dataset on the Hub or a local datasets folder."})
+    dataset_config_name: str | None = field(default=None, metadata={"help": "Configuration of the dataset."})
+    train_split: str = field(default="train", metadata={"help": "Name of the training split."})
+    validation_split: str = field(default="validation", metadata={"help": "Name of the evaluation split."})
+    train_val_split: float = field(
+        default=0.15,
+        metadata={
+            "help": "When an evaluation needs a split the data does not have: the fraction of the training split "
+            "held out for evaluation (seeded by --seed); 0: no hold-out."
+        },
     )
+    image_column_name: str | None = field(default=None, metadata={"help": "Image column; auto-detected if unset."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Truncate the training split."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Truncate the evaluation split."})
+
+    def __post_init__(self) -> None:
+        check_train_val_split(self.train_val_split)
+
+
+@dataclass
+class ClassificationDataArguments(LabelledDataArguments):
+    """The data flags of the image-classification scripts (fine-tuning, linear probe): images with class labels,
+    from a `datasets` dataset or from class folders (`load_image_classification_data`)."""
+
+    train_dir: str | None = field(default=None, metadata={"help": "Training images in class folders."})
+    validation_dir: str | None = field(default=None, metadata={"help": "Evaluation images in class folders."})
+    label_column_name: str | None = field(default=None, metadata={"help": "Label column; auto-detected if unset."})
+
+
+@dataclass
+class FineTuningModelArguments:
+    """The model flags of the `Trainer` fine-tuning scripts: the pretrained checkpoint (see `load_native_beit`), the
+    layer-wise lr decay (`LayerDecayTrainer`), stochastic depth, the cache folder and the license of the result."""
+
+    model_name_or_path: str = field(
+        metadata={"help": "BEiT v2 MIM checkpoint (model_type 'beitv2') or native 'beit' checkpoint, path or Hub id."}
+    )
+    layer_decay: float | None = field(
+        default=None, metadata={"help": "Layer-wise lr decay (0.65 base, 0.8 large in the paper). None: off."}
+    )
+    drop_path_rate: float = field(default=0.1, metadata={"help": "Stochastic depth rate."})
+    cache_dir: str | None = field(default=None, metadata={"help": "Where to cache downloaded models and data."})
+    license: str | None = field(default=None, metadata={"help": LICENSE_HELP})
 
 
 def load_native_beit(
@@ -114,38 +149,49 @@ def load_native_beit(
     return modeling_beitv2.convert_mim_to_native_beit(source, model_class, image_size=image_size, **config_overrides)
 
 
-SIZE_NAMES = {192: "tiny", 384: "small", 768: "base", 1024: "large"}
+def export_native_checkpoint(
+    model_name_or_path: str,
+    output_dir: str,
+    model_class: type[PreTrainedModel] = BeitForImageClassification,
+    image_size: int | None = None,
+    crop_pct: float | None = 0.875,
+    **config_overrides,
+) -> PreTrainedModel:
+    """Save a pretrained backbone as a native transformers `beit` folder: `model_class` weights (see
+    `load_native_beit`) and the matching evaluation image processor (`processing.evaluation`, with the checkpoint's
+    pretraining mean/std).
+
+    The folder needs nothing from this project: `AutoModelForImageClassification.from_pretrained(output_dir,
+    num_labels=..., ignore_mismatched_sizes=True)`, `AutoImageProcessor` and transformers' own
+    `run_image_classification.py` example start from it. Returns the exported model.
+    """
+    model = load_native_beit(model_name_or_path, model_class, image_size=image_size, **config_overrides)
+    image_mean, image_std = saved_normalisation(model_name_or_path)
+    model.save_pretrained(output_dir)
+    evaluation_image_processor(model.config.image_size, image_mean, image_std, crop_pct=crop_pct).save_pretrained(
+        output_dir
+    )
+    return model
 
 
 def model_card_kwargs(
-    model_name_or_path: str,
-    native_config: PretrainedConfig,
-    output_dir: str,
-    hub_model_id: str | None,
-    dataset_name: str | None,
-    training_args: dict,
-    num_labels: int | None = None,
+    model_name_or_path: str, dataset_name: str | None, training_args: dict, license: str | None = None
 ) -> dict:
-    """Keyword arguments of `model_cards.write_model_card` shared by the fine-tuning scripts (measured metrics are
-    added when the card is written). `native_config` is the backbone's; `num_labels` defaults to its own."""
+    """Keyword arguments of `model_cards.write_model_card` shared by the fine-tuning scripts. The fine-tuned
+    model's config, its Hub id and the measured metrics are added when the card is written
+    (`LayerDecayTrainer.create_model_card`)."""
+    check_license(license)  # now, not after the training
     config = AutoConfig.from_pretrained(model_name_or_path)
+    base_model = hub_reference(model_name_or_path)
     return {
-        "model_id": hub_model_id or output_dir,
         # Only our MIM checkpoints say which paper they follow; a native `beit` one could be either.
         "family": "beitv2" if config.model_type == "beitv2" and config.use_patch_aggregation else None,
-        "size": SIZE_NAMES.get(config.hidden_size),
-        "base_model": None if os.path.isdir(model_name_or_path) else model_name_or_path,
+        "base_model": base_model,
         "datasets": [dataset_name] if dataset_name else [],
-        "source_note": f"Fine-tuned from `{model_name_or_path}` with this project's `examples/` scripts.",
+        "source_note": f"Fine-tuned from {f'`{base_model}`' if base_model else 'a local checkpoint'} with this "
+        "project's `examples/` scripts.",
         "training_args": training_args,
-        "architecture": {
-            "hidden_size": native_config.hidden_size,
-            "num_hidden_layers": native_config.num_hidden_layers,
-            "num_attention_heads": native_config.num_attention_heads,
-            "image_size": native_config.image_size,
-            "patch_size": native_config.patch_size,
-            "num_labels": num_labels if num_labels is not None else native_config.num_labels,
-        },
+        "license": license,
     }
 
 
@@ -158,24 +204,96 @@ def init_classifier_head(classifier: torch.nn.Linear, init_scale: float) -> None
 
 
 def load_image_classification_data(
-    dataset_name: str | None,
-    dataset_config_name: str | None = None,
-    train_dir: str | None = None,
-    validation_dir: str | None = None,
-    streaming: bool = False,
-    cache_dir: str | None = None,
+    data_args: ClassificationDataArguments, streaming: bool = False, cache_dir: str | None = None
 ) -> DatasetDict | IterableDatasetDict:
-    """Load a dataset from the Hub (or a local `datasets` folder) or from `imagefolder`-style class folders."""
-    if dataset_name is not None:
-        return load_dataset(dataset_name, dataset_config_name, streaming=streaming, cache_dir=cache_dir)
+    """Load `--dataset_name` from the Hub (or a local `datasets` folder), else the `imagefolder`-style class
+    folders `--train_dir` and `--validation_dir` as the splits `--train_split` and `--validation_split`."""
+    if data_args.dataset_name is not None:
+        return load_dataset(
+            data_args.dataset_name, data_args.dataset_config_name, streaming=streaming, cache_dir=cache_dir
+        )
     data_files = {}
-    if train_dir is not None:
-        data_files["train"] = f"{train_dir}/**"
-    if validation_dir is not None:
-        data_files["validation"] = f"{validation_dir}/**"
+    if data_args.train_dir is not None:
+        data_files[data_args.train_split] = f"{data_args.train_dir}/**"
+    if data_args.validation_dir is not None:
+        data_files[data_args.validation_split] = f"{data_args.validation_dir}/**"
     if not data_files:
         raise ValueError("Pass --dataset_name, or --train_dir and/or --validation_dir.")
     return load_dataset("imagefolder", data_files=data_files, streaming=streaming, cache_dir=cache_dir)
+
+
+def prepare_splits(
+    raw: DatasetDict | IterableDatasetDict,
+    data_args: LabelledDataArguments,
+    seed: int,
+    do_train: bool,
+    do_eval: bool,
+    validation_flags: str = "--validation_dir",
+    image_column: str | None = None,
+) -> DatasetDict | IterableDatasetDict:
+    """Check that the splits a run needs exist, holding out part of the training split for evaluation when the
+    data has no evaluation split, as transformers' image-classification example does.
+
+    Args:
+        raw: The loaded splits.
+        data_args: Names the training and evaluation splits (`train_split`, `validation_split`) and the fraction
+            of the training split held out as the evaluation split when evaluation is requested and the data has
+            none (`train_val_split`, in [0, 1); 0 turns the hold-out off).
+        seed: Seeds the hold-out, so a training run and a later `--do_eval` run hold out the same examples.
+        do_train, do_eval: Which splits are needed.
+        validation_flags: How this script's user provides an evaluation split (named in the error).
+        image_column: The image column of a streamed dataset, cast with `Image(decode=False)`: a stream is split by
+            a hash of each image's bytes or path (`data_sources.split_off_validation`); in-memory data is split by
+            `Dataset.train_test_split`.
+
+    Returns:
+        `raw`, or a copy whose `train_split` lost the held-out examples and whose `validation_split` holds them.
+
+    Raises:
+        ValueError: naming the missing split, the splits there are and the flags that provide one.
+    """
+    train_split, validation_split = data_args.train_split, data_args.validation_split
+    train_val_split = data_args.train_val_split
+    check_train_val_split(train_val_split)  # again: a field may have been set after the dataclass checked it
+    available = list(raw)
+    if (do_train or (do_eval and validation_split not in raw)) and train_split not in raw:
+        raise ValueError(
+            f"The data has no training split {train_split!r} (splits: {available}); name one with --train_split."
+        )
+    if not do_eval or validation_split in raw:
+        return raw
+    if train_val_split == 0:
+        raise ValueError(
+            f"The evaluation needs a split {validation_split!r}, which the data does not have (splits: "
+            f"{available}). Name one with --validation_split, give one with {validation_flags}, or hold out part of "
+            f"{train_split!r} with --train_val_split (e.g. 0.15)."
+        )
+    logger.info(
+        "No %r split: holding out %g of %r for evaluation (--train_val_split, seed %d).",
+        validation_split,
+        train_val_split,
+        train_split,
+        seed,
+    )
+    splits = dict(raw)
+    if isinstance(raw, IterableDatasetDict):
+        splits[train_split], splits[validation_split] = split_off_validation(
+            raw[train_split], train_val_split, seed, image_column
+        )
+        return IterableDatasetDict(splits)
+    held_out = raw[train_split].train_test_split(test_size=train_val_split, seed=seed)
+    splits[train_split], splits[validation_split] = held_out["train"], held_out["test"]
+    return DatasetDict(splits)
+
+
+def first_examples(split: Dataset | IterableDataset, limit: int | None) -> Dataset | IterableDataset:
+    """The first `limit` examples of `split` (`--max_train_samples`, `--max_eval_samples`); all of them when `limit`
+    is None or larger than the split."""
+    if limit is None:
+        return split
+    if isinstance(split, IterableDataset):
+        return split.take(limit)
+    return split.select(range(min(limit, len(split))))
 
 
 def detect_column(column_names: list[str], requested: str | None, candidates: tuple[str, ...], what: str) -> str:
@@ -212,6 +330,25 @@ def class_names(split, label_column: str) -> list[str]:
     return [str(index) for index in range(max(values) + 1)]
 
 
+def load_metric(name: str) -> evaluate.EvaluationModule:
+    """The `evaluate` metric `name` of `examples/metrics` (`accuracy`, `top_k_accuracy`, `mean_iou`)."""
+    import evaluate  # here: the linear probe, which imports this module too, computes its own metrics
+
+    return evaluate.load(os.path.join(METRICS_DIR, name))
+
+
+def pixel_normaliser(image_processor: BeitImageProcessor) -> Callable[[PIL.Image.Image], np.ndarray]:
+    """The rescaling and normalisation of `image_processor`, for the training views it does not make: returns a
+    function from an `(H, W, 3)` RGB image to its `(3, H, W)` float32 pixels `(pixel / 255 - mean) / std`."""
+    mean = np.asarray(image_processor.image_mean, np.float32)[:, None, None]
+    std = np.asarray(image_processor.image_std, np.float32)[:, None, None]
+
+    def normalise(image: PIL.Image.Image) -> np.ndarray:
+        return (np.asarray(image, np.float32).transpose(2, 0, 1) / 255.0 - mean) / std
+
+    return normalise
+
+
 class LayerDecayTrainer(Trainer):
     """`Trainer` with BEiT's parameter groups and soft-target cross entropy.
 
@@ -239,18 +376,25 @@ class LayerDecayTrainer(Trainer):
         self.layer_decay = layer_decay
         self.train_data_collator = train_data_collator
         self.model_card = model_card
+        if model_card is not None:
+            check_hub_model_id(self.args.hub_model_id)  # the card's usage snippet loads it: fail before training
 
     def create_model_card(self, **unused) -> None:
         if self.model_card is None:
             return super().create_model_card(**unused)
         if not self.is_world_process_zero():
             return None
-        measured = {}
+        measured = {}  # the last evaluation's numbers; `model_cards` keeps the evaluation metrics among them
         for entry in self.state.log_history:
             measured.update({key: round(value, 4) for key, value in entry.items() if key.startswith("eval_")})
-        for key in ("eval_runtime", "eval_samples_per_second", "eval_steps_per_second", "eval_loss"):
-            measured.pop(key, None)
-        write_model_card(self.args.output_dir, **self.model_card, metrics=measured)
+        write_model_card(
+            self.args.output_dir,
+            **self.model_card,
+            config=self.model.config,
+            # `init_hf_repo` resolves the full repo id of --push_to_hub; else the id the user named, if any.
+            hub_model_id=getattr(self, "hub_model_id", None) or self.args.hub_model_id,
+            metrics=measured,
+        )
         return None
 
     def create_optimizer(self, model=None) -> torch.optim.Optimizer:
@@ -307,14 +451,93 @@ class SkipUnreadableImages:
         return self.collate(kept)
 
 
+def fine_tuning_trainer(
+    model: PreTrainedModel,
+    model_args: FineTuningModelArguments,
+    data_args: LabelledDataArguments,
+    training_args: TrainingArguments,
+    *,
+    train_dataset: Dataset | IterableDataset | None,
+    eval_dataset: Dataset | IterableDataset | None,
+    image_processor: BeitImageProcessor,
+    compute_metrics: Callable[..., dict[str, float]],
+    card_kind: str,
+    card_settings: dict,
+    train_data_collator: Callable[[list[dict]], dict] | None = None,
+) -> LayerDecayTrainer:
+    """The `LayerDecayTrainer` of a fine-tuning script: parameter groups with `--layer_decay`, batches of the
+    readable images (`SkipUnreadableImages`, also around `train_data_collator` when given), `image_processor`
+    saved with the model, and a model card of `card_kind` ("classifier", "segmentation") whose training section
+    lists the settings every fine-tuning run has (lr, global batch size, length, weight decay, layer decay, drop
+    path rate), then the script's own `card_settings`."""
+    length = (
+        {"max_steps": training_args.max_steps}
+        if training_args.max_steps > 0
+        else {"epochs": training_args.num_train_epochs}
+    )
+    card_training_args = {
+        "learning_rate": training_args.learning_rate,
+        "global_batch_size": training_args.per_device_train_batch_size
+        * training_args.gradient_accumulation_steps
+        * max(1, training_args.world_size),
+        **length,
+        "weight_decay": training_args.weight_decay,
+        "layer_decay": model_args.layer_decay,
+        "drop_path_rate": model_args.drop_path_rate,
+        **card_settings,
+    }
+    card = model_card_kwargs(
+        model_args.model_name_or_path, data_args.dataset_name, card_training_args, license=model_args.license
+    )
+    return LayerDecayTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=image_processor,
+        data_collator=SkipUnreadableImages(default_data_collator),
+        compute_metrics=compute_metrics,
+        layer_decay=model_args.layer_decay,
+        train_data_collator=None if train_data_collator is None else SkipUnreadableImages(train_data_collator),
+        model_card={"kind": card_kind, **card},
+    )
+
+
+def check_trainer_start(training_args: TrainingArguments) -> None:
+    """Stop in the first seconds, with one line, on what would otherwise fail after the model and the data are
+    loaded (a `--report_to` tracker that is not installed: `Trainer` raises when it builds the callback) or after
+    the training (`--push_to_hub` without a usable token, repo or network, e.g. offline).
+
+    Raises:
+        SystemExit: with a one-line message naming the fix.
+    """
+    available = set(get_available_reporting_integrations())
+    for name in training_args.report_to or []:
+        if name in TRACKER_INSTALL_COMMANDS and name not in available:
+            raise SystemExit(
+                f"--report_to {name}: the {name} package is not installed. Install it with "
+                f"{TRACKER_INSTALL_COMMANDS[name]}, or pass --report_to none."
+            )
+    # `check_hub_access` reads the pretraining scripts' argument names; `TrainingArguments` calls the token hub_token.
+    check_hub_access(
+        SimpleNamespace(
+            push_to_hub=training_args.push_to_hub,
+            hub_model_id=training_args.hub_model_id,
+            output_dir=training_args.output_dir,
+            token=training_args.hub_token,
+        )
+    )
+
+
 def parse_trainer_arguments(dataclass_types: tuple[type, ...]) -> tuple:
     """:func:`pretraining_arguments.parse_arguments` for a `Trainer` script (the last type is its
     `TrainingArguments`), then logging at INFO on the processes that `Trainer` logs from and at WARNING on the
-    others."""
+    others, then :func:`check_trainer_start`."""
     parsed = parse_arguments(dataclass_types)
     level = logging.INFO if parsed[-1].should_log else logging.WARNING
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=level)
     transformers.utils.logging.set_verbosity(level)
+    check_trainer_start(parsed[-1])
     return parsed
 
 

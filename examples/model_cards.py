@@ -1,4 +1,4 @@
-"""Model cards for everything this project saves: render a template from `model_cards/` and write `README.md`.
+"""Model cards for everything this project saves, as the Hub parses them (`huggingface_hub.ModelCard`).
 
 The training scripts and the checkpoint converter call [`write_model_card`] once their model is saved::
 
@@ -6,75 +6,117 @@ The training scripts and the checkpoint converter call [`write_model_card`] once
 
     write_model_card(
         training_args.output_dir,
-        "classifier",                       # "vqkd", "mim", "classifier", "segmentation" or "dvae"
-        model_id="user/beitv2-base-patch16-224-ft1k",
-        family="beitv2", size="base",       # picks the paper's numbers for this model
+        "classifier",                       # one of CARD_KINDS
+        config=model.config,                # sizes, grid, codebook and paper preset are read from it
+        hub_model_id="user/beitv2-base-patch16-224-ft1k",   # None: the usage snippet shows a placeholder
+        license="mit",                      # None: no license in the metadata (the card says to choose one)
+        family="beitv2",                    # which paper's numbers apply (derived from the config when it tells)
         base_model="user/beitv2-base-patch16-224-pt1k-mim",
         datasets=["imagenet-1k"],
-        training_args={"learning_rate": 5e-4, "epochs": 100, ...},   # what the script was run with
-        metrics={"eval_accuracy": 0.851},   # numbers THIS run measured
+        training_args={"learning_rate": 5e-4, "epochs": 100, ...},   # how the script was run
+        metrics={"eval_accuracy": 0.851, "lr": 1e-6},   # what the run logged; only evaluation metrics are kept
     )
 
-Numbers measured by the run (`metrics`) and numbers the paper reports (a fixed table, chosen by `kind`, `family`
-and `size`) go to two separate, labelled sections; they are never mixed. The YAML front matter the Hub reads
-(`library_name`, `pipeline_tag`, `tags`, `datasets`, `license`, `base_model`) starts from the template's and is
-completed here, then written with `yaml.safe_dump`, so it always parses.
+The card is the template `model_cards/<kind>.md` (its YAML front matter gives `library_name`, `pipeline_tag` and
+`tags`; its body has `${...}` placeholders) combined with a `huggingface_hub.ModelCardData`:
+
+- `model-index` holds the evaluation metrics the run measured ([`EVAL_METRICS`] is an allow-list: training-loop
+  numbers such as `lr`, `grad_norm` or `images_per_second` never reach the card), and is absent when nothing was
+  measured;
+- image size, patch size, grid, widths, depths and codebook come from the saved model's config, and the paper's
+  numbers are shown only when that config matches one of the paper's presets;
+- the usage snippet loads the Hub id, or a marked placeholder when there is none: never a local path.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 import os
+import re
 import string
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
+from paper_results import match_vit_preset, match_vqkd_preset, paper_results_rows
+from transformers import PretrainedConfig
+
+logger = logging.getLogger(__name__)
 
 TEMPLATES_DIR = Path(__file__).resolve().parents[1] / "model_cards"
-CARD_KINDS = ("vqkd", "mim", "classifier", "segmentation", "dvae")
-CardKind = Literal["vqkd", "mim", "classifier", "segmentation", "dvae"]
-
-PAPER_BEITV2 = "BEiT v2 paper (Peng et al., 2022)"
-PAPER_BEIT = "BEiT paper (Bao et al., 2021)"
-
-# (family, size) -> rows of (what, setting, value, source). Fixed numbers from the papers, never measured here.
-PAPER_RESULTS: dict[tuple[str, str], list[tuple[str, str, str, str]]] = {
-    ("beitv2", "base"): [
-        ("ImageNet-1k fine-tuning top-1 (%)", "ViT-B/16, 300 epochs pretraining", "85.0", PAPER_BEITV2),
-        ("ImageNet-1k fine-tuning top-1 (%)", "ViT-B/16, 1600 epochs pretraining", "85.5", PAPER_BEITV2),
-        ("ImageNet-1k linear probe top-1 (%)", "ViT-B/16, 300 epochs pretraining", "80.1", PAPER_BEITV2),
-        ("ADE20K mIoU", "ViT-B/16 + UperNet, 300 epochs pretraining", "52.7", PAPER_BEITV2),
-        ("ADE20K mIoU", "ViT-B/16 + UperNet, 1600 epochs pretraining", "53.1", PAPER_BEITV2),
-    ],
-    ("beitv2", "large"): [
-        ("ImageNet-1k fine-tuning top-1 (%)", "ViT-L/16, 300 epochs pretraining", "86.6", PAPER_BEITV2),
-        ("ImageNet-1k fine-tuning top-1 (%)", "ViT-L/16, 1600 epochs pretraining", "87.3", PAPER_BEITV2),
-        ("ADE20K mIoU", "ViT-L/16 + UperNet, 300 epochs pretraining", "55.0", PAPER_BEITV2),
-        ("ADE20K mIoU", "ViT-L/16 + UperNet, 1600 epochs pretraining", "56.7", PAPER_BEITV2),
-    ],
-    ("beit", "base"): [
-        ("ImageNet-1k fine-tuning top-1 (%)", "ViT-B/16", "83.2", PAPER_BEIT),
-        ("ImageNet-1k linear probe top-1 (%)", "ViT-B/16", "56.7", PAPER_BEIT),
-    ],
-    ("beit", "large"): [
-        ("ImageNet-1k fine-tuning top-1 (%)", "ViT-L/16, 800 epochs pretraining", "85.2", PAPER_BEIT),
-    ],
+CARD_KINDS = ("vqkd", "mim", "classifier", "segmentation", "dvae", "pixel_decoder")
+CardKind = Literal["vqkd", "mim", "classifier", "segmentation", "dvae", "pixel_decoder"]
+# The config `model_type` each kind of card describes: a card is never written for another kind of model.
+CARD_MODEL_TYPES = {
+    "vqkd": "beitv2_vqkd",
+    "mim": "beitv2",
+    "classifier": "beit",
+    "segmentation": "upernet",
+    "dvae": "beit_dvae",
+    "pixel_decoder": "beitv2_vqkd_pixel_decoder",
 }
-PAPER_VQKD_RESULTS = [
-    ("reconstruction loss", "ViT-B encoder, 3x768x12 decoder, 8192x32 codebook", "0.145", PAPER_BEITV2 + ", Table 4"),
-    ("codebook usage", "ViT-B encoder, 3x768x12 decoder, 8192x32 codebook", "95%", PAPER_BEITV2 + ", Table 4"),
-    ("reconstruction loss", "ViT-B encoder, 1x768x12 decoder", "0.164", PAPER_BEITV2 + ", Table 4"),
-    ("codebook usage", "ViT-B encoder, 1x768x12 decoder", "100%", PAPER_BEITV2 + ", Table 4"),
-]
-# Which paper rows describe a model of each kind (the MIM model is described by what it fine-tunes to).
-_PAPER_ROWS_FOR_KIND = {
-    "classifier": ("ImageNet-1k fine-tuning", "ImageNet-1k linear probe"),
-    "segmentation": ("ADE20K",),
-    "mim": ("ImageNet-1k", "ADE20K"),
-}
+# What the usage snippet loads when no Hub id is known; the card says to upload first and replace it.
+HUB_ID_PLACEHOLDER = "<your-username>/<model-name>"
+BASE_MODEL_PLACEHOLDER = "<base-model-repo-id>"
+LICENSE_HELP = (
+    "License of the saved weights, written to the model card metadata: a Hub license id such as mit, apache-2.0 "
+    "or cc-by-nc-4.0. Unset: no license is declared; choose one compatible with the training data's terms."
+)
+# Hub license ids are lowercase: "mit", "apache-2.0", "cc-by-nc-sa-4.0", "openrail++", "other".
+_LICENSE_ID = re.compile(r"[a-z0-9][a-z0-9.+-]*")
 
 _FAMILY_NAMES = {"beitv2": "BEiT v2", "beit": "BEiT"}
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    """How one logged evaluation metric appears in `model-index`: its task and its metric, each an id and a name."""
+
+    task_type: str
+    task_name: str
+    metric_type: str
+    metric_name: str
+    # False for a reference number measured alongside the model (a baseline): shown in the card's table but not
+    # claimed in `model-index` as this model's result.
+    of_this_model: bool = True
+
+
+_CLASSIFICATION = ("image-classification", "Image classification")
+_SEGMENTATION = ("image-segmentation", "Semantic segmentation")
+_MIM = ("masked-image-modeling", "Masked image modeling (held-out images)")
+_TOKENIZATION = ("image-feature-extraction", "Visual tokenization (held-out images)")
+_PIXELS = ("image-to-image", "Pixels from VQ-KD codes (held-out images)")
+_LINEAR_PROBE = ("image-classification", "Linear probe on frozen features")
+_KNN = ("image-classification", "k-NN classification on frozen features")
+
+# The allow-list of evaluation metrics the scripts log. Anything else a script logged (lr, grad_norm,
+# images_per_second, data_wait_fraction, the training loss, eval_runtime, ...) stays off the card.
+EVAL_METRICS: dict[str, MetricSpec] = {
+    "eval_accuracy": MetricSpec(*_CLASSIFICATION, "accuracy", "Top-1 accuracy"),
+    "eval_top5_accuracy": MetricSpec(*_CLASSIFICATION, "accuracy", "Top-5 accuracy"),
+    "eval_mean_iou": MetricSpec(*_SEGMENTATION, "mean_iou", "Mean IoU"),
+    "eval_mean_accuracy": MetricSpec(*_SEGMENTATION, "mean_accuracy", "Mean class accuracy"),
+    "eval_overall_accuracy": MetricSpec(*_SEGMENTATION, "accuracy", "Pixel accuracy"),
+    "eval_mim_accuracy": MetricSpec(*_MIM, "accuracy", "Masked-token accuracy"),
+    "eval_loss_mim": MetricSpec(*_MIM, "loss", "Masked-token cross-entropy"),
+    "eval_aggregation_accuracy": MetricSpec(*_MIM, "accuracy", "Masked-token accuracy, aggregation head"),
+    "eval_loss_aggregation": MetricSpec(*_MIM, "loss", "Masked-token cross-entropy, aggregation head"),
+    "eval_reconstruction_cosine": MetricSpec(*_TOKENIZATION, "cosine_similarity", "Cosine to the teacher features"),
+    "eval_loss_quantization": MetricSpec(*_TOKENIZATION, "loss", "Quantization loss"),
+    "eval_codebook_usage": MetricSpec(*_TOKENIZATION, "codebook_usage", "Fraction of codes used"),
+    "eval_perplexity": MetricSpec(*_TOKENIZATION, "perplexity", "Code perplexity"),
+    "eval_psnr": MetricSpec(*_PIXELS, "psnr", "PSNR (dB)"),
+    "eval_baseline_psnr": MetricSpec(*_PIXELS, "psnr", "PSNR (dB) of the mean-patch baseline", of_this_model=False),
+    "linear_probe_top1": MetricSpec(*_LINEAR_PROBE, "accuracy", "Top-1 accuracy"),
+    "linear_probe_top5": MetricSpec(*_LINEAR_PROBE, "accuracy", "Top-5 accuracy"),
+    "knn_top1": MetricSpec(*_KNN, "accuracy", "Top-1 accuracy (weighted k-NN)"),
+}
 
 
 def split_front_matter(text: str) -> tuple[dict[str, Any], str]:
@@ -90,6 +132,152 @@ def split_front_matter(text: str) -> tuple[dict[str, Any], str]:
     return metadata, text[end + len("\n---\n") :]
 
 
+def _vit_rows(config: PretrainedConfig) -> dict[str, Any]:
+    side = config.image_size // config.patch_size
+    return {
+        "image_size": config.image_size,
+        "patch_size": config.patch_size,
+        "patch_grid": f"{side}x{side}",
+        "hidden_size": config.hidden_size,
+        "num_hidden_layers": config.num_hidden_layers,
+        "num_attention_heads": config.num_attention_heads,
+        "size_preset": match_vit_preset(config) or "custom",
+    }
+
+
+def describe_architecture(config: PretrainedConfig) -> dict[str, Any]:
+    """The sizes a card shows, read from a saved model's config: image and patch size (px), the patch grid,
+    width, depth, heads, the size preset it matches (or `"custom"`), and codebook / labels where the model has
+    them. Raises a ValueError for a config of a model this project does not save."""
+    model_type = config.model_type
+    if model_type == "beitv2_vqkd":
+        rows = _vit_rows(config.encoder_config)
+        rows["size_preset"] = match_vqkd_preset(config) or "custom"
+        rows["decoder_layers"] = config.decoder_config.num_hidden_layers
+        rows["codebook_size"] = config.codebook_size
+        rows["code_dim"] = config.code_dim
+        rows["teacher_dim"] = config.teacher_dim
+    elif model_type == "beitv2":
+        rows = _vit_rows(config)
+        rows["visual_token_vocab_size"] = config.vocab_size
+        rows["use_patch_aggregation"] = config.use_patch_aggregation
+    elif model_type == "beit":
+        rows = {**_vit_rows(config), "num_labels": config.num_labels}
+    elif model_type == "upernet":
+        rows = {**_vit_rows(config.backbone_config), "num_labels": config.num_labels}
+    elif model_type == "beit_dvae":
+        side = config.patch_grid[0]  # three 2x poolings: one code per 8x8 pixels
+        rows = {
+            "image_size": config.image_size,
+            "patch_size": config.image_size // side,
+            "patch_grid": f"{side}x{side}",
+            "codebook_size": config.codebook_size,
+            "hidden_size": config.hidden_size,
+        }
+    elif model_type == "beitv2_vqkd_pixel_decoder":
+        side = config.patch_grid[0]
+        rows = {
+            "image_size": config.image_size,
+            "patch_size": config.patch_size,
+            "patch_grid": f"{side}x{side}",
+            "codebook_size": config.codebook_size,
+            "code_dim": config.code_dim,
+            "hidden_size": config.hidden_size,
+            "num_hidden_layers": config.num_hidden_layers,
+            "num_attention_heads": config.num_attention_heads,
+        }
+    else:
+        raise ValueError(
+            f"No model card description for model_type {model_type!r}; this project writes cards for "
+            f"{sorted(set(CARD_MODEL_TYPES.values()))}."
+        )
+    return rows
+
+
+def derived_family(config: PretrainedConfig) -> str | None:
+    """The paper a model follows when its config tells: a MIM model with the patch-aggregation head (or a VQ-KD
+    tokenizer, or its pixel decoder) is BEiT v2, a MIM model without it or the dVAE is BEiT. A native `beit` or
+    `upernet` model could be either: None."""
+    if config.model_type == "beitv2":
+        return "beitv2" if config.use_patch_aggregation else "beit"
+    return {"beitv2_vqkd": "beitv2", "beitv2_vqkd_pixel_decoder": "beitv2", "beit_dvae": "beit"}.get(config.model_type)
+
+
+def measured_metrics(metrics: Mapping[str, Any] | None) -> dict[str, float]:
+    """The finite evaluation metrics of `metrics` that [`EVAL_METRICS`] knows, as floats, in its order.
+
+    Everything else a run logged (`lr`, `grad_norm`, `images_per_second`, `data_wait_fraction`, the training
+    loss, `eval_runtime`, ...) is dropped: it describes the training run, not the model."""
+    metrics = dict(metrics or {})
+    kept = {}
+    for name in EVAL_METRICS:
+        if name not in metrics:
+            continue
+        value = float(metrics[name])
+        if math.isfinite(value):
+            kept[name] = value
+        else:
+            logger.warning("%s is %s: left off the model card.", name, value)
+    left_off = sorted(set(metrics) - set(kept))
+    if left_off:
+        logger.info("Not evaluation metrics of the model, left off its card: %s", ", ".join(left_off))
+    return kept
+
+
+def eval_results(metrics: Mapping[str, float], dataset: str | None) -> list[EvalResult]:
+    """`model-index` entries for the measured metrics that are this model's results (baselines excluded).
+
+    `dataset` is the Hub id of the evaluation data; None for local images."""
+    return [
+        EvalResult(
+            task_type=spec.task_type,
+            task_name=spec.task_name,
+            dataset_type=dataset or "custom",
+            dataset_name=dataset or "Local held-out images",
+            metric_type=spec.metric_type,
+            metric_name=spec.metric_name,
+            metric_value=value,
+        )
+        for name, value in metrics.items()
+        if (spec := EVAL_METRICS[name]).of_this_model
+    ]
+
+
+def check_hub_model_id(hub_model_id: str | None, what: str = "hub_model_id") -> None:
+    """Raise a ValueError unless `hub_model_id` is None or a Hub repo id (`name` or `namespace/name`), so that a
+    local folder never reaches a card (`what` names the argument in the message)."""
+    if hub_model_id is None:
+        return
+    try:
+        validate_repo_id(hub_model_id)
+    except HFValidationError as error:
+        raise ValueError(
+            f"{what} must be a Hub repo id such as 'user/beitv2-base-ft1k', not a local path; got "
+            f"{hub_model_id!r} ({error})."
+        ) from None
+
+
+def hub_reference(name_or_path: str | None) -> str | None:
+    """`name_or_path` when it names a Hub repo, else None (a local folder or file, or nothing): cards name Hub
+    models (`base_model`, the teacher) but never a path on the machine that trained them."""
+    if name_or_path is None or os.path.exists(name_or_path):
+        return None
+    try:
+        validate_repo_id(name_or_path)
+    except HFValidationError:
+        return None
+    return name_or_path
+
+
+def check_license(license: str | None) -> None:
+    """Raise a ValueError unless `license` is None or looks like a Hub license id (lowercase, e.g. `mit`)."""
+    if license is not None and not _LICENSE_ID.fullmatch(license):
+        raise ValueError(
+            f"license must be a Hub license id such as 'mit', 'apache-2.0', 'cc-by-nc-4.0' or 'other' (lowercase); "
+            f"got {license!r}."
+        )
+
+
 def _markdown_table(header: tuple[str, ...], rows: Iterable[tuple[Any, ...]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(_format_value(v) for v in row) + " |" for row in rows]
@@ -102,84 +290,98 @@ def _format_value(value: Any) -> str:
     return str(value).replace("|", "\\|").replace("\n", " ")
 
 
-def paper_results_rows(kind: str, family: str | None, size: str | None) -> list[tuple[str, str, str, str]]:
-    """The paper's numbers that describe a model of this kind, family and size (empty if none apply)."""
-    if kind == "vqkd":
-        return list(PAPER_VQKD_RESULTS)
-    prefixes = _PAPER_ROWS_FOR_KIND.get(kind, ())
-    rows = PAPER_RESULTS.get((family or "", size or ""), [])
-    return [row for row in rows if row[0].startswith(prefixes)] if prefixes else []
-
-
-def render_model_card(
+def build_model_card(
     kind: CardKind,
     *,
-    model_id: str,
-    family: str | None = "beitv2",
-    size: str | None = None,
+    config: PretrainedConfig,
+    model_name: str,
+    hub_model_id: str | None = None,
+    license: str | None = None,
+    family: str | None = None,
     base_model: str | None = None,
     datasets: Iterable[str] = (),
     training_args: Mapping[str, Any] | None = None,
     metrics: Mapping[str, Any] | None = None,
-    architecture: Mapping[str, Any] | None = None,
     source_note: str = "",
     tags: Iterable[str] = (),
-    license: str = "mit",
     teacher: str | None = None,
-    codebook_size: int | None = None,
-) -> str:
-    """Render the `kind` template into a model card (a string with YAML front matter and a markdown body).
+) -> ModelCard:
+    """Render the `kind` template for a model with this `config` into a `huggingface_hub.ModelCard`.
 
     Args:
-        kind: `"vqkd"`, `"mim"`, `"classifier"`, `"segmentation"` or `"dvae"`.
-        model_id: the Hub repo id (or local folder) the usage snippet loads.
-        family: `"beitv2"` or `"beit"`; with `size` (`"base"`, `"large"`, ...) it selects the paper's numbers.
+        kind: one of [`CARD_KINDS`]; it must match the config's `model_type` (see [`CARD_MODEL_TYPES`]).
+        config: the saved model's config: every size on the card is read from it.
+        model_name: the card's title and `model-index` name (the repo or folder name, not a path).
+        hub_model_id: the Hub repo id the usage snippet loads; None: a marked placeholder, with a note to upload
+            the folder first.
+        license: a Hub license id for the metadata; None leaves it out and the card says none was chosen.
+        family: `"beitv2"` or `"beit"`, the paper whose numbers may describe the model; None: derived from the
+            config where it tells (see [`derived_family`]), else no paper numbers.
         base_model: the Hub id of the model this one was trained from (`base_model` metadata).
-        datasets: Hub dataset ids used for training (`datasets` metadata).
+        datasets: Hub dataset ids used for training (`datasets` metadata); the first also names the evaluation
+            data in `model-index`.
         training_args: how the model was trained (or converted), shown as a table.
-        metrics: numbers measured by this run, shown under "Results measured by this project".
-        architecture: sizes worth showing (width, depth, heads, image and patch size, ...).
-        source_note: one sentence on where the weights come from (e.g. "Converted from ...").
+        metrics: what the run logged; the evaluation metrics among them ([`measured_metrics`]) become the
+            `model-index` results and the "measured" table.
+        source_note: one sentence on where the weights come from.
         tags: extra Hub tags, added to the template's.
-        license: the weights' license (`mit` for the official BEiT releases).
-        teacher, codebook_size: VQ-KD / dVAE details shown in the description.
+        teacher: the VQ-KD teacher's name, shown in the description.
     """
     if kind not in CARD_KINDS:
         raise ValueError(f"Unknown model card kind {kind!r}; choose one of {list(CARD_KINDS)}.")
+    if config.model_type != CARD_MODEL_TYPES[kind]:
+        raise ValueError(
+            f"A {kind!r} card describes a {CARD_MODEL_TYPES[kind]!r} model, but the config is a "
+            f"{config.model_type!r} one."
+        )
     if family not in (None, *_FAMILY_NAMES):
         raise ValueError(f"Unknown family {family!r}; choose one of {list(_FAMILY_NAMES)}.")
-    template_metadata, body = split_front_matter((TEMPLATES_DIR / f"{kind}.md").read_text(encoding="utf-8"))
-
-    metadata = {**template_metadata, "license": license}
-    metadata["tags"] = list(dict.fromkeys([*template_metadata.get("tags", []), *tags]))
+    check_hub_model_id(hub_model_id)
+    check_hub_model_id(base_model, "base_model")  # callers pass `hub_reference(name_or_path)`
+    check_license(license)
+    family = family or derived_family(config)
     datasets = list(datasets)
-    if datasets:
-        metadata["datasets"] = datasets
-    if base_model:
-        metadata["base_model"] = base_model
+    template_metadata, body = split_front_matter((TEMPLATES_DIR / f"{kind}.md").read_text(encoding="utf-8"))
+    # The license is the caller's choice alone: a template that still declares one would silently override it.
+    template_metadata.pop("license", None)
 
-    architecture = dict(architecture or {})
-    measured = dict(metrics or {})
-    paper_rows = paper_results_rows(kind, family, size)
+    architecture = describe_architecture(config)
+    measured = measured_metrics(metrics)
+    results = eval_results(measured, datasets[0] if datasets else None)
+    paper_rows = paper_results_rows(kind, config, family)
+    model_id = hub_model_id or HUB_ID_PLACEHOLDER
     values = {
+        **{key: _format_value(value) for key, value in architecture.items()},
         "model_id": model_id,
-        "title": model_id.rstrip("/").split("/")[-1],
+        # What the model was trained from (the pixel decoder's snippet loads its tokenizer from there).
+        "base_model_id": base_model or BASE_MODEL_PLACEHOLDER,
+        "title": model_name,
         "family_name": _FAMILY_NAMES.get(family or "", "BEiT"),
         "source_note": source_note,
-        "aggregation_note": " (BEiT v2 also trains a patch-aggregation head, kept here)" if family == "beitv2" else "",
-        "teacher": teacher or "see training details",
-        "codebook_size": codebook_size if codebook_size is not None else architecture.get("codebook_size", 8192),
-        "image_size": architecture.get("image_size", 224),
-        "patch_size": architecture.get("patch_size", 16),
-        "architecture": _markdown_table(("setting", "value"), architecture.items())
-        if architecture
-        else "See `config.json`.",
-        "training": _markdown_table(("argument", "value"), (training_args or {}).items())
+        "aggregation_note": " (BEiT v2 also trains a patch-aggregation head, kept here)"
+        if architecture.get("use_patch_aggregation")
+        else "",
+        "teacher": teacher or "see the training details",
+        "usage_note": ""
+        if hub_model_id
+        else (
+            f"> This card was written before the model had a Hub repo id, so the snippet loads the placeholder "
+            f"`{HUB_ID_PLACEHOLDER}`. Upload this folder first (`hf upload {HUB_ID_PLACEHOLDER} "
+            "path/to/this/folder`, or train with `--push_to_hub --hub_model_id ...`), then use your repo id.\n\n"
+        ),
+        "architecture": _markdown_table(("setting", "value"), architecture.items()),
+        "training": _markdown_table(("argument", "value"), training_args.items())
         if training_args
         else "Not recorded.",
-        "measured_results": _markdown_table(("metric", "value"), measured.items())
-        if measured
-        else "No numbers measured by this project for this checkpoint yet.",
+        "measured_results": (
+            f"Measured on held-out images of {datasets[0] if datasets else 'the local evaluation data'}:\n\n"
+            + _markdown_table(
+                ("metric", "value", "meaning"),
+                ((name, value, EVAL_METRICS[name].metric_name) for name, value in measured.items()),
+            )
+            if measured
+            else "No evaluation metrics were measured by this project for this checkpoint."
+        ),
         "paper_results": (
             "These numbers are **reported by the paper** for the original models; they were not measured by "
             "this project and are not claims about this checkpoint.\n\n"
@@ -187,15 +389,35 @@ def render_model_card(
             if paper_rows
             else "The paper reports no numbers for this configuration."
         ),
+        "license_note": f"`{license}` (declared by whoever saved these weights)."
+        if license
+        else "No license was declared for these weights (`--license`). Choose one compatible with the terms of "
+        "the training data before sharing them.",
     }
+    data = ModelCardData(
+        model_name=model_name if results else None,  # only `model-index` uses it
+        eval_results=results or None,
+        license=license,
+        library_name=template_metadata.pop("library_name", None),
+        pipeline_tag=template_metadata.pop("pipeline_tag", None),
+        tags=list(dict.fromkeys([*template_metadata.pop("tags", []), *tags])),
+        datasets=datasets or None,
+        base_model=base_model,
+        **template_metadata,
+    )
     rendered_body = string.Template(body).substitute(values)
-    front_matter = yaml.safe_dump(metadata, sort_keys=False, allow_unicode=True)
-    return f"---\n{front_matter}---\n{rendered_body}"
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n{rendered_body}")
 
 
-def write_model_card(output_dir: str | os.PathLike, kind: CardKind, **kwargs: Any) -> Path:
-    """Render a card with [`render_model_card`] (same keyword arguments) and write it to `output_dir/README.md`."""
+def write_model_card(
+    output_dir: str | os.PathLike, kind: CardKind, *, config: PretrainedConfig, **kwargs: Any
+) -> Path:
+    """Build a card with [`build_model_card`] (same keyword arguments; `model_name` defaults to the Hub repo's
+    name, else the folder's) and write it to `output_dir/README.md`. Returns that path."""
+    hub_model_id = kwargs.get("hub_model_id")
+    kwargs.setdefault("model_name", hub_model_id.split("/")[-1] if hub_model_id else Path(output_dir).resolve().name)
+    card = build_model_card(kind, config=config, **kwargs)
     path = Path(output_dir) / "README.md"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(render_model_card(kind, **kwargs), encoding="utf-8")
+    card.save(path)
     return path

@@ -53,7 +53,7 @@ def parse_config_overrides(text: str | None, config: PreTrainedConfig) -> dict[s
 
     Returns:
         `{key: value}`; for a config with sub-configs, the keys of a sub-config are gathered in a dict under the
-        sub-config's attribute, e.g. `{"num_codes": 64, "encoder_config": {"hidden_size": 32}}`. A prefixed key
+        sub-config's attribute, e.g. `{"codebook_size": 64, "encoder_config": {"hidden_size": 32}}`. A prefixed key
         (`decoder.hidden_size`) wins over the same key sent to all sub-configs (`hidden_size`).
 
     Raises:
@@ -146,7 +146,8 @@ def vqkd_config(
     """The `VQKDConfig` of a new tokenizer (run_vqkd.py without --model_name_or_path), fitted to its teacher.
 
     The encoder takes the teacher's patch size at `image_size`, the decoder covers the resulting grid of codes
-    (patch size 1, `num_channels == code_dim`) and `teacher_dim` is the teacher's feature size.
+    (patch size 1, `num_channels == code_dim`) and `teacher_dim` is the teacher's feature size. A preset is built
+    at that resolution and patch size by `VQKDConfig.from_preset`; a loaded config is refitted to them.
 
     Args:
         config_name: a `VQKD_PRESETS` name, an alias of `VQKD_CONFIG_ALIASES`, or a `beitv2_vqkd` config's Hub id
@@ -154,7 +155,7 @@ def vqkd_config(
         image_size: training resolution; a multiple of `teacher_patch_size`.
         teacher_patch_size: the teacher's patch size, which the encoder must share so that the patches align.
         teacher_dim: the teacher's feature size, which the decoder regresses.
-        overrides: `--config_overrides`. Tokenizer keys (`num_codes`, `code_dim`, `decay`, `beta`, `kmeans_init`,
+        overrides: `--config_overrides`. Tokenizer keys (`codebook_size`, `code_dim`, `decay`, `beta`, `kmeans_init`,
             `dead_code_threshold`, ...) apply to the tokenizer, `encoder.` / `decoder.` prefixed keys to one ViT,
             other keys to both ViTs.
         hub_kwargs: `revision` / `token` / `trust_remote_code` for loading `config_name`.
@@ -162,14 +163,17 @@ def vqkd_config(
     Raises:
         ValueError: as `mim_config`, or an `image_size` that is not a multiple of `teacher_patch_size`.
     """
-    base = _named_config(config_name, VQKDConfig, VQKD_PRESETS, VQKD_CONFIG_ALIASES, hub_kwargs)
     if image_size % teacher_patch_size:
         raise ValueError(
             f"--image_size {image_size} is not a multiple of the teacher's patch size {teacher_patch_size}."
         )
+    preset_kwargs = {"image_size": image_size, "patch_size": teacher_patch_size}
+    base = _named_config(config_name, VQKDConfig, VQKD_PRESETS, VQKD_CONFIG_ALIASES, hub_kwargs, preset_kwargs)
     grid = image_size // teacher_patch_size
     parsed = parse_config_overrides(overrides, base)
     code_dim = parsed.get("code_dim", base.code_dim)
+    # For a preset these only restate what `from_preset` built; they refit a loaded config, and refuse overrides
+    # that contradict the teacher.
     fixed = {
         "teacher_dim": (teacher_dim, "the teacher's feature size"),
         "encoder_config": {
@@ -319,8 +323,14 @@ def _bad_value(spelled: str, raw: str, current: Any, expected: str) -> ValueErro
 
 
 def _unknown_key_error(key: str, valid: list[str], config: PreTrainedConfig) -> ValueError:
+    renamed = getattr(config, "renamed_arguments", {})
     closest = difflib.get_close_matches(key, valid, n=3, cutoff=0.6)
-    hint = f"did you mean {' or '.join(closest)}?" if closest else f"valid keys are {valid}."
+    if key in renamed:
+        hint = f"it is now called {renamed[key]}."
+    elif closest:
+        hint = f"did you mean {' or '.join(closest)}?"
+    else:
+        hint = f"valid keys are {valid}."
     return ValueError(f"--config_overrides: {type(config).__name__} has no {key!r}; {hint}")
 
 
@@ -418,11 +428,13 @@ def _named_config(
     presets: Mapping[str, Any],
     aliases: Mapping[str, str],
     hub_kwargs: Mapping[str, Any],
+    preset_kwargs: Mapping[str, Any] | None = None,
 ) -> PreTrainedConfig:
-    """A preset (or alias) of `config_class`, else the `config_class` config that `AutoConfig` loads."""
+    """A preset (or alias) of `config_class`, built by its `from_preset` with `preset_kwargs`, else the
+    `config_class` config that `AutoConfig` loads."""
     name = aliases.get(config_name, config_name)
     if name in presets:
-        return config_class.from_preset(name)
+        return config_class.from_preset(name, **(preset_kwargs or {}))
     choices = sorted(presets) + (sorted(aliases) if aliases else [])
     try:
         loaded = AutoConfig.from_pretrained(config_name, **_hub_kwargs(hub_kwargs))

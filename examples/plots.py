@@ -1,114 +1,120 @@
-"""Line plots and bar charts drawn with PIL only, so that the demo and the codebook visualisation need no plotting
-library (matplotlib is not a dependency of this project)."""
+"""Figures of the demo and the visualisation scripts, drawn with matplotlib (`pip install -e ".[plots]"`).
+
+Every function builds a `matplotlib.figure.Figure` directly and writes it with the Agg canvas: no pyplot, so no
+global figure state and no GUI backend, which keeps the functions safe in scripts, tests and worker processes.
+Sizes are in pixels at `DPI` and exact (no tight bounding box), so that a caller knows the size of what it writes.
+"""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from PIL import Image, ImageDraw, ImageFont
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
-COLORS = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75))
-_MARGIN_LEFT, _MARGIN_RIGHT, _MARGIN_TOP, _MARGIN_BOTTOM = 70, 20, 40, 50
-
-
-def _font() -> ImageFont.ImageFont:
-    return ImageFont.load_default()
-
-
-def _tick(value: float) -> str:
-    return f"{value:.3g}"
+DPI = 100
+FONT_SIZE = 10
+TITLE_SIZE = 11
+GRID_HEADER_HEIGHT = 72  # pixels above the panels of `image_grid`: its title and column titles
+GRID_CAPTION_HEIGHT = 24  # pixels of the caption strip above each row of `image_grid`
 
 
-def _frame(draw: ImageDraw.ImageDraw, size: tuple[int, int], title: str, x_label: str, y_label: str) -> None:
-    width, height = size
-    font = _font()
-    draw.rectangle(
-        [_MARGIN_LEFT, _MARGIN_TOP, width - _MARGIN_RIGHT, height - _MARGIN_BOTTOM], outline=(0, 0, 0), width=1
-    )
-    draw.text((width // 2, 12), title, fill=(0, 0, 0), font=font, anchor="mt")
-    draw.text((width // 2, height - 14), x_label, fill=(0, 0, 0), font=font, anchor="mb")
-    draw.text((6, _MARGIN_TOP - 20), y_label, fill=(0, 0, 0), font=font)
+@dataclass
+class LinePanel:
+    """One axes of :func:`line_plot`: `series` maps a legend label to `(xs, ys)`; non-finite ys are left out."""
+
+    title: str
+    series: dict[str, tuple[Sequence[float], Sequence[float]]]
+    x_label: str = "step"
+    y_label: str = ""
+    log_y: bool = False
+    # Horizontal dashed lines, `{legend label: y}` (e.g. the loss of a uniform guess).
+    reference_lines: dict[str, float] = field(default_factory=dict)
 
 
-def _axis_ticks(
-    draw: ImageDraw.ImageDraw,
-    size: tuple[int, int],
-    x_range: tuple[float, float],
-    y_range: tuple[float, float],
-    num_ticks: int = 5,
-) -> None:
-    width, height = size
-    font = _font()
-    plot_width = width - _MARGIN_LEFT - _MARGIN_RIGHT
-    plot_height = height - _MARGIN_TOP - _MARGIN_BOTTOM
-    for index in range(num_ticks + 1):
-        fraction = index / num_ticks
-        x = _MARGIN_LEFT + fraction * plot_width
-        y = height - _MARGIN_BOTTOM - fraction * plot_height
-        draw.line([x, height - _MARGIN_BOTTOM, x, height - _MARGIN_BOTTOM + 4], fill=(0, 0, 0))
-        draw.text((x, height - _MARGIN_BOTTOM + 6), _tick(x_range[0] + fraction * (x_range[1] - x_range[0])),
-                  fill=(0, 0, 0), font=font, anchor="mt")  # fmt: skip
-        draw.line([_MARGIN_LEFT - 4, y, _MARGIN_LEFT, y], fill=(0, 0, 0))
-        draw.text((_MARGIN_LEFT - 6, y), _tick(y_range[0] + fraction * (y_range[1] - y_range[0])),
-                  fill=(0, 0, 0), font=font, anchor="rm")  # fmt: skip
+def _new_figure(width_px: int, height_px: int) -> Figure:
+    if width_px < 1 or height_px < 1:
+        raise ValueError(f"A figure needs a positive size in pixels, got {width_px} x {height_px}.")
+    figure = Figure(figsize=(width_px / DPI, height_px / DPI), dpi=DPI)
+    FigureCanvasAgg(figure)
+    return figure
 
 
-def _padded_range(values: Sequence[float]) -> tuple[float, float]:
-    low, high = min(values), max(values)
-    if high - low < 1e-12:
-        return low - 0.5, high + 0.5
-    pad = 0.05 * (high - low)
-    return low - pad, high + pad
+def _save(figure: Figure, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=DPI)  # no bbox_inches="tight": the size stays the one asked for
+    return path
+
+
+def _check_series(name: str, xs: Sequence[float], ys: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+    xs, ys = np.asarray(xs, dtype=float), np.asarray(ys, dtype=float)
+    if xs.shape != ys.shape or xs.ndim != 1:
+        raise ValueError(f"Series {name!r} has {xs.size} x values but {ys.size} y values.")
+    finite = np.isfinite(ys)
+    return xs[finite], ys[finite]
 
 
 def line_plot(
-    series: dict[str, tuple[Sequence[float], Sequence[float]]],
+    panels: LinePanel | Sequence[LinePanel],
     path: str | Path,
-    title: str,
-    x_label: str = "step",
-    y_label: str = "",
-    size: tuple[int, int] = (640, 400),
+    title: str | None = None,
+    panel_size: tuple[int, int] = (560, 400),
+    columns: int | None = None,
 ) -> Path:
-    """Draw `{name: (xs, ys)}` as coloured lines with a legend and save a PNG at `path`."""
-    series = {name: (list(xs), list(ys)) for name, (xs, ys) in series.items() if len(xs)}
-    if not series:
-        raise ValueError(f"line_plot({title!r}) got no points to draw.")
-    for name, (xs, ys) in series.items():
-        if len(xs) != len(ys):
-            raise ValueError(f"Series {name!r} has {len(xs)} x values but {len(ys)} y values.")
-    all_x = [x for xs, _ in series.values() for x in xs]
-    x_range = (min(all_x), max(all_x)) if max(all_x) > min(all_x) else _padded_range(all_x)
-    y_range = _padded_range([y for _, ys in series.values() for y in ys if math.isfinite(y)])
-    image = Image.new("RGB", size, (255, 255, 255))
-    draw = ImageDraw.Draw(image)
-    _frame(draw, size, title, x_label, y_label)
-    _axis_ticks(draw, size, x_range, y_range)
-    width, height = size
-    plot_width = width - _MARGIN_LEFT - _MARGIN_RIGHT
-    plot_height = height - _MARGIN_TOP - _MARGIN_BOTTOM
+    """Draw one or more line panels, `columns` to a row (default: all in one row), and save a PNG of
+    `columns * panel_size[0]` by `rows * panel_size[1]` pixels at `path`.
 
-    def to_pixel(x: float, y: float) -> tuple[float, float]:
-        return (
-            _MARGIN_LEFT + (x - x_range[0]) / (x_range[1] - x_range[0]) * plot_width,
-            height - _MARGIN_BOTTOM - (y - y_range[0]) / (y_range[1] - y_range[0]) * plot_height,
-        )
-
-    font = _font()
-    for index, (name, (xs, ys)) in enumerate(series.items()):
-        color = COLORS[index % len(COLORS)]
-        points = [to_pixel(x, y) for x, y in zip(xs, ys) if math.isfinite(y)]
-        if len(points) > 1:
-            draw.line(points, fill=color, width=2)
-        for x, y in points if len(points) < 40 else []:
-            draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=color)
-        legend_y = _MARGIN_TOP + 8 + 14 * index
-        draw.line([width - 190, legend_y, width - 170, legend_y], fill=color, width=3)
-        draw.text((width - 165, legend_y), name, fill=(0, 0, 0), font=font, anchor="lm")
-    path = Path(path)
-    image.save(path)
-    return path
+    Each panel has its own y axis, so quantities of different scales (a cosine distance and a cross-entropy) are
+    shown as they are, not normalised. Ticks are round numbers (`MaxNLocator`); `log_y` panels use a log scale,
+    which only holds positive values.
+    """
+    panels = [panels] if isinstance(panels, LinePanel) else list(panels)
+    if not panels:
+        raise ValueError("line_plot got no panel to draw.")
+    columns = len(panels) if columns is None else columns
+    if columns < 1:
+        raise ValueError(f"columns must be at least 1, got {columns}.")
+    rows = math.ceil(len(panels) / columns)
+    figure = _new_figure(panel_size[0] * columns, panel_size[1] * rows)
+    figure.set_layout_engine("constrained")
+    axes = figure.subplots(rows, columns, squeeze=False).reshape(-1)
+    for ax in axes[len(panels) :]:
+        ax.set_visible(False)
+    for ax, panel in zip(axes, panels, strict=False):
+        drawn = 0
+        for name, (xs, ys) in panel.series.items():
+            xs, ys = _check_series(name, xs, ys)
+            if panel.log_y:
+                xs, ys = xs[ys > 0], ys[ys > 0]
+            if xs.size == 0:
+                continue
+            ax.plot(xs, ys, label=name, linewidth=1.6, marker="o" if xs.size < 30 else None, markersize=3)
+            drawn += 1
+        if not drawn:
+            raise ValueError(f"line_plot panel {panel.title!r} got no points to draw.")
+        for name, y in panel.reference_lines.items():
+            ax.axhline(y, color="0.4", linestyle="--", linewidth=1.0, label=name)
+        if panel.log_y:
+            ax.set_yscale("log")
+        else:
+            ax.yaxis.set_major_locator(MaxNLocator(nbins=6, steps=[1, 2, 2.5, 5, 10]))
+        ax.xaxis.set_major_locator(MaxNLocator(nbins=6, integer=True, steps=[1, 2, 2.5, 5, 10]))
+        ax.set_title(panel.title, fontsize=TITLE_SIZE)
+        ax.set_xlabel(panel.x_label, fontsize=FONT_SIZE)
+        ax.set_ylabel(panel.y_label, fontsize=FONT_SIZE)
+        ax.tick_params(labelsize=FONT_SIZE - 1)
+        ax.grid(True, which="major", alpha=0.3)
+        # An opaque legend stays readable where it has to cover a curve.
+        ax.legend(fontsize=FONT_SIZE - 1, framealpha=0.9, edgecolor="none")
+    if title:
+        figure.suptitle(title, fontsize=TITLE_SIZE + 1)
+    return _save(figure, path)
 
 
 def bar_chart(
@@ -117,27 +123,113 @@ def bar_chart(
     title: str,
     x_label: str = "",
     y_label: str = "",
+    log_y: bool = False,
     size: tuple[int, int] = (640, 400),
 ) -> Path:
-    """Draw one bar per value (left to right, in the given order) and save a PNG at `path`."""
-    values = list(values)
-    if not values:
+    """Draw one bar per value (left to right, in the given order) and save a PNG of `size` pixels at `path`.
+
+    Bars touch (width 1) so that thousands of them (a codebook's usage, sorted) read as a filled curve.
+    """
+    values = np.asarray(values, dtype=float)
+    if values.size == 0:
         raise ValueError(f"bar_chart({title!r}) got no values.")
-    image = Image.new("RGB", size, (255, 255, 255))
-    draw = ImageDraw.Draw(image)
-    _frame(draw, size, title, x_label, y_label)
-    top = max(max(values), 1e-12)
-    _axis_ticks(draw, size, (0, len(values)), (0, top))
-    width, height = size
-    plot_width = width - _MARGIN_LEFT - _MARGIN_RIGHT
-    plot_height = height - _MARGIN_TOP - _MARGIN_BOTTOM
-    bar_width = plot_width / len(values)
-    for index, value in enumerate(values):
-        left = _MARGIN_LEFT + index * bar_width
-        bar_top = height - _MARGIN_BOTTOM - value / top * plot_height
-        draw.rectangle(
-            [left, bar_top, left + max(bar_width - 1, 1), height - _MARGIN_BOTTOM], fill=COLORS[0], outline=None
-        )
-    path = Path(path)
-    image.save(path)
-    return path
+    figure = _new_figure(*size)
+    figure.set_layout_engine("constrained")
+    ax = figure.subplots()
+    ax.bar(np.arange(values.size), values, width=1.0, align="edge", linewidth=0, color="tab:blue")
+    ax.set_xlim(0, values.size)
+    if log_y and (values > 0).any():
+        ax.set_yscale("log")
+    else:
+        ax.yaxis.set_major_locator(MaxNLocator(nbins=6, integer=True, steps=[1, 2, 2.5, 5, 10]))
+    ax.xaxis.set_major_locator(MaxNLocator(nbins=8, integer=True, steps=[1, 2, 2.5, 5, 10]))
+    ax.set_title(title, fontsize=TITLE_SIZE)
+    ax.set_xlabel(x_label, fontsize=FONT_SIZE)
+    ax.set_ylabel(y_label, fontsize=FONT_SIZE)
+    ax.tick_params(labelsize=FONT_SIZE - 1)
+    ax.grid(True, axis="y", alpha=0.3)
+    return _save(figure, path)
+
+
+def _as_uint8(image: np.ndarray) -> np.ndarray:
+    """`(H, W, 3)` uint8, or float in [0, 1] (clipped), -> uint8."""
+    image = np.asarray(image)
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"Expected an (height, width, 3) image, got shape {image.shape}.")
+    if image.dtype == np.uint8:
+        return image
+    return (np.clip(image, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+
+
+def captioned_image(image: np.ndarray, path: str | Path, caption: str, caption_height: int = 48) -> Path:
+    """Save `image` at its own resolution (one image pixel = one PNG pixel) under a caption strip of
+    `caption_height` pixels: the PNG is `(H + caption_height, W)` pixels, the image in its bottom `H` rows.
+
+    The caption's font shrinks with narrow images so that it fits; long captions wrap on `\\n`.
+    """
+    image = _as_uint8(image)
+    height, width = image.shape[:2]
+    figure = _new_figure(width, height + caption_height)
+    ax = figure.add_axes((0.0, 0.0, 1.0, height / (height + caption_height)))
+    ax.imshow(image, interpolation="nearest", aspect="auto")
+    ax.set_axis_off()
+    lines = caption.split("\n")
+    # Points per line that fit the strip's height, and the width of the longest line (about 0.6 em per character).
+    size = min(FONT_SIZE + 1, 0.75 * caption_height / len(lines) * 72 / DPI)
+    size = min(size, width / max(len(line) for line in lines) / 0.6 * 72 / DPI)
+    figure.text(0.5, 1 - 0.5 * caption_height / (height + caption_height), caption, ha="center", va="center",
+                fontsize=max(size, 4), linespacing=1.1)  # fmt: skip
+    return _save(figure, path)
+
+
+def image_grid(
+    rows: Sequence[Sequence[np.ndarray]],
+    path: str | Path,
+    column_titles: Sequence[str],
+    row_captions: Sequence[str] | None = None,
+    title: str | None = None,
+    panel_size: int = 160,
+    header_height: int = GRID_HEADER_HEIGHT,
+    caption_height: int = GRID_CAPTION_HEIGHT,
+) -> Path:
+    """Save a grid of images: `rows[i][j]` in row `i`, column `j` (each `(H, W, 3)`, uint8 or float in [0, 1],
+    shown nearest-neighbour in a `panel_size` pixel square).
+
+    Layout, in pixels: a `header_height` strip (the `title`, wrapped to the width, above the `column_titles`, which
+    may hold one line break), then per row a
+    `caption_height` strip (its `row_captions` entry, if given) above `panel_size` of images. The PNG is
+    `len(column_titles) * panel_size` wide and `header_height + len(rows) * (caption_height + panel_size)` tall.
+    """
+    num_columns = len(column_titles)
+    if not rows or num_columns == 0:
+        raise ValueError("image_grid needs at least one row and one column.")
+    if any(len(row) != num_columns for row in rows):
+        raise ValueError(f"Every row must hold {num_columns} images (one per column title).")
+    if row_captions is not None and len(row_captions) != len(rows):
+        raise ValueError(f"Got {len(row_captions)} row captions for {len(rows)} rows.")
+    if row_captions is None:
+        caption_height = 0
+    width = num_columns * panel_size
+    height = header_height + len(rows) * (caption_height + panel_size)
+    figure = _new_figure(width, height)
+    font = max(6.0, min(FONT_SIZE, panel_size / 16))
+    for column, name in enumerate(column_titles):
+        figure.text((column + 0.5) / num_columns, 1 - (header_height - 4) / height, name, ha="center", va="bottom",
+                    fontsize=font, fontweight="bold")  # fmt: skip
+    if title:
+        figure.text(0.5, 1 - 4 / height, title, ha="center", va="top", fontsize=font, wrap=True)
+    for row_index, images in enumerate(rows):
+        top = header_height + row_index * (caption_height + panel_size)
+        if row_captions is not None:
+            figure.text(0.5, 1 - (top + caption_height / 2) / height, row_captions[row_index], ha="center",
+                        va="center", fontsize=font)  # fmt: skip
+        bottom = height - (top + caption_height + panel_size)
+        for column, image in enumerate(images):
+            ax = figure.add_axes((column / num_columns, bottom / height, 1 / num_columns, panel_size / height))
+            ax.imshow(_as_uint8(image), interpolation="nearest", aspect="auto")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            for spine in ax.spines.values():
+                spine.set_color("white")
+                spine.set_linewidth(2)
+    return _save(figure, path)

@@ -1,9 +1,9 @@
 """Command-line arguments of the pretraining scripts (`run_vqkd.py`, `run_mim.py`), with transformers' conventions.
 
 The dataclasses are parsed by `HfArgumentParser` (or from a single ``.json`` / ``.yaml`` file) and check their values
-in ``__post_init__``, so a bad value stops the run at parse time with the valid range rather than hours later. The
-functions turn the parsed arguments into what the loop needs (peak lr, step counts, warmup, the lr schedule, the
-trackers) and check the Hub before training when ``--push_to_hub`` is set.
+in ``__post_init__``, so a bad value stops the run at parse time with the valid range rather than hours later. What
+the loop derives from them lives next door: the peak lr, step counts, warmup and lr schedule in :mod:`schedules`, the
+trackers and the Hub access checked before training in :mod:`startup_checks`.
 
 Conventions follow `transformers.TrainingArguments`: ``--bf16`` / ``--fp16``, ``--warmup_steps`` as a step count or
 a fraction of the training steps (below 1), ``--lr_scheduler_type`` with transformers' scheduler names,
@@ -12,8 +12,6 @@ a fraction of the training steps (below 1), ``--lr_scheduler_type`` with transfo
 
 from __future__ import annotations
 
-import contextlib
-import importlib
 import json
 import logging
 import math
@@ -23,15 +21,14 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-import torch
-from accelerate.utils import is_tensorboard_available, is_wandb_available
-from transformers import HfArgumentParser, get_scheduler
+from transformers import HfArgumentParser
+
+from model_cards import LICENSE_HELP, check_hub_model_id, check_license
 
 logger = logging.getLogger(__name__)
 
 MIXED_PRECISION_CHOICES = ("no", "fp16", "bf16")
 REPORT_TO_CHOICES = ("none", "tensorboard", "wandb", "all")
-TRACKERS = ("tensorboard", "wandb")  # what `--report_to all` may select
 # transformers' scheduler names that need nothing but the warmup and the step count (plus --min_learning_rate for
 # the min-lr ones). Left out: reduce_lr_on_plateau and greedy (they need an eval metric at every step) and
 # warmup_stable_decay (it needs the number of decay steps).
@@ -105,7 +102,8 @@ def _describe_range(low: float | None, high: float | None, low_inclusive: bool, 
     return "a number"
 
 
-def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    """Raise a `ValueError` naming ``--name``, the valid choices and the value when ``value`` is not one of them."""
     if value not in choices:
         raise ValueError(f"--{name} must be one of {', '.join(choices)}; got {value!r}.")
 
@@ -291,14 +289,18 @@ class PretrainingArguments:
     hub_model_id: str | None = field(
         default=None, metadata={"help": "Hub repo to push to (unset: the name of --output_dir, in your namespace)."}
     )
+    license: str | None = field(default=None, metadata={"help": LICENSE_HELP})
 
     def __post_init__(self):
+        # Checked now rather than when the model card is written, after the training.
+        check_license(self.license)
+        check_hub_model_id(self.hub_model_id)
         check_range("per_device_train_batch_size", self.per_device_train_batch_size, low=1)
         check_range("per_device_eval_batch_size", self.per_device_eval_batch_size, low=1)
         check_range("gradient_accumulation_steps", self.gradient_accumulation_steps, low=1)
         check_range("learning_rate", self.learning_rate, low=0, low_inclusive=False)
         check_range("min_learning_rate", self.min_learning_rate, low=0)
-        _check_choice("lr_scheduler_type", self.lr_scheduler_type, LR_SCHEDULER_CHOICES)
+        check_choice("lr_scheduler_type", self.lr_scheduler_type, LR_SCHEDULER_CHOICES)
         check_range("warmup_steps", self.warmup_steps, low=0)
         if self.warmup_steps >= 1 and self.warmup_steps != int(self.warmup_steps):
             raise ValueError(
@@ -320,7 +322,7 @@ class PretrainingArguments:
         check_range("save_steps", self.save_steps, low=0, note="0 saves only at the end")
         check_range("save_total_limit", self.save_total_limit, low=1)
         check_range("max_consecutive_nonfinite", self.max_consecutive_nonfinite, low=1)
-        _check_choice("report_to", self.report_to, REPORT_TO_CHOICES)
+        check_choice("report_to", self.report_to, REPORT_TO_CHOICES)
         if self.resume_from_checkpoint not in (None, "latest") and not os.path.isdir(self.resume_from_checkpoint):
             raise ValueError(
                 f"--resume_from_checkpoint must be 'latest' or an existing checkpoint folder; "
@@ -336,7 +338,7 @@ class PretrainingArguments:
             raise ValueError("--bf16 and --fp16 exclude each other; pass one of them.")
         flag = "bf16" if self.bf16 else "fp16" if self.fp16 else None
         if self.mixed_precision is not None:
-            _check_choice("mixed_precision", self.mixed_precision, MIXED_PRECISION_CHOICES)
+            check_choice("mixed_precision", self.mixed_precision, MIXED_PRECISION_CHOICES)
             if flag is not None and self.mixed_precision != flag:
                 raise ValueError(f"--{flag} conflicts with --mixed_precision {self.mixed_precision}; pass only one.")
             return self.mixed_precision
@@ -415,201 +417,3 @@ def _reject_removed(names, removed: dict[str, str], where: str) -> None:
     for name in names:
         if name in removed:
             raise ValueError(f"--{name}{where} was removed: {removed[name]}.")
-
-
-def total_batch_size(args: PretrainingArguments, num_processes: int) -> int:
-    """Examples per optimizer step over all processes: per-device batch x accumulation x processes."""
-    check_range("num_processes", num_processes, low=1)
-    return args.per_device_train_batch_size * args.gradient_accumulation_steps * num_processes
-
-
-def resolve_learning_rate(args: PretrainingArguments, num_processes: int, paper_lr: float, paper_batch: int) -> float:
-    """``--learning_rate``, or the paper's peak lr scaled linearly from its batch size to the total batch.
-
-    Logs the result and where it comes from, and warns when it is not above ``--min_learning_rate``: a small
-    total batch scales the paper's lr down so far (1.5e-3 at 2048 -> 5.9e-6 at 8) that a short run learns nothing,
-    and the min-lr cosine schedules then stay flat.
-    """
-    check_range("paper_batch", paper_batch, low=1)
-    batch = total_batch_size(args, num_processes)
-    if args.learning_rate is not None:
-        learning_rate, origin = args.learning_rate, "--learning_rate"
-    else:
-        learning_rate = paper_lr * batch / paper_batch
-        origin = f"the paper's {paper_lr:.3g} at batch {paper_batch} scaled linearly to the total batch {batch}"
-    logger.info(
-        "Peak learning rate %.3g (%s; %d per device x %d accumulation steps x %d processes).",
-        learning_rate,
-        origin,
-        args.per_device_train_batch_size,
-        args.gradient_accumulation_steps,
-        num_processes,
-    )
-    if learning_rate <= args.min_learning_rate:
-        flat = (
-            f", so the {args.lr_scheduler_type} schedule stays flat at it"
-            if args.lr_scheduler_type in MIN_LR_SCHEDULERS
-            else ""
-        )
-        advice = (
-            "pass --learning_rate or use a larger total batch"
-            if args.learning_rate is None
-            else "raise --learning_rate or lower --min_learning_rate"
-        )
-        logger.warning(
-            "The peak learning rate %.3g (%s) is not above --min_learning_rate %.3g%s: a short run at this lr "
-            "learns next to nothing; %s.",
-            learning_rate,
-            origin,
-            args.min_learning_rate,
-            flat,
-            advice,
-        )
-    return learning_rate
-
-
-def resolve_training_steps(args: PretrainingArguments, num_examples: int | None, num_processes: int) -> int:
-    """``--max_steps``, or ``--num_train_epochs`` of ``num_examples`` at the total batch (at least one step).
-
-    Raises:
-        ValueError: epochs were asked for but the stream does not know its size (``num_examples`` is None).
-    """
-    if args.max_steps > 0:
-        return args.max_steps
-    if num_examples is None:
-        raise ValueError(
-            "The number of training examples is unknown for this stream, so --num_train_epochs "
-            f"{args.num_train_epochs} cannot be turned into steps; give --max_steps."
-        )
-    steps_per_epoch = max(1, num_examples // total_batch_size(args, num_processes))
-    return max(1, math.ceil(args.num_train_epochs * steps_per_epoch))
-
-
-def resolve_warmup_steps(args: PretrainingArguments, num_training_steps: int) -> int:
-    """``--warmup_steps`` in optimizer steps: taken as is when >= 1, else a fraction of ``num_training_steps``
-    (rounded up, as transformers does). Warns when the warmup does not end before training does."""
-    check_range("num_training_steps", num_training_steps, low=1)
-    if args.warmup_steps >= 1:
-        warmup = int(args.warmup_steps)
-    else:
-        warmup = math.ceil(args.warmup_steps * num_training_steps)
-    if warmup >= num_training_steps:
-        logger.warning(
-            "The warmup (%d steps) lasts the whole run (%d steps): the peak learning rate is never passed. "
-            "Give --warmup_steps as a fraction below 1 (e.g. 0.05) to scale it with the run.",
-            warmup,
-            num_training_steps,
-        )
-    return warmup
-
-
-def build_lr_scheduler(
-    optimizer: torch.optim.Optimizer, args: PretrainingArguments, num_training_steps: int
-) -> torch.optim.lr_scheduler.LambdaLR:
-    """transformers' ``get_scheduler(args.lr_scheduler_type)`` with :func:`resolve_warmup_steps` of warmup.
-
-    Stepped once per optimizer step. The min-lr schedules end at ``--min_learning_rate``, as a fraction of the
-    optimizer's default lr (so every parameter group ends at the same fraction of its own lr); a min lr above the
-    peak is lowered to the peak (a flat schedule, which :func:`resolve_learning_rate` warns about).
-    """
-    _check_choice("lr_scheduler_type", args.lr_scheduler_type, LR_SCHEDULER_CHOICES)
-    warmup = resolve_warmup_steps(args, num_training_steps)
-    scheduler_kwargs = None
-    if args.lr_scheduler_type in MIN_LR_SCHEDULERS:
-        peak = optimizer.defaults["lr"]
-        scheduler_kwargs = {"min_lr_rate": min(args.min_learning_rate, peak) / peak}
-    return get_scheduler(
-        args.lr_scheduler_type,
-        optimizer,
-        num_warmup_steps=warmup,
-        num_training_steps=num_training_steps,
-        scheduler_specific_kwargs=scheduler_kwargs,
-    )
-
-
-def check_report_to(report_to: str) -> list[str] | None:
-    """The trackers for ``Accelerator(log_with=...)``: None for ``"none"``, else the backends' names.
-
-    Raises:
-        ValueError: at start, when a requested backend (or, for ``"all"``, every backend) is not installed, rather
-            than a run that logs nothing.
-    """
-    _check_choice("report_to", report_to, REPORT_TO_CHOICES)
-    if report_to == "none":
-        return None
-    installed = [name for name in TRACKERS if _tracker_installed(name)]
-    if report_to == "all":
-        if not installed:
-            raise ValueError(
-                f"--report_to all found no tracker installed ({', '.join(TRACKERS)}): "
-                "pip install tensorboard (or wandb), or pass --report_to none."
-            )
-        return installed
-    if report_to not in installed:
-        raise ValueError(
-            f"--report_to {report_to} needs the {report_to} package: pip install {report_to}, or pass --report_to none."
-        )
-    return [report_to]
-
-
-def _tracker_installed(name: str) -> bool:
-    # Looked up at call time, so tests can patch the checks on this module.
-    return {"tensorboard": is_tensorboard_available, "wandb": is_wandb_available}[name]()
-
-
-def _hub_network_errors() -> tuple[type[BaseException], ...]:
-    """The errors of a failed Hub call: huggingface_hub's (all OSError) and the HTTP client's transport errors."""
-    errors: list[type[BaseException]] = [OSError]
-    for client in ("httpx2", "httpx"):  # huggingface_hub 2.x uses httpx2, 1.x httpx
-        with contextlib.suppress(ImportError):
-            errors.append(importlib.import_module(client).HTTPError)
-    return tuple(errors)
-
-
-def check_hub_access(args: PretrainingArguments) -> str | None:
-    """With ``--push_to_hub``, check the token and create the repo (or find it) now, before hours of training.
-
-    The repo is ``--hub_model_id``, else the name of ``--output_dir`` (in the token's namespace). Safe to call on
-    every rank (each exits with the same message) or only on the main process.
-
-    Returns:
-        The full repo id (``namespace/name``) to push to, or None without ``--push_to_hub``.
-
-    Raises:
-        SystemExit: with a one-line message (no traceback) when there is no token, the token is invalid or
-            read-only, the repo cannot be created or written, or the Hub cannot be reached (e.g. ``HF_HUB_OFFLINE``).
-    """
-    if not args.push_to_hub:
-        return None
-    import huggingface_hub
-    from huggingface_hub.errors import HFValidationError, LocalTokenNotFoundError
-
-    repo_id = args.hub_model_id or Path(args.output_dir).absolute().name
-    api = huggingface_hub.HfApi(token=args.token)
-    try:
-        identity = api.whoami()
-        role = identity.get("auth", {}).get("accessToken", {}).get("role")
-        if role == "read":
-            raise SystemExit(
-                f"--push_to_hub: the token of {identity.get('name', 'this user')} is read-only; pass a token with "
-                "write access (--token or `hf auth login`)."
-            )
-        repo_id = api.create_repo(repo_id, exist_ok=True).repo_id
-    except LocalTokenNotFoundError:
-        raise SystemExit(
-            "--push_to_hub needs a Hub token with write access: pass --token or run `hf auth login`."
-        ) from None
-    except HFValidationError as error:
-        raise SystemExit(f"--push_to_hub: {repo_id!r} is not a valid repo id ({_first_line(error)}).") from None
-    except _hub_network_errors() as error:
-        raise SystemExit(
-            f"--push_to_hub: cannot use the Hub repo {repo_id!r} ({type(error).__name__}: {_first_line(error)}). "
-            "Check the token and the network, or drop --push_to_hub."
-        ) from None
-    logger.info("Will push the final model to %s/%s", huggingface_hub.constants.ENDPOINT, repo_id)
-    return repo_id
-
-
-def _first_line(error: BaseException) -> str:
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return lines[0] if lines else "no details"

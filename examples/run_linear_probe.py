@@ -23,7 +23,8 @@ The reference code never shipped a linear-probe script (unilm issue 1574), so th
    cosine-similar training images, each voting for its class with weight `exp(similarity / temperature)`
    (temperature 0.07, the DINO protocol); the class with the largest summed vote wins; top-1 reported.
 
-Results go to `{output_dir}/probe_results.json`.
+Without an evaluation split, `--train_val_split` (default 0.15) of the training split is held out for evaluation,
+seeded by `--seed`. Results go to `{output_dir}/probe_results.json`.
 
     python examples/run_linear_probe.py --model_name_or_path path/to/beitv2-mim --dataset_name imagenet-1k \
         --output_dir probe-out --knn
@@ -42,11 +43,12 @@ from datasets import Image as ImageFeature
 from downstream import (
     IMAGE_COLUMN_CANDIDATES,
     LABEL_COLUMN_CANDIDATES,
+    ClassificationDataArguments,
     class_names,
     detect_column,
-    evaluation_image_processor,
+    first_examples,
     load_image_classification_data,
-    pretraining_normalisation,
+    prepare_splits,
 )
 from image_datasets import decode_or_skip, new_decode_counts
 from pretraining_arguments import parse_arguments
@@ -55,24 +57,19 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, BeitModel, set_seed
 
 from modeling_beitv2 import BeitV2ForMaskedImageModeling
+from processing.evaluation import evaluation_image_processor, saved_normalisation
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass
-class ProbeArguments:
+# Keyword-only: the required fields below follow the data flags' defaults (declared in `downstream`).
+@dataclass(kw_only=True)
+class ProbeArguments(ClassificationDataArguments):
+    """The shared classification data flags (the probe trains on `--train_split` and is evaluated on
+    `--validation_split`), plus the backbone, the pooling, the probe's optimisation and the k-NN vote."""
+
     model_name_or_path: str = field(metadata={"help": "BEiT v2 MIM checkpoint or native 'beit' checkpoint."})
     output_dir: str = field(metadata={"help": "Where probe_results.json goes."})
-    dataset_name: str | None = field(default=None, metadata={"help": "Dataset on the Hub or a local datasets folder."})
-    dataset_config_name: str | None = field(default=None, metadata={"help": "Configuration of the dataset."})
-    train_dir: str | None = field(default=None, metadata={"help": "Training images in class folders."})
-    validation_dir: str | None = field(default=None, metadata={"help": "Evaluation images in class folders."})
-    train_split: str = field(default="train", metadata={"help": "Split the probe is trained on."})
-    validation_split: str = field(default="validation", metadata={"help": "Split the probe is evaluated on."})
-    image_column_name: str | None = field(default=None, metadata={"help": "Image column; auto-detected if unset."})
-    label_column_name: str | None = field(default=None, metadata={"help": "Label column; auto-detected if unset."})
-    max_train_samples: int | None = field(default=None, metadata={"help": "Truncate the training split."})
-    max_eval_samples: int | None = field(default=None, metadata={"help": "Truncate the evaluation split."})
     pooling: str = field(
         default="auto",
         metadata={
@@ -234,25 +231,19 @@ def main() -> None:
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     set_seed(args.seed)
 
-    raw = load_image_classification_data(
-        args.dataset_name, args.dataset_config_name, args.train_dir, args.validation_dir
-    )
-    splits = {}
-    for role, name, limit in (
-        ("train", args.train_split, args.max_train_samples),
-        ("eval", args.validation_split, args.max_eval_samples),
-    ):
-        if name not in raw:
-            raise ValueError(f"Split {name!r} not found; available splits are {list(raw)}.")
-        split = raw[name]
-        splits[role] = split.select(range(min(limit, len(split)))) if limit is not None else split
+    raw = load_image_classification_data(args)
+    raw = prepare_splits(raw, args, args.seed, do_train=True, do_eval=True)
+    splits = {
+        "train": first_examples(raw[args.train_split], args.max_train_samples),
+        "eval": first_examples(raw[args.validation_split], args.max_eval_samples),
+    }
     columns = list(splits["train"].features)
     image_column = detect_column(columns, args.image_column_name, IMAGE_COLUMN_CANDIDATES, "image")
     label_column = detect_column(columns, args.label_column_name, LABEL_COLUMN_CANDIDATES, "label")
     num_classes = len(class_names(splits["train"], label_column))
 
     backbone = FrozenBackbone(args.model_name_or_path, args.pooling).to(args.device)
-    image_mean, image_std = pretraining_normalisation(args.model_name_or_path)
+    image_mean, image_std = saved_normalisation(args.model_name_or_path)
     processor = evaluation_image_processor(backbone.image_size, image_mean, image_std)
     train_features, train_labels = extract_features(
         backbone,

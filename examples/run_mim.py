@@ -25,26 +25,24 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from checkpointing import load_checkpoint, prepare_output_dir, resolve_checkpoint, restore_rng_states, save_checkpoint
-from image_datasets import dataloader_state_from_json, dataloader_state_to_json, image_counts, resume_dataloader
+from checkpoint_folders import prepare_output_dir, resolve_checkpoint
+from checkpointing import load_checkpoint, restore_rng_states, save_checkpoint
+from dataloader_state import dataloader_state_from_json, dataloader_state_to_json, image_counts, resume_dataloader
+from loop_monitors import MetricsWindow, NonFiniteGuard, StopSignal, sum_over_ranks, write_record
 from model_configs import mim_config, pretrained_config_updates
 from pretraining_arguments import (
     DataArguments,
     PretrainingArguments,
-    build_lr_scheduler,
-    check_hub_access,
+    check_choice,
     check_range,
     parse_arguments,
-    resolve_learning_rate,
-    resolve_training_steps,
 )
+from schedules import build_lr_scheduler, resolve_learning_rate, resolve_training_steps
+from startup_checks import check_hub_access
 from tqdm.auto import tqdm
 from training import (
     FROZEN_MODEL_PRECISIONS,
     PREEMPTED_EXIT_CODE,
-    MetricsWindow,
-    NonFiniteGuard,
-    StopSignal,
     build_accelerator,
     build_optimizer,
     end_training,
@@ -52,18 +50,18 @@ from training import (
     export_model,
     final_state,
     frozen_forward,
+    frozen_tokenizer_precision,
     gradient_norm,
     load_datasets,
     outside_zero3,
     stream_size,
-    sum_over_ranks,
     to_device,
     tracker_config,
     training_dataloader,
-    write_record,
 )
 from visual_tokenizers import VisualTokenizer, load_visual_tokenizer
 
+from model_cards import hub_reference
 from modeling_beitv2 import BEITV2_PRESETS, BeitV2Config, BeitV2ForMaskedImageModeling, DVAEModel, VQKDModel
 from modeling_beitv2.attention import BEIT_FLEX_ATTENTION
 from processing import BeitV2ImageProcessor
@@ -114,7 +112,7 @@ class MIMModelArguments:
         default="auto",
         metadata={
             "help": "Autocast of the frozen tokenizer: fp32, fp16 or bf16. auto: fp16 under --bf16/--fp16 (its codes "
-            "equal fp32's on 99.9% of patches, bf16's on 98.5%; see the README), fp32 otherwise."
+            "equal fp32's on 99.9%% of patches, bf16's on 98.5%%; see docs/pretraining.md), fp32 otherwise."
         },
     )
 
@@ -123,11 +121,7 @@ class MIMModelArguments:
         check_range("num_masking_patches", self.num_masking_patches, low=1)
         check_range("drop_path_rate", self.drop_path_rate, low=0, high=1, high_inclusive=False)
         check_range("image_size", self.image_size, low=1)
-        if self.frozen_model_precision not in FROZEN_MODEL_PRECISIONS:
-            raise ValueError(
-                f"--frozen_model_precision must be one of {', '.join(FROZEN_MODEL_PRECISIONS)}; "
-                f"got {self.frozen_model_precision!r}."
-            )
+        check_choice("frozen_model_precision", self.frozen_model_precision, FROZEN_MODEL_PRECISIONS)
         if self.attn_implementation not in (None, *ATTENTION_CHOICES):
             raise ValueError(
                 f"--attn_implementation must be one of {', '.join(ATTENTION_CHOICES)}; got {self.attn_implementation!r}."
@@ -195,16 +189,6 @@ def build_model(
     return model
 
 
-def tokenizer_precision(requested: str, mixed_precision: str) -> str:
-    """The frozen tokenizer's autocast. Labels are discrete, so agreement with fp32 is what counts: with fp16's
-    10-bit mantissa the codes of a base-size VQ-KD tokenizer equal fp32's on 99.9% of patches, with bf16's 7 bits on
-    98.5% (`benchmarks/bench_tokenizer_precision.py`), at the same speed; the official engine tokenizes under fp16
-    autocast too."""
-    if requested != "auto":
-        return requested
-    return "fp32" if mixed_precision == "no" else "fp16"
-
-
 def build_image_processor(args: MIMModelArguments, model_config: BeitV2Config, tokenizer) -> BeitV2ImageProcessor:
     settings = {
         "image_size": model_config.image_size,
@@ -217,11 +201,12 @@ def build_image_processor(args: MIMModelArguments, model_config: BeitV2Config, t
 
 
 def image_transform(processor: BeitV2ImageProcessor, augment: bool):
-    """`(image, rng) -> model inputs` for the data loaders: the crops (augmented for training), the mask."""
+    """`(image, rng) -> model inputs` for the data loaders: the crops (augmented for training), the mask, drawn
+    from the example's own generator `rng`."""
+    augmentation = processor.training_augmentation() if augment else None
 
     def transform(image, rng):
-        processor.set_seed(rng)
-        features = processor.preprocess(image, do_augment=augment, return_tensors="np")
+        features = processor.preprocess(image, augmentation=augmentation, rng=rng, return_tensors="np")
         return {name: features[name][0] for name in processor.model_input_names}
 
     return transform
@@ -281,7 +266,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     tokenize = frozen_forward(
         tokenizer.get_codebook_indices,
         accelerator,
-        precision=tokenizer_precision(model_args.frozen_model_precision, args.mixed_precision),
+        precision=frozen_tokenizer_precision(model_args.frozen_model_precision, args.mixed_precision),
         compile=args.torch_compile,
     )
 
@@ -385,10 +370,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             num_training_steps=num_training_steps,
             last_metrics=last_metrics,
             card_kind="mim",
-            card_fields={
-                "family": "beit" if model_args.beit_v1 else "beitv2",
-                "size": None if model_args.model_name_or_path else model_args.config_name,
-            },
+            card_fields={"base_model": hub_reference(model_args.model_name_or_path)},  # sizes: from the config
             repo_id=repo_id,
         )
     del model, optimizer, scheduler, dataloader, batches, eval_dataloader, guard  # see end_training

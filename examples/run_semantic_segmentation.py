@@ -17,7 +17,8 @@ drop path 0.1, relative position bias initialised from the pretraining table, fe
 Data, in ADE20K format: `--dataset_name` with an image and an annotation column (`scene_parse_150`), or
 `--data_dir` laid out like `ADEChallengeData2016` (`images/{training,validation}/*.jpg` and
 `annotations/{training,validation}/*.png`, same file stems). Annotation value 0 ("other") is ignored and
-classes 1..N become 0..N-1 (`--reduce_labels`, on by default as for ADE20K).
+classes 1..N become 0..N-1 (`--reduce_labels`, on by default as for ADE20K). With `--do_eval` and no evaluation
+split, `--train_val_split` (default 0.15) of the training split is held out, seeded by `--seed`.
 
 Augmentation (a simplification of mmsegmentation's pipeline): resize so that the shorter side is
 `crop_size * s`, `s ~ U[0.5, 2.0]`, random `crop_size` crop (padded with the ignore index), horizontal flip.
@@ -29,41 +30,45 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import evaluate
 import numpy as np
 import torch
 import transformers
 from datasets import Dataset, DatasetDict, load_dataset
 from datasets import Image as ImageFeature
 from downstream import (
-    LayerDecayTrainer,
-    SkipUnreadableImages,
+    FineTuningModelArguments,
+    LabelledDataArguments,
     detect_column,
+    fine_tuning_trainer,
+    first_examples,
+    load_metric,
     load_native_beit,
-    model_card_kwargs,
     parse_trainer_arguments,
-    pretraining_normalisation,
+    pixel_normaliser,
+    prepare_splits,
     train_evaluate_and_save,
 )
 from image_datasets import decode_or_skip, new_decode_counts
 from PIL import Image
 from transformers import (
     BeitConfig,
-    BeitImageProcessor,
     BeitModel,
     TrainingArguments,
     UperNetConfig,
     UperNetForSemanticSegmentation,
-    default_data_collator,
 )
 
+from processing.augmentation import SegmentationAugmentation
+from processing.evaluation import evaluation_image_processor, saved_normalisation
 from processing.random_state import ProcessLocalRNG
 
-METRICS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "metrics")
+if TYPE_CHECKING:
+    from transformers import BeitImageProcessor  # see `downstream`: imported for the annotation only
+
 IGNORE_INDEX = 255
 # Feature levels of the reference UperNet configs, by backbone depth.
 REFERENCE_OUT_INDICES = {12: [3, 5, 7, 11], 24: [7, 11, 15, 23]}
@@ -73,34 +78,30 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass
-class ModelArguments:
-    model_name_or_path: str = field(metadata={"help": "BEiT v2 MIM checkpoint or native 'beit' checkpoint."})
-    out_indices: list[int] | None = field(
-        default=None, metadata={"help": "Blocks (0-based) feeding the 4 UperNet levels; reference values by default."}
-    )
+class ModelArguments(FineTuningModelArguments):
+    """The shared fine-tuning model flags, plus the UperNet feature levels and auxiliary loss."""
+
+    # Redeclared for its default: the segmentation recipe always decays the lr by layer.
     layer_decay: float | None = field(
         default=0.75, metadata={"help": "Layer-wise lr decay (paper appendix G: 0.75-0.85); None: off."}
     )
-    drop_path_rate: float = field(default=0.1, metadata={"help": "Stochastic depth rate."})
+    out_indices: list[int] | None = field(
+        default=None, metadata={"help": "Blocks (0-based) feeding the 4 UperNet levels; reference values by default."}
+    )
     auxiliary_loss_weight: float = field(default=0.4, metadata={"help": "Weight of the auxiliary FCN head loss."})
-    cache_dir: str | None = field(default=None, metadata={"help": "Where to cache downloaded models and data."})
 
 
 @dataclass
-class DataArguments:
-    dataset_name: str | None = field(default=None, metadata={"help": "e.g. scene_parse_150, or a local folder."})
-    dataset_config_name: str | None = field(default=None, metadata={"help": "Configuration of the dataset."})
+class DataArguments(LabelledDataArguments):
+    """The shared data flags (`--dataset_name` e.g. scene_parse_150), plus an ADE20K-style folder, the annotation
+    column and its classes, and the crop size."""
+
     data_dir: str | None = field(default=None, metadata={"help": "ADEChallengeData2016-style folder."})
-    train_split: str = field(default="train", metadata={"help": "Training split name."})
-    validation_split: str = field(default="validation", metadata={"help": "Evaluation split name."})
-    image_column_name: str | None = field(default=None, metadata={"help": "Image column; auto-detected."})
     annotation_column_name: str | None = field(default=None, metadata={"help": "Annotation column; auto-detected."})
     num_labels: int = field(default=150, metadata={"help": "Classes after label reduction (150 for ADE20K)."})
     id2label_file: str | None = field(default=None, metadata={"help": "JSON {id: name}; names default to ids."})
     reduce_labels: bool = field(default=True, metadata={"help": "Annotation 0 -> ignore, k -> k - 1."})
     crop_size: int = field(default=512, metadata={"help": "Training crop and evaluation size."})
-    max_train_samples: int | None = field(default=None, metadata={"help": "Truncate the training set."})
-    max_eval_samples: int | None = field(default=None, metadata={"help": "Truncate the evaluation set."})
 
 
 def load_segmentation_data(data_args: DataArguments, cache_dir: str | None) -> DatasetDict:
@@ -187,31 +188,17 @@ def build_segmentation_model(
 
 
 def build_transforms(crop_size: int, reduce_labels: bool, image_processor: BeitImageProcessor, seed: int):
-    mean = np.asarray(image_processor.image_mean, np.float32)[:, None, None]
-    std = np.asarray(image_processor.image_std, np.float32)[:, None, None]
+    to_pixels = pixel_normaliser(image_processor)
+    # `datasets` transforms get no per-example generator: each process (rank, DataLoader worker) draws its own.
     rng = ProcessLocalRNG(seed)
+    augmentation = SegmentationAugmentation(crop_size, scale_range=(0.5, 2.0), ignore_index=IGNORE_INDEX)
 
     def normalise(image: Image.Image) -> torch.Tensor:
-        pixels = (np.asarray(image, np.float32).transpose(2, 0, 1) / 255.0 - mean) / std
-        return torch.from_numpy(np.ascontiguousarray(pixels))
+        return torch.from_numpy(np.ascontiguousarray(to_pixels(image)))
 
     def train_one(image: Image.Image, annotation: Image.Image) -> tuple[torch.Tensor, torch.Tensor]:
-        generator = rng.generator
-        labels = reduce_annotation(annotation, reduce_labels)
-        scale = crop_size * generator.uniform(0.5, 2.0) / min(image.size)
-        size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
-        image = image.resize(size, Image.BILINEAR)
-        labels = np.asarray(Image.fromarray(labels.astype(np.uint8)).resize(size, Image.NEAREST), np.int64)
-        pad_h, pad_w = max(0, crop_size - size[1]), max(0, crop_size - size[0])
-        pixels = np.pad(np.asarray(image), ((0, pad_h), (0, pad_w), (0, 0)))
-        labels = np.pad(labels, ((0, pad_h), (0, pad_w)), constant_values=IGNORE_INDEX)
-        top = int(generator.integers(0, pixels.shape[0] - crop_size + 1))
-        left = int(generator.integers(0, pixels.shape[1] - crop_size + 1))
-        pixels = pixels[top : top + crop_size, left : left + crop_size]
-        labels = labels[top : top + crop_size, left : left + crop_size]
-        if generator.random() < 0.5:
-            pixels, labels = pixels[:, ::-1], labels[:, ::-1]
-        return normalise(Image.fromarray(np.ascontiguousarray(pixels))), torch.from_numpy(labels.copy())
+        image, labels = augmentation(image, reduce_annotation(annotation, reduce_labels), rng.generator)
+        return normalise(image), torch.from_numpy(labels)
 
     def eval_one(image: Image.Image, annotation: Image.Image) -> tuple[torch.Tensor, torch.Tensor]:
         image = image.resize((crop_size, crop_size), Image.BILINEAR)
@@ -230,8 +217,15 @@ def main() -> None:
     training_args.batch_eval_metrics = True
 
     raw = load_segmentation_data(data_args, model_args.cache_dir)
-    reference_split = raw[data_args.train_split if training_args.do_train else data_args.validation_split]
-    columns = list(reference_split.features)
+    raw = prepare_splits(
+        raw,
+        data_args,
+        training_args.seed,
+        do_train=training_args.do_train,
+        do_eval=training_args.do_eval,
+        validation_flags="an images/validation folder under --data_dir",
+    )
+    columns = list(next(iter(raw.values())).features)  # every split has the same columns
     image_column = detect_column(columns, data_args.image_column_name, ("image", "img", "pixel_values"), "image")
     annotation_column = detect_column(
         columns, data_args.annotation_column_name, ("annotation", "label", "segmentation", "mask"), "annotation"
@@ -260,13 +254,14 @@ def main() -> None:
         auxiliary_loss_weight=model_args.auxiliary_loss_weight,
         drop_path_rate=model_args.drop_path_rate,
     )
-    image_mean, image_std = pretraining_normalisation(model_args.model_name_or_path, model_args.cache_dir)
-    image_processor = BeitImageProcessor(
-        size={"height": data_args.crop_size, "width": data_args.crop_size},
-        resample=Image.BILINEAR,
-        do_center_crop=False,
-        image_mean=list(image_mean),
-        image_std=list(image_std),
+    image_mean, image_std = saved_normalisation(model_args.model_name_or_path, cache_dir=model_args.cache_dir)
+    # The whole image resized to crop_size x crop_size (bilinear), as the evaluation below does.
+    image_processor = evaluation_image_processor(
+        data_args.crop_size,
+        image_mean,
+        image_std,
+        crop_pct=None,
+        resample="bilinear",
         do_reduce_labels=data_args.reduce_labels,
     )
     train_one, eval_one = build_transforms(
@@ -291,8 +286,7 @@ def main() -> None:
         return one(image, annotation)
 
     def with_transform(split, one, limit):
-        if limit is not None:
-            split = split.select(range(min(limit, len(split))))
+        split = first_examples(split, limit)
 
         def transform(batch):
             pairs = [
@@ -314,7 +308,7 @@ def main() -> None:
         else None
     )
 
-    mean_iou = evaluate.load(os.path.join(METRICS_DIR, "mean_iou"))
+    mean_iou = load_metric("mean_iou")
 
     @torch.no_grad()
     def compute_metrics(eval_prediction, compute_result: bool):
@@ -329,36 +323,17 @@ def main() -> None:
         result = mean_iou.compute(num_labels=data_args.num_labels, ignore_index=IGNORE_INDEX)
         return {key: result[key] for key in ("mean_iou", "mean_accuracy", "overall_accuracy")}
 
-    trainer = LayerDecayTrainer(
-        model=model,
-        args=training_args,
+    trainer = fine_tuning_trainer(
+        model,
+        model_args,
+        data_args,
+        training_args,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
-        processing_class=image_processor,
-        data_collator=SkipUnreadableImages(default_data_collator),
+        image_processor=image_processor,
         compute_metrics=compute_metrics,
-        layer_decay=model_args.layer_decay,
-        model_card={
-            "kind": "segmentation",
-            **model_card_kwargs(
-                model_args.model_name_or_path,
-                model.config.backbone_config,
-                training_args.output_dir,
-                training_args.hub_model_id,
-                data_args.dataset_name,
-                {
-                    "learning_rate": training_args.learning_rate,
-                    "max_steps": training_args.max_steps,
-                    "per_device_batch_size": training_args.per_device_train_batch_size,
-                    "weight_decay": training_args.weight_decay,
-                    "layer_decay": model_args.layer_decay,
-                    "drop_path_rate": model_args.drop_path_rate,
-                    "crop_size": data_args.crop_size,
-                    "out_indices": str(out_indices),
-                },
-                num_labels=data_args.num_labels,
-            ),
-        },
+        card_kind="segmentation",
+        card_settings={"crop_size": data_args.crop_size, "out_indices": str(out_indices)},
     )
     train_evaluate_and_save(trainer, training_args)
 

@@ -24,26 +24,24 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from checkpointing import load_checkpoint, prepare_output_dir, resolve_checkpoint, restore_rng_states, save_checkpoint
-from image_datasets import dataloader_state_from_json, dataloader_state_to_json, image_counts, resume_dataloader
+from checkpoint_folders import prepare_output_dir, resolve_checkpoint
+from checkpointing import load_checkpoint, restore_rng_states, save_checkpoint
+from dataloader_state import dataloader_state_from_json, dataloader_state_to_json, image_counts, resume_dataloader
+from loop_monitors import MetricsWindow, NonFiniteGuard, StopSignal, sum_over_ranks, write_record
 from model_configs import VQKD_CONFIG_ALIASES, pretrained_config_updates, vqkd_config
 from pretraining_arguments import (
     DataArguments,
     PretrainingArguments,
-    build_lr_scheduler,
-    check_hub_access,
+    check_choice,
     check_range,
     parse_arguments,
-    resolve_learning_rate,
-    resolve_training_steps,
 )
+from schedules import build_lr_scheduler, resolve_learning_rate, resolve_training_steps
+from startup_checks import check_hub_access
 from tqdm.auto import tqdm
 from training import (
     FROZEN_MODEL_PRECISIONS,
     PREEMPTED_EXIT_CODE,
-    MetricsWindow,
-    NonFiniteGuard,
-    StopSignal,
     build_accelerator,
     build_optimizer,
     end_training,
@@ -55,13 +53,12 @@ from training import (
     load_datasets,
     outside_zero3,
     stream_size,
-    sum_over_ranks,
     to_device,
     tracker_config,
     training_dataloader,
-    write_record,
 )
 
+from model_cards import hub_reference
 from modeling_beitv2 import VQKD_PRESETS, TeacherForPatchTargets, VQKDConfig, VQKDModel
 from processing import VQKDImageProcessor
 
@@ -98,7 +95,7 @@ class VQKDModelArguments:
     config_overrides: str | None = field(
         default=None,
         metadata={
-            "help": "Comma-separated key=value. Tokenizer keys (num_codes, code_dim, decay, beta, kmeans_init, "
+            "help": "Comma-separated key=value. Tokenizer keys (codebook_size, code_dim, decay, beta, kmeans_init, "
             "dead_code_threshold) apply to the tokenizer; other keys to both ViTs; 'encoder.' / 'decoder.' "
             "prefixes to one of them, e.g. 'hidden_size=32,num_attention_heads=2,decoder.num_hidden_layers=1'."
         },
@@ -116,11 +113,7 @@ class VQKDModelArguments:
 
     def __post_init__(self):
         check_range("image_size", self.image_size, low=1)
-        if self.frozen_model_precision not in FROZEN_MODEL_PRECISIONS:
-            raise ValueError(
-                f"--frozen_model_precision must be one of {', '.join(FROZEN_MODEL_PRECISIONS)}; "
-                f"got {self.frozen_model_precision!r}."
-            )
+        check_choice("frozen_model_precision", self.frozen_model_precision, FROZEN_MODEL_PRECISIONS)
 
 
 @dataclass
@@ -154,13 +147,13 @@ def build_model(args: VQKDModelArguments, teacher: TeacherForPatchTargets, hub_k
 
 
 def image_transform(processor: VQKDImageProcessor, augment: bool):
-    """`(image, rng) -> {"pixel_values"}` for the data loaders (augmented for training)."""
+    """`(image, rng) -> {"pixel_values"}` for the data loaders (augmented for training, drawing from the example's
+    own generator `rng`)."""
+    augmentation = processor.training_augmentation() if augment else None
 
     def transform(image, rng):
-        processor.set_seed(rng)
-        return {
-            "pixel_values": processor.preprocess(image, do_augment=augment, return_tensors="np")["pixel_values"][0]
-        }
+        features = processor.preprocess(image, augmentation=augmentation, rng=rng, return_tensors="np")
+        return {"pixel_values": features["pixel_values"][0]}
 
     return transform
 
@@ -175,7 +168,7 @@ def evaluate(accelerator, model, teach, dataloader) -> dict[str, float]:
     perplexity of the codes the held-out images get (eval mode: the codebook does not move)."""
     model = accelerator.unwrap_model(model)  # no DDP collectives: ranks may hold different numbers of batches
     totals = torch.zeros(3, device=accelerator.device)  # per-image sums of cosine and quantization loss, images
-    code_counts = torch.zeros(model.config.num_codes, device=accelerator.device)
+    code_counts = torch.zeros(model.config.codebook_size, device=accelerator.device)
     model.eval()
     for batch in dataloader:
         pixel_values = to_device(batch, accelerator.device)["pixel_values"]
@@ -326,12 +319,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             num_training_steps=num_training_steps,
             last_metrics=last_metrics,
             card_kind="vqkd",
-            card_fields={
-                "teacher": model_args.teacher_name_or_path,
-                "codebook_size": accelerator.unwrap_model(model).config.num_codes,
-                "size": None
-                if model_args.model_name_or_path
-                else VQKD_CONFIG_ALIASES.get(model_args.config_name, model_args.config_name).split("-")[0],
+            card_fields={  # sizes, codebook and preset: from the saved config
+                "teacher": hub_reference(model_args.teacher_name_or_path),
+                "base_model": hub_reference(model_args.model_name_or_path),
             },
             repo_id=repo_id,
         )

@@ -4,10 +4,15 @@
 Tokenizes a set of images with a VQ-KD tokenizer (or the DALL-E dVAE), groups the patches by code, and writes:
 
 - `code_{id}.png`: a grid of up to `--patches_per_code` patches assigned to that code, for the `--top_k` most used
-  codes or for the codes given with `--codes`;
+  codes or for the codes given with `--codes`, under a caption with the code id, how many patches it received and,
+  where the images have labels, the classes most of those patches come from;
 - `usage_histogram.png`: how many patches each code received, codes sorted by usage;
 - `codebook_usage.json`: the counts of every code, the fraction of the codebook used, the perplexity, and for each
-  drawn code where its patches come from (`[image_index, row, column]`, in grid order, row-major).
+  drawn code where its patches come from (`[image_index, row, column]`, in grid order, row-major) and, with labels,
+  its most frequent classes (`[class, patches]`).
+
+Labels exist for an image folder in the imagefolder layout (`root/class_name/image.png`): the class is the image's
+folder under the split. Other sources are read without labels.
 
 Each image is seen the way the tokenizer sees it at evaluation: the central square resized to the tokenizer's
 input size (bicubic for VQ-KD, lanczos for the dVAE), as [0, 1] pixels that the tokenizer maps to its own input
@@ -23,6 +28,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,8 +36,9 @@ from pathlib import Path
 import numpy as np
 import PIL.Image
 import torch
-from image_datasets import decode_or_skip, load_image_stream, new_decode_counts
-from plots import bar_chart
+from data_sources import list_image_files, load_image_stream
+from image_datasets import decode_or_skip, new_decode_counts
+from plots import bar_chart, captioned_image
 from transformers import HfArgumentParser
 from visual_tokenizers import VisualTokenizer, load_visual_tokenizer
 
@@ -63,6 +70,8 @@ class VisualizeArguments:
 
 
 GRID_PADDING = 2  # pixels of white between patches and around the grid
+CAPTION_HEIGHT = 40  # pixels of the caption strip above each code's grid
+CAPTION_CLASSES = 3  # most frequent classes named in a caption (and in codebook_usage.json)
 
 
 @dataclass
@@ -74,11 +83,22 @@ class CodebookUsage:
             image, before the pixel mapping.
         indices (`np.ndarray` of shape `(num_images, rows, columns)`, int64): the code of every patch.
         num_codes (`int`): size of the codebook.
+        labels (`np.ndarray` of shape `(num_images,)`, int64, *optional*): class of each image, an index into
+            `class_names`.
+        class_names (`list[str]`, *optional*): names of the classes, with `labels`.
     """
 
     views: np.ndarray
     indices: np.ndarray
     num_codes: int
+    labels: np.ndarray | None = None
+    class_names: list[str] | None = None
+
+    def __post_init__(self) -> None:
+        if (self.labels is None) != (self.class_names is None):
+            raise ValueError("Give both labels and class_names, or neither.")
+        if self.labels is not None and len(self.labels) != len(self.indices):
+            raise ValueError(f"Got {len(self.labels)} labels for {len(self.indices)} images.")
 
     @property
     def counts(self) -> np.ndarray:
@@ -106,6 +126,16 @@ class CodebookUsage:
         """`(cell, cell, 3)` uint8 pixels of one patch of the tokenizer's view."""
         cell = self.cell_size
         return self.views[image_index, row * cell : (row + 1) * cell, column * cell : (column + 1) * cell]
+
+    def top_classes(self, code: int, limit: int = CAPTION_CLASSES) -> list[tuple[str, int]]:
+        """Up to `limit` `(class name, number of patches)` of the classes whose images hold the most patches with
+        this code, most first (ties by class index); empty without labels."""
+        if self.labels is None:
+            return []
+        images = np.nonzero(self.indices == code)[0]  # one entry per patch
+        counts = np.bincount(self.labels[images], minlength=len(self.class_names))
+        order = np.lexsort((np.arange(len(counts)), -counts))
+        return [(self.class_names[label], int(counts[label])) for label in order[:limit] if counts[label] > 0]
 
     def locations(self, code: int, limit: int) -> list[tuple[int, int, int]]:
         """Up to `limit` `(image_index, row, column)` of patches with this code, spread over as many images as
@@ -140,8 +170,18 @@ def tokenize_views(
     return torch.cat(codes).numpy()
 
 
-def read_images(args: VisualizeArguments) -> list[PIL.Image.Image]:
-    """The first `--max_images` decodable images of the chosen source, streamed through `datasets`."""
+def folder_classes(train_dir: str, split: str) -> str | None:
+    """The split folder of an image folder whose images all lie in class folders below it, else None."""
+    files = list_image_files(train_dir, split)
+    if len(files) < 2:
+        return None
+    root = os.path.commonpath(files)
+    return root if all(os.path.dirname(path) != root for path in files) else None
+
+
+def read_images(args: VisualizeArguments) -> tuple[list[PIL.Image.Image], list[str] | None]:
+    """The first `--max_images` decodable images of the chosen source, streamed through `datasets`, and their
+    classes (the name of the class folder) when the source is an image folder of class folders, else None."""
     dataset, image_column = load_image_stream(
         args.dataset_name,
         args.dataset_config_name,
@@ -150,17 +190,21 @@ def read_images(args: VisualizeArguments) -> list[PIL.Image.Image]:
         split=args.dataset_split,
         image_column_name=args.image_column_name,
     )
-    images, counts = [], new_decode_counts()
+    class_root = folder_classes(args.train_dir, args.dataset_split) if args.train_dir else None
+    images, labels, counts = [], [], new_decode_counts()
     for example in dataset:
-        image = decode_or_skip(example[image_column], counts)
+        value = example[image_column]
+        image = decode_or_skip(value, counts)
         if image is None:
             continue
         images.append(image)
+        if class_root is not None:
+            labels.append(os.path.relpath(value["path"], class_root).split(os.sep)[0])
         if len(images) == args.max_images:
             break
     if not images:
         raise ValueError("The image source yielded no decodable image.")
-    return images
+    return images, labels if class_root is not None else None
 
 
 def code_grid(usage: CodebookUsage, locations: list[tuple[int, int, int]], columns: int, display: int) -> np.ndarray:
@@ -190,6 +234,14 @@ def choose_codes(usage: CodebookUsage, codes: list[int] | None, top_k: int) -> l
     return [int(code) for code in order[:top_k] if counts[code] > 0]
 
 
+def code_caption(code: int, count: int, top_classes: list[tuple[str, int]]) -> str:
+    """`code 12: 345 patches`, and a second line `stripes 60%, dots 25%` (shares of the code's patches) with labels."""
+    caption = f"code {code}: {count} patch{'es' if count != 1 else ''}"
+    if top_classes:
+        caption += "\n" + ", ".join(f"{name} {patches / count:.0%}" for name, patches in top_classes)
+    return caption
+
+
 def write_visualization(usage: CodebookUsage, args: VisualizeArguments) -> dict:
     """Write the grids, the histogram and `codebook_usage.json` into `args.output_dir`; return the JSON content."""
     if args.patches_per_code < 1:
@@ -205,8 +257,12 @@ def write_visualization(usage: CodebookUsage, args: VisualizeArguments) -> dict:
             logger.warning("Code %d was assigned to no patch of these images; no grid written.", code)
             continue
         grid = code_grid(usage, locations, columns, args.patch_display_size)
-        PIL.Image.fromarray(grid).save(output_dir / f"code_{code}.png")
+        top_classes = usage.top_classes(code)
+        captioned_image(grid, output_dir / f"code_{code}.png", code_caption(code, int(counts[code]), top_classes),
+                        caption_height=CAPTION_HEIGHT)  # fmt: skip
         drawn[str(code)] = {"count": int(counts[code]), "patches": [list(location) for location in locations]}
+        if usage.labels is not None:
+            drawn[str(code)]["top_classes"] = [list(entry) for entry in top_classes]
     bar_chart(
         sorted(counts.tolist(), reverse=True),
         output_dir / "usage_histogram.png",
@@ -225,6 +281,7 @@ def write_visualization(usage: CodebookUsage, args: VisualizeArguments) -> dict:
         "perplexity": usage.perplexity,
         "grid_columns": columns,
         "patch_display_size": args.patch_display_size,
+        "labelled": usage.labels is not None,
         "counts": counts.tolist(),
         "drawn_codes": drawn,
     }
@@ -238,9 +295,13 @@ def main(argv: list[str] | None = None) -> dict:
     )
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     tokenizer = load_visual_tokenizer(args.tokenizer_name_or_path).to(args.device)
-    views = np.stack([tokenizer_view(image, tokenizer) for image in read_images(args)])
+    images, classes = read_images(args)
+    views = np.stack([tokenizer_view(image, tokenizer) for image in images])
     num_codes = tokenizer.codebook_size
-    usage = CodebookUsage(views, tokenize_views(tokenizer, views, args.batch_size, args.device), num_codes)
+    class_names = sorted(set(classes)) if classes is not None else None
+    labels = np.asarray([class_names.index(name) for name in classes]) if classes is not None else None
+    codes = tokenize_views(tokenizer, views, args.batch_size, args.device)
+    usage = CodebookUsage(views, codes, num_codes, labels, class_names)
     summary = write_visualization(usage, args)
     logger.info(
         "%d images, %d/%d codes used (%.1f%%), perplexity %.1f; wrote %d grids to %s",

@@ -4,7 +4,13 @@ Importing this package registers the model types with transformers' Auto classes
 that `save_pretrained` also writes their code (loadable with `trust_remote_code=True` without this package).
 """
 
-from transformers import AutoConfig, AutoModel, AutoModelForMaskedImageModeling
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForImageClassification,
+    AutoModelForMaskedImageModeling,
+    AutoModelForSemanticSegmentation,
+)
 
 from .attention import (
     BEIT_FLEX_ATTENTION,
@@ -15,8 +21,10 @@ from .attention import (
 )
 from .configuration_beitv2 import BEITV2_PRESETS, BeitV2Config
 from .configuration_dvae import DVAEConfig
+from .configuration_pixel_decoder import VQKDPixelDecoderConfig
 from .configuration_vqkd import VQKD_PRESETS, VQKDConfig
 from .export_native import convert_mim_to_native_beit
+from .export_required import BeitV2NeedsNativeExport
 from .modeling_beitv2 import (
     BeitV2ForMaskedImageModeling,
     BeitV2MaskedImageModelingOutput,
@@ -24,6 +32,7 @@ from .modeling_beitv2 import (
     BeitV2PreTrainedModel,
 )
 from .modeling_dvae import DVAEModel, DVAEOutput
+from .modeling_pixel_decoder import VQKDPixelDecoder, VQKDPixelDecoderOutput
 from .modeling_vqkd import VQKDModel, VQKDOutput
 from .quantizer import NormEMAVectorQuantizer, QuantizerOutput
 from .teachers import TeacherForPatchTargets
@@ -31,10 +40,17 @@ from .teachers import TeacherForPatchTargets
 AutoConfig.register(BeitV2Config.model_type, BeitV2Config, exist_ok=True)
 AutoModel.register(BeitV2Config, BeitV2Model, exist_ok=True)
 AutoModelForMaskedImageModeling.register(BeitV2Config, BeitV2ForMaskedImageModeling, exist_ok=True)
+# A pretraining checkpoint loaded as a task model gets an error naming the native export, not a generic one.
+AutoModelForImageClassification.register(BeitV2Config, BeitV2NeedsNativeExport, exist_ok=True)
+AutoModelForSemanticSegmentation.register(BeitV2Config, BeitV2NeedsNativeExport, exist_ok=True)
 BeitV2Config.register_for_auto_class()
 BeitV2Model.register_for_auto_class("AutoModel")
 BeitV2ForMaskedImageModeling.register_for_auto_class("AutoModelForMaskedImageModeling")
-for _config_class, _model_class in ((VQKDConfig, VQKDModel), (DVAEConfig, DVAEModel)):
+for _config_class, _model_class in (
+    (VQKDConfig, VQKDModel),
+    (DVAEConfig, DVAEModel),
+    (VQKDPixelDecoderConfig, VQKDPixelDecoder),
+):
     AutoConfig.register(_config_class.model_type, _config_class, exist_ok=True)
     AutoModel.register(_config_class, _model_class, exist_ok=True)
     _config_class.register_for_auto_class()
@@ -53,10 +69,14 @@ __all__ = [
     "VQKDConfig",
     "VQKDModel",
     "VQKDOutput",
+    "VQKDPixelDecoder",
+    "VQKDPixelDecoderConfig",
+    "VQKDPixelDecoderOutput",
     "VQKD_PRESETS",
     "BeitV2Config",
     "BeitV2ForMaskedImageModeling",
     "BeitV2MaskedImageModelingOutput",
+    "BeitV2NeedsNativeExport",
     "BeitV2Model",
     "BeitV2PreTrainedModel",
     "convert_mim_to_native_beit",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 from huggingface_hub.dataclasses import strict
@@ -21,10 +22,13 @@ VQKD_VIT_DEFAULTS: dict[str, Any] = dict(
     attention_probs_dropout_prob=0.0,
     drop_path_rate=0.0,
 )
-_VIT_SIZES: dict[str, dict[str, Any]] = {
+# The named ViT sizes of the tokenizer's encoder (the decoder takes the encoder's width).
+VQKD_VIT_SIZES: dict[str, dict[str, Any]] = {
     "tiny": dict(hidden_size=192, num_hidden_layers=12, num_attention_heads=3, intermediate_size=768),
     "base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
 }
+
+_DEFAULT_PATCH_SIZE = 16
 
 # One table for the named tokenizers: (encoder size, decoder depth). The decoder has the encoder's width.
 VQKD_PRESETS: dict[str, dict[str, Any]] = {
@@ -34,9 +38,17 @@ VQKD_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def vqkd_encoder_config(size: str = "base", image_size: int = 224, patch_size: int = 16, **overrides: Any) -> dict:
+def vqkd_encoder_config(
+    size: str = "base", image_size: int = 224, patch_size: int = _DEFAULT_PATCH_SIZE, **overrides: Any
+) -> dict:
     """Keyword arguments of the encoder `BeitConfig` for a named ViT size."""
-    return {**VQKD_VIT_DEFAULTS, **_VIT_SIZES[size], "image_size": image_size, "patch_size": patch_size, **overrides}
+    return {
+        **VQKD_VIT_DEFAULTS,
+        **VQKD_VIT_SIZES[size],
+        "image_size": image_size,
+        "patch_size": patch_size,
+        **overrides,
+    }
 
 
 def vqkd_decoder_config(
@@ -45,7 +57,7 @@ def vqkd_decoder_config(
     """Keyword arguments of the decoder `BeitConfig`: a ViT with patch size 1 over the `grid_size` grid of codes."""
     return {
         **VQKD_VIT_DEFAULTS,
-        **_VIT_SIZES[size],
+        **VQKD_VIT_SIZES[size],
         "num_hidden_layers": num_layers,
         "image_size": grid_size,
         "patch_size": 1,
@@ -73,7 +85,8 @@ class VQKDConfig(PreTrainedConfig):
             The decoder ViT. Defaults to 3 base-width layers with patch size 1 over the encoder's grid of codes
             (`num_channels == code_dim`) and the encoder's defaults otherwise ([`vqkd_decoder_config`]); the keys
             of a dict override these defaults.
-        num_codes (`int`, defaults to 8192): codebook size.
+        codebook_size (`int`, defaults to 8192): number of codes (visual tokens). Configs saved before the rename
+            spell it `num_codes`; they still load, with a `FutureWarning`.
         code_dim (`int`, defaults to 32): dimension of the codes.
         decay (`float`, defaults to 0.99): EMA decay of the codebook.
         beta (`float`, defaults to 1.0): weight of the commitment loss.
@@ -92,11 +105,13 @@ class VQKDConfig(PreTrainedConfig):
     ```"""
 
     model_type = "beitv2_vqkd"
+    # Earlier argument names -> current ones; the earlier names still load, with a FutureWarning.
+    renamed_arguments = {"num_codes": "codebook_size"}
     sub_configs_defaults = {"encoder_config": BeitConfig, "decoder_config": BeitConfig}
 
     encoder_config: dict | BeitConfig | None = None
     decoder_config: dict | BeitConfig | None = None
-    num_codes: int = 8192
+    codebook_size: int = 8192
     code_dim: int = 32
     decay: float = 0.99
     beta: float = 1.0
@@ -106,6 +121,13 @@ class VQKDConfig(PreTrainedConfig):
     initializer_range: float = 0.02
 
     def __post_init__(self, **kwargs: Any) -> None:
+        # config.json files saved before a rename still hold the earlier name.
+        for old, new in self.renamed_arguments.items():
+            if old in kwargs:
+                warnings.warn(
+                    f"VQKDConfig's `{old}` is renamed `{new}`; `{old}` will be removed.", FutureWarning, stacklevel=3
+                )
+                setattr(self, new, kwargs.pop(old))
         # Missing or partial sub-configs are completed with the tokenizer's defaults here: `BeitConfig` would fill
         # in its own (no position embeddings, no final LayerNorm, layer scale, eps 1e-12), silently another model.
         # A saved config lists every key, so reloading one is unaffected. Checks are here rather than in
@@ -151,15 +173,28 @@ class VQKDConfig(PreTrainedConfig):
         return rows * cols
 
     @classmethod
-    def from_preset(cls, name: str, image_size: int = 224, **overrides: Any) -> VQKDConfig:
-        """Build a config from a named tokenizer (`base-decoder3`, `base-decoder1`, `tiny-decoder1`)."""
+    def from_preset(
+        cls, name: str, image_size: int = 224, patch_size: int | None = None, **overrides: Any
+    ) -> VQKDConfig:
+        """Build a config from a named tokenizer (`base-decoder3`, `base-decoder1`, `tiny-decoder1`).
+
+        Args:
+            name: a key of `VQKD_PRESETS`.
+            image_size: side of the encoder's input images.
+            patch_size: the encoder's patch size (a tokenizer trained against a teacher takes the teacher's); the
+                decoder then covers the `image_size // patch_size` grid of codes. Defaults to 16, the paper's.
+            overrides: other `VQKDConfig` arguments (`codebook_size`, `code_dim`, `teacher_dim`, ...).
+        """
         if name not in VQKD_PRESETS:
             raise ValueError(f"Unknown preset {name!r}; choose one of {sorted(VQKD_PRESETS)}.")
+        patch_size = _DEFAULT_PATCH_SIZE if patch_size is None else patch_size
+        if patch_size < 1 or image_size % patch_size:
+            raise ValueError(f"image_size {image_size} is not a multiple of patch_size {patch_size}.")
         preset = VQKD_PRESETS[name]
-        code_dim = overrides.get("code_dim", 32)
-        encoder = vqkd_encoder_config(preset["size"], image_size=image_size)
+        code_dim = overrides.get("code_dim", cls.code_dim)
+        encoder = vqkd_encoder_config(preset["size"], image_size=image_size, patch_size=patch_size)
         decoder = vqkd_decoder_config(
-            preset["size"], num_layers=preset["decoder_layers"], grid_size=image_size // 16, code_dim=code_dim
+            preset["size"], num_layers=preset["decoder_layers"], grid_size=image_size // patch_size, code_dim=code_dim
         )
         return cls(**{"encoder_config": encoder, "decoder_config": decoder, **overrides})
 

@@ -53,7 +53,10 @@ def convert_mim_to_native_beit(
     config_dict = source_config.to_dict()
     # Backbone feature selection is recomputed from `out_indices`/`out_features` overrides, if any.
     derived = ("model_type", "architectures", "auto_map", "transformers_version", "out_features", "out_indices")
-    for key in (*_MIM_ONLY_CONFIG_KEYS, *derived, "stage_names"):
+    # A pretraining config's labels are transformers' two placeholders: the export takes its labels from
+    # `config_overrides` only (else `num_labels=1000` would contradict a 2-entry `id2label`).
+    labels = ("id2label", "label2id", "num_labels")
+    for key in (*_MIM_ONLY_CONFIG_KEYS, *derived, *labels, "stage_names"):
         config_dict.pop(key, None)
     config_dict.update(
         use_mask_token=False,

@@ -28,7 +28,7 @@ class DVAEOutput(ModelOutput):
     Output of [`DVAEModel.forward`].
 
     Args:
-        logits (`torch.FloatTensor` of shape `(batch_size, vocab_size, rows, cols)`): encoder logits over the codes.
+        logits (`torch.FloatTensor` of shape `(batch_size, codebook_size, rows, cols)`): encoder logits over the codes.
         codebook_indices (`torch.LongTensor` of shape `(batch_size, rows * cols)`): argmax codes.
         reconstruction (`torch.FloatTensor` of shape `(batch_size, 3, height, width)`): decoded pixels in [0, 1].
     """
@@ -71,7 +71,7 @@ def _group(blocks: list[tuple[str, nn.Module]], resample: tuple[str, nn.Module] 
 
 
 class DVAEEncoder(nn.Module):
-    """Image `(batch, 3, H, W)` -> logits `(batch, vocab_size, H / 8, W / 8)`."""
+    """Image `(batch, 3, H, W)` -> logits `(batch, codebook_size, H / 8, W / 8)`."""
 
     def __init__(self, config: DVAEConfig) -> None:
         super().__init__()
@@ -93,7 +93,7 @@ class DVAEEncoder(nn.Module):
             (
                 "output",
                 nn.Sequential(
-                    OrderedDict([("relu", nn.ReLU()), ("conv", DVAEConv2d(8 * n_hid, config.vocab_size, 1))])
+                    OrderedDict([("relu", nn.ReLU()), ("conv", DVAEConv2d(8 * n_hid, config.codebook_size, 1))])
                 ),
             )
         )
@@ -104,7 +104,7 @@ class DVAEEncoder(nn.Module):
 
 
 class DVAEDecoder(nn.Module):
-    """One-hot codes `(batch, vocab_size, h, w)` -> pixel-distribution statistics `(batch, 6, 8 h, 8 w)`."""
+    """One-hot codes `(batch, codebook_size, h, w)` -> pixel-distribution statistics `(batch, 6, 8 h, 8 w)`."""
 
     def __init__(self, config: DVAEConfig) -> None:
         super().__init__()
@@ -112,7 +112,7 @@ class DVAEDecoder(nn.Module):
         num_layers = _GROUP_COUNT * n_blk
         widths = [config.decoder_init_channels, 8 * n_hid, 4 * n_hid, 2 * n_hid, n_hid]
         groups: list[tuple[str, nn.Module]] = [
-            ("input", DVAEConv2d(config.vocab_size, config.decoder_init_channels, 1))
+            ("input", DVAEConv2d(config.codebook_size, config.decoder_init_channels, 1))
         ]
         for g in range(_GROUP_COUNT):
             blocks = [
@@ -165,7 +165,7 @@ class DVAEModel(DVAEPreTrainedModel):
     ```python
     >>> import torch
     >>> from modeling_beitv2 import DVAEConfig, DVAEModel
-    >>> model = DVAEModel(DVAEConfig(vocab_size=64, hidden_size=16, num_blocks_per_group=1, image_size=32))
+    >>> model = DVAEModel(DVAEConfig(codebook_size=64, hidden_size=16, num_blocks_per_group=1, image_size=32))
     >>> model.get_codebook_indices(torch.rand(2, 3, 32, 32)).shape
     torch.Size([2, 16])
     ```
@@ -180,7 +180,7 @@ class DVAEModel(DVAEPreTrainedModel):
     @property
     def codebook_size(self) -> int:
         """Number of visual tokens (codebook entries)."""
-        return self.config.vocab_size
+        return self.config.codebook_size
 
     @property
     def image_size(self) -> int:
@@ -203,7 +203,7 @@ class DVAEModel(DVAEPreTrainedModel):
         return ((pixels - eps) / (1 - 2 * eps)).clamp(0, 1)
 
     def encode(self, pixel_values: torch.Tensor) -> torch.FloatTensor:
-        """[0, 1] pixels `(batch, 3, H, W)` -> code logits `(batch, vocab_size, H / 8, W / 8)`."""
+        """[0, 1] pixels `(batch, 3, H, W)` -> code logits `(batch, codebook_size, H / 8, W / 8)`."""
         if pixel_values.ndim != 4 or pixel_values.shape[1] != self.config.num_channels:
             raise ValueError(
                 f"Expected pixel_values of shape (batch, {self.config.num_channels}, height, width), "
@@ -221,11 +221,11 @@ class DVAEModel(DVAEPreTrainedModel):
         Codes `(batch, rows * cols)` (a square grid) -> pixels `(batch, 3, 8 rows, 8 cols)` in [0, 1]: the sigmoid of
         the decoder's first 3 output channels (the means of its logit-Laplace distribution), unmapped.
         """
-        batch_size, num_codes = indices.shape
-        side = int(round(num_codes**0.5))
-        if side * side != num_codes:
-            raise ValueError(f"decode expects a square grid of codes per image, got {num_codes}.")
-        one_hot = nn.functional.one_hot(indices.view(batch_size, side, side), self.config.vocab_size)
+        batch_size, num_positions = indices.shape
+        side = int(round(num_positions**0.5))
+        if side * side != num_positions:
+            raise ValueError(f"decode expects a square grid of codes per image, got {num_positions}.")
+        one_hot = nn.functional.one_hot(indices.view(batch_size, side, side), self.config.codebook_size)
         statistics = self.decoder(one_hot.permute(0, 3, 1, 2).to(self.decoder.blocks.input.weight.dtype))
         return self.unmap_pixels(torch.sigmoid(statistics[:, : self.config.num_channels]))
 

@@ -161,7 +161,7 @@ class VQKDModel(VQKDPreTrainedModel):
     ```python
     >>> import torch
     >>> from modeling_beitv2 import VQKDConfig, VQKDModel
-    >>> config = VQKDConfig.from_preset("tiny-decoder1", image_size=32, num_codes=64, kmeans_init=False)
+    >>> config = VQKDConfig.from_preset("tiny-decoder1", image_size=32, codebook_size=64, kmeans_init=False)
     >>> model = VQKDModel(config).eval()
     >>> model.get_codebook_indices(torch.rand(2, 3, 32, 32)).shape
     torch.Size([2, 4])
@@ -176,7 +176,7 @@ class VQKDModel(VQKDPreTrainedModel):
             nn.Linear(encoder_width, encoder_width), nn.Tanh(), nn.Linear(encoder_width, config.code_dim)
         )
         self.quantizer = NormEMAVectorQuantizer(
-            num_codes=config.num_codes,
+            codebook_size=config.codebook_size,
             code_dim=config.code_dim,
             decay=config.decay,
             beta=config.beta,
@@ -192,7 +192,7 @@ class VQKDModel(VQKDPreTrainedModel):
     @property
     def codebook_size(self) -> int:
         """Number of visual tokens (codebook entries)."""
-        return self.config.num_codes
+        return self.config.codebook_size
 
     @property
     def image_size(self) -> int:

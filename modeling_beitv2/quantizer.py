@@ -4,7 +4,7 @@ Compared with the reference implementation (unilm `beit2/norm_ema_quantizer.py`)
 same codebook update, but:
 
 * nearest codes come from chunked matmuls, and the EMA update from `bincount`/`index_add_` — no one-hot
-  `(num_vectors, num_codes)` matrix and no full `(num_vectors, num_codes)` distance matrix is ever built;
+  `(num_vectors, codebook_size)` matrix and no full `(num_vectors, codebook_size)` distance matrix is ever built;
 * under `torch.distributed`, k-means init runs once on the batch gathered from all ranks and is broadcast (the
   reference initialises every rank from its own local batch, so ranks start from different codebooks);
 * an optional dead-code restart re-seeds rarely used codes from vectors of the current (global) batch;
@@ -92,7 +92,7 @@ def nearest_code_indices(
 
     Args:
         vectors (`torch.Tensor` of shape `(num_vectors, code_dim)`)
-        codebook (`torch.Tensor` of shape `(num_codes, code_dim)`)
+        codebook (`torch.Tensor` of shape `(codebook_size, code_dim)`)
 
     Returns:
         `torch.LongTensor` of shape `(num_vectors,)`.
@@ -150,11 +150,11 @@ class NormEMAVectorQuantizer(nn.Module):
 
     In eval mode only `cluster_size` moves. Everything runs in fp32 with autocast off.
 
-    Buffers: `codebook` `(num_codes, code_dim)`, `cluster_size` `(num_codes,)` (EMA of per-step usage counts),
+    Buffers: `codebook` `(codebook_size, code_dim)`, `cluster_size` `(codebook_size,)` (EMA of per-step usage counts),
     `initted` `()` (whether the k-means init has run).
 
     Args:
-        num_codes (`int`): size of the codebook.
+        codebook_size (`int`): size of the codebook.
         code_dim (`int`): dimension of each code.
         decay (`float`): EMA decay of the codebook and of the usage statistics.
         beta (`float`): weight of the commitment loss.
@@ -172,7 +172,7 @@ class NormEMAVectorQuantizer(nn.Module):
 
     def __init__(
         self,
-        num_codes: int = 8192,
+        codebook_size: int = 8192,
         code_dim: int = 32,
         decay: float = 0.99,
         beta: float = 1.0,
@@ -186,7 +186,7 @@ class NormEMAVectorQuantizer(nn.Module):
             raise ValueError(f"decay must lie in [0, 1), got {decay}.")
         if dead_code_threshold < 0:
             raise ValueError(f"dead_code_threshold must be >= 0, got {dead_code_threshold}.")
-        self.num_codes = num_codes
+        self.codebook_size = codebook_size
         self.code_dim = code_dim
         self.decay = decay
         self.beta = beta
@@ -194,8 +194,8 @@ class NormEMAVectorQuantizer(nn.Module):
         self.dead_code_threshold = dead_code_threshold
         self.kmeans_iters = kmeans_iters
         self.chunk_size = chunk_size
-        self.register_buffer("codebook", torch.empty(num_codes, code_dim))
-        self.register_buffer("cluster_size", torch.zeros(num_codes))
+        self.register_buffer("codebook", torch.empty(codebook_size, code_dim))
+        self.register_buffer("cluster_size", torch.zeros(codebook_size))
         self.register_buffer("initted", torch.tensor(False))
         # Host-side copy of `initted` once it has been seen True (see `_is_initialised`).
         self._seen_initialised = False
@@ -271,7 +271,7 @@ class NormEMAVectorQuantizer(nn.Module):
     def _kmeans_init(self, flat: torch.Tensor) -> None:
         samples = _all_gather_rows(flat)
         if _distributed_world_size() == 1 or dist.get_rank() == 0:
-            centres, counts = cosine_kmeans(samples, self.num_codes, self.kmeans_iters, self.chunk_size)
+            centres, counts = cosine_kmeans(samples, self.codebook_size, self.kmeans_iters, self.chunk_size)
             self.codebook.copy_(centres)
             self.cluster_size.copy_(counts)
         _broadcast_from_rank0(self.codebook)
@@ -282,9 +282,9 @@ class NormEMAVectorQuantizer(nn.Module):
     @torch.no_grad()
     def _update(self, flat: torch.Tensor, indices: torch.Tensor) -> dict[str, torch.Tensor]:
         world_size = _distributed_world_size()
-        counts = torch.bincount(indices, minlength=self.num_codes).to(flat.dtype)
+        counts = torch.bincount(indices, minlength=self.codebook_size).to(flat.dtype)
         if self.training:
-            sums = flat.new_zeros(self.num_codes, self.code_dim).index_add_(0, indices, flat)
+            sums = flat.new_zeros(self.codebook_size, self.code_dim).index_add_(0, indices, flat)
             # One all-reduce for both: sums in the first code_dim columns, counts in the last.
             reduced = torch.cat([sums, counts.unsqueeze(1)], dim=1)
             if world_size > 1:

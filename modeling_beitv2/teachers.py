@@ -18,12 +18,14 @@ import inspect
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoImageProcessor, AutoModel, CLIPVisionModelWithProjection, PreTrainedModel
+from transformers import AutoConfig, AutoModel, CLIPVisionModelWithProjection, PreTrainedModel
+from transformers.image_processing_base import ImageProcessingMixin
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 IMAGENET_MEAN, IMAGENET_STD = tuple(IMAGENET_DEFAULT_MEAN), tuple(IMAGENET_DEFAULT_STD)
 
 _CLIP_MODEL_TYPES = ("clip", "clip_vision_model")
+_HUB_KWARGS = ("cache_dir", "revision", "token", "local_files_only", "force_download", "subfolder")
 
 
 class TeacherForPatchTargets(nn.Module):
@@ -59,16 +61,22 @@ class TeacherForPatchTargets(nn.Module):
         The normalisation is read from the image processor saved with the model; without one it falls back to the
         OpenAI CLIP constants for CLIP models and to the ImageNet ones otherwise.
         """
-        config = AutoConfig.from_pretrained(name_or_path)
+        # Where to read from (cache, revision, token) applies to the config and the processor too, not only the weights.
+        hub_kwargs = {key: kwargs[key] for key in _HUB_KWARGS if key in kwargs}
+        config = AutoConfig.from_pretrained(name_or_path, **hub_kwargs)
         is_clip = config.model_type in _CLIP_MODEL_TYPES
         model_class = CLIPVisionModelWithProjection if is_clip else AutoModel
         model = model_class.from_pretrained(name_or_path, **kwargs)
         try:
-            processor = AutoImageProcessor.from_pretrained(name_or_path)
-            image_mean, image_std = tuple(processor.image_mean), tuple(processor.image_std)
-        except (OSError, ValueError, AttributeError, TypeError):
+            # Only the statistics are needed: reading the saved dict does not build a processor (whose class may need
+            # torchvision, or fall back to another backend with a warning).
+            processor_dict, _ = ImageProcessingMixin.get_image_processor_dict(name_or_path, **hub_kwargs)
+        except OSError:
+            processor_dict = {}
+        image_mean, image_std = processor_dict.get("image_mean"), processor_dict.get("image_std")
+        if image_mean is None or image_std is None:
             image_mean, image_std = (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD) if is_clip else (IMAGENET_MEAN, IMAGENET_STD)
-        return cls(model, image_mean, image_std)
+        return cls(model, tuple(image_mean), tuple(image_std))
 
     def train(self, mode: bool = True) -> TeacherForPatchTargets:
         # A teacher never leaves eval mode, even inside a model put in training mode.

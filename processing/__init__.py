@@ -1,6 +1,10 @@
 """
 Data processing for BEiT v2 / BEiT: mask generators, augmentation (PIL + numpy), image processors, collators.
 
+Training augmentations (`augmentation.py`) are callables `augmentation(image, rng)` that draw from an explicit numpy
+generator; the image processors are deterministic and hold each setting once (`processor.training_augmentation()`
+builds the matching augmentation from them).
+
 Importing this package registers `VQKDImageProcessor` and `BeitV2ImageProcessor` with `AutoImageProcessor` (so a
 saved processor folder loads with `AutoImageProcessor.from_pretrained(folder)`), and marks them for custom-code
 export (so `save_pretrained` also writes `auto_map` and copies this package's processor files, which lets
@@ -9,16 +13,22 @@ export (so `save_pretrained` also writes `auto_map` and copies this package's pr
 
 from transformers import AutoImageProcessor
 
+from .augmentation import (
+    ClassificationAugmentation,
+    SegmentationAugmentation,
+    SingleViewAugmentation,
+    TwoViewAugmentation,
+)
 from .collators import DataCollatorForMaskedImageModeling, MixupCutmixCollator
 from .image_processing_beitv2 import BeitV2ImageProcessor
 from .image_processing_vqkd import VQKDImageProcessor
 from .masking import BlockwiseMaskGenerator, RandomMaskGenerator
+from .rand_augment import RandAugment
 from .random_state import ProcessLocalRNG
 from .transforms import (
     CenterCrop,
     ColorJitter,
     Compose,
-    RandAugment,
     RandomErasing,
     RandomHorizontalFlip,
     RandomResizedCrop,
@@ -38,6 +48,7 @@ __all__ = [
     "BeitV2ImageProcessor",
     "BlockwiseMaskGenerator",
     "CenterCrop",
+    "ClassificationAugmentation",
     "ColorJitter",
     "Compose",
     "DataCollatorForMaskedImageModeling",
@@ -49,6 +60,9 @@ __all__ = [
     "RandomMaskGenerator",
     "RandomResizedCrop",
     "Resize",
+    "SegmentationAugmentation",
+    "SingleViewAugmentation",
+    "TwoViewAugmentation",
     "TwoViewRandomResizedCrop",
     "VQKDImageProcessor",
     "convert_to_rgb",

@@ -12,19 +12,21 @@ import torch
 from .random_state import ProcessLocalRNG
 
 
-def _stack(values: Sequence, dtype: torch.dtype) -> torch.Tensor:
-    return torch.stack([torch.as_tensor(np.asarray(v) if not isinstance(v, torch.Tensor) else v) for v in values]).to(
-        dtype
-    )
+def _stack(values: Sequence, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Stacks arrays, tensors or numbers along a new batch axis, cast to `dtype` if given (else their own)."""
+    stacked = torch.stack([v if isinstance(v, torch.Tensor) else torch.as_tensor(np.asarray(v)) for v in values])
+    return stacked if dtype is None else stacked.to(dtype)
 
 
 class DataCollatorForMaskedImageModeling:
     """
-    Stacks per-example outputs of `BeitV2ImageProcessor` (or `VQKDImageProcessor`) into batch tensors.
+    Stacks per-example outputs of `BeitV2ImageProcessor` (or `VQKDImageProcessor`) into batch tensors: the collator
+    of the pretraining scripts' data loaders.
 
-    Each example is a mapping with `pixel_values` `(3, H, W)` and optionally `tokenizer_pixel_values` `(3, h, w)`,
-    `bool_masked_pos` `(num_patches,)` and `labels` (int). Returns a dict of tensors: float32 pixel values of shape
-    `(batch, 3, H, W)` / `(batch, 3, h, w)`, bool `bool_masked_pos` of shape `(batch, num_patches)`, int64 `labels`.
+    The model inputs get fixed dtypes and shapes: float32 `pixel_values` `(batch, 3, H, W)` and
+    `tokenizer_pixel_values` `(batch, 3, h, w)`, bool `bool_masked_pos` `(batch, num_patches)`, int64 `labels`
+    `(batch,)`. Any other field is stacked as it comes (numbers and arrays keep their dtype), except strings (e.g.
+    an `example_id` kept to audit which examples a rank reads), which stay a list.
     """
 
     _dtypes = {
@@ -33,28 +35,32 @@ class DataCollatorForMaskedImageModeling:
         "bool_masked_pos": torch.bool,
         "labels": torch.long,
     }
+    # Dimensions of one example's entry, so a batched processor output passed per example fails clearly.
+    _example_ndim = {"pixel_values": 3, "tokenizer_pixel_values": 3, "bool_masked_pos": 1}
 
-    def __call__(self, examples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    def __call__(self, examples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor | list[str]]:
         if len(examples) == 0:
             raise ValueError("Cannot collate an empty list of examples")
-        if "pixel_values" not in examples[0]:
-            raise ValueError(f"Examples must have 'pixel_values', got keys {sorted(examples[0])}")
-        batch = {}
-        for name, dtype in self._dtypes.items():
-            if name not in examples[0]:
-                continue
+        names = list(examples[0])
+        for example in examples[1:]:
+            if set(example) != set(names):
+                raise ValueError(f"All examples must have the same fields, got {sorted(names)} and {sorted(example)}")
+        batch: dict[str, torch.Tensor | list[str]] = {}
+        for name in names:
             values = [example[name] for example in examples]
+            if isinstance(values[0], str):
+                batch[name] = list(values)
+                continue
             shapes = {tuple(np.shape(v)) for v in values}
             if len(shapes) > 1:
                 raise ValueError(f"All '{name}' entries must have the same shape, got {sorted(shapes)}")
-            batch[name] = _stack(values, dtype)
-        expected_ndim = {"pixel_values": 4, "tokenizer_pixel_values": 4, "bool_masked_pos": 2}
-        for name, ndim in expected_ndim.items():
-            if name in batch and batch[name].ndim != ndim:
+            ndim = self._example_ndim.get(name)
+            if ndim is not None and len(next(iter(shapes))) != ndim:
                 raise ValueError(
-                    f"'{name}' of one example must have {ndim - 1} dimensions, got shape "
-                    f"{tuple(batch[name].shape[1:])} (call the processor without return_tensors per example)"
+                    f"'{name}' of one example must have {ndim} dimensions, got shape {next(iter(shapes))} (call the "
+                    "processor without return_tensors per example, or take entry [0] of its output)"
                 )
+            batch[name] = _stack(values, self._dtypes.get(name))
         return batch
 
 

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
-
 import numpy as np
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.image_processing_utils import BaseImageProcessor
@@ -12,15 +9,14 @@ from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from transformers.processing_utils import ImagesKwargs
 from transformers.utils import logging
 
+from .augmentation import TwoViewAugmentation
 from .masking import BlockwiseMaskGenerator, RandomMaskGenerator
-from .random_state import ProcessLocalRNG
-from .settings_cache import SettingsCache
+from .processor_settings import REMOVED_SEED_MESSAGE, check_augmentation_overrides, check_call_settings, resolve_rng
 from .transforms import (
-    ColorJitter,
-    RandomHorizontalFlip,
-    TwoViewRandomResizedCrop,
+    RandomResizedCrop,
     center_square_box,
     make_image_list,
+    resample_filter,
     to_float_array,
     to_pil_image,
 )
@@ -31,6 +27,37 @@ IMAGENET_MEAN, IMAGENET_STD = tuple(IMAGENET_DEFAULT_MEAN), tuple(IMAGENET_DEFAU
 # A setting of earlier versions: the tokenizer view is now plain [0, 1] and each tokenizer maps it itself.
 _REMOVED_TOKENIZER_PIXEL_MAPPING = "tokenizer_pixel_mapping"
 _MASK_TYPES = ("blockwise", "random")
+# The settings `_build_mask_generator` reads.
+_MASK_SETTINGS = (
+    "image_size",
+    "patch_size",
+    "mask_type",
+    "mask_ratio",
+    "num_masking_patches",
+    "min_num_patches",
+    "max_num_patches",
+    "min_aspect",
+    "max_aspect",
+)
+# The settings `preprocess` reads (evaluation views, normalisation, mask); each can be overridden for one call.
+_PREPROCESS_SETTINGS = (
+    "interpolation",
+    "image_mean",
+    "image_std",
+    "tokenizer_image_size",
+    "tokenizer_interpolation",
+    *_MASK_SETTINGS,
+)
+# The settings `training_augmentation` reads, by TwoViewAugmentation's argument names.
+_AUGMENTATION_SETTINGS = (
+    "image_size",
+    "tokenizer_image_size",
+    "crop_scale",
+    "crop_ratio",
+    "interpolation",
+    "tokenizer_interpolation",
+    "color_jitter",
+)
 
 
 class BeitV2ImageProcessorKwargs(ImagesKwargs, total=False):
@@ -49,7 +76,6 @@ class BeitV2ImageProcessorKwargs(ImagesKwargs, total=False):
     crop_scale: tuple[float, float]
     crop_ratio: tuple[float, float]
     color_jitter: float
-    seed: int
 
 
 class BeitV2ImageProcessor(BaseImageProcessor):
@@ -58,9 +84,14 @@ class BeitV2ImageProcessor(BaseImageProcessor):
 
     - Evaluation (default): the central square (side = shorter side) resized to `image_size` (backbone) and to
       `tokenizer_image_size` (tokenizer), i.e. "resize shorter side, center-crop" with one resampling per view.
-    - Training (`do_augment=True`), the reference recipe: ColorJitter(`color_jitter` for brightness, contrast and
-      saturation; no hue), horizontal flip (p = 0.5), then ONE random resized crop box (`crop_scale`, `crop_ratio`)
-      resampled to both views.
+    - Training: `processor(images, augmentation=processor.training_augmentation(), rng=generator)`, where
+      `training_augmentation()` is the reference recipe built from this processor's settings (a
+      `TwoViewAugmentation`): ColorJitter(`color_jitter` for brightness, contrast and saturation; no hue), horizontal
+      flip (p = 0.5), then ONE random resized crop box (`crop_scale`, `crop_ratio`) resampled to both views.
+
+    The processor holds no random state: the mask (and the augmentation) draw from the `rng` of the call, and a call
+    without one uses a fixed seed, so the same call gives the same output. For training, give each call (or each
+    example) its own generator, e.g. one per example derived from the run seed and the example's position.
 
     The default is BEiT v2; `BeitV2ImageProcessor.for_beit_v1()` gives BEiT v1's settings.
 
@@ -79,11 +110,10 @@ class BeitV2ImageProcessor(BaseImageProcessor):
         crop_scale (`tuple[float, float]`, defaults to `(0.2, 1.0)`): Area range of the training crop.
         crop_ratio (`tuple[float, float]`, defaults to `(3/4, 4/3)`): Aspect-ratio range of the training crop.
         color_jitter (`float`, defaults to 0.4): Brightness/contrast/saturation jitter strength in training.
-        seed (`int` or `numpy.random.Generator`, *optional*): Seed of the RNG shared by augmentation and masking
-            (not saved; independent per DataLoader worker, see `ProcessLocalRNG`).
 
-    Settings can be changed afterwards (`processor.mask_ratio = 0.5`) or for one call (`processor(images,
-    mask_ratio=0.5)`), as with transformers' processors.
+    Settings can be changed afterwards (`processor.mask_ratio = 0.5`) or, for the settings `preprocess` reads, for
+    one call (`processor(images, mask_ratio=0.5)`), as with transformers' processors. The training-only settings
+    (`crop_scale`, `crop_ratio`, `color_jitter`) are overridden in `training_augmentation(crop_scale=...)`.
 
     Calling it returns a `BatchFeature` with, per image:
         - `pixel_values`: `(3, image_size, image_size)` float32, normalised with `image_mean`/`image_std`;
@@ -116,7 +146,6 @@ class BeitV2ImageProcessor(BaseImageProcessor):
         crop_scale: tuple[float, float] = (0.2, 1.0),
         crop_ratio: tuple[float, float] = (3 / 4, 4 / 3),
         color_jitter: float = 0.4,
-        seed: int | np.random.Generator | None = None,
         **kwargs,
     ):
         if _REMOVED_TOKENIZER_PIXEL_MAPPING in kwargs:
@@ -126,6 +155,10 @@ class BeitV2ImageProcessor(BaseImageProcessor):
                 "[0, 1] pixels, which VQKDModel and DVAEModel map to their own input range."
             )
             kwargs.pop(_REMOVED_TOKENIZER_PIXEL_MAPPING)
+        if "seed" in kwargs:
+            # Earlier versions took it (never saved it); kept out of the attributes so it is not saved now either.
+            logger.warning(REMOVED_SEED_MESSAGE)
+            kwargs.pop("seed")
         super().__init__(**kwargs)
         self.image_size = int(image_size)
         self.patch_size = int(patch_size)
@@ -144,10 +177,9 @@ class BeitV2ImageProcessor(BaseImageProcessor):
         self.crop_scale = [float(v) for v in crop_scale]
         self.crop_ratio = [float(v) for v in crop_ratio]
         self.color_jitter = float(color_jitter)
-        self._rng = ProcessLocalRNG(seed)
-        # Built from the settings at use time, so attribute changes and per-call settings take effect.
-        self._transforms = SettingsCache(_TRANSFORM_SETTINGS, _build_transforms)
-        self._transforms.get(self)  # bad settings fail here rather than at the first image
+        # Bad settings fail here rather than at the first image.
+        _build_mask_generator(**{name: getattr(self, name) for name in _MASK_SETTINGS})
+        self.training_augmentation()
 
     @classmethod
     def for_beit_v1(cls, **kwargs) -> BeitV2ImageProcessor:
@@ -167,85 +199,94 @@ class BeitV2ImageProcessor(BaseImageProcessor):
 
     @property
     def mask_generator(self) -> BlockwiseMaskGenerator | RandomMaskGenerator:
-        """The mask generator built from the current masking settings; `preprocess` draws with the processor's RNG."""
-        return self._transforms.get(self).mask_generator
+        """The mask generator of the current masking settings (`preprocess` draws from it with the call's `rng`)."""
+        return _build_mask_generator(**{name: getattr(self, name) for name in _MASK_SETTINGS})
 
     @property
     def num_patches(self) -> int:
-        return self._transforms.get(self).mask_generator.num_patches
+        return self.mask_generator.num_patches
 
-    def set_seed(self, seed: int | np.random.Generator | None) -> None:
-        """Restarts the RNG shared by augmentation and masking from `seed`."""
-        self._rng = ProcessLocalRNG(seed)
+    def training_augmentation(self, **overrides) -> TwoViewAugmentation:
+        """
+        The pretraining augmentation of this processor's current settings, as a `TwoViewAugmentation` to pass to
+        `preprocess(images, augmentation=..., rng=...)`.
 
-    def to_dict(self) -> dict[str, Any]:
-        # Private attributes are runtime state (RNG, transform objects) rebuilt from the public settings.
-        return {key: value for key, value in super().to_dict().items() if not key.startswith("_")}
+        Args:
+            overrides: Any of `image_size`, `tokenizer_image_size`, `crop_scale`, `crop_ratio`, `interpolation`,
+                `tokenizer_interpolation`, `color_jitter`, for this augmentation only.
+        """
+        check_augmentation_overrides(overrides, _AUGMENTATION_SETTINGS)
+        return TwoViewAugmentation(
+            **{name: overrides.get(name, getattr(self, name)) for name in _AUGMENTATION_SETTINGS}
+        )
 
     def preprocess(
-        self, images, do_augment: bool = False, return_tensors: str | None = None, **settings
+        self,
+        images,
+        augmentation: TwoViewAugmentation | None = None,
+        rng: np.random.Generator | int | None = None,
+        return_tensors: str | None = None,
+        **settings,
     ) -> BatchFeature:
         """
         Args:
             images: One image or a list/batch of images (PIL, numpy, torch; any PIL mode; any size).
-            do_augment (`bool`, defaults to `False`): Training augmentation instead of the evaluation crop.
+            augmentation (`Callable[[PIL.Image.Image, numpy.random.Generator], tuple[PIL.Image.Image,
+                PIL.Image.Image]]`, *optional*): Produces the backbone and tokenizer views of each image, e.g.
+                `self.training_augmentation()`; by default the deterministic evaluation views.
+            rng (`numpy.random.Generator` or `int`, *optional*): Generator of the augmentation and the masks (or its
+                seed), drawn from image after image; by default a generator with a fixed seed, so that the same call
+                gives the same output.
             return_tensors (`str`, *optional*): "np" or "pt" to stack the batch; `None` returns a list per image.
-            settings: Any constructor setting except `seed` (e.g. `mask_ratio=0.5`), for this call only.
+            settings: Any of the settings `preprocess` reads (e.g. `mask_ratio=0.5`), for this call only: the
+                view sizes and filters, `image_mean`, `image_std`, `patch_size` and the masking settings.
         """
-        mean = np.asarray(settings.pop("image_mean", self.image_mean), dtype=np.float32)[:, None, None]
-        std = np.asarray(settings.pop("image_std", self.image_std), dtype=np.float32)[:, None, None]
-        transforms = self._transforms.get(self, **settings)
-        rng = self._rng.generator
+        check_call_settings(settings, _PREPROCESS_SETTINGS, _AUGMENTATION_SETTINGS, type(self).__name__)
+        current = {name: settings.get(name, getattr(self, name)) for name in _PREPROCESS_SETTINGS}
+        mask_generator = _build_mask_generator(**{name: current[name] for name in _MASK_SETTINGS})
+        mean = np.asarray(current["image_mean"], dtype=np.float32)[:, None, None]
+        std = np.asarray(current["image_std"], dtype=np.float32)[:, None, None]
+        sizes = {"backbone": int(current["image_size"]), "tokenizer": int(current["tokenizer_image_size"])}
+        resample = {
+            "backbone": resample_filter(current["interpolation"]),
+            "tokenizer": resample_filter(current["tokenizer_interpolation"]),
+        }
+        rng = resolve_rng(rng)
         outputs = {name: [] for name in self.model_input_names}
         for raw in make_image_list(images):
             image = to_pil_image(raw)
-            if do_augment:
-                image = transforms.flip(transforms.color_jitter(image, rng), rng)
-                view, tokenizer_view = transforms.two_view_crop(image, rng)
+            if augmentation is None:
+                box = center_square_box(*image.size)
+                views = [RandomResizedCrop.resized_crop(image, box, (sizes[v],) * 2, resample[v]) for v in sizes]
             else:
-                view, tokenizer_view = transforms.two_view_crop.apply_box(image, center_square_box(*image.size))
-            outputs["pixel_values"].append((to_float_array(view) - mean) / std)
-            outputs["tokenizer_pixel_values"].append(to_float_array(tokenizer_view))
-            outputs["bool_masked_pos"].append(transforms.mask_generator(rng).reshape(-1))
+                views = _checked_views(augmentation(image, rng), sizes)
+            outputs["pixel_values"].append((to_float_array(views[0]) - mean) / std)
+            outputs["tokenizer_pixel_values"].append(to_float_array(views[1]))
+            outputs["bool_masked_pos"].append(mask_generator(rng).reshape(-1))
         if return_tensors is not None:
             outputs = {name: np.stack(values) for name, values in outputs.items()}
         return BatchFeature(data=outputs, tensor_type=return_tensors)
 
 
-@dataclass(frozen=True)
-class _Transforms:
-    mask_generator: BlockwiseMaskGenerator | RandomMaskGenerator
-    color_jitter: ColorJitter
-    flip: RandomHorizontalFlip
-    two_view_crop: TwoViewRandomResizedCrop
+def _checked_views(views, sizes: dict[str, int]) -> tuple:
+    """The augmentation's two views, checked against the sizes the mask grid and the models expect."""
+    if not isinstance(views, (tuple, list)) or len(views) != 2:
+        raise ValueError(
+            "The augmentation must return two views (backbone, tokenizer), as TwoViewAugmentation does; got "
+            f"{type(views).__name__}"
+        )
+    for view, (name, size) in zip(views, sizes.items(), strict=True):
+        if view.size != (size, size):
+            raise ValueError(
+                f"The augmentation's {name} view is {view.size[0]}x{view.size[1]}, but the processor's {name} size is "
+                f"{size}: build the augmentation with processor.training_augmentation() after changing sizes."
+            )
+    return views
 
 
-# What `_build_transforms` reads; `image_mean`/`image_std` are applied directly in `preprocess`.
-_TRANSFORM_SETTINGS = (
-    "image_size",
-    "patch_size",
-    "interpolation",
-    "tokenizer_image_size",
-    "tokenizer_interpolation",
-    "mask_type",
-    "mask_ratio",
-    "num_masking_patches",
-    "min_num_patches",
-    "max_num_patches",
-    "min_aspect",
-    "max_aspect",
-    "crop_scale",
-    "crop_ratio",
-    "color_jitter",
-)
-
-
-def _build_transforms(
+def _build_mask_generator(
     image_size: int,
     patch_size: int,
-    interpolation: str,
-    tokenizer_image_size: int,
-    tokenizer_interpolation: str,
     mask_type: str,
     mask_ratio: float,
     num_masking_patches: int | None,
@@ -253,32 +294,14 @@ def _build_transforms(
     max_num_patches: int | None,
     min_aspect: float,
     max_aspect: float | None,
-    crop_scale: tuple[float, float],
-    crop_ratio: tuple[float, float],
-    color_jitter: float,
-) -> _Transforms:
+) -> BlockwiseMaskGenerator | RandomMaskGenerator:
     if image_size % patch_size != 0:
         raise ValueError(f"image_size ({image_size}) must be a multiple of patch_size ({patch_size})")
     if mask_type not in _MASK_TYPES:
         raise ValueError(f"mask_type must be one of {_MASK_TYPES}, got {mask_type!r}")
     grid = (image_size // patch_size,) * 2
     if mask_type == "blockwise":
-        mask_generator = BlockwiseMaskGenerator(
+        return BlockwiseMaskGenerator(
             grid, mask_ratio, num_masking_patches, min_num_patches, max_num_patches, min_aspect, max_aspect
         )
-    else:
-        mask_generator = RandomMaskGenerator(grid, mask_ratio, num_masking_patches)
-    color_jitter = float(color_jitter)
-    return _Transforms(
-        mask_generator=mask_generator,
-        color_jitter=ColorJitter(color_jitter, color_jitter, color_jitter),
-        flip=RandomHorizontalFlip(0.5),
-        two_view_crop=TwoViewRandomResizedCrop(
-            int(image_size),
-            int(tokenizer_image_size),
-            tuple(crop_scale),
-            tuple(crop_ratio),
-            interpolation,
-            tokenizer_interpolation,
-        ),
-    )
+    return RandomMaskGenerator(grid, mask_ratio, num_masking_patches)

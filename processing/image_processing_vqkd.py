@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -11,18 +10,9 @@ from transformers.feature_extraction_utils import BatchFeature
 from transformers.image_processing_utils import BaseImageProcessor
 from transformers.processing_utils import ImagesKwargs
 
-from .random_state import ProcessLocalRNG
-from .settings_cache import SettingsCache
-from .transforms import (
-    CenterCrop,
-    Compose,
-    RandomHorizontalFlip,
-    RandomResizedCrop,
-    Resize,
-    make_image_list,
-    to_float_array,
-    to_pil_image,
-)
+from .augmentation import SingleViewAugmentation
+from .processor_settings import REMOVED_SEED_MESSAGE, check_augmentation_overrides, check_call_settings, resolve_rng
+from .transforms import CenterCrop, Compose, Resize, make_image_list, to_float_array, to_pil_image
 
 
 class VQKDImageProcessorKwargs(ImagesKwargs, total=False):
@@ -30,13 +20,17 @@ class VQKDImageProcessorKwargs(ImagesKwargs, total=False):
     interpolation: str
     crop_scale: tuple[float, float]
     crop_ratio: tuple[float, float]
-    seed: int
+    crop_pct: float
 
 
 logger = logging.getLogger(__name__)
 # Normalisation that processors of earlier versions saved: they mapped the pixels to [-1, 1] for VQ-KD, which the
 # tokenizer now does itself.
 _EARLIER_VERSION_NORMALISATION = [0.5, 0.5, 0.5]
+# The settings `preprocess` reads (evaluation view, normalisation); each can be overridden for one call.
+_PREPROCESS_SETTINGS = ("image_size", "interpolation", "crop_pct", "image_mean", "image_std")
+# The settings `training_augmentation` reads, by SingleViewAugmentation's argument names.
+_AUGMENTATION_SETTINGS = ("image_size", "crop_scale", "crop_ratio", "interpolation")
 
 
 class VQKDImageProcessor(BaseImageProcessor):
@@ -46,8 +40,13 @@ class VQKDImageProcessor(BaseImageProcessor):
 
     - Evaluation (default), the reference's validation transform: the shorter side resized to
       `int(image_size / crop_pct)`, then the central `image_size` square.
-    - Training (`do_augment=True`): RandomResizedCrop(`image_size`, `crop_scale`, `crop_ratio`) then a horizontal
-      flip with probability 0.5, the VQ-KD training recipe.
+    - Training: `processor(images, augmentation=processor.training_augmentation(), rng=generator)`, where
+      `training_augmentation()` is the VQ-KD training recipe of this processor's settings (a
+      `SingleViewAugmentation`): RandomResizedCrop(`image_size`, `crop_scale`, `crop_ratio`) then a horizontal flip
+      with probability 0.5.
+
+    The processor holds no random state: the augmentation draws from the `rng` of the call (a fixed seed when none
+    is given).
 
     Args:
         image_size (`int`, defaults to 224): Output side length.
@@ -59,11 +58,10 @@ class VQKDImageProcessor(BaseImageProcessor):
         crop_ratio (`tuple[float, float]`, defaults to `(3/4, 4/3)`): Aspect-ratio range of the training crop.
         crop_pct (`float`, *optional*): Evaluation crop fraction; by default the reference's rule, 224/256 below
             384 px and 1.0 from 384 px.
-        seed (`int` or `numpy.random.Generator`, *optional*): Seed of the augmentation RNG (not saved; independent
-            per DataLoader worker, see `ProcessLocalRNG`).
 
-    Settings can be changed afterwards (`processor.image_size = 112`) or for one call (`processor(images,
-    image_size=112)`), as with transformers' processors.
+    Settings can be changed afterwards (`processor.image_size = 112`) or, for the settings `preprocess` reads, for
+    one call (`processor(images, image_size=112)`), as with transformers' processors. The training-only settings
+    (`crop_scale`, `crop_ratio`) are overridden in `training_augmentation(crop_scale=...)`.
 
     Calling it on images (PIL, numpy `(H, W[, C])`/`(C, H, W)`, torch, or a list of them, any PIL mode) returns a
     `BatchFeature` with `pixel_values`: a list of `(3, image_size, image_size)` float32 arrays, or one stacked
@@ -98,9 +96,12 @@ class VQKDImageProcessor(BaseImageProcessor):
         crop_scale: tuple[float, float] = (0.08, 1.0),
         crop_ratio: tuple[float, float] = (3 / 4, 4 / 3),
         crop_pct: float | None = None,
-        seed: int | np.random.Generator | None = None,
         **kwargs,
     ):
+        if "seed" in kwargs:
+            # Earlier versions took it (never saved it); kept out of the attributes so it is not saved now either.
+            logger.warning(REMOVED_SEED_MESSAGE)
+            kwargs.pop("seed")
         super().__init__(**kwargs)
         self.image_size = int(image_size)
         self.interpolation = interpolation
@@ -109,69 +110,73 @@ class VQKDImageProcessor(BaseImageProcessor):
         self.crop_scale = [float(v) for v in crop_scale]
         self.crop_ratio = [float(v) for v in crop_ratio]
         self.crop_pct = crop_pct
-        self._rng = ProcessLocalRNG(seed)
-        self._flip = RandomHorizontalFlip(0.5)
-        # Built from the settings at use time, so attribute changes and per-call settings take effect.
-        self._views = SettingsCache(_VIEW_SETTINGS, _build_views)
-        self._views.get(self)  # bad settings fail here rather than at the first image
+        # Bad settings fail here rather than at the first image.
+        _evaluation_view(self.image_size, self.interpolation, self.crop_pct)
+        self.training_augmentation()
 
-    def set_seed(self, seed: int | np.random.Generator | None) -> None:
-        """Restarts the augmentation RNG from `seed`."""
-        self._rng = ProcessLocalRNG(seed)
+    def training_augmentation(self, **overrides) -> SingleViewAugmentation:
+        """
+        The VQ-KD training augmentation of this processor's current settings, as a `SingleViewAugmentation` to pass
+        to `preprocess(images, augmentation=..., rng=...)`.
 
-    def to_dict(self) -> dict[str, Any]:
-        # Private attributes are runtime state (RNG, transform objects) rebuilt from the public settings.
-        return {key: value for key, value in super().to_dict().items() if not key.startswith("_")}
+        Args:
+            overrides: Any of `image_size`, `crop_scale`, `crop_ratio`, `interpolation`, for this augmentation only.
+        """
+        check_augmentation_overrides(overrides, _AUGMENTATION_SETTINGS)
+        return SingleViewAugmentation(
+            **{name: overrides.get(name, getattr(self, name)) for name in _AUGMENTATION_SETTINGS}
+        )
 
     def preprocess(
-        self, images, do_augment: bool = False, return_tensors: str | None = None, **settings
+        self,
+        images,
+        augmentation: SingleViewAugmentation | None = None,
+        rng: np.random.Generator | int | None = None,
+        return_tensors: str | None = None,
+        **settings,
     ) -> BatchFeature:
         """
         Args:
             images: One image or a list/batch of images (PIL, numpy, torch).
-            do_augment (`bool`, defaults to `False`): Training augmentation instead of the evaluation crop.
+            augmentation (`Callable[[PIL.Image.Image, numpy.random.Generator], PIL.Image.Image]`, *optional*):
+                Produces the view of each image, e.g. `self.training_augmentation()`; by default the deterministic
+                evaluation view.
+            rng (`numpy.random.Generator` or `int`, *optional*): Generator of the augmentation (or its seed), drawn
+                from image after image; by default a generator with a fixed seed.
             return_tensors (`str`, *optional*): "np" or "pt" to stack the batch; `None` returns a list per image.
-            settings: Any constructor setting except `seed` (e.g. `image_size=112`), for this call only.
+            settings: Any of `image_size`, `interpolation`, `crop_pct`, `image_mean`, `image_std`, for this call
+                only.
         """
-        mean = np.asarray(settings.pop("image_mean", self.image_mean), dtype=np.float32)[:, None, None]
-        std = np.asarray(settings.pop("image_std", self.image_std), dtype=np.float32)[:, None, None]
-        views = self._views.get(self, **settings)
-        rng = self._rng.generator
+        check_call_settings(settings, _PREPROCESS_SETTINGS, _AUGMENTATION_SETTINGS, type(self).__name__)
+        current = {name: settings.get(name, getattr(self, name)) for name in _PREPROCESS_SETTINGS}
+        mean = np.asarray(current["image_mean"], dtype=np.float32)[:, None, None]
+        std = np.asarray(current["image_std"], dtype=np.float32)[:, None, None]
+        size = int(current["image_size"])
+        evaluation_view = _evaluation_view(size, current["interpolation"], current["crop_pct"])
+        rng = resolve_rng(rng)
         pixel_values = []
         for raw in make_image_list(images):
             image = to_pil_image(raw)
-            if do_augment:
-                image = self._flip(views.training_crop(image, rng), rng)
+            if augmentation is None:
+                image = evaluation_view(image)
             else:
-                image = views.evaluation_view(image)
+                image = augmentation(image, rng)
+                if image.size != (size, size):
+                    raise ValueError(
+                        f"The augmentation's view is {image.size[0]}x{image.size[1]}, but the processor's image_size "
+                        f"is {size}: build the augmentation with processor.training_augmentation() after changing "
+                        "sizes."
+                    )
             pixel_values.append((to_float_array(image) - mean) / std)
         if return_tensors is not None:
             pixel_values = np.stack(pixel_values)
         return BatchFeature(data={"pixel_values": pixel_values}, tensor_type=return_tensors)
 
 
-@dataclass(frozen=True)
-class _Views:
-    training_crop: RandomResizedCrop
-    evaluation_view: Compose
-
-
-# What `_build_views` reads; `image_mean`/`image_std` are applied directly in `preprocess`.
-_VIEW_SETTINGS = ("image_size", "interpolation", "crop_scale", "crop_ratio", "crop_pct")
-
-
-def _build_views(
-    image_size: int,
-    interpolation: str,
-    crop_scale: tuple[float, float],
-    crop_ratio: tuple[float, float],
-    crop_pct: float | None,
-) -> _Views:
+def _evaluation_view(image_size: int, interpolation: str, crop_pct: float | None) -> Compose:
+    """The reference's validation transform: shorter side to `int(image_size / crop_pct)`, central square."""
     if crop_pct is None:
         crop_pct = 224 / 256 if image_size < 384 else 1.0
     if not 0 < crop_pct <= 1:
         raise ValueError(f"crop_pct must be in (0, 1], got {crop_pct}")
-    return _Views(
-        training_crop=RandomResizedCrop(int(image_size), tuple(crop_scale), tuple(crop_ratio), interpolation),
-        evaluation_view=Compose([Resize(int(image_size / crop_pct), interpolation), CenterCrop(int(image_size))]),
-    )
+    return Compose([Resize(int(image_size / crop_pct), interpolation), CenterCrop(int(image_size))])

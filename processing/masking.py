@@ -54,7 +54,15 @@ class _MaskGenerator:
         self.height, self.width = _resolve_grid(input_size)
         self.num_patches = self.height * self.width
         self.num_masking_patches = _resolve_num_masking_patches(self.num_patches, mask_ratio, num_masking_patches)
-        self._rng = ProcessLocalRNG(seed)
+        # Without a seed, the own generator is made at its first use: drawing OS entropy costs more than building
+        # the rest, and generators that are always handed an `rng` (an image processor's, built per call) never
+        # need it.
+        self._rng = None if seed is None else ProcessLocalRNG(seed)
+
+    def _own_generator(self) -> np.random.Generator:
+        if self._rng is None:
+            self._rng = ProcessLocalRNG(None)
+        return self._rng.generator
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -70,13 +78,13 @@ class _MaskGenerator:
             `np.ndarray` of shape `(height, width)`, dtype bool: `True` at masked patches, exactly
             `num_masking_patches` of them.
         """
-        return self._sample(self._rng.generator if rng is None else rng)
+        return self._sample(self._own_generator() if rng is None else rng)
 
     def generate(self, batch_size: int, rng: np.random.Generator | None = None) -> np.ndarray:
         """Returns `batch_size` independent masks as a `(batch_size, height, width)` bool array."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-        rng = self._rng.generator if rng is None else rng
+        rng = self._own_generator() if rng is None else rng
         return np.stack([self._sample(rng) for _ in range(batch_size)])
 
     def _sample(self, rng: np.random.Generator) -> np.ndarray:

@@ -1,4 +1,5 @@
-"""benchmarks/bench_gpu.py: the quick CPU run of every section, its time limits, and the pieces it relies on."""
+"""benchmarks/bench_gpu.py and its gpu_*.py modules: the quick CPU run of every section, its time limits, and the
+pieces it relies on."""
 
 from __future__ import annotations
 
@@ -19,6 +20,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import bench_gpu  # noqa: E402
+import gpu_cases_model  # noqa: E402
+import gpu_cases_official  # noqa: E402
+import gpu_cases_scripts  # noqa: E402
+import gpu_common  # noqa: E402
+import gpu_results  # noqa: E402
+import gpu_timing  # noqa: E402
 
 # A stand-in for a checkout of microsoft/unilm's beit2/ (which needs timm): the same module names, class names,
 # constructor keywords and outputs, tiny modules inside. Like the real modeling_vqkd.py it imports the training-only
@@ -109,7 +116,7 @@ def test_quick_run_measures_every_section(tmp_path):
 
     results = json.loads(output.with_suffix(".json").read_text())
     sections = results["sections"]
-    assert list(sections) == list(bench_gpu.SECTIONS)
+    assert list(sections) == list(gpu_common.SECTIONS)
     for name, section in sections.items():
         assert section["status"] == "ok", (name, section)
         assert section["errors"] == [], (name, section["errors"])
@@ -153,20 +160,20 @@ def test_quick_run_measures_every_section(tmp_path):
         assert record["returncode"] == 0
 
     markdown = output.read_text()
-    for title, columns in bench_gpu.TABLES.values():
+    for title, columns in gpu_results.TABLES.values():
         assert f"## {title}" in markdown
         assert "| " + " | ".join(column.header for column in columns) + " |" in markdown
     assert "| images/s | ms/step | GFLOP/image | MFU | peak GiB |" in markdown
     assert "official VisionTransformerForMaskedImageModelingCLS" in markdown
 
 
-def make_bench(tmp_path: Path, timeouts: dict[str, float], **arguments) -> bench_gpu.Bench:
+def make_bench(tmp_path: Path, timeouts: dict[str, float], **arguments) -> gpu_common.Bench:
     args = bench_gpu.parse_args(["--quick", *[f"--{key}={value}" for key, value in arguments.items()]])
-    sizes = dataclasses.replace(bench_gpu.QUICK, section_timeouts=timeouts)
+    sizes = dataclasses.replace(gpu_common.QUICK, section_timeouts=timeouts)
     header = {"command": "test", "machine": bench_gpu.machine_description(torch.device("cpu")), "sizes":
               dataclasses.asdict(sizes), "peak_tflops": None}  # fmt: skip
-    results = bench_gpu.Results(tmp_path / "results.md", header)
-    return bench_gpu.Bench(args, sizes, torch.device("cpu"), results, tmp_path)
+    results = gpu_results.Results(tmp_path / "results.md", header)
+    return gpu_common.Bench(args, sizes, torch.device("cpu"), results, tmp_path)
 
 
 def test_a_slow_or_failing_section_is_recorded_and_the_next_ones_run(tmp_path):
@@ -181,7 +188,7 @@ def test_a_slow_or_failing_section_is_recorded_and_the_next_ones_run(tmp_path):
         raise ValueError("broken on purpose")
 
     def skipped(bench):
-        raise bench_gpu.SectionSkipped("nothing to compare with")
+        raise gpu_common.SectionSkipped("nothing to compare with")
 
     def fine(bench):
         bench.results.add("pipeline", record)
@@ -242,29 +249,29 @@ def test_attention_implementations_are_discovered(monkeypatch):
     monkeypatch.setattr(
         modeling_beitv2, "ATTENTION_IMPLEMENTATIONS_FOR_TEST", ("sdpa", "listed_for_test"), raising=False
     )
-    found = bench_gpu.attention_implementations(None)
+    found = gpu_cases_model.attention_implementations(None)
     assert found[:2] == ("eager", "sdpa") and len(set(found)) == len(found)
     assert {"registered_for_test", "listed_for_test"} <= set(found)
     assert "flash_attention_2" not in found  # registered by transformers, not by our package
-    assert bench_gpu.attention_implementations("sdpa, eager,sdpa") == ("sdpa", "eager")
+    assert gpu_cases_model.attention_implementations("sdpa, eager,sdpa") == ("sdpa", "eager")
 
 
 def test_official_import_failure_is_a_clear_skip(tmp_path):
     folder = write_fake_beit2(tmp_path / "beit2", "import timm_is_not_installed_here\n")
     path_before, modules_before = list(sys.path), set(sys.modules)
-    with pytest.raises(bench_gpu.SectionSkipped, match="could not be imported.*timm_is_not_installed_here"):
-        bench_gpu.import_official(folder)
+    with pytest.raises(gpu_common.SectionSkipped, match="could not be imported.*timm_is_not_installed_here"):
+        gpu_cases_official.import_official(folder)
     assert sys.path == path_before
     assert not {"utils", "vqkd_teacher"} & (set(sys.modules) - modules_before)
-    with pytest.raises(bench_gpu.SectionSkipped, match="not a checkout"):
-        bench_gpu.import_official(tmp_path)
+    with pytest.raises(gpu_common.SectionSkipped, match="not a checkout"):
+        gpu_cases_official.import_official(tmp_path)
 
 
 def test_cpu_sdpa_flops_are_counted():
     query = torch.randn(2, 3, 17, 8)
     bias = torch.randn(1, 3, 17, 17)
-    sdpa = bench_gpu.count_flops(lambda: torch.nn.functional.scaled_dot_product_attention(query, query, query, bias))
-    eager = bench_gpu.count_flops(lambda: (query @ query.transpose(-1, -2) + bias).softmax(-1) @ query)
+    sdpa = gpu_timing.count_flops(lambda: torch.nn.functional.scaled_dot_product_attention(query, query, query, bias))
+    eager = gpu_timing.count_flops(lambda: (query @ query.transpose(-1, -2) + bias).softmax(-1) @ query)
     assert sdpa == eager == 2 * (2 * 2 * 3 * 17 * 17 * 8)
 
 
@@ -274,11 +281,11 @@ def test_script_metrics_skip_the_warmup_window():
         {"step": 20, "images_per_second": 100.0, "data_wait_fraction": 0.5, "loss": 8.0},
         {"step": 30, "images_per_second": 200.0, "data_wait_fraction": 0.1, "loss": 7.0, "loss_mim": 3.5},
     ]
-    summary = bench_gpu.summarize_metrics(records)
+    summary = gpu_cases_scripts.summarize_metrics(records)
     assert summary["images_per_s"] == 150.0 and summary["data_wait_fraction"] == pytest.approx(0.3)
     assert summary["losses"] == {"loss": 7.0, "loss_mim": 3.5} and summary["steady_windows"] == 2
     assert summary["steps"] == 30
-    assert "images_per_s" not in bench_gpu.summarize_metrics(records[:1])
+    assert "images_per_s" not in gpu_cases_scripts.summarize_metrics(records[:1])
 
 
 def test_flex_attention_options_are_applied():
@@ -307,7 +314,7 @@ def test_a_script_past_its_time_is_stopped_with_its_children(tmp_path):
     )
     log = tmp_path / "script.log"
     started = time.monotonic()
-    assert bench_gpu.run_logged([sys.executable, "-c", code], dict(os.environ), log, timeout=3) is None
+    assert gpu_cases_scripts.run_logged([sys.executable, "-c", code], dict(os.environ), log, timeout=3) is None
     assert time.monotonic() - started < 30
     child = int(log.read_text().split()[0])
     deadline = time.monotonic() + 10
@@ -319,7 +326,7 @@ def test_a_script_past_its_time_is_stopped_with_its_children(tmp_path):
         time.sleep(0.1)
     else:
         pytest.fail("the script's child process outlived the timeout")
-    assert bench_gpu.run_logged([sys.executable, "-c", "pass"], dict(os.environ), log, timeout=60) == 0
+    assert gpu_cases_scripts.run_logged([sys.executable, "-c", "pass"], dict(os.environ), log, timeout=60) == 0
 
 
 def test_runs_without_datasets_and_skips_the_sections_that_need_it(tmp_path):

@@ -1,5 +1,6 @@
-"""examples/checkpointing.py: exact resume, no pickle, rotation that keeps the last finite weights, abandoned branches
-moved aside, clear errors on a failed write, and today's output-folder guarantees."""
+"""examples/checkpointing.py and its siblings (checkpoint_folders, state_files, rng_states, deepspeed_checkpoints):
+exact resume, no pickle, rotation that keeps the last finite weights, abandoned branches moved aside, clear errors on
+a failed write, and today's output-folder guarantees."""
 
 from __future__ import annotations
 
@@ -12,21 +13,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-import checkpointing
 import numpy as np
 import pytest
+import state_files
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
-from checkpointing import (
-    CheckpointWriteError,
-    list_checkpoints,
-    load_checkpoint,
-    prepare_output_dir,
-    resolve_checkpoint,
-    restore_rng_states,
-    save_checkpoint,
-)
+from checkpoint_folders import list_checkpoints, prepare_output_dir, resolve_checkpoint
+from checkpointing import CheckpointWriteError, load_checkpoint, restore_rng_states, save_checkpoint
 from conftest import EXAMPLES_DIR, REPO_ROOT, free_port
 from safetensors.torch import load_file
 from transformers import BertConfig, BertForMaskedLM, get_cosine_schedule_with_warmup
@@ -278,7 +272,7 @@ def test_rewind_moves_the_abandoned_branch_and_its_metrics_aside(tmp_path, caplo
     for step in (100, 200, 300):
         save(accelerator, tmp_path, step, model, optimizer, scheduler)
     write_metrics(tmp_path, range(100, 301, 100), tail='{"step": 31')  # killed while writing a record
-    with caplog.at_level(logging.WARNING, logger="checkpointing"):
+    with caplog.at_level(logging.WARNING, logger="checkpoint_folders"):
         prepare_output_dir(accelerator, tmp_path, tmp_path / "checkpoint-100")
     assert "checkpoint-200, checkpoint-300" in caplog.text
     assert [path.name for path in list_checkpoints(tmp_path)] == ["checkpoint-100"]
@@ -351,7 +345,7 @@ def test_full_disk_raises_a_clear_error_and_keeps_earlier_checkpoints(tmp_path, 
     def disk_full(*args, **kwargs):
         raise RuntimeError("basic_ios::clear: iostream error")
 
-    monkeypatch.setattr(checkpointing, "save_file", disk_full)
+    monkeypatch.setattr(state_files, "save_file", disk_full)
     with pytest.raises(CheckpointWriteError, match=r"checkpoint-2 \(RuntimeError: basic_ios::clear") as error:
         save(accelerator, tmp_path, 2, model, optimizer, scheduler, save_total_limit=1)
     assert str(tmp_path) in str(error.value) and " free" in str(error.value)
@@ -379,7 +373,7 @@ def test_files_reach_the_disk_before_the_rename(tmp_path, monkeypatch):
 
 def test_output_dir_guarantees(tmp_path, caplog):
     accelerator, model, optimizer, scheduler = prepared(tiny_bert())
-    with caplog.at_level(logging.INFO, logger="checkpointing"):
+    with caplog.at_level(logging.INFO, logger="checkpoint_folders"):
         assert resolve_checkpoint("latest", tmp_path) is None
     assert "no checkpoint in" in caplog.text
     write_metrics(tmp_path, range(1, 3))
@@ -430,7 +424,9 @@ import sys, torch
 sys.path.insert(0, {examples!r})
 from accelerate import Accelerator
 from transformers import BertConfig, BertForMaskedLM
+import checkpoint_folders
 import checkpointing
+import state_files
 
 output_dir = {output_dir!r}
 accelerator = Accelerator(cpu=True)
@@ -442,7 +438,7 @@ model = BertForMaskedLM(config)
 optimizer = torch.optim.AdamW(model.parameters())
 scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
 model, optimizer = accelerator.prepare(model, optimizer)
-checkpointing.prepare_output_dir(accelerator, output_dir, None)
+checkpoint_folders.prepare_output_dir(accelerator, output_dir, None)
 torch.manual_seed(10 + rank)
 for step in (1, 2):
     checkpointing.save_checkpoint(
@@ -452,7 +448,7 @@ for step in (1, 2):
 expected = torch.rand(2).tolist()
 # Only rank 1 cannot write: both ranks raise instead of waiting for each other forever.
 if rank == 1:
-    checkpointing.save_file = lambda *args, **kwargs: (_ for _ in ()).throw(OSError(28, "No space left on device"))
+    state_files.save_file = lambda *args, **kwargs: (_ for _ in ()).throw(OSError(28, "No space left on device"))
 try:
     checkpointing.save_checkpoint(
         accelerator, output_dir, 3, model=model, optimizer=optimizer, scheduler=scheduler,
@@ -461,8 +457,8 @@ try:
     raise AssertionError("the failed save did not raise")
 except checkpointing.CheckpointWriteError as error:
     print(f"rank {{rank}} raised: {{error}}", flush=True)
-checkpoint = checkpointing.resolve_checkpoint("latest", output_dir)
-checkpointing.prepare_output_dir(accelerator, output_dir, checkpoint)
+checkpoint = checkpoint_folders.resolve_checkpoint("latest", output_dir)
+checkpoint_folders.prepare_output_dir(accelerator, output_dir, checkpoint)
 loop_state, dataloader_state = checkpointing.load_checkpoint(
     accelerator, checkpoint, model=model, optimizer=optimizer, scheduler=scheduler
 )

@@ -1,4 +1,5 @@
 import numpy as np
+import PIL.Image
 import pytest
 import torch
 
@@ -26,18 +27,33 @@ def test_mim_collator_stacks_with_dtypes():
     assert batch["bool_masked_pos"].shape == (3, 4) and batch["bool_masked_pos"].dtype == torch.bool
     assert batch["labels"].tolist() == [0, 1, 2] and batch["labels"].dtype == torch.long
     np.testing.assert_array_equal(batch["pixel_values"][1].numpy(), examples[1]["pixel_values"])
-    # Tensors (e.g. from `datasets` with torch formatting) stack the same way; missing keys are skipped.
+    # Tensors (e.g. from `datasets` with torch formatting) stack the same way; absent fields stay absent.
     tensors = [{"pixel_values": torch.from_numpy(e["pixel_values"])} for e in examples]
     assert set(DataCollatorForMaskedImageModeling()(tensors)) == {"pixel_values"}
+
+
+def test_mim_collator_keeps_other_fields_and_strings():
+    # The scripts' data loaders may add fields (an `example_id` string to audit what a rank reads, counters):
+    # strings stay a list, numbers and arrays stack with their own dtype.
+    examples = [
+        {**mim_example(seed), "example_id": f"image-{seed}", "index": np.int64(seed), "draw": 0.5 * seed}
+        for seed in range(3)
+    ]
+    batch = DataCollatorForMaskedImageModeling()(examples)
+    assert batch["example_id"] == ["image-0", "image-1", "image-2"]
+    assert batch["index"].dtype == torch.int64 and batch["index"].tolist() == [0, 1, 2]
+    assert batch["draw"].dtype == torch.float64 and batch["draw"].tolist() == [0.0, 0.5, 1.0]
+    assert batch["bool_masked_pos"].dtype == torch.bool
 
 
 @pytest.mark.parametrize(
     "examples, message",
     [
         ([], "empty"),
-        ([{"labels": 1}], "pixel_values"),
+        ([mim_example(0), {"pixel_values": np.zeros((3, 8, 8))}], "same fields"),
         ([mim_example(0), {**mim_example(1), "pixel_values": np.zeros((3, 4, 4))}], "same shape"),
         ([{"pixel_values": np.zeros((1, 3, 8, 8))}], "3 dimensions"),
+        ([{"bool_masked_pos": np.zeros((1, 16), dtype=bool)}], "1 dimensions"),
     ],
 )
 def test_mim_collator_errors(examples, message):
@@ -123,3 +139,32 @@ def test_mixup_errors(kwargs, message):
 def test_mixup_rejects_out_of_range_labels():
     with pytest.raises(ValueError, match="labels"):
         MixupCutmixCollator(num_classes=3)(classification_batch(num_classes=5))
+
+
+def test_pretraining_data_loader_collates_with_the_mim_collator(tmp_path):
+    pytest.importorskip("datasets")
+    from data_sources import load_image_stream
+    from dataloader_state import build_dataloader
+    from image_datasets import ImageStream
+    from run_mim import image_transform
+
+    from processing import BeitV2ImageProcessor
+
+    for index in range(4):
+        PIL.Image.new("RGB", (40, 30), (index, 60, 90)).save(tmp_path / f"{index}.png")
+    dataset, column = load_image_stream(train_dir=str(tmp_path))
+    processor = BeitV2ImageProcessor(image_size=32, patch_size=8, tokenizer_image_size=16, min_num_patches=2)
+    stream = ImageStream(dataset, column, image_transform(processor, augment=True), seed=0, with_ids=True)
+    loader = build_dataloader(stream, batch_size=2)
+    # The scripts' loaders batch with the one MIM collator (which keeps the audit ids as strings).
+    assert isinstance(loader.collate_fn, DataCollatorForMaskedImageModeling)
+    batch = next(iter(loader))
+    assert batch["pixel_values"].shape == (2, 3, 32, 32) and batch["pixel_values"].dtype == torch.float32
+    assert batch["tokenizer_pixel_values"].shape == (2, 3, 16, 16)
+    assert batch["bool_masked_pos"].shape == (2, 16) and batch["bool_masked_pos"].dtype == torch.bool
+    assert len(batch["example_id"]) == 2 and all(isinstance(name, str) for name in batch["example_id"])
+
+    def custom(examples):
+        return {"count": len(examples)}
+
+    assert build_dataloader(stream, batch_size=2, collate_fn=custom).collate_fn is custom

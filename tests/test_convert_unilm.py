@@ -8,23 +8,23 @@ transformers' own `BeitForImageClassification`, an implementation that owes noth
 from __future__ import annotations
 
 import json
-import sys
-import types
 
+import PIL.Image
 import pytest
 import torch
+from convert_unilm_checkpoint import conversion_image_processor
 from safetensors.torch import save_file
 from transformers import BeitConfig, BeitForImageClassification
 
 from modeling_beitv2 import BeitV2Config, BeitV2ForMaskedImageModeling
-from modeling_beitv2.convert_unilm import (
-    KeyAccountant,
+from modeling_beitv2.convert_unilm import EvaluationPreprocessing, convert_checkpoint, save_conversion
+from modeling_beitv2.key_accounting import KeyAccountant
+from modeling_beitv2.vit_shapes import (
     NamePreset,
-    convert_checkpoint,
+    ViTShapes,
+    backbone_config_kwargs,
     infer_vit_shapes,
-    load_dalle_pickle,
-    load_state_dict,
-    save_conversion,
+    resolve_num_heads,
 )
 
 torch.manual_seed(0)
@@ -145,6 +145,7 @@ def test_finetuned_matches_native_beit(tmp_path, overrides):
 
     result = convert_checkpoint("finetuned", path, image_size=32)
     out_dir = save_conversion(result, tmp_path / "out")
+    conversion_image_processor(result.preprocessing).save_pretrained(out_dir)
     reloaded, info = BeitForImageClassification.from_pretrained(out_dir, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
     pixel_values = torch.randn(2, 3, 32, 32)
@@ -158,6 +159,40 @@ def test_finetuned_matches_native_beit(tmp_path, overrides):
     assert processor["crop_size"] == {"height": 32, "width": 32}
 
 
+@pytest.mark.parametrize(
+    ("image_size", "patch_size", "shortest_edge"),
+    [(224, 32, 256), (64, 16, 64)],  # 224 / 0.875 = 256; other sizes: the size itself, then the centre crop
+)
+def test_classifier_preprocessing_is_the_reference_evaluation(tmp_path, image_size, patch_size, shortest_edge):
+    native = _tiny_classifier(image_size=image_size, patch_size=patch_size)
+    path = tmp_path / "beit_base_patch16_224_ft.pth"
+    torch.save(_to_unilm(native.state_dict()), path)
+    processor = conversion_image_processor(convert_checkpoint("finetuned", path).preprocessing)
+    assert processor.size == {"shortest_edge": shortest_edge} and processor.do_center_crop
+    assert processor.crop_size == {"height": image_size, "width": image_size}
+    assert processor.resample == PIL.Image.BICUBIC
+    assert list(processor.image_mean) == [0.5] * 3  # BEiT v1 by its file name
+
+
+def test_dvae_preprocessing_resizes_with_lanczos():
+    processor = conversion_image_processor(EvaluationPreprocessing(112, None, crop_pct=None, resample="lanczos"))
+    assert processor.resample == PIL.Image.LANCZOS and processor.size == {"height": 112, "width": 112}
+    assert list(processor.image_mean) == [0.0] * 3 and list(processor.image_std) == [1.0] * 3
+
+
+def test_named_sizes_come_from_the_preset_tables():
+    shapes = ViTShapes(1024, 24, 4096, 16, 3, None, None, True, False, True, False)
+    # The released sizes all use 64-wide heads; a table entry wins where its width matches.
+    table = {"large": {"hidden_size": 1024, "num_attention_heads": 8}}
+    assert resolve_num_heads(shapes, NamePreset(size="large"), None, "test", sizes=table) == 8
+    assert resolve_num_heads(shapes, NamePreset(size="base"), None, "test", sizes=table) == 16  # 1024 / 64
+    # Layer scale: BEITV2_PRESETS' value for the named size (large: 1e-5), BeitV2Config's default otherwise.
+    assert backbone_config_kwargs(shapes, NamePreset(size="large"), 16, 224)["layer_scale_init_value"] == 1e-5
+    assert backbone_config_kwargs(shapes, NamePreset(size="base"), 16, 224)["layer_scale_init_value"] == 0.1
+    no_layer_scale = ViTShapes(1024, 24, 4096, 16, 3, None, None, False, False, True, False)
+    assert backbone_config_kwargs(no_layer_scale, NamePreset(size="large"), 16, 224)["layer_scale_init_value"] == 0
+
+
 def test_timm_state_dict_safetensors_with_zero_k_bias(tmp_path):
     native = _tiny_classifier()
     timm_layout = _to_unilm(native.state_dict())
@@ -167,7 +202,7 @@ def test_timm_state_dict_safetensors_with_zero_k_bias(tmp_path):
     save_file(timm_layout, str(path))
     result = convert_checkpoint("timm", path)
     torch.testing.assert_close(result.model.state_dict(), native.state_dict(), rtol=0, atol=0)
-    assert list(result.image_processor.image_mean) == [0.5, 0.5, 0.5]  # BEiT v1 by its file name
+    assert list(conversion_image_processor(result.preprocessing).image_mean) == [0.5] * 3  # BEiT v1 by file name
 
     timm_layout["blocks.1.attn.k_bias"] = torch.ones(32)
     save_file(timm_layout, str(path))
@@ -196,6 +231,8 @@ def test_beitv2_pretrain_round_trip(tmp_path, tiny_beitv2_kwargs, shared_lm_head
     torch.testing.assert_close(actual.logits, expected.logits, rtol=0, atol=0)
     torch.testing.assert_close(actual.aggregation_logits, expected.aggregation_logits, rtol=0, atol=0)
 
+    # MIM models see the whole image resized, normalised as their family (BEiT v2: ImageNet's statistics).
+    assert result.preprocessing == EvaluationPreprocessing(32, "beitv2", crop_pct=None, resample="bicubic")
     out_dir = save_conversion(result, tmp_path / "out")
     reloaded = BeitV2ForMaskedImageModeling.from_pretrained(out_dir)
     torch.testing.assert_close(reloaded.state_dict(), model.state_dict(), rtol=0, atol=0)
@@ -266,71 +303,6 @@ def test_shape_inference_and_overrides(tmp_path):
     assert NamePreset.from_name("vqkd_encoder.pth") == NamePreset()
 
 
-def test_load_state_dict_wrappers(tmp_path):
-    weights = {"cls_token": torch.zeros(1, 1, 4)}
-    for wrapper in ("model", "module", "state_dict"):
-        torch.save({wrapper: weights, "optimizer": {"state": {}}}, tmp_path / "a.pth")
-        assert load_state_dict(tmp_path / "a.pth").keys() == {"cls_token"}
-    torch.save({"module.cls_token": weights["cls_token"]}, tmp_path / "ddp.bin")
-    assert load_state_dict(tmp_path / "ddp.bin").keys() == {"cls_token"}
-    torch.save({"model": weights, "args": {"lr": 0.1}, "note": "x"}, tmp_path / "train.pth")
-    assert load_state_dict(tmp_path / "train.pth").keys() == {"cls_token"}
-    torch.save({"epoch": 1, "lr": 0.1}, tmp_path / "bad.pth")
-    with pytest.raises(ValueError, match=r"not tensors: \['epoch', 'lr'\]"):
-        load_state_dict(tmp_path / "bad.pth")
-    with pytest.raises(ValueError, match="does not exist"):
-        load_state_dict(tmp_path / "missing.pth")
-
-
-class _Arbitrary:
-    """A class no checkpoint may make the loader import."""
-
-
-def _install_fake_dall_e(monkeypatch):
-    """A module named like the `dall_e` package, only to write pickles of the shape OpenAI published."""
-
-    class Conv2d(torch.nn.Module):
-        def __init__(self, n_in, n_out, kw):
-            super().__init__()
-            self.kw = kw
-            self.w = torch.nn.Parameter(torch.randn(n_out, n_in, kw, kw))
-            self.b = torch.nn.Parameter(torch.randn(n_out))
-
-    class Encoder(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.device = torch.device("cpu")
-            self.blocks = torch.nn.Sequential()
-            self.blocks.add_module("input", Conv2d(3, 4, 7))
-            self.blocks.add_module("relu", torch.nn.ReLU())
-            self.blocks.add_module("pool", torch.nn.MaxPool2d(2))
-
-    for name, cls in (("dall_e.utils", Conv2d), ("dall_e.encoder", Encoder)):
-        module = types.ModuleType(name)
-        setattr(module, cls.__name__, cls)
-        cls.__module__, cls.__qualname__ = name, cls.__name__
-        monkeypatch.setitem(sys.modules, name, module)
-    monkeypatch.setitem(sys.modules, "dall_e", types.ModuleType("dall_e"))
-    return Encoder
-
-
-def test_dalle_pickle_restricted_unpickler(tmp_path, monkeypatch):
-    encoder_class = _install_fake_dall_e(monkeypatch)
-    encoder = encoder_class()
-    torch.save(encoder, tmp_path / "encoder.pkl")
-    monkeypatch.delitem(sys.modules, "dall_e.encoder")
-    monkeypatch.delitem(sys.modules, "dall_e.utils")  # the loader must not need the package
-
-    state_dict = load_dalle_pickle(tmp_path / "encoder.pkl")
-    assert state_dict.keys() == {"blocks.input.w", "blocks.input.b"}
-    torch.testing.assert_close(state_dict["blocks.input.w"], encoder.blocks.input.w.detach())
-
-    _Arbitrary.__module__ = __name__
-    torch.save({"payload": _Arbitrary()}, tmp_path / "evil.pkl")
-    with pytest.raises(ValueError, match="not a DALL-E encoder/decoder pickle"):
-        load_dalle_pickle(tmp_path / "evil.pkl")
-
-
 def test_cli_writes_loadable_folder_and_card(tmp_path):
     from convert_unilm_checkpoint import main
 
@@ -360,7 +332,9 @@ def test_cli_writes_loadable_folder_and_card(tmp_path):
     assert model.config.id2label[3] == "class_3"
     metadata, body = split_front_matter((out_dir / "README.md").read_text())
     assert metadata["pipeline_tag"] == "image-classification"
-    assert "85.0" in body and path.name in body  # paper table for beitv2 base, provenance of the weights
+    assert metadata["license"] == "mit" and path.name in body  # --license default, provenance of the weights
+    # The paper's numbers follow the converted config's size, not the "base" in the file name of this tiny model.
+    assert "85.0" not in body and "The paper reports no numbers" in body
 
 
 def _vqkd_to_unilm(model) -> dict[str, torch.Tensor]:
@@ -391,7 +365,7 @@ def test_vqkd_round_trip(tmp_path):
     config = VQKDConfig(
         encoder_config=vqkd_encoder_config(image_size=32, **width, num_hidden_layers=2, num_attention_heads=1),
         decoder_config=vqkd_decoder_config(grid_size=2, **width, num_layers=1, num_attention_heads=2),
-        num_codes=64,
+        codebook_size=64,
     )
     model = _perturbed(VQKDModel(config))
     model.quantizer.cluster_size.uniform_()
@@ -405,16 +379,10 @@ def test_vqkd_round_trip(tmp_path):
     for vit in (result.model.config.encoder_config, result.model.config.decoder_config):
         assert vit.drop_path_rate == 0.0 and vit.layer_scale_init_value == 0.0  # trains like a new tokenizer
     torch.testing.assert_close(result.model.state_dict(), model.state_dict(), rtol=0, atol=0)
-    # The saved image processor gives plain [0, 1] pixels: the tokenizer maps them to its [-1, 1] itself.
-    assert list(result.image_processor.image_mean) == [0.0] * 3 and list(result.image_processor.image_std) == [1.0] * 3
+    # The saved image processor gives plain [0, 1] pixels, the whole image resized: the tokenizer maps them to its
+    # [-1, 1] itself.
+    processor = conversion_image_processor(result.preprocessing)
+    assert list(processor.image_mean) == [0.0] * 3 and list(processor.image_std) == [1.0] * 3
+    assert processor.size == {"height": 32, "width": 32} and not processor.do_center_crop
     pixels = torch.rand(2, 3, 32, 32)
     assert torch.equal(result.model.get_codebook_indices(pixels), model.get_codebook_indices(pixels))
-
-
-def test_dalle_dvae_needs_both_pickles(tmp_path, monkeypatch):
-    encoder_class = _install_fake_dall_e(monkeypatch)
-    torch.save(encoder_class(), tmp_path / "encoder.pkl")
-    with pytest.raises(ValueError, match="needs both DALL-E pickles"):
-        convert_checkpoint("dalle_dvae", tmp_path)
-    with pytest.raises(ValueError, match="not apply to dalle_dvae"):
-        convert_checkpoint("dalle_dvae", tmp_path, num_attention_heads=2)

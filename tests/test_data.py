@@ -1,4 +1,4 @@
-"""The shared streaming data module of the training scripts (examples/image_datasets.py)."""
+"""The shared data path of the training scripts: examples/data_sources.py, image_datasets.py, dataloader_state.py."""
 
 from __future__ import annotations
 
@@ -17,20 +17,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
-from image_datasets import (  # noqa: E402
-    ImageStream,
+from data_sources import load_image_stream, split_off_validation  # noqa: E402
+from dataloader_state import (  # noqa: E402
     build_dataloader,
     dataloader_state_from_json,
     dataloader_state_to_json,
-    decode_image,
-    decode_or_skip,
-    example_id,
     image_counts,
-    load_image_stream,
-    new_decode_counts,
     resume_dataloader,
-    split_off_validation,
 )
+from image_datasets import ImageStream, decode_image, decode_or_skip, example_id, new_decode_counts  # noqa: E402
 
 HF_IMAGE_SCHEMA = {
     "huggingface": '{"info": {"features": {"image": {"_type": "Image"}, "label": {"_type": "Value", "dtype": "int64"}}}}'

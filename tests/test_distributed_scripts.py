@@ -29,6 +29,7 @@ ACCELERATE = str(Path(sys.executable).parent / "accelerate")
 AUDITED_LAUNCH = """
 import os, runpy, sys
 sys.path.insert(0, {examples!r})
+import loop_monitors
 import training
 
 class AuditedStream(training.ImageStream):
@@ -36,7 +37,7 @@ class AuditedStream(training.ImageStream):
         super().__init__(*args, with_ids=True, **kwargs)
 
 training.ImageStream = AuditedStream
-next_batch = training.MetricsWindow.next_batch
+next_batch = loop_monitors.MetricsWindow.next_batch
 output_dir = sys.argv[sys.argv.index("--output_dir") + 1]
 
 def audited_next_batch(self, batches):
@@ -46,7 +47,7 @@ def audited_next_batch(self, batches):
         ids.writelines(identifier + "\\n" for identifier in batch.pop("example_id"))
     return batch
 
-training.MetricsWindow.next_batch = audited_next_batch
+loop_monitors.MetricsWindow.next_batch = audited_next_batch
 sys.argv = [{script!r}, *sys.argv[1:]]
 runpy.run_path({script!r}, run_name="__main__")
 """

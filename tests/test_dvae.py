@@ -6,7 +6,7 @@ from transformers import AutoModel
 
 from modeling_beitv2 import DVAEConfig, DVAEModel
 
-TINY = dict(vocab_size=64, hidden_size=16, num_blocks_per_group=1, decoder_init_channels=8, image_size=32)
+TINY = dict(codebook_size=64, hidden_size=16, num_blocks_per_group=1, decoder_init_channels=8, image_size=32)
 
 
 @pytest.fixture
@@ -17,7 +17,7 @@ def model() -> DVAEModel:
 
 def test_default_config_is_the_released_dalle_dvae():
     config = DVAEConfig()
-    assert (config.vocab_size, config.hidden_size, config.num_blocks_per_group, config.image_size) == (
+    assert (config.codebook_size, config.hidden_size, config.num_blocks_per_group, config.image_size) == (
         8192,
         256,
         2,

@@ -23,7 +23,7 @@ IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 
 
 def tiny_processor(**kwargs):
-    settings = {"image_size": 32, "patch_size": 8, "tokenizer_image_size": 32, "min_num_patches": 2, "seed": 0}
+    settings = {"image_size": 32, "patch_size": 8, "tokenizer_image_size": 32, "min_num_patches": 2}
     settings.update(kwargs)
     return BeitV2ImageProcessor(**settings)
 
@@ -65,13 +65,22 @@ def test_vqkd_eval_gives_plain_pixels_and_matches_resize_center_crop():
         VQKDImageProcessor(crop_pct=1.5)
 
 
-def test_vqkd_training_augmentation_is_random_and_seeded():
+def test_vqkd_training_augmentation_draws_from_the_given_generator():
     image = smooth_image()
-    first = VQKDImageProcessor(image_size=32, seed=1)(image, do_augment=True)["pixel_values"][0]
-    again = VQKDImageProcessor(image_size=32, seed=1)(image, do_augment=True)["pixel_values"][0]
-    other = VQKDImageProcessor(image_size=32, seed=2)(image, do_augment=True)["pixel_values"][0]
+    processor = VQKDImageProcessor(image_size=32)
+    augmentation = processor.training_augmentation()
+
+    def augmented(rng):
+        return processor(image, augmentation=augmentation, rng=rng)["pixel_values"][0]
+
+    first, again = augmented(np.random.default_rng(1)), augmented(np.random.default_rng(1))
     np.testing.assert_array_equal(first, again)
-    assert not np.array_equal(first, other)
+    assert not np.array_equal(first, augmented(np.random.default_rng(2)))
+    # An int is a seed; no generator is a fixed one: the same call gives the same output.
+    np.testing.assert_array_equal(augmented(1), first)
+    np.testing.assert_array_equal(augmented(None), augmented(None))
+    with pytest.raises(ValueError, match="rng must be"):
+        augmented("seed")
 
 
 def test_beitv2_outputs_shapes_types_and_normalisation():
@@ -120,9 +129,10 @@ def test_training_views_share_one_crop_box():
         image_std=(1, 1, 1),
     )
     image = coordinate_image()
+    augmentation, rng = processor.training_augmentation(), np.random.default_rng(0)
     boxes = set()
     for _ in range(20):
-        out = processor(image, do_augment=True, return_tensors="np")
+        out = processor(image, augmentation=augmentation, rng=rng, return_tensors="np")
         view = np.rint(out["pixel_values"][0].transpose(1, 2, 0) * 255)
         tokenizer_view = np.rint(out["tokenizer_pixel_values"][0].transpose(1, 2, 0) * 255)
         first, second = _x_range(view), _x_range(tokenizer_view)
@@ -162,9 +172,11 @@ def test_eval_mode_is_deterministic_center_crop():
     ],
     ids=["L", "LA", "P", "RGBA", "CMYK", "I;16", "I", "F", "smaller-than-crop", "hwc", "chw-float", "2d", "torch"],
 )
-@pytest.mark.parametrize("do_augment", [False, True])
-def test_every_input_kind_and_mode(image, do_augment):
-    out = tiny_processor()(image, do_augment=do_augment, return_tensors="pt")
+@pytest.mark.parametrize("augment", [False, True])
+def test_every_input_kind_and_mode(image, augment):
+    processor = tiny_processor()
+    augmentation = processor.training_augmentation() if augment else None
+    out = processor(image, augmentation=augmentation, rng=np.random.default_rng(0), return_tensors="pt")
     assert out["pixel_values"].shape == (1, 3, 32, 32)
     assert torch.isfinite(out["pixel_values"]).all()
     assert out["tokenizer_pixel_values"].min() >= -1 and out["tokenizer_pixel_values"].max() <= 1
@@ -209,47 +221,96 @@ def test_changed_attributes_and_per_call_settings_take_effect():
         processor(image)
     with pytest.raises(ValueError, match="Unknown setting.*mask_ratios"):
         tiny_processor()(image, mask_ratios=0.5)
+    # Training-only settings belong to the augmentation: per call they would do nothing, so they are refused.
+    with pytest.raises(ValueError, match=r"\['color_jitter', 'crop_scale'\] only configure the training augmentation"):
+        tiny_processor()(image, crop_scale=(0.5, 1.0), color_jitter=0.1)
+    with pytest.raises(ValueError, match="do_augment.*training_augmentation"):
+        tiny_processor()(image, do_augment=True)
 
     vqkd = VQKDImageProcessor(image_size=32)
     assert vqkd(image, image_size=16, return_tensors="np")["pixel_values"].shape == (1, 3, 16, 16)
     assert vqkd(image, return_tensors="np")["pixel_values"].shape == (1, 3, 32, 32)
     vqkd.image_size = 48
-    assert vqkd(image, do_augment=True, return_tensors="np")["pixel_values"].shape == (1, 3, 48, 48)
-    with pytest.raises(ValueError, match="Unknown setting.*seed"):
+    augmentation = vqkd.training_augmentation()
+    assert vqkd(image, augmentation=augmentation, return_tensors="np")["pixel_values"].shape == (1, 3, 48, 48)
+    with pytest.raises(ValueError, match="Unknown setting 'seed'.*rng="):
         vqkd(image, seed=1)
+    with pytest.raises(ValueError, match=r"\['crop_ratio'\] only configure"):
+        vqkd(image, crop_ratio=(1.0, 1.0))
+    # An augmentation built for other sizes than the call's would misalign views and masks: refused.
+    with pytest.raises(ValueError, match="view is 48x48, but the processor's image_size is 16"):
+        vqkd(image, augmentation=augmentation, image_size=16)
+    processor = tiny_processor()
+    with pytest.raises(ValueError, match="tokenizer view is 16x16, but the processor's tokenizer size is 32"):
+        processor(image, augmentation=processor.training_augmentation(tokenizer_image_size=16))
+    with pytest.raises(ValueError, match="must return two views"):
+        processor(image, augmentation=vqkd.training_augmentation(image_size=32))
 
 
-def test_seeded_processor_is_reproducible():
-    image = smooth_image()
-    first = tiny_processor(seed=3)([image] * 4, do_augment=True, return_tensors="np")
-    second = tiny_processor(seed=5)
-    second.set_seed(3)
-    again = second([image] * 4, do_augment=True, return_tensors="np")
+def test_processor_is_deterministic_and_draws_only_from_the_call_generator():
+    images = [smooth_image(), coordinate_image()] * 2
+    processor = tiny_processor()
+    augmentation = processor.training_augmentation()
+    # The same call twice gives the same output, with or without augmentation: no state carries over.
+    for kwargs in ({}, {"augmentation": augmentation}):
+        first, again = (
+            processor(images, return_tensors="np", **kwargs),
+            processor(images, return_tensors="np", **kwargs),
+        )
+        for name in first:
+            np.testing.assert_array_equal(first[name], again[name])
+    # With a generator, the output is a function of its state; the images of a batch draw one after the other.
+    first = processor(images, augmentation=augmentation, rng=np.random.default_rng(3), return_tensors="np")
+    again = processor(images, augmentation=augmentation, rng=np.random.default_rng(3), return_tensors="np")
+    other = processor(images, augmentation=augmentation, rng=np.random.default_rng(4), return_tensors="np")
     for name in first:
         np.testing.assert_array_equal(first[name], again[name])
+        assert not np.array_equal(first[name], other[name])
+    assert not np.array_equal(first["bool_masked_pos"][0], first["bool_masked_pos"][2])
+    assert not any(name.startswith("_") for name in vars(processor)), "no runtime state on the processor"
+
+
+# Every setting a saved config holds, once (settings left at None are not written).
+SAVED_SETTINGS = {
+    BeitV2ImageProcessor: {
+        "image_size", "patch_size", "interpolation", "image_mean", "image_std", "tokenizer_image_size",
+        "tokenizer_interpolation", "mask_type", "mask_ratio", "min_num_patches", "min_aspect", "crop_scale",
+        "crop_ratio", "color_jitter",
+    },
+    VQKDImageProcessor: {"image_size", "interpolation", "image_mean", "image_std", "crop_scale", "crop_ratio"},
+}  # fmt: skip
 
 
 @pytest.mark.parametrize("processor_class", [BeitV2ImageProcessor, VQKDImageProcessor])
 def test_save_and_load_round_trip(tmp_path, processor_class):
-    processor = processor_class(image_size=48, seed=0)
+    processor = processor_class(image_size=48)
     processor.save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "preprocessor_config.json").read_text())
     assert saved["image_processor_type"] == processor_class.__name__
     assert saved["auto_map"]["AutoImageProcessor"].endswith(processor_class.__name__)
-    assert not any(key.startswith("_") for key in saved)
+    assert set(saved) - {"image_processor_type", "auto_map"} == SAVED_SETTINGS[processor_class]
     # The processor module and every module it imports are copied for Hub custom code.
     copied = {path.name for path in tmp_path.glob("*.py")}
-    assert {"transforms.py", "random_state.py", "settings_cache.py"} <= copied
+    assert {"transforms.py", "augmentation.py", "rand_augment.py", "processor_settings.py"} <= copied
     for loaded in (processor_class.from_pretrained(tmp_path), AutoImageProcessor.from_pretrained(tmp_path)):
         assert type(loaded) is processor_class
         assert loaded.to_dict() == processor.to_dict()
+        assert loaded.training_augmentation() == processor.training_augmentation()
     assert processor_class.from_pretrained(tmp_path, image_size=64).image_size == 64
-    seeded = [processor_class.from_pretrained(tmp_path, seed=4)(smooth_image(), do_augment=True) for _ in range(2)]
-    np.testing.assert_array_equal(seeded[0]["pixel_values"][0], seeded[1]["pixel_values"][0])
     image = smooth_image()
     np.testing.assert_array_equal(
         processor(image)["pixel_values"][0], processor_class.from_pretrained(tmp_path)(image)["pixel_values"][0]
     )
+
+
+@pytest.mark.parametrize("processor_class", [BeitV2ImageProcessor, VQKDImageProcessor])
+def test_removed_seed_argument_is_ignored_with_a_warning_and_not_saved(tmp_path, processor_class, caplog):
+    with caplog.at_level(logging.WARNING):
+        processor = processor_class(image_size=32, seed=3)
+    assert "`seed` is no longer an image processor setting" in caplog.text
+    processor.save_pretrained(tmp_path)
+    assert "seed" not in json.loads((tmp_path / "preprocessor_config.json").read_text())
+    assert not hasattr(processor, "seed")
 
 
 def test_v1_preset_round_trip(tmp_path):
@@ -290,7 +351,8 @@ def test_custom_code_loads_in_fresh_process_without_the_package(tmp_path):
         import numpy as np
         from transformers import AutoImageProcessor
         processor = AutoImageProcessor.from_pretrained({str(hub_copy)!r}, trust_remote_code=True)
-        out = processor(np.zeros((20, 30, 3), dtype=np.uint8), do_augment=True, return_tensors="pt")
+        image, rng = np.zeros((20, 30, 3), dtype=np.uint8), np.random.default_rng(0)
+        out = processor(image, augmentation=processor.training_augmentation(), rng=rng, return_tensors="pt")
         shape, masked = list(out["pixel_values"].shape), int(out["bool_masked_pos"].sum())
         print(json.dumps({{"module": type(processor).__module__, "shape": shape, "masked": masked}}))
         """
@@ -308,22 +370,27 @@ def test_custom_code_loads_in_fresh_process_without_the_package(tmp_path):
 
 
 class _ImageDataset(torch.utils.data.Dataset):
-    def __init__(self, processor):
-        self.processor = processor
+    """Each example draws from its own generator, derived from a seed and its index (as the scripts' streams do),
+    so the examples do not depend on which worker makes them."""
+
+    def __init__(self, processor, seed):
+        self.processor, self.seed = processor, seed
+        self.augmentation = processor.training_augmentation()
         self.image = smooth_image()
 
     def __len__(self):
         return 8
 
     def __getitem__(self, index):
-        out = self.processor(self.image, do_augment=True)
+        rng = np.random.default_rng([self.seed, index])
+        out = self.processor(self.image, augmentation=self.augmentation, rng=rng)
         return {name: values[0] for name, values in out.items()}
 
 
 def test_per_example_use_in_dataloader_workers_with_collator():
     def run():
         loader = torch.utils.data.DataLoader(
-            _ImageDataset(tiny_processor(seed=11)),
+            _ImageDataset(tiny_processor(), seed=11),
             batch_size=2,
             num_workers=2,
             collate_fn=DataCollatorForMaskedImageModeling(),
@@ -347,7 +414,8 @@ def test_datasets_with_transform_and_map():
     images = [smooth_image(40 + i, 30) for i in range(4)]
     dataset = datasets.Dataset.from_dict({"image": images}).cast_column("image", datasets.Image())
     processor = tiny_processor()
-    transformed = dataset.with_transform(lambda batch: processor(batch["image"], do_augment=True))
+    augmentation, rng = processor.training_augmentation(), np.random.default_rng(0)
+    transformed = dataset.with_transform(lambda batch: processor(batch["image"], augmentation=augmentation, rng=rng))
     example = transformed[0]
     assert example["pixel_values"].shape == (3, 32, 32) and example["bool_masked_pos"].shape == (16,)
     batch = DataCollatorForMaskedImageModeling()([transformed[i] for i in range(4)])

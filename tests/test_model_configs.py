@@ -19,7 +19,7 @@ from transformers import AutoConfig
 from modeling_beitv2 import BEITV2_PRESETS, BeitV2Config, BeitV2ForMaskedImageModeling, VQKDConfig, VQKDModel
 
 TINY_MIM = "hidden_size=32,num_hidden_layers=4,num_attention_heads=4,intermediate_size=64,patch_size=8,early_layers=2"
-TINY_VQKD = "hidden_size=32,num_hidden_layers=1,num_attention_heads=2,intermediate_size=64,num_codes=16,code_dim=8"
+TINY_VQKD = "hidden_size=32,num_hidden_layers=1,num_attention_heads=2,intermediate_size=64,codebook_size=16,code_dim=8"
 
 
 def tiny_mim(config_name: str = "tiny", **kwargs) -> BeitV2Config:
@@ -68,13 +68,14 @@ def test_an_int_attribute_annotated_float_takes_a_float():
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("num_code=64", r"has no 'num_code'; did you mean num_codes"),
+        ("codebook=64", r"has no 'codebook'; did you mean codebook_size"),
+        ("num_codes=64", r"has no 'num_codes'; it is now called codebook_size"),
         ("hidden_size", r"must look like key=value, got 'hidden_size'"),
         ("code_dim=8,,beta=1", r"must look like key=value, got ''"),
         ("=3", r"must look like key=value"),
         ("beta=1,beta=2", r"sets beta twice"),
         ("kmeans_init=maybe", r"kmeans_init takes true/false/1/0"),
-        ("num_codes=many", r"num_codes takes an int"),
+        ("codebook_size=many", r"codebook_size takes an int"),
         ("decay=fast", r"decay takes a float"),
         ("encoder.hiden_size=8", r"has no 'encoder.hiden_size'; did you mean encoder.hidden_size"),
         ("encoder.pool_scales=1", r"cannot set encoder.pool_scales: only bool, int, float and str"),
@@ -93,10 +94,10 @@ def test_an_unknown_key_with_nothing_close_lists_the_valid_keys():
 
 def test_sub_config_keys_go_to_one_or_all_sub_configs():
     parsed = parse_config_overrides(
-        "decoder.hidden_size=64,num_codes=16,hidden_size=32,encoder.drop_path_rate=0.1", VQKDConfig()
+        "decoder.hidden_size=64,codebook_size=16,hidden_size=32,encoder.drop_path_rate=0.1", VQKDConfig()
     )
     assert parsed == {
-        "num_codes": 16,
+        "codebook_size": 16,
         # The prefixed key wins over the one sent to both, whatever their order.
         "encoder_config": {"hidden_size": 32, "drop_path_rate": 0.1},
         "decoder_config": {"hidden_size": 64},
@@ -227,7 +228,7 @@ def test_vqkd_config_fits_the_teacher_and_routes_the_overrides():
         hub_kwargs={},
     )
     encoder, decoder = config.encoder_config, config.decoder_config
-    assert (config.num_codes, config.code_dim, config.decay, config.teacher_dim) == (16, 8, 0.9, 768)
+    assert (config.codebook_size, config.code_dim, config.decay, config.teacher_dim) == (16, 8, 0.9, 768)
     assert (encoder.image_size, encoder.patch_size, encoder.hidden_size, encoder.num_hidden_layers) == (56, 14, 32, 1)
     assert (decoder.image_size, decoder.patch_size, decoder.num_channels) == (4, 1, 8)  # the grid of codes
     assert (decoder.hidden_size, decoder.num_hidden_layers) == (32, 2)
@@ -244,7 +245,7 @@ def test_vqkd_config_presets_match_the_table():
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"overrides": "num_code=64"}, r"has no 'num_code'; did you mean num_codes"),
+        ({"overrides": "codebook=64"}, r"has no 'codebook'; did you mean codebook_size"),
         ({"overrides": "encoder.image_size=64"}, r"encoder.image_size=64, but --image_size decides it \(32\)"),
         ({"overrides": "patch_size=4"}, r"encoder.patch_size=4, but the teacher's patch size decides it \(8\)"),
         ({"overrides": "teacher_dim=32"}, r"teacher_dim=32, but the teacher's feature size decides it \(16\)"),
@@ -263,7 +264,12 @@ def test_vqkd_config_loads_a_saved_tokenizer_config(tmp_path):
     config = tiny_vqkd(
         str(tmp_path / "tokenizer"), image_size=64, teacher_patch_size=16, teacher_dim=24, overrides="beta=0.5"
     )
-    assert (config.num_codes, config.encoder_config.hidden_size, config.beta, config.teacher_dim) == (16, 32, 0.5, 24)
+    assert (config.codebook_size, config.encoder_config.hidden_size, config.beta, config.teacher_dim) == (
+        16,
+        32,
+        0.5,
+        24,
+    )
     assert (config.encoder_config.patch_size, config.decoder_config.image_size) == (16, 4)
 
 
@@ -322,9 +328,15 @@ def test_pretrained_tokenizer_gets_codebook_settings_and_drop_path_in_both_vits(
         config.encoder_config.attention_probs_dropout_prob,
         config.decoder_config.attention_probs_dropout_prob,
     ) == (0.0, 0.2)
-    with pytest.raises(ValueError, match=r"cannot change \['decoder.num_hidden_layers', 'num_codes'\]"):
+    with pytest.raises(ValueError, match=r"cannot change \['codebook_size', 'decoder.num_hidden_layers'\]"):
         pretrained_config_updates(
-            saved, image_size=None, drop_path_rate=None, overrides="num_codes=32,decoder.num_hidden_layers=2"
+            saved, image_size=None, drop_path_rate=None, overrides="codebook_size=32,decoder.num_hidden_layers=2"
         )
     with pytest.raises(ValueError, match=r"--image_size 64 differs from the pretrained model's image_size 32"):
         pretrained_config_updates(saved, image_size=64, drop_path_rate=None, overrides=None)
+
+
+def test_vqkd_config_builds_presets_at_the_teachers_patch_size():
+    config = vqkd_config("base", image_size=224, teacher_patch_size=14, teacher_dim=768, overrides=None, hub_kwargs={})
+    expected = VQKDConfig.from_preset("base-decoder3", image_size=224, patch_size=14, teacher_dim=768)
+    assert config.to_diff_dict() == expected.to_diff_dict()

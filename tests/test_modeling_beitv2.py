@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+import transformers
 from conftest import run_without_package
 from transformers import (
     AutoConfig,
@@ -16,6 +17,7 @@ from transformers import (
     BeitForSemanticSegmentation,
     BeitModel,
 )
+from transformers.testing_utils import CaptureLogger
 
 from modeling_beitv2 import (
     BeitV2Config,
@@ -524,6 +526,18 @@ def test_exported_backbone_matches_mim_backbone(tiny_beitv2_kwargs):
     shared = model.beit.shared_position_bias.relative_position_bias_table
     for layer in native.layers:
         torch.testing.assert_close(layer.relative_position_bias.relative_position_bias_table, shared)
+
+
+def test_export_takes_its_labels_from_the_overrides_only(tiny_beitv2_kwargs):
+    """The pretraining config's two placeholder labels do not reach the classifier (transformers warned that
+    `num_labels` contradicted them)."""
+    model = BeitV2ForMaskedImageModeling(BeitV2Config(**tiny_beitv2_kwargs))
+    with CaptureLogger(transformers.utils.logging.get_logger("transformers")) as captured:
+        classifier = convert_mim_to_native_beit(model, BeitForImageClassification, num_labels=5)
+    assert "incompatible" not in captured.out
+    assert classifier.config.num_labels == len(classifier.config.id2label) == 5
+    named = convert_mim_to_native_beit(model, BeitForImageClassification, id2label={0: "cat", 1: "dog", 2: "owl"})
+    assert named.config.num_labels == 3 and named.config.id2label == {0: "cat", 1: "dog", 2: "owl"}
 
 
 def test_export_lives_in_its_own_module_and_is_re_exported():

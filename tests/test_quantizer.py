@@ -31,7 +31,7 @@ def reference_step(codebook, cluster_size, z, decay, beta, training):
 @pytest.mark.parametrize("training", [True, False])
 def test_matches_reference_update(training):
     torch.manual_seed(0)
-    quantizer = NormEMAVectorQuantizer(num_codes=64, code_dim=8, decay=0.9, beta=0.5, chunk_size=7)
+    quantizer = NormEMAVectorQuantizer(codebook_size=64, code_dim=8, decay=0.9, beta=0.5, chunk_size=7)
     quantizer.train(training)
     codebook, cluster_size = quantizer.codebook.clone(), quantizer.cluster_size.clone()
     for _ in range(3):
@@ -56,7 +56,7 @@ def test_matches_reference_update(training):
 
 
 def test_no_gradient_parameters_fp32_under_autocast_and_lookup_is_pure():
-    quantizer = NormEMAVectorQuantizer(num_codes=32, code_dim=4)
+    quantizer = NormEMAVectorQuantizer(codebook_size=32, code_dim=4)
     assert list(quantizer.parameters()) == []
     z = torch.randn(10, 4, dtype=torch.bfloat16)
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -71,7 +71,7 @@ def test_no_gradient_parameters_fp32_under_autocast_and_lookup_is_pure():
 
 
 def test_statistics():
-    quantizer = NormEMAVectorQuantizer(num_codes=4, code_dim=2).eval()
+    quantizer = NormEMAVectorQuantizer(codebook_size=4, code_dim=2).eval()
     quantizer.codebook.copy_(torch.tensor([[1.0, 0], [0, 1], [-1, 0], [0, -1]]))
     out = quantizer(torch.tensor([[1.0, 0.1], [0.1, 1], [2, 0.0], [0.1, 3]]))  # codes 0, 1, 0, 1
     torch.testing.assert_close(out.perplexity, torch.tensor(2.0))
@@ -82,7 +82,7 @@ def test_statistics():
 
 
 def test_kmeans_init_runs_once_on_first_training_batch():
-    quantizer = NormEMAVectorQuantizer(num_codes=16, code_dim=4, kmeans_init=True)
+    quantizer = NormEMAVectorQuantizer(codebook_size=16, code_dim=4, kmeans_init=True)
     assert not quantizer.initted and quantizer.codebook.abs().sum() == 0
     z = torch.randn(200, 4)
     with pytest.raises(ValueError, match="k-means initialisation"):
@@ -116,7 +116,7 @@ def _narrow_batches(steps, generator):
 def test_dead_code_restart_recovers_usage_on_narrow_data(threshold, min_usage, max_usage):
     torch.manual_seed(0)
     generator = torch.Generator().manual_seed(1)
-    quantizer = NormEMAVectorQuantizer(num_codes=128, code_dim=8, decay=0.9, dead_code_threshold=threshold)
+    quantizer = NormEMAVectorQuantizer(codebook_size=128, code_dim=8, decay=0.9, dead_code_threshold=threshold)
     for batch in _narrow_batches(60, generator):
         out = quantizer(batch)
     quantizer.eval().reset_usage()
@@ -135,7 +135,7 @@ def test_rejects_bad_arguments():
 
 
 def test_tokenizing_before_the_kmeans_init_is_an_error():
-    quantizer = NormEMAVectorQuantizer(num_codes=16, code_dim=4, kmeans_init=True).eval()
+    quantizer = NormEMAVectorQuantizer(codebook_size=16, code_dim=4, kmeans_init=True).eval()
     with pytest.raises(ValueError, match="k-means initialisation"):
         quantizer.lookup(torch.randn(8, 4))
     with pytest.raises(ValueError, match="k-means initialisation"):
@@ -146,7 +146,7 @@ def test_tokenizing_before_the_kmeans_init_is_an_error():
 
 def test_initialisation_is_read_from_the_device_once():
     """A frozen tokenizer must not synchronise with the device on every call to read `initted`."""
-    quantizer = NormEMAVectorQuantizer(num_codes=8, code_dim=4, kmeans_init=False).eval()
+    quantizer = NormEMAVectorQuantizer(codebook_size=8, code_dim=4, kmeans_init=False).eval()
     z = torch.randn(5, 4)
     quantizer.lookup(z)
     # Changing the buffer behind the module's back is not seen: the answer is cached on the host...
@@ -159,7 +159,7 @@ def test_initialisation_is_read_from_the_device_once():
         quantizer.lookup(z)
     quantizer.initted.fill_(True)
     quantizer.lookup(z)
-    waiting = NormEMAVectorQuantizer(num_codes=8, code_dim=4, kmeans_init=True)
+    waiting = NormEMAVectorQuantizer(codebook_size=8, code_dim=4, kmeans_init=True)
     waiting.train()(z)  # the k-means init runs and sets the cached answer
     assert waiting._seen_initialised and bool(waiting.initted)
     waiting.reset_codebook()

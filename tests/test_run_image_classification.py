@@ -89,7 +89,7 @@ def test_fine_tune_mim_checkpoint_then_pipeline_in_a_fresh_process(tmp_path, mim
     assert processor["crop_size"] == {"height": 32, "width": 32}
     card = (output_dir / "README.md").read_text()
     assert "pipeline_tag: image-classification" in card and "library_name: transformers" in card
-    assert f"| eval_accuracy | {round(eval_results['eval_accuracy'], 4)} |" in card
+    assert f"| eval_accuracy | {round(eval_results['eval_accuracy'], 4):.6g} |" in card
     assert "| layer_decay | 0.65 |" in card
     assert not list(output_dir.glob("*.py"))
 
@@ -208,7 +208,7 @@ def test_unreadable_images_are_skipped_and_logged(tmp_path, mim_checkpoint, stre
 
 def test_logged_loss_is_the_mean_cross_entropy_with_and_without_accumulation(tmp_path):
     """Soft (mixup) and hard labels, 1 batch of 4 or 2 accumulated batches of 2: the same mean loss."""
-    from run_image_classification import LayerDecayTrainer
+    from downstream import LayerDecayTrainer
     from transformers import TrainingArguments, default_data_collator
 
     torch.manual_seed(0)
@@ -242,3 +242,76 @@ def test_logged_loss_is_the_mean_cross_entropy_with_and_without_accumulation(tmp
             trainer.train()
             logged = trainer.state.log_history[0]["loss"]
             assert logged == pytest.approx(expected[kind], abs=1e-3), (kind, batch_size, accumulation)
+
+
+def test_recipe_sets_the_augmentation_defaults_and_each_flag_overrides_it():
+    from pretraining_arguments import parse_arguments
+    from run_image_classification import RECIPES, DataArguments
+
+    def parse(*args: str) -> DataArguments:
+        (data_args,) = parse_arguments((DataArguments,), args=list(args))
+        return data_args
+
+    simple = parse()
+    assert simple.recipe == "simple"
+    assert (simple.rand_augment_num_ops, simple.random_erasing, simple.mixup_alpha) == (0, 0.0, 0.0)
+    assert (simple.cutmix_alpha, simple.label_smoothing) == (0.0, 0.0)
+    paper = parse("--recipe", "paper", "--mixup_alpha", "0.2")
+    assert paper.mixup_alpha == 0.2  # the flag wins over the recipe
+    assert {name: getattr(paper, name) for name in RECIPES["paper"] if name != "mixup_alpha"} == {
+        "rand_augment_num_ops": 2,
+        "random_erasing": 0.25,
+        "cutmix_alpha": 1.0,
+        "label_smoothing": 0.1,
+    }
+    with pytest.raises(ValueError, match="random_erasing is a probability"):
+        parse("--random_erasing", "1.5")
+    with pytest.raises(ValueError, match=r"--train_val_split must be in \[0, 1\)"):
+        parse("--train_val_split", "1")
+
+
+@pytest.mark.slow
+def test_train_dir_alone_holds_out_an_evaluation_split(tmp_path, mim_checkpoint):
+    """The issue's bare `KeyError: 'validation'`: with --train_dir only, --do_eval evaluates on a seeded 15%."""
+    train_dir, _ = write_image_folders(tmp_path / "data", per_class=4)  # 12 training images
+    output_dir = tmp_path / "out"
+    args = common_args(train_dir, tmp_path / "unused", output_dir)
+    del args[args.index("--validation_dir") : args.index("--validation_dir") + 2]
+    args[args.index("--max_steps") + 1] = "1"
+    result = run_script("--model_name_or_path", str(mim_checkpoint), *args)
+    log = result.stderr + result.stdout
+    assert "No 'validation' split: holding out 0.15 of 'train'" in log
+    assert "Num examples = 2" in log  # ceil(0.15 * 12) held-out images evaluated
+    assert "falling back to" not in log  # the PIL processor is built explicitly, not as a fallback
+    assert 0.0 <= json.loads((output_dir / "eval_results.json").read_text())["eval_accuracy"] <= 1.0
+
+
+def run_main_in_process(monkeypatch, *args: str) -> None:
+    import run_image_classification
+
+    monkeypatch.setattr(sys, "argv", ["run_image_classification.py", *args])
+    run_image_classification.main()
+
+
+def test_a_missing_tracker_stops_the_script_before_loading_anything(tmp_path, monkeypatch):
+    import downstream
+
+    monkeypatch.setattr(downstream, "get_available_reporting_integrations", lambda: [])
+    # A model and data that do not exist: were the check late, loading them would fail first.
+    with pytest.raises(SystemExit, match=r"--report_to tensorboard: .*\.\[tensorboard\]"):
+        run_main_in_process(
+            monkeypatch, "--model_name_or_path", str(tmp_path / "no-model"), "--train_dir", str(tmp_path / "no-data"),
+            "--output_dir", str(tmp_path / "out"), "--do_train", "--report_to", "tensorboard", "--use_cpu",
+        )  # fmt: skip
+
+
+def test_push_to_hub_offline_stops_the_script_before_loading_anything(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(SystemExit, match="--push_to_hub: cannot use the Hub repo 'out'"):
+        run_main_in_process(
+            monkeypatch, "--model_name_or_path", str(tmp_path / "no-model"), "--train_dir", str(tmp_path / "no-data"),
+            "--output_dir", str(tmp_path / "out"), "--do_train", "--push_to_hub", "--hub_token", "hf_not_a_token",
+            "--report_to", "none", "--use_cpu",
+        )  # fmt: skip

@@ -44,11 +44,12 @@ def write_colour_task(root: Path, per_class: dict[str, int], size: int = 32) -> 
                 Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(folder / f"{index}.png")
 
 
-def run_probe(checkpoint: Path, data: Path, output_dir: Path, *extra: str) -> dict:
+def run_probe(checkpoint: Path, data: Path, output_dir: Path, *extra: str, validation: bool = True) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    validation_args = ["--validation_dir", str(data / "validation")] if validation else []
     command = [
         sys.executable, str(SCRIPT), "--model_name_or_path", str(checkpoint), "--output_dir", str(output_dir),
-        "--train_dir", str(data / "train"), "--validation_dir", str(data / "validation"),
+        "--train_dir", str(data / "train"), *validation_args,
         "--probe_batch_size", "16", "--num_train_epochs", "60", "--warmup_epochs", "5", "--device", "cpu", *extra,
     ]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, timeout=240, env=env)
@@ -114,3 +115,13 @@ def test_unreadable_image_is_skipped_not_fatal(tmp_path, colour_data):
     BeitModel(BeitConfig(**TINY, image_size=32, use_mean_pooling=False)).save_pretrained(tmp_path / "native")
     results = run_probe(tmp_path / "native", data, tmp_path / "out", "--num_train_epochs", "1", "--warmup_epochs", "0")
     assert results["num_train"] == 4 * 24  # the truncated file is dropped with its label
+
+
+def test_without_an_evaluation_split_the_probe_holds_out_part_of_the_training_split(tmp_path, colour_data):
+    torch.manual_seed(0)
+    BeitModel(BeitConfig(**TINY, image_size=32, use_mean_pooling=False)).save_pretrained(tmp_path / "native")
+    results = run_probe(
+        tmp_path / "native", colour_data, tmp_path / "out", "--num_train_epochs", "1", "--warmup_epochs", "0",
+        "--train_val_split", "0.25", validation=False,
+    )  # fmt: skip
+    assert (results["num_train"], results["num_eval"]) == (72, 24)  # 4 x 24 training images, a quarter held out

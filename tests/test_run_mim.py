@@ -22,6 +22,7 @@ from test_data import write_parquet_shards
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
+import loop_monitors  # noqa: E402
 import run_mim  # noqa: E402
 import training  # noqa: E402
 
@@ -49,7 +50,7 @@ def make_vqkd_tokenizer(path: Path) -> Path:
     config = VQKDConfig(
         encoder_config=vqkd_encoder_config("tiny", image_size=32, patch_size=8, **VIT_TINY),
         decoder_config=vqkd_decoder_config("tiny", num_layers=1, grid_size=4, **VIT_TINY),
-        num_codes=32,
+        codebook_size=32,
         teacher_dim=16,
         kmeans_init=False,
     )
@@ -165,7 +166,7 @@ def test_output_dir_bookkeeping_across_runs(mim_inputs, tmp_path):
 def test_beit_v1_mode_with_dvae_tokens(tmp_path, monkeypatch):
     files = write_parquet_shards(tmp_path / "parquet", 8, 1)
     torch.manual_seed(0)
-    DVAEModel(DVAEConfig(vocab_size=16, hidden_size=8, num_blocks_per_group=1, image_size=16)).save_pretrained(
+    DVAEModel(DVAEConfig(codebook_size=16, hidden_size=8, num_blocks_per_group=1, image_size=16)).save_pretrained(
         tmp_path / "dvae"
     )
     output_dir = tmp_path / "out"
@@ -271,9 +272,9 @@ def test_overflowing_gradient_of_a_finite_loss_is_skipped(mim_inputs, tmp_path, 
 def test_gradient_accumulation_consumes_micro_batches(mim_inputs, tmp_path, monkeypatch):
     files, tokenizer = mim_inputs
     drawn = []
-    next_batch = training.MetricsWindow.next_batch
+    next_batch = loop_monitors.MetricsWindow.next_batch
     monkeypatch.setattr(
-        training.MetricsWindow, "next_batch", lambda self, batches: drawn.append(1) or next_batch(self, batches)
+        loop_monitors.MetricsWindow, "next_batch", lambda self, batches: drawn.append(1) or next_batch(self, batches)
     )
     output_dir = tmp_path / "out"
     state = run_mim.main(
@@ -347,7 +348,7 @@ def test_loop_syncs_host_and_device_only_at_logging_steps(mim_inputs, tmp_path, 
 
         monkeypatch.setattr(torch.Tensor, name, counted)
     at_step_start = []
-    next_batch = training.MetricsWindow.next_batch
+    next_batch = loop_monitors.MetricsWindow.next_batch
 
     def mark(self, batches):
         at_step_start.append(len(syncs))
@@ -355,7 +356,7 @@ def test_loop_syncs_host_and_device_only_at_logging_steps(mim_inputs, tmp_path, 
         at_step_start[-1] = (at_step_start[-1], len(syncs))  # (before, after) the data loading
         return batch
 
-    monkeypatch.setattr(training.MetricsWindow, "next_batch", mark)
+    monkeypatch.setattr(loop_monitors.MetricsWindow, "next_batch", mark)
     extra = ("--max_steps", "5", "--logging_steps", "100", "--save_steps", "0", "--num_masking_patches", "5")
     run_mim.main(mim_args(files, tokenizer, tmp_path / "out", *extra))
     # Syncs made by steps 1-3 (none of them logs): from after one step's data loading to the next step's start.
@@ -445,7 +446,7 @@ def test_nonfinite_guard_skips_the_update_without_a_sync(fresh_accelerator_state
     accelerator = Accelerator(cpu=True)
     model = tiny_model()
     optimizer = training.build_optimizer(model, optimizer_args(), 1e-2)
-    guard = training.NonFiniteGuard(accelerator, optimizer)
+    guard = loop_monitors.NonFiniteGuard(accelerator, optimizer)
     before = [param.detach().clone() for param in model.parameters()]
     for step, poison in enumerate((False, True, True, False)):
         optimizer.zero_grad()
@@ -470,7 +471,7 @@ def test_nonfinite_guard_skips_the_update_without_a_sync(fresh_accelerator_state
 def test_slow_input_pipeline_warns_naming_the_workers_flag(tmp_path, caplog, fresh_accelerator_state):
     from accelerate import Accelerator
 
-    window = training.MetricsWindow(Accelerator(cpu=True), str(tmp_path), num_workers=0)
+    window = loop_monitors.MetricsWindow(Accelerator(cpu=True), str(tmp_path), num_workers=0)
 
     def slow_batches():
         while True:
@@ -489,7 +490,7 @@ def test_slow_input_pipeline_warns_naming_the_workers_flag(tmp_path, caplog, fre
 
 
 def test_held_out_images_skip_and_log_unreadable_ones(tmp_path, caplog):
-    from image_datasets import load_image_stream
+    from data_sources import load_image_stream
 
     files = write_parquet_shards(tmp_path / "parquet", 6, 1, corrupt=(2,))
     dataset, column = load_image_stream(data_files=files)

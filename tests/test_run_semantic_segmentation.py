@@ -123,16 +123,56 @@ def test_mean_iou_metric_matches_hand_computation():
         mean_iou.compute(predictions=[prediction], references=[reference + 5], num_labels=4, ignore_index=260)
 
 
-def test_accuracy_metric_top_k():
-    accuracy = evaluate.load(str(METRICS / "accuracy"))
+def test_top_k_accuracy_metric_ranks_the_scores():
+    top_k_accuracy = evaluate.load(str(METRICS / "top_k_accuracy"))
     scores = [[0.1, 0.5, 0.4, 0.0], [0.9, 0.05, 0.03, 0.02], [0.2, 0.3, 0.1, 0.4]]
     # True-class ranks: 2, 1, 4.
-    result = accuracy.compute(predictions=scores, references=[2, 0, 2], top_k=[1, 2, 3, 4])
+    result = top_k_accuracy.compute(predictions=scores, references=[2, 0, 2], top_k=[1, 2, 3, 4])
     assert result == pytest.approx(
-        {"accuracy": 1 / 3, "top2_accuracy": 2 / 3, "top3_accuracy": 2 / 3, "top4_accuracy": 1.0}
+        {"top1_accuracy": 1 / 3, "top2_accuracy": 2 / 3, "top3_accuracy": 2 / 3, "top4_accuracy": 1.0}
     )
     with pytest.raises(ValueError, match="top_k"):
-        accuracy.compute(predictions=scores, references=[2, 0, 2], top_k=[5])
+        top_k_accuracy.compute(predictions=scores, references=[2, 0, 2], top_k=[5])
+
+
+def test_accuracy_metric_takes_class_ids_like_the_hub_metric():
+    """The Hub's `accuracy` (sklearn's accuracy_score): predicted ids, optional normalize and sample_weight."""
+    accuracy = evaluate.load(str(METRICS / "accuracy"))
+    predictions, references, weights = [0, 2, 1, 3, 1], [0, 1, 1, 3, 2], [1.0, 2.0, 0.5, 1.0, 4.0]
+    correct = [p == r for p, r in zip(predictions, references)]
+    assert accuracy.compute(predictions=predictions, references=references) == {"accuracy": sum(correct) / 5}
+    weighted = sum(w for w, c in zip(weights, correct) if c)
+    assert accuracy.compute(predictions=predictions, references=references, sample_weight=weights) == pytest.approx(
+        {"accuracy": weighted / sum(weights)}
+    )
+    assert accuracy.compute(predictions=predictions, references=references, normalize=False) == {"accuracy": 3.0}
+    with pytest.raises(ValueError, match="expected format"):  # scores are not class ids
+        accuracy.compute(predictions=[[0.1, 0.9], [0.8, 0.2]], references=[1, 0])
+
+
+@pytest.mark.slow
+def test_training_folder_alone_holds_out_an_evaluation_split(tmp_path):
+    torch.manual_seed(0)
+    BeitV2ForMaskedImageModeling(TINY_MIM_CONFIG).save_pretrained(tmp_path / "mim")
+    write_ade_folder(tmp_path / "ade", {"training": 8})
+    output_dir = tmp_path / "out"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    command = [
+        sys.executable, str(SCRIPT), "--model_name_or_path", str(tmp_path / "mim"), "--data_dir", str(tmp_path / "ade"),
+        "--output_dir", str(output_dir), "--num_labels", "3", "--crop_size", "32", "--out_indices", "0", "1", "2", "3",
+        "--do_train", "--do_eval", "--max_steps", "1", "--per_device_train_batch_size", "3", "--use_cpu",
+        "--save_strategy", "no", "--dataloader_num_workers", "0", "--report_to", "none",
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=240, env=env)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "No 'validation' split: holding out 0.15 of 'train'" in result.stderr
+    assert "Num examples = 2" in result.stderr  # ceil(0.15 * 8)
+    assert "falling back to" not in result.stderr  # the PIL processor is built explicitly, not as a fallback
+    assert 0.0 <= json.loads((output_dir / "eval_results.json").read_text())["eval_mean_iou"] <= 1.0
+    processor = json.loads((output_dir / "preprocessor_config.json").read_text())
+    # The evaluation transform: the whole image resized (bilinear) to the crop size, ADE20K's labels reduced.
+    assert processor["size"] == {"height": 32, "width": 32} and not processor["do_center_crop"]
+    assert processor["resample"] == Image.BILINEAR and processor["do_reduce_labels"]
 
 
 def test_features_come_from_the_requested_blocks_and_every_block_learns(tmp_path):

@@ -22,7 +22,7 @@ import run_vqkd  # noqa: E402
 
 from modeling_beitv2 import VQKDModel  # noqa: E402
 
-TINY_TOKENIZER = "hidden_size=32,num_attention_heads=2,intermediate_size=64,num_hidden_layers=2,num_codes=32"
+TINY_TOKENIZER = "hidden_size=32,num_attention_heads=2,intermediate_size=64,num_hidden_layers=2,codebook_size=32"
 VQKD_KEYS = (
     "loss", "loss_reconstruction", "loss_quantization", "perplexity", "codebook_usage", "num_dead_codes", "lr",
     "images_per_second", "data_wait_fraction",

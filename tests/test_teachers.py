@@ -145,3 +145,15 @@ def test_teacher_runs_in_half_precision_under_autocast_and_compiles(kind, pixels
     torch._dynamo.reset()
     compiled = torch.compile(teacher, backend="aot_eager")
     torch.testing.assert_close(compiled(pixels), teacher(pixels), rtol=1e-5, atol=1e-5)
+
+
+def test_where_to_read_from_applies_to_config_and_normalisation_too(tmp_path):
+    """`subfolder` (like `revision`, `token`, `cache_dir`) reaches the config and the saved statistics, not only the
+    weights: a teacher published inside a subfolder keeps its own normalisation."""
+    torch.manual_seed(0)
+    vit = ViTModel(ViTConfig(**TINY, patch_size=8), add_pooling_layer=False).eval()
+    vit.save_pretrained(tmp_path / "teacher")
+    CLIPImageProcessor(image_mean=[0.1, 0.2, 0.3], image_std=[0.4, 0.5, 0.6]).save_pretrained(tmp_path / "teacher")
+    teacher = TeacherForPatchTargets.from_pretrained(str(tmp_path), subfolder="teacher")
+    assert teacher.image_mean.flatten().tolist() == pytest.approx([0.1, 0.2, 0.3])
+    assert teacher.image_std.flatten().tolist() == pytest.approx([0.4, 0.5, 0.6])

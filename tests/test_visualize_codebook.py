@@ -1,19 +1,23 @@
-"""examples/visualize_codebook.py: grids of the patches of each code (BEiT v2 Figure 4), the usage histogram and the
-counts, checked by re-tokenising the images the patches came from."""
+"""examples/visualize_codebook.py: grids of the patches of each code (BEiT v2 Figure 4), captioned with the code, its
+count and its most frequent classes, the usage histogram and the counts, checked by re-tokenising the images the
+patches came from."""
 
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
 import torch
-from demo_data import write_demo_dataset
+from demo_data import CLASS_NAMES, write_demo_dataset
 from PIL import Image
 from visual_tokenizers import load_visual_tokenizer
 from visualize_codebook import (
+    CAPTION_HEIGHT,
     GRID_PADDING,
     CodebookUsage,
     VisualizeArguments,
+    code_caption,
     main,
     read_images,
     tokenize_views,
@@ -39,7 +43,7 @@ def vqkd_dir(tmp_path_factory):
     config = VQKDConfig(
         encoder_config=vqkd_encoder_config("tiny", image_size=32, patch_size=8, num_hidden_layers=2, **width),
         decoder_config=vqkd_decoder_config("tiny", num_layers=1, grid_size=4, code_dim=8, **width),
-        num_codes=NUM_CODES, code_dim=8, teacher_dim=16, kmeans_init=False,
+        codebook_size=NUM_CODES, code_dim=8, teacher_dim=16, kmeans_init=False,
     )  # fmt: skip
     path = tmp_path_factory.mktemp("vqkd") / "tokenizer"
     VQKDModel(config).save_pretrained(path)
@@ -49,7 +53,7 @@ def vqkd_dir(tmp_path_factory):
 def retokenize(tokenizer_dir, images_dir):
     """The views and codes of the same images, computed again independently of the script's output."""
     tokenizer = load_visual_tokenizer(str(tokenizer_dir))
-    images = read_images(VisualizeArguments(str(tokenizer_dir), "unused", train_dir=str(images_dir)))
+    images, _ = read_images(VisualizeArguments(str(tokenizer_dir), "unused", train_dir=str(images_dir)))
     views = np.stack([tokenizer_view(image, tokenizer) for image in images])
     return views, tokenize_views(tokenizer, views)
 
@@ -86,7 +90,8 @@ def test_top_codes_grids_hold_patches_of_that_code(vqkd_dir, images_dir, tmp_pat
         # Spread over images: as many distinct images as possible among the first patches.
         first = [image for image, _, _ in locations[: min(len(locations), int((codes == code).any((1, 2)).sum()))]]
         assert len(set(first)) == len(first)
-        grid = np.asarray(Image.open(tmp_path / f"code_{code}.png"))
+        # The grid at its own resolution below the caption strip.
+        grid = np.asarray(Image.open(tmp_path / f"code_{code}.png").convert("RGB"))[CAPTION_HEIGHT:]
         rows = math.ceil(len(locations) / columns)
         assert grid.shape == (
             GRID_PADDING + rows * (16 + GRID_PADDING),
@@ -124,7 +129,7 @@ def test_codes_from_the_command_line(vqkd_dir, images_dir, tmp_path, tiny_beitv2
 def test_dvae_tokenizer(images_dir, tmp_path):
     torch.manual_seed(0)
     path = tmp_path / "dvae"
-    DVAEModel(DVAEConfig(vocab_size=32, hidden_size=8, num_blocks_per_group=1, image_size=32)).save_pretrained(path)
+    DVAEModel(DVAEConfig(codebook_size=32, hidden_size=8, num_blocks_per_group=1, image_size=32)).save_pretrained(path)
     summary = run(path, images_dir, tmp_path / "out", "--top_k", "2", "--patches_per_code", "5",
                   "--patch_display_size", "8")  # fmt: skip
     assert summary["num_codes"] == 32 and summary["num_patches"] == 24 * 16  # 32 px / 8 -> 4x4 codes
@@ -151,10 +156,50 @@ def test_views_reach_the_tokenizer_as_plain_pixels(kind, vqkd_dir, tmp_path):
     # Both tokenizers map [0, 1] pixels to their own input range: the script must not map them again.
     if kind == "dvae":
         torch.manual_seed(0)
-        DVAEModel(DVAEConfig(vocab_size=32, hidden_size=8, num_blocks_per_group=1, image_size=32)).save_pretrained(
+        DVAEModel(DVAEConfig(codebook_size=32, hidden_size=8, num_blocks_per_group=1, image_size=32)).save_pretrained(
             tmp_path / "dvae"
         )
     tokenizer = load_visual_tokenizer(str(vqkd_dir if kind == "vqkd" else tmp_path / "dvae"))
     views = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
     expected = tokenizer.get_codebook_indices(torch.from_numpy(views).permute(0, 3, 1, 2).float() / 255)
     np.testing.assert_array_equal(tokenize_views(tokenizer, views, batch_size=2), expected.view(3, 4, 4).numpy())
+
+
+def test_captions_name_the_most_frequent_classes(vqkd_dir, images_dir, tmp_path):
+    summary = run(vqkd_dir, images_dir, tmp_path / "out", "--top_k", "4", "--patches_per_code", "4")
+    _, codes = retokenize(vqkd_dir, images_dir)
+    # The images are read in sorted path order: 4 per class folder, classes sorted by name.
+    image_classes = np.repeat(sorted(CLASS_NAMES), 4)
+    assert summary["labelled"] is True
+    for code, drawn in summary["drawn_codes"].items():
+        classes, counts = np.unique(image_classes[np.nonzero(codes == int(code))[0]], return_counts=True)
+        expected = sorted(zip(classes.tolist(), counts.tolist()), key=lambda entry: (-entry[1], entry[0]))[:3]
+        assert drawn["top_classes"] == [list(entry) for entry in expected]
+        assert sum(patches for _, patches in drawn["top_classes"]) <= drawn["count"]
+
+    # A flat folder (no class folders) has no labels: no classes in the summary or the captions.
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for index, path in enumerate(sorted(images_dir.rglob("*.png"))[:6]):
+        shutil.copy(path, flat / f"{index}.png")
+    summary = run(vqkd_dir, flat, tmp_path / "flat_out", "--top_k", "2")
+    assert summary["labelled"] is False
+    assert all("top_classes" not in drawn for drawn in summary["drawn_codes"].values())
+
+
+def test_code_caption():
+    assert code_caption(7, 1, []) == "code 7: 1 patch"
+    assert (
+        code_caption(12, 40, [("dots", 30), ("checkerboard", 10)]) == "code 12: 40 patches\ndots 75%, checkerboard 25%"
+    )
+    usage = CodebookUsage(
+        np.zeros((3, 4, 4, 3), dtype=np.uint8),
+        np.array([[[1, 1], [0, 1]], [[1, 0], [0, 0]], [[1, 1], [1, 1]]]),
+        num_codes=2,
+        labels=np.array([0, 1, 1]),
+        class_names=["a", "b"],
+    )
+    assert usage.top_classes(1) == [("b", 5), ("a", 3)]
+    assert usage.top_classes(0, limit=1) == [("b", 3)]
+    with pytest.raises(ValueError, match="Give both labels and class_names"):
+        CodebookUsage(usage.views, usage.indices, 2, labels=np.array([0, 1, 1]))

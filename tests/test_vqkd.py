@@ -18,7 +18,7 @@ def tiny_config(**overrides) -> VQKDConfig:
     kwargs = dict(
         encoder_config=vqkd_encoder_config("tiny", image_size=32, patch_size=8, num_hidden_layers=2, **TINY_VIT),
         decoder_config=vqkd_decoder_config("tiny", num_layers=1, grid_size=4, code_dim=8, **TINY_VIT),
-        num_codes=64,
+        codebook_size=64,
         code_dim=8,
         teacher_dim=16,
         kmeans_init=False,
@@ -44,7 +44,7 @@ def test_presets_match_the_paper():
     assert encoder.use_absolute_position_embeddings and encoder.layer_scale_init_value == 0
     assert not encoder.use_relative_position_bias and not encoder.use_mean_pooling
     assert (decoder.num_hidden_layers, decoder.patch_size, decoder.image_size, decoder.num_channels) == (3, 1, 14, 32)
-    assert (config.num_codes, config.code_dim, config.decay, config.teacher_dim, config.kmeans_init) == (
+    assert (config.codebook_size, config.code_dim, config.decay, config.teacher_dim, config.kmeans_init) == (
         8192,
         32,
         0.99,
@@ -105,7 +105,7 @@ def test_reference_init():
     config = VQKDConfig(
         encoder_config=vqkd_encoder_config(image_size=32, num_hidden_layers=3, **width),
         decoder_config=vqkd_decoder_config(grid_size=2, num_layers=1, **width),
-        num_codes=64,
+        codebook_size=64,
         kmeans_init=False,
     )
     model = VQKDModel(config)
@@ -270,6 +270,6 @@ def test_takes_plain_pixels_and_maps_them_itself(model):
 
 
 def test_shared_tokenizer_interface(model):
-    assert model.codebook_size == model.config.num_codes
+    assert model.codebook_size == model.config.codebook_size
     assert model.image_size == 32 and model.patch_grid == (4, 4)
     assert model.eval().get_codebook_indices(torch.rand(1, 3, 32, 32)).shape == (1, 16)

@@ -36,7 +36,7 @@ def main(world_size: int, rank: int, port: int, output_file: str) -> None:
     config = VQKDConfig(
         encoder_config=vqkd_encoder_config("tiny", image_size=32, patch_size=8, num_hidden_layers=2, **TINY_VIT),
         decoder_config=vqkd_decoder_config("tiny", num_layers=1, grid_size=4, code_dim=8, **TINY_VIT),
-        num_codes=64,
+        codebook_size=64,
         code_dim=8,
         teacher_dim=16,
         kmeans_init=True,

@@ -1,26 +1,32 @@
-"""Top-k classification accuracy as a local `evaluate` module (loads offline with `evaluate.load(path)`)."""
+"""Classification accuracy as a local `evaluate` module (loads offline with `evaluate.load(path)`).
+
+It has the contract of the Hub's `accuracy` metric (`evaluate.load("accuracy")`): predicted class ids, not scores,
+with the same `normalize` and `sample_weight` options and the same result, so either can replace the other. For
+top-k accuracy from scores, see `top_k_accuracy`.
+"""
 
 import datasets
 import evaluate
 import numpy as np
 
 _DESCRIPTION = """
-Fraction of examples whose true class is among the `k` highest-scoring classes, for each requested `k`.
-Predictions are the raw scores (logits or probabilities), shape (num_examples, num_classes); references are the
-integer class ids, shape (num_examples,). Ties are broken by class order, as `numpy.argsort` does.
+Fraction of examples whose predicted class id equals the true class id:
+(number of correct predictions) / (number of examples).
 """
 
 _KWARGS_DESCRIPTION = """
 Args:
-    predictions (`list` of `list` of `float`): scores, shape (num_examples, num_classes).
+    predictions (`list` of `int`): predicted class ids (e.g. the argmax of the logits), shape (num_examples,).
     references (`list` of `int`): true class ids, shape (num_examples,).
-    top_k (`list` of `int`, defaults to `[1]`): the values of k to report.
+    normalize (`bool`, defaults to `True`): return the fraction of correct predictions; `False`: their number
+        (their summed weight, with `sample_weight`).
+    sample_weight (`list` of `float`, *optional*): a weight per example.
 Returns:
-    `accuracy` (top-1, when 1 is in `top_k`) and `top{k}_accuracy` for every other k, each a float in [0, 1].
+    `accuracy` (`float`): in [0, 1] with `normalize=True`.
 Examples:
     >>> accuracy = evaluate.load("examples/metrics/accuracy")
-    >>> accuracy.compute(predictions=[[0.1, 0.7, 0.2], [0.5, 0.1, 0.4]], references=[2, 0], top_k=[1, 2])
-    {'accuracy': 0.5, 'top2_accuracy': 1.0}
+    >>> accuracy.compute(predictions=[0, 1, 2, 0], references=[0, 1, 1, 2])
+    {'accuracy': 0.5}
 """
 
 
@@ -31,28 +37,18 @@ class Accuracy(evaluate.Metric):
             description=_DESCRIPTION,
             citation="",
             inputs_description=_KWARGS_DESCRIPTION,
+            # Integer features, as on the Hub: scores (a list of floats per example) are rejected when added.
             features=datasets.Features(
-                {"predictions": datasets.Sequence(datasets.Value("float32")), "references": datasets.Value("int64")}
+                {"predictions": datasets.Value("int64"), "references": datasets.Value("int64")}
             ),
         )
 
-    def _compute(self, predictions, references, top_k=(1,)):
-        scores = np.asarray(predictions, dtype=np.float32)
-        labels = np.asarray(references, dtype=np.int64)
-        if scores.ndim != 2 or scores.shape[0] != labels.shape[0]:
-            raise ValueError(
-                f"predictions must have shape (num_examples, num_classes) matching references {labels.shape}, "
-                f"got {scores.shape}."
-            )
-        num_classes = scores.shape[1]
-        invalid = [k for k in top_k if not 1 <= k <= num_classes]
-        if invalid:
-            raise ValueError(f"top_k values must lie in [1, num_classes={num_classes}], got {invalid}.")
-        # Stable descending order so ties go to the lower class id, as argmax does for k = 1.
-        ranking = np.argsort(-scores, axis=1, kind="stable")
-        hits = ranking == labels[:, None]
-        results = {}
-        for k in top_k:
-            name = "accuracy" if k == 1 else f"top{k}_accuracy"
-            results[name] = float(hits[:, :k].any(axis=1).mean())
-        return results
+    def _compute(self, predictions, references, normalize=True, sample_weight=None):
+        correct = (np.asarray(predictions, dtype=np.int64) == np.asarray(references, dtype=np.int64)).astype(
+            np.float64
+        )
+        weights = np.ones_like(correct) if sample_weight is None else np.asarray(sample_weight, dtype=np.float64)
+        if weights.shape != correct.shape:
+            raise ValueError(f"sample_weight must have one weight per example {correct.shape}, got {weights.shape}.")
+        total = float((correct * weights).sum())
+        return {"accuracy": total / float(weights.sum()) if normalize else total}

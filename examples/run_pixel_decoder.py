@@ -1,0 +1,346 @@
+#!/usr/bin/env python
+"""Give BEiT v2's visual tokens back their pixels: train a `VQKDPixelDecoder` on a frozen VQ-KD tokenizer.
+
+    accelerate launch --config_file examples/configs/ddp.yaml examples/run_pixel_decoder.py \\
+        --dataset_name timm/imagenet-1k-wds --tokenizer_name_or_path path/to/vqkd \\
+        --output_dir vqkd-pixel-decoder --per_device_train_batch_size 128 --max_steps 50000 --bf16 \\
+        --do_eval --validation_split validation --max_eval_samples 5000 --dataloader_num_workers 12
+
+The tokenizer is frozen, in eval mode, kept out of `prepare()` and never saved: the decoder holds a copy of its
+l2-normalised codebook and decodes on its own. Each step tokenizes the tokenizer's [0, 1] view of a batch of
+images (RandomResizedCrop + flip, the tokenizer's own training view) and regresses those pixels from the codes.
+Defaults follow MAE's recipe for regressing pixels with a Transformer: AdamW betas (0.9, 0.95), weight decay 0.05,
+peak lr 1.5e-4 at batch 256 (scaled linearly to the total batch unless --learning_rate is given), 5% warmup then
+per-step cosine to 1e-5.
+
+With --do_eval the held-out images are scored against a baseline that needs no network: every patch painted with
+the mean patch of its code over (up to --baseline_images of) the training images. `eval_psnr` (the decoder) and
+`eval_baseline_psnr` go to `metrics.jsonl`, the returned `last_metrics` and the model card.
+
+The training loop is `main()`: copy this file to change the loss or add an evaluation.
+Exit status: 0 when the run finished, `training.PREEMPTED_EXIT_CODE` (75) when SIGTERM/SIGINT stopped it before its
+last step (a checkpoint was saved: relaunch with --resume_from_checkpoint latest).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from checkpoint_folders import prepare_output_dir, resolve_checkpoint
+from checkpointing import load_checkpoint, restore_rng_states, save_checkpoint
+from dataloader_state import dataloader_state_from_json, dataloader_state_to_json, image_counts, resume_dataloader
+from loop_monitors import MetricsWindow, NonFiniteGuard, StopSignal, sum_over_ranks, write_record
+from model_configs import parse_config_overrides
+from pixel_baseline import MeanPatchBaseline, psnr
+from pretraining_arguments import (
+    DataArguments,
+    PretrainingArguments,
+    check_choice,
+    check_range,
+    parse_arguments,
+)
+from schedules import build_lr_scheduler, resolve_learning_rate, resolve_training_steps
+from startup_checks import check_hub_access
+from tqdm.auto import tqdm
+from training import (
+    FROZEN_MODEL_PRECISIONS,
+    PREEMPTED_EXIT_CODE,
+    build_accelerator,
+    build_optimizer,
+    end_training,
+    evaluation_dataloader,
+    export_model,
+    final_state,
+    frozen_forward,
+    frozen_tokenizer_precision,
+    gradient_norm,
+    load_datasets,
+    outside_zero3,
+    stream_size,
+    to_device,
+    tracker_config,
+    training_dataloader,
+)
+from visual_tokenizers import load_visual_tokenizer
+
+from modeling_beitv2 import VQKDModel, VQKDPixelDecoder, VQKDPixelDecoderConfig
+from processing import VQKDImageProcessor
+
+logger = logging.getLogger(__name__)
+
+# MAE's base learning rate for a pixel-regressing Transformer (He et al., 2021): 1.5e-4 per 256 images.
+DEFAULT_LEARNING_RATE, DEFAULT_BATCH_SIZE = 1.5e-4, 256
+# The tokenizer's settings, which the decoder copies and --config_overrides may not change.
+TOKENIZER_SETTINGS = ("codebook_size", "code_dim", "image_size", "patch_size")
+
+
+@dataclass
+class PixelDecoderModelArguments:
+    tokenizer_name_or_path: str = field(
+        metadata={"help": "The frozen VQ-KD tokenizer (a folder saved by run_vqkd.py, or a Hub id)."}
+    )
+    config_overrides: str | None = field(
+        default=None,
+        metadata={
+            "help": "Comma-separated key=value for the decoder (hidden_size, num_hidden_layers, num_attention_heads, "
+            "intermediate_size, refine_channels, loss_type=mse|l1, ...); the tokenizer's settings "
+            f"({', '.join(TOKENIZER_SETTINGS)}) are copied from it."
+        },
+    )
+    frozen_model_precision: str = field(
+        default="auto",
+        metadata={
+            "help": "Autocast of the frozen tokenizer: fp32, fp16 or bf16. auto: fp16 under --bf16/--fp16 (its codes "
+            "equal fp32's on 99.9%% of patches, see run_mim.py), fp32 otherwise."
+        },
+    )
+
+    def __post_init__(self):
+        check_choice("frozen_model_precision", self.frozen_model_precision, FROZEN_MODEL_PRECISIONS)
+
+
+@dataclass
+class PixelDecoderTrainingArguments(PretrainingArguments):
+    weight_decay: float = field(default=0.05)
+    adam_beta2: float = field(default=0.95)
+    warmup_steps: float = field(default=0.05, metadata={"help": "Steps, or a fraction of the training steps."})
+    baseline_images: int = field(
+        default=10_000,
+        metadata={
+            "help": "With --do_eval: the mean-patch baseline averages the [0, 1] patches of each code over the first "
+            "this many training images (evaluation view, all ranks together). eval_psnr and eval_baseline_psnr are "
+            "the PSNR (dB, [0, 1] pixels) of each held-out image, averaged over the images."
+        },
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_range("baseline_images", self.baseline_images, low=1)
+
+
+def build_model(args: PixelDecoderModelArguments, tokenizer: VQKDModel) -> VQKDPixelDecoder:
+    """A new decoder for `tokenizer`, sized by --config_overrides (checked against the decoder's config keys)."""
+    overrides = parse_config_overrides(args.config_overrides, VQKDPixelDecoderConfig())
+    return VQKDPixelDecoder.from_tokenizer(tokenizer, **overrides)
+
+
+def image_transform(processor: VQKDImageProcessor, augment: bool):
+    """`(image, rng) -> {"pixel_values"}` for the data loaders (augmented for training)."""
+
+    augmentation = processor.training_augmentation() if augment else None  # None: the evaluation view
+
+    def transform(image, rng):
+        features = processor.preprocess(image, augmentation=augmentation, rng=rng, return_tensors="np")
+        return {"pixel_values": features["pixel_values"][0]}
+
+    return transform
+
+
+def fit_baseline(accelerator, tokenize, tokenizer: VQKDModel, dataloader) -> MeanPatchBaseline:
+    """The mean patch of every code over the images of `dataloader` (this rank's share), summed over all ranks."""
+    baseline = MeanPatchBaseline(
+        tokenizer.codebook_size,
+        tokenizer.config.encoder_config.patch_size,
+        tokenizer.patch_grid,
+        device=accelerator.device,
+    )
+    for batch in dataloader:
+        pixel_values = to_device(batch, accelerator.device)["pixel_values"]
+        baseline.update(pixel_values, tokenize(pixel_values))
+    baseline.all_reduce(accelerator)
+    logger.info(
+        "Mean-patch baseline: %d patches, %d of %d codes seen (the others get the global mean patch).",
+        baseline.num_patches,
+        baseline.num_seen_codes,
+        tokenizer.codebook_size,
+    )
+    return baseline
+
+
+def evaluate(accelerator, model, tokenize, dataloader, baseline: MeanPatchBaseline) -> dict[str, float]:
+    """`eval_loss` (the training loss) and the PSNR of the decoder and of the mean-patch baseline, each computed per
+    held-out image on [0, 1] pixels and averaged over the images."""
+    model = accelerator.unwrap_model(model)  # no DDP collectives: ranks may hold different numbers of batches
+    totals = torch.zeros(4, device=accelerator.device)  # per-image sums of loss, PSNR, baseline PSNR; images
+    model.eval()
+    for batch in dataloader:
+        pixel_values = to_device(batch, accelerator.device)["pixel_values"]
+        codes = tokenize(pixel_values)
+        with torch.no_grad(), accelerator.autocast():
+            outputs = model(input_ids=codes, pixel_values=pixel_values)
+        num_images = pixel_values.shape[0]
+        totals[0] += outputs.loss.float() * num_images
+        totals[1] += psnr(outputs.reconstruction, pixel_values).sum()
+        totals[2] += psnr(baseline.paint(codes), pixel_values).sum()
+        totals[3] += num_images
+    model.train()
+    loss, decoder_psnr, baseline_psnr, num_images = accelerator.reduce(totals, reduction="sum").tolist()
+    num_images = max(num_images, 1)
+    return {
+        "eval_loss": loss / num_images,
+        "eval_psnr": decoder_psnr / num_images,
+        "eval_baseline_psnr": baseline_psnr / num_images,
+    }
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Train; returns the final loop state (`step`, `num_nonfinite_steps`, `stop_reason`, `last_metrics`)."""
+    model_args, data_args, args = parse_arguments(
+        (PixelDecoderModelArguments, DataArguments, PixelDecoderTrainingArguments), argv
+    )
+    repo_id = check_hub_access(args)
+    accelerator = build_accelerator(args)
+    hub_kwargs = {"revision": args.model_revision, "token": args.token, "trust_remote_code": args.trust_remote_code}
+    with outside_zero3(accelerator):
+        hint = "the pixel decoder reads VQ-KD codes"
+        tokenizer = load_visual_tokenizer(model_args.tokenizer_name_or_path, (VQKDModel,), hint, **hub_kwargs)
+        tokenizer.to(accelerator.device)
+    model = build_model(model_args, tokenizer)
+    processor = VQKDImageProcessor(image_size=tokenizer.image_size)
+
+    train_data, image_column, eval_data, eval_column = load_datasets(accelerator, data_args, args)
+    dataloader = training_dataloader(
+        accelerator, train_data, image_column, image_transform(processor, augment=True), data_args, args
+    )
+    eval_dataloader = baseline_dataloader = None
+    if eval_data is not None:
+        transform = image_transform(processor, augment=False)
+        eval_dataloader = evaluation_dataloader(accelerator, eval_data, eval_column, transform, data_args, args)
+        # The first --baseline_images training images, in their evaluation view (one ordered pass, no shuffle).
+        baseline_data_args = dataclasses.replace(data_args, max_eval_samples=args.baseline_images)
+        baseline_dataloader = evaluation_dataloader(
+            accelerator, train_data, image_column, transform, baseline_data_args, args
+        )
+    learning_rate = resolve_learning_rate(args, accelerator.num_processes, DEFAULT_LEARNING_RATE, DEFAULT_BATCH_SIZE)
+    num_examples = stream_size(train_data, data_args.dataset_split, data_args.max_train_samples)
+    num_training_steps = resolve_training_steps(args, num_examples, accelerator.num_processes)
+    optimizer = build_optimizer(model, args, learning_rate)
+    scheduler = build_lr_scheduler(optimizer, args, num_training_steps)
+    if args.torch_compile:
+        model.compile()  # in place: parameter names, checkpoints and save_pretrained stay those of the model
+    model, optimizer = accelerator.prepare(model, optimizer)
+    tokenize = frozen_forward(
+        tokenizer.get_codebook_indices,
+        accelerator,
+        precision=frozen_tokenizer_precision(model_args.frozen_model_precision, args.mixed_precision),
+        compile=args.torch_compile,
+    )
+    # Computed on every launch, resumed ones included: it reads the same images in the same order, so it is the same.
+    baseline = (
+        None if baseline_dataloader is None else fit_baseline(accelerator, tokenize, tokenizer, baseline_dataloader)
+    )
+
+    checkpoint = resolve_checkpoint(args.resume_from_checkpoint, args.output_dir)
+    prepare_output_dir(accelerator, args.output_dir, checkpoint)
+    state: dict[str, Any] = {"step": 0, "num_nonfinite_steps": 0}
+    if checkpoint is not None:
+        loop_state, dataloader_state = load_checkpoint(
+            accelerator, checkpoint, model=model, optimizer=optimizer, scheduler=scheduler
+        )
+        state.update(loop_state)
+        resume_dataloader(dataloader, dataloader_state_from_json(dataloader_state))
+    batches = iter(dataloader)  # draws from the torch RNG, so it comes before the saved RNG states are restored
+    if checkpoint is not None:
+        restore_rng_states(accelerator, checkpoint)
+        logger.info("Resumed from %s at step %d", checkpoint, state["step"])
+    if args.report_to != "none":
+        config = tracker_config(model_args, data_args, args, learning_rate=learning_rate, steps=num_training_steps)
+        accelerator.init_trackers("vqkd-pixel-decoder", config=config)
+    logger.info(
+        "Training the pixel decoder for %d steps on tokenizer %s.",
+        num_training_steps,
+        model_args.tokenizer_name_or_path,
+    )
+
+    stop, guard = StopSignal(), NonFiniteGuard(accelerator, optimizer, state["num_nonfinite_steps"])
+    window = MetricsWindow(accelerator, args.output_dir, data_args.dataloader_num_workers)
+    progress = tqdm(total=num_training_steps, initial=state["step"], disable=not accelerator.is_local_main_process)
+    stop_reason, last_metrics = None, {}
+    model.train()
+    while state["step"] < num_training_steps and stop_reason is None:
+        pixel_values = to_device(window.next_batch(batches), accelerator.device)["pixel_values"]
+        with accelerator.accumulate(model):
+            outputs = model(input_ids=tokenize(pixel_values), pixel_values=pixel_values)
+            if guard.allows_backward(outputs.loss):
+                accelerator.backward(outputs.loss)
+            if accelerator.sync_gradients:
+                grad_norm = gradient_norm(accelerator, model, args.max_grad_norm)
+                guard.check(grad_norm)  # a non-finite norm makes the optimizer skip this update
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        window.add({"loss": outputs.loss}, valid=torch.isfinite(outputs.loss.detach()))
+        if not accelerator.sync_gradients:
+            continue  # the rest happens once per optimizer step
+
+        state["step"] += 1
+        scheduler.step()
+        progress.update(1)
+        window.add({"grad_norm": grad_norm})
+        step = state["step"]
+        is_logging_step = step % args.logging_steps == 0 or step == num_training_steps
+        if is_logging_step:  # the only host-device syncs of the loop besides the decoder's check of the codes
+            state["num_nonfinite_steps"] = int(guard.num_nonfinite_steps.item())
+            counts = sum_over_ranks(accelerator, image_counts(dataloader))
+            extra = {"lr": scheduler.get_last_lr()[0], **counts, "num_nonfinite_steps": state["num_nonfinite_steps"]}
+            last_metrics = window.log(step, extra)
+            state["consecutive_nonfinite"] = guard.longest_run()
+            if state["consecutive_nonfinite"] >= args.max_consecutive_nonfinite:
+                stop_reason = "nonfinite"
+        if stop_reason is None:
+            stop_reason = stop.requested(accelerator, is_logging_step)  # the signal's name, or None
+        if eval_dataloader is not None and (
+            step == num_training_steps or (args.eval_steps and step % args.eval_steps == 0)
+        ):
+            eval_metrics = evaluate(accelerator, model, tokenize, eval_dataloader, baseline)
+            write_record(accelerator, window.path, {"step": step, **eval_metrics})
+            last_metrics = {**last_metrics, **eval_metrics}
+        if (args.save_steps and step % args.save_steps == 0) or stop_reason or step == num_training_steps:
+            state["num_nonfinite_steps"] = int(guard.num_nonfinite_steps.item())
+            save_checkpoint(
+                accelerator,
+                args.output_dir,
+                step,
+                model=model,
+                optimizer=optimizer,
+                scheduler=scheduler,
+                loop_state=state,
+                dataloader_state=dataloader_state_to_json(dataloader.state_dict()),
+                image_processor=processor,
+                save_total_limit=args.save_total_limit,
+                weights_are_finite=stop_reason != "nonfinite",
+            )
+
+    progress.close()
+    stop.restore()
+    if state["step"] == num_training_steps and stop_reason != "nonfinite":  # also when a signal came at the end
+        tokenizer_name = model_args.tokenizer_name_or_path
+        export_model(
+            accelerator,
+            model,
+            args,
+            data_args,
+            processor,
+            learning_rate=learning_rate,
+            num_training_steps=num_training_steps,
+            last_metrics=last_metrics,
+            card_kind="pixel_decoder",
+            card_fields={
+                # The card's snippet loads the tokenizer from `base_model`: only a Hub id, never a local folder.
+                "base_model": None if Path(tokenizer_name).exists() else tokenizer_name,
+                "source_note": f"Trained on the frozen VQ-KD tokenizer `{tokenizer_name}`.",
+            },
+            repo_id=repo_id,
+        )
+    del model, optimizer, scheduler, dataloader, batches, eval_dataloader, baseline_dataloader, guard  # end_training
+    end_training(accelerator)
+    return final_state({**state, "last_metrics": last_metrics}, stop_reason, num_training_steps, args.output_dir)
+
+
+if __name__ == "__main__":
+    sys.exit(PREEMPTED_EXIT_CODE if main()["preempted"] else 0)
