@@ -31,7 +31,7 @@ mean pooling, head weight scaled by `--head_init_scale`), saved with transformer
 
 Layer-wise lr decay: parameter group lr = `learning_rate * layer_decay ** (L + 1 - layer_id)` with layer id 0
 for the embeddings, `i + 1` for block `i` and `L + 1` for the pooler norm and head. The groups are built in
-`downstream.LayerDecayTrainer.create_optimizer`, which DeepSpeed also calls when its config has no `optimizer`
+`fine_tuning.LayerDecayTrainer.create_optimizer`, which DeepSpeed also calls when its config has no `optimizer`
 section.
 """
 
@@ -44,25 +44,26 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 from datasets import Image as ImageFeature
-from downstream import (
-    IMAGE_COLUMN_CANDIDATES,
-    LABEL_COLUMN_CANDIDATES,
-    ClassificationDataArguments,
+from downstream import init_classifier_head, load_native_beit
+from fine_tuning import (
     FineTuningModelArguments,
-    class_names,
-    detect_column,
     fine_tuning_trainer,
-    first_examples,
-    init_classifier_head,
-    load_image_classification_data,
     load_metric,
-    load_native_beit,
     parse_trainer_arguments,
     pixel_normaliser,
-    prepare_splits,
     train_evaluate_and_save,
 )
 from image_datasets import decode_or_skip, new_decode_counts
+from labelled_data import (
+    IMAGE_COLUMN_CANDIDATES,
+    LABEL_COLUMN_CANDIDATES,
+    ClassificationDataArguments,
+    class_names,
+    detect_column,
+    first_examples,
+    load_image_classification_data,
+    prepare_splits,
+)
 from PIL import Image
 from transformers import BeitForImageClassification, TrainingArguments
 
@@ -72,7 +73,7 @@ from processing.random_state import ProcessLocalRNG
 from processing.transforms import RandomErasing
 
 if TYPE_CHECKING:
-    from transformers import BeitImageProcessor  # see `downstream`: imported for the annotation only
+    from transformers import BeitImageProcessor  # see `fine_tuning`: imported for the annotation only
 
 logger = logging.getLogger(__name__)
 
@@ -196,7 +197,7 @@ def build_transforms(data_args: DataArguments, image_size: int, image_processor:
 
 def recipe_summary(model_args: ModelArguments, data_args: DataArguments) -> dict:
     """The classification choices worth showing on the model card, after the settings every fine-tuning run has
-    (`downstream.fine_tuning_trainer`)."""
+    (`fine_tuning.fine_tuning_trainer`)."""
     return {
         "image_size": model_args.image_size or "pretraining size",
         "recipe": data_args.recipe,

@@ -40,7 +40,8 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 from datasets import Image as ImageFeature
-from downstream import (
+from image_datasets import decode_or_skip, new_decode_counts
+from labelled_data import (
     IMAGE_COLUMN_CANDIDATES,
     LABEL_COLUMN_CANDIDATES,
     ClassificationDataArguments,
@@ -50,7 +51,6 @@ from downstream import (
     load_image_classification_data,
     prepare_splits,
 )
-from image_datasets import decode_or_skip, new_decode_counts
 from pretraining_arguments import parse_arguments
 from torch import nn
 from tqdm.auto import tqdm
@@ -62,7 +62,7 @@ from processing.evaluation import evaluation_image_processor, saved_normalisatio
 logger = logging.getLogger(__name__)
 
 
-# Keyword-only: the required fields below follow the data flags' defaults (declared in `downstream`).
+# Keyword-only: the required fields below follow the data flags' defaults (declared in `labelled_data`).
 @dataclass(kw_only=True)
 class ProbeArguments(ClassificationDataArguments):
     """The shared classification data flags (the probe trains on `--train_split` and is evaluated on

@@ -39,20 +39,17 @@ import torch
 import transformers
 from datasets import Dataset, DatasetDict, load_dataset
 from datasets import Image as ImageFeature
-from downstream import (
+from downstream import load_native_beit
+from fine_tuning import (
     FineTuningModelArguments,
-    LabelledDataArguments,
-    detect_column,
     fine_tuning_trainer,
-    first_examples,
     load_metric,
-    load_native_beit,
     parse_trainer_arguments,
     pixel_normaliser,
-    prepare_splits,
     train_evaluate_and_save,
 )
 from image_datasets import decode_or_skip, new_decode_counts
+from labelled_data import LabelledDataArguments, detect_column, first_examples, prepare_splits
 from PIL import Image
 from transformers import (
     BeitConfig,
@@ -67,7 +64,7 @@ from processing.evaluation import evaluation_image_processor, saved_normalisatio
 from processing.random_state import ProcessLocalRNG
 
 if TYPE_CHECKING:
-    from transformers import BeitImageProcessor  # see `downstream`: imported for the annotation only
+    from transformers import BeitImageProcessor  # see `fine_tuning`: imported for the annotation only
 
 IGNORE_INDEX = 255
 # Feature levels of the reference UperNet configs, by backbone depth.

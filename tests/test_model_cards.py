@@ -377,7 +377,7 @@ def test_vqkd_and_pixel_decoder_snippets_run(tmp_path, monkeypatch):
 def test_trainer_scripts_card_has_license_hub_id_and_last_evaluation(tmp_path):
     """The fine-tuning scripts' path: `model_card_kwargs` (with `--license`) at construction, then
     `LayerDecayTrainer.create_model_card` with the fine-tuned config and the last evaluation's metrics."""
-    from downstream import LayerDecayTrainer, model_card_kwargs
+    from fine_tuning import LayerDecayTrainer, model_card_kwargs
     from transformers import TrainingArguments
 
     source = tmp_path / "local-mim"  # a local checkpoint: neither base_model nor the card may name its path

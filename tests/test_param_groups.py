@@ -92,7 +92,7 @@ def test_frozen_parameters_are_left_out():
 def test_trainer_optimizer_keeps_the_groups_and_the_scheduler_scales_them(tmp_path):
     """The fine-tuning script's Trainer builds exactly these groups, and the lr schedule multiplies every group's
     initial lr by the same factor, so the ratio between layers holds at every step."""
-    from downstream import LayerDecayTrainer
+    from fine_tuning import LayerDecayTrainer
 
     model = tiny_classifier()
     args = TrainingArguments(

@@ -208,7 +208,7 @@ def test_unreadable_images_are_skipped_and_logged(tmp_path, mim_checkpoint, stre
 
 def test_logged_loss_is_the_mean_cross_entropy_with_and_without_accumulation(tmp_path):
     """Soft (mixup) and hard labels, 1 batch of 4 or 2 accumulated batches of 2: the same mean loss."""
-    from downstream import LayerDecayTrainer
+    from fine_tuning import LayerDecayTrainer
     from transformers import TrainingArguments, default_data_collator
 
     torch.manual_seed(0)
@@ -294,9 +294,9 @@ def run_main_in_process(monkeypatch, *args: str) -> None:
 
 
 def test_a_missing_tracker_stops_the_script_before_loading_anything(tmp_path, monkeypatch):
-    import downstream
+    import fine_tuning
 
-    monkeypatch.setattr(downstream, "get_available_reporting_integrations", lambda: [])
+    monkeypatch.setattr(fine_tuning, "get_available_reporting_integrations", lambda: [])
     # A model and data that do not exist: were the check late, loading them would fail first.
     with pytest.raises(SystemExit, match=r"--report_to tensorboard: .*\.\[tensorboard\]"):
         run_main_in_process(
