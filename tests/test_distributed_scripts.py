@@ -13,9 +13,12 @@ import pytest
 import torch
 from accelerate.state import AcceleratorState
 from conftest import free_port, read_metrics
+from demo_data import write_demo_dataset
 from safetensors.torch import load_file
 from test_data import write_parquet_shards
+from test_pixel_decoder import tiny_tokenizer
 from test_run_mim import make_vqkd_tokenizer, mim_args
+from test_run_pixel_decoder import decoder_args
 from test_run_vqkd import make_image_folder, make_teacher, vqkd_args
 from training import PREEMPTED_EXIT_CODE
 
@@ -115,6 +118,32 @@ def test_vqkd_on_two_cpu_processes_trains_on_disjoint_examples(tmp_path):
     result = launch_two_cpu_processes(audited("run_vqkd.py", tmp_path), args)
     assert_two_ranks_with_disjoint_data(result, output_dir, per_rank=4)
     assert {"codebook_usage", "perplexity", "num_dead_codes"} <= set(read_metrics(output_dir)[-1])
+
+
+@pytest.mark.slow
+def test_pixel_decoder_on_two_cpu_processes_sums_its_baseline_and_evaluation_over_ranks(tmp_path):
+    """The mean-patch baseline is fitted on every rank's share of the training images and summed, and the held-out
+    scores are summed over ranks: with a baseline over all training images, two processes score the baseline exactly
+    as one does (the decoder itself differs: each rank trained on other images)."""
+    folders = write_demo_dataset(tmp_path / "data", {"train": 8, "validation": 3}, image_size=32)
+    tiny_tokenizer().save_pretrained(tmp_path / "vqkd")
+    inputs = folders, tmp_path / "vqkd"
+    scores = {}
+    for processes in (1, 2):
+        output_dir = tmp_path / f"processes_{processes}"
+        evaluation = ("--do_eval", "--validation_dir", str(folders["validation"]), "--baseline_images", "1000")
+        args = decoder_args(inputs, output_dir, "--max_steps", "1", "--save_steps", "0", *evaluation)
+        script = str(EXAMPLES / "run_pixel_decoder.py")
+        if processes == 1:
+            result = subprocess.run(
+                [sys.executable, script, *args], env=script_env(), capture_output=True, text=True, timeout=240
+            )
+            assert result.returncode == 0, result.stderr[-6000:]
+        else:
+            launch_two_cpu_processes(script, args)
+        scores[processes] = [record for record in read_metrics(output_dir) if "eval_baseline_psnr" in record][-1]
+    assert scores[2]["eval_baseline_psnr"] == pytest.approx(scores[1]["eval_baseline_psnr"], rel=1e-5)
+    assert scores[2]["eval_psnr"] > 0
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_as_preempted(tmp_path):
