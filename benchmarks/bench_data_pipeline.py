@@ -1,6 +1,6 @@
 """
 Data-pipeline throughput on ONE CPU core: decode a 500x375 JPEG -> two-view augmentation -> mask -> batch tensors,
-with exactly the per-image transform (`run_mim.image_transform`) and the collator (`build_dataloader`'s default,
+with exactly the per-image transform (`training.image_transform`) and the collator (`build_dataloader`'s default,
 `DataCollatorForMaskedImageModeling`) that examples/run_mim.py trains with.
 
 Prints one JSON line per preset: {"benchmark": "data_pipeline", "preset": ..., "images_per_s_per_core": ..., ...}.
@@ -34,7 +34,7 @@ from processing import BeitV2ImageProcessor, DataCollatorForMaskedImageModeling 
 
 # The training scripts import their helpers as top-level modules from examples/.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-from run_mim import image_transform  # noqa: E402
+from training import image_transform  # noqa: E402
 
 torch.set_num_threads(1)
 

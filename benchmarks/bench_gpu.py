@@ -10,8 +10,8 @@ both rewritten after every measurement, so a run cut short keeps what it measure
 
 * ``mim``: one MIM training step (forward, backward, fused AdamW) under bf16 autocast: ours with patch aggregation on
   and off, for every attention implementation the model offers, eager and `torch.compile`d (compile time reported
-  apart, with the number of graphs Dynamo made), with the static masked count (`num_masked_patches=`) when the
-  model's forward accepts it; transformers' `BeitForMaskedImageModeling` in the same process.
+  apart, with the number of graphs Dynamo made), with the static masked count (`num_masked_patches=`) as run_mim.py
+  passes it; transformers' `BeitForMaskedImageModeling` in the same process.
 * ``tokenizer``: the frozen VQ-KD base-decoder3 `get_codebook_indices`, as run_mim.py calls it, in fp32, fp32 with
   TF32 matmuls, bf16 and fp16 autocast, and compiled under bf16 autocast; with the fraction of codes equal to fp32's
   (random weights, random unit codebook).

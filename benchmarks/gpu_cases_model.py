@@ -17,16 +17,7 @@ from typing import Any
 
 import torch
 from gpu_common import TINY_VIT, Bench, Sizes
-from gpu_timing import (
-    accepts_argument,
-    autocast,
-    count_flops,
-    dynamo_graph_count,
-    free_memory,
-    peak_gib,
-    tf32_matmuls,
-    time_steps,
-)
+from gpu_timing import autocast, count_flops, dynamo_graph_count, free_memory, peak_gib, tf32_matmuls, time_steps
 from torch import nn
 
 import modeling_beitv2
@@ -118,6 +109,14 @@ def make_mim_batch(sizes: Sizes, vocab_size: int, device: torch.device) -> MimBa
     return MimBatch(
         pixel_values.to(device), mask.to(device), labels.to(device), labels[mask].to(device), sizes.num_masked_patches
     )
+
+
+def make_tokenizer_pixels(sizes: Sizes, config: VQKDConfig, device: torch.device) -> torch.Tensor:
+    """A batch as the image processor gives the tokenizer, `(batch, 3, image_size, image_size)` in [0, 1] (the
+    tokenizer maps it itself); the same for our tokenizer and the official one."""
+    size = config.encoder_config.image_size
+    generator = torch.Generator().manual_seed(1)
+    return torch.rand(sizes.batch_size, 3, size, size, generator=generator).to(device)
 
 
 def measure_training_step(
@@ -213,14 +212,18 @@ def mim_section(bench: Bench) -> None:
 
     sizes, device = bench.sizes, bench.device
     implementations = attention_implementations(bench.args.attn_implementations)
-    static = accepts_argument(BeitV2ForMaskedImageModeling.forward, "num_masked_patches")
     vocab_size = mim_config(sizes, True).vocab_size
     batch = make_mim_batch(sizes, vocab_size, device)
-    static_kwargs = {"num_masked_patches": batch.num_masked} if static else {}
     flops: dict[Any, int] = {}
 
+    def ours_model(aggregation: bool, implementation: str) -> nn.Module:
+        return BeitV2ForMaskedImageModeling(mim_config(sizes, aggregation, implementation))
+
     def ours_loss(model: nn.Module) -> torch.Tensor:
-        return model(batch.pixel_values, batch.bool_masked_pos, labels=batch.labels, **static_kwargs).loss
+        # The static masked count, as run_mim.py passes it (every image has the same number of masked patches).
+        return model(
+            batch.pixel_values, batch.bool_masked_pos, labels=batch.labels, num_masked_patches=batch.num_masked
+        ).loss
 
     def stock_loss(model: nn.Module) -> torch.Tensor:
         return model(batch.pixel_values, bool_masked_pos=batch.bool_masked_pos, labels=batch.masked_labels).loss
@@ -242,10 +245,8 @@ def mim_section(bench: Bench) -> None:
                 record = measure_training_step(
                     bench,
                     "mim",
-                    {"model": "ours", "attention": implementation, "aggregation": aggregation, "static_count": static},
-                    partial(
-                        lambda a, i: BeitV2ForMaskedImageModeling(mim_config(sizes, a, i)), aggregation, implementation
-                    ),
+                    {"model": "ours", "attention": implementation, "aggregation": aggregation, "static_count": True},
+                    partial(ours_model, aggregation, implementation),
                     ours_loss,
                     precision,
                     compiled=False,
@@ -280,8 +281,8 @@ def mim_section(bench: Bench) -> None:
         measure_training_step(
             bench,
             "mim",
-            {"model": "ours", "attention": implementation, "aggregation": True, "static_count": static},
-            partial(lambda i: BeitV2ForMaskedImageModeling(mim_config(sizes, True, i)), implementation),
+            {"model": "ours", "attention": implementation, "aggregation": True, "static_count": True},
+            partial(ours_model, True, implementation),
             ours_loss,
             sizes.precisions[-1],
             compiled=True,
@@ -352,10 +353,7 @@ def tokenizer_section(bench: Bench) -> None:
     torch.manual_seed(0)
     tokenizer = VQKDModel(config).to(device).eval()
     name = "ours, VQ-KD tiny" if sizes.tiny_tokenizer else "ours, VQ-KD base-decoder3"
-    size = config.encoder_config.image_size
-    generator = torch.Generator().manual_seed(1)
-    # The tokenizer's view as the image processor gives it: in [0, 1] (the tokenizer maps it itself).
-    pixels = torch.rand(sizes.batch_size, 3, size, size, generator=generator).to(device)
+    pixels = make_tokenizer_pixels(sizes, config, device)
     with tf32_matmuls(False), torch.no_grad():
         reference = tokenizer.get_codebook_indices(pixels)
         flops = count_flops(lambda: tokenizer.get_codebook_indices(pixels))

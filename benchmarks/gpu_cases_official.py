@@ -15,7 +15,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from gpu_cases_model import make_mim_batch, measure_tokenization, measure_training_step, mim_config, tokenizer_config
+from gpu_cases_model import (
+    make_mim_batch,
+    make_tokenizer_pixels,
+    measure_tokenization,
+    measure_training_step,
+    mim_config,
+    tokenizer_config,
+)
 from gpu_common import Bench, SectionSkipped
 from gpu_timing import count_flops, free_memory
 from torch import nn
@@ -150,8 +157,7 @@ def official_section(bench: Bench) -> None:
 
     # The official engine tokenizes the [0, 1] tokenizer view under fp16 autocast.
     config = tokenizer_config(sizes)
-    size = config.encoder_config.image_size
-    images = torch.rand(sizes.batch_size, 3, size, size, generator=torch.Generator().manual_seed(1)).to(device)
+    images = make_tokenizer_pixels(sizes, config, device)
     try:
         free_memory(device)
         torch.manual_seed(0)

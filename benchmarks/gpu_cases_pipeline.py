@@ -11,7 +11,6 @@ import time
 from typing import Any
 
 from gpu_common import Bench, SectionSkipped, import_examples_module
-from gpu_timing import accepts_argument
 
 
 def loader_worker_counts() -> list[int]:
@@ -24,7 +23,7 @@ def pipeline_section(bench: Bench) -> None:
         data_sources = import_examples_module("data_sources")
         image_datasets = import_examples_module("image_datasets")
         dataloader_state = import_examples_module("dataloader_state")
-        run_mim = import_examples_module("run_mim")  # its per-image transform, exactly what training runs
+        training = import_examples_module("training")  # the per-image transform the training scripts run
     except ImportError as error:
         raise SectionSkipped(
             f"the examples' data modules cannot be imported: {error} (carry the datasets wheels)."
@@ -39,13 +38,10 @@ def pipeline_section(bench: Bench) -> None:
         num_masking_patches=sizes.num_masked_patches,
         tokenizer_image_size=sizes.image_size,
     )
+    transform = training.image_transform(processor, augment=True)
     for workers in loader_worker_counts():
         try:
-            kwargs: dict[str, Any] = {"train_dir": str(images)}
-            if accepts_argument(data_sources.load_image_stream, "min_shards"):
-                kwargs["min_shards"] = workers
-            dataset, image_column = data_sources.load_image_stream(**kwargs)
-            transform = run_mim.image_transform(processor, augment=True)
+            dataset, image_column = data_sources.load_image_stream(train_dir=str(images), min_shards=workers)
             stream = image_datasets.ImageStream(dataset, image_column, transform, seed=0, shuffle_buffer_size=1000)
             loader = dataloader_state.build_dataloader(
                 stream, sizes.batch_size, workers, pin_memory=bench.device.type == "cuda"
@@ -65,7 +61,6 @@ def pipeline_section(bench: Bench) -> None:
                     "images_per_s_per_worker": measured["images_per_s"] / max(1, loader.num_workers),
                     "images_timed": measured["images"],
                     "num_files": sizes.num_images,
-                    "min_shards_supported": "min_shards" in kwargs,
                 },
             )
         except Exception as error:

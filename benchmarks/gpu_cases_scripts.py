@@ -10,10 +10,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import io
 import json
 import os
-import re
 import signal
 import statistics
 import subprocess
@@ -26,8 +24,8 @@ from typing import Any
 import torch
 from gpu_cases_model import make_mim_batch, mim_config, tokenizer_config
 from gpu_cases_pipeline import loader_worker_counts
-from gpu_common import EXAMPLES_DIR, ROOT, TINY_VIT, Bench, Sizes, import_examples_module
-from gpu_timing import accepts_argument, count_flops, free_memory
+from gpu_common import EXAMPLES_DIR, ROOT, TINY_VIT, Bench, Sizes
+from gpu_timing import count_flops, free_memory
 
 from modeling_beitv2 import BeitV2Config, BeitV2ForMaskedImageModeling, VQKDConfig, VQKDModel
 
@@ -35,25 +33,6 @@ from modeling_beitv2 import BeitV2Config, BeitV2ForMaskedImageModeling, VQKDConf
 SCRIPT_WARMUP_WINDOWS = 1
 # Time kept after a training script for counting its FLOPs (building ViT-B models on the CPU, one step).
 SCRIPT_FLOP_COUNT_S = 15.0
-
-
-def script_flags(script: str, env: dict[str, str]) -> set[str]:
-    """The flags a training script accepts, read from its `--help` (in this process when its `main(argv)` allows it,
-    else in a fresh interpreter)."""
-    text = ""
-    with contextlib.suppress(Exception):
-        module = import_examples_module(Path(script).stem)
-        buffer = io.StringIO()
-        with contextlib.redirect_stdout(buffer), contextlib.suppress(SystemExit):
-            module.main(["--help"])
-        text = buffer.getvalue()
-    if "--output_dir" not in text:
-        completed = subprocess.run(
-            [sys.executable, str(EXAMPLES_DIR / script), "--help"],
-            capture_output=True, text=True, env=env, cwd=ROOT, timeout=300,
-        )  # fmt: skip
-        text = completed.stdout
-    return set(re.findall(r"--[A-Za-z][A-Za-z0-9_]*", text))
 
 
 def run_logged(command: list[str], env: dict[str, str], log_path: Path, timeout: float) -> int | None:
@@ -119,13 +98,14 @@ def mim_script_flops(bench: Bench, model_config: BeitV2Config, tokenizer_dir: Pa
     tokenizer = VQKDModel.from_pretrained(tokenizer_dir).to(device).eval()
     small = dataclasses.replace(sizes, batch_size=count_batch)
     batch = make_mim_batch(small, model_config.vocab_size, device)
-    static = accepts_argument(model.forward, "num_masked_patches")
 
     def step() -> None:
         with torch.no_grad():
             tokenizer.get_codebook_indices(batch.pixel_values)
-        kwargs = {"num_masked_patches": batch.num_masked} if static else {}
-        model(batch.pixel_values, batch.bool_masked_pos, labels=batch.labels, **kwargs).loss.backward()
+        loss = model(
+            batch.pixel_values, batch.bool_masked_pos, labels=batch.labels, num_masked_patches=batch.num_masked
+        ).loss
+        loss.backward()
 
     try:
         return count_flops(step) / count_batch
@@ -207,9 +187,8 @@ def scripts_section(bench: Bench) -> None:
     }  # fmt: skip
     for index, (script, script_arguments) in enumerate(scripts.items()):
         try:
-            flags = script_flags(script, env)
-            chosen = ["--bf16"] if "--bf16" in flags else ["--mixed_precision", "bf16"]
-            if bench.args.compile != "off" and not sizes.tiny_tokenizer and "--torch_compile" in flags:
+            chosen = ["--bf16"]
+            if bench.args.compile != "off" and not sizes.tiny_tokenizer:
                 chosen.append("--torch_compile")  # not in --quick: Inductor takes minutes on a small CPU
             output_dir = bench.work_dir / Path(script).stem
             command = [

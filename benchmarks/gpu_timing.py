@@ -1,7 +1,6 @@
 """How bench_gpu.py measures: step timing (CUDA events on a GPU), peak memory, FLOPs and the bf16 matmul peak.
 
-Plus the precision contexts a measurement runs under (autocast, TF32 matmuls) and two introspection helpers
-(Dynamo's graph count, whether a function accepts an argument).
+Plus the precision contexts a measurement runs under (autocast, TF32 matmuls) and Dynamo's graph count.
 """
 
 from __future__ import annotations
@@ -9,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import gc
-import inspect
 import statistics
 import time
 from collections.abc import Callable, Iterator
@@ -139,10 +137,3 @@ def dynamo_graph_count() -> int | None:
         return int(counters["stats"]["unique_graphs"])
     except Exception:  # a private counter: report nothing rather than fail a measurement
         return None
-
-
-def accepts_argument(function: Callable, name: str) -> bool:
-    try:
-        return name in inspect.signature(function).parameters
-    except (TypeError, ValueError):
-        return False

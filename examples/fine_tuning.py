@@ -29,7 +29,14 @@ from transformers.trainer_utils import get_last_checkpoint
 
 # Registers the `beitv2` model type with the Auto classes: `model_card_kwargs` reads MIM checkpoints' configs.
 import modeling_beitv2  # noqa: F401
-from model_cards import LICENSE_HELP, check_hub_model_id, check_license, hub_reference, write_model_card
+from model_cards import (
+    LICENSE_HELP,
+    check_hub_model_id,
+    check_license,
+    derived_family,
+    hub_reference,
+    write_model_card,
+)
 
 if TYPE_CHECKING:
     import PIL.Image
@@ -72,7 +79,7 @@ def model_card_kwargs(
     base_model = hub_reference(model_name_or_path)
     return {
         # Only our MIM checkpoints say which paper they follow; a native `beit` one could be either.
-        "family": "beitv2" if config.model_type == "beitv2" and config.use_patch_aggregation else None,
+        "family": derived_family(config),
         "base_model": base_model,
         "datasets": [dataset_name] if dataset_name else [],
         "source_note": f"Fine-tuned from {f'`{base_model}`' if base_model else 'a local checkpoint'} with this "

@@ -4,7 +4,7 @@
 sync; :class:`StopSignal` turns SIGTERM/SIGINT into a flag that all ranks agree on; :class:`MetricsWindow` keeps a
 logging window's metrics on the device and reduces them in one all-reduce, with the time spent waiting for data;
 :func:`write_record` appends a record to ``metrics.jsonl`` and the trackers. All of them are called from the loops of
-`run_mim.py` and `run_vqkd.py`, never the other way round.
+`run_mim.py`, `run_vqkd.py` and `run_pixel_decoder.py`, never the other way round.
 """
 
 from __future__ import annotations

@@ -8,9 +8,6 @@ their own, apart from what a run measured.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
-
 from transformers import PretrainedConfig
 
 from modeling_beitv2 import BEITV2_PRESETS, VQKD_PRESETS
@@ -70,11 +67,9 @@ _PAPER_ROWS_FOR_KIND = {
 _VIT_SIZE_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
 
 
-def match_vit_preset(config: PretrainedConfig | Mapping[str, Any]) -> str | None:
+def match_vit_preset(config: PretrainedConfig) -> str | None:
     """The name of the `BEITV2_PRESETS` size (`"tiny"` ... `"large"`) whose widths and depth `config` has, or None."""
-    sizes = tuple(
-        config.get(key) if isinstance(config, Mapping) else getattr(config, key, None) for key in _VIT_SIZE_KEYS
-    )
+    sizes = tuple(getattr(config, key, None) for key in _VIT_SIZE_KEYS)
     for name, preset in BEITV2_PRESETS.items():
         if sizes == tuple(preset[key] for key in _VIT_SIZE_KEYS):
             return name

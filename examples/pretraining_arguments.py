@@ -1,4 +1,5 @@
-"""Command-line arguments of the pretraining scripts (`run_vqkd.py`, `run_mim.py`), with transformers' conventions.
+"""Command-line arguments of the pretraining scripts (`run_vqkd.py`, `run_mim.py`, `run_pixel_decoder.py`), with
+transformers' conventions.
 
 The dataclasses are parsed by `HfArgumentParser` (or from a single ``.json`` / ``.yaml`` file) and check their values
 in ``__post_init__``, so a bad value stops the run at parse time with the valid range rather than hours later. What

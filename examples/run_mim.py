@@ -52,6 +52,7 @@ from training import (
     frozen_forward,
     frozen_tokenizer_precision,
     gradient_norm,
+    image_transform,
     load_datasets,
     outside_zero3,
     stream_size,
@@ -189,7 +190,9 @@ def build_model(
     return model
 
 
-def build_image_processor(args: MIMModelArguments, model_config: BeitV2Config, tokenizer) -> BeitV2ImageProcessor:
+def build_image_processor(
+    args: MIMModelArguments, model_config: BeitV2Config, tokenizer: VisualTokenizer
+) -> BeitV2ImageProcessor:
     settings = {
         "image_size": model_config.image_size,
         "patch_size": model_config.patch_size,
@@ -198,18 +201,6 @@ def build_image_processor(args: MIMModelArguments, model_config: BeitV2Config, t
         "tokenizer_image_size": tokenizer.image_size,
     }
     return BeitV2ImageProcessor.for_beit_v1(**settings) if args.beit_v1 else BeitV2ImageProcessor(**settings)
-
-
-def image_transform(processor: BeitV2ImageProcessor, augment: bool):
-    """`(image, rng) -> model inputs` for the data loaders: the crops (augmented for training), the mask, drawn
-    from the example's own generator `rng`."""
-    augmentation = processor.training_augmentation() if augment else None
-
-    def transform(image, rng):
-        features = processor.preprocess(image, augmentation=augmentation, rng=rng, return_tensors="np")
-        return {name: features[name][0] for name in processor.model_input_names}
-
-    return transform
 
 
 def evaluate(accelerator, model, tokenize, dataloader, num_masked_patches: int) -> dict[str, float]:

@@ -60,6 +60,7 @@ from training import (
     frozen_forward,
     frozen_tokenizer_precision,
     gradient_norm,
+    image_transform,
     load_datasets,
     outside_zero3,
     stream_size,
@@ -128,18 +129,6 @@ def build_model(args: PixelDecoderModelArguments, tokenizer: VQKDModel) -> VQKDP
     """A new decoder for `tokenizer`, sized by --config_overrides (checked against the decoder's config keys)."""
     overrides = parse_config_overrides(args.config_overrides, VQKDPixelDecoderConfig())
     return VQKDPixelDecoder.from_tokenizer(tokenizer, **overrides)
-
-
-def image_transform(processor: VQKDImageProcessor, augment: bool):
-    """`(image, rng) -> {"pixel_values"}` for the data loaders (augmented for training)."""
-
-    augmentation = processor.training_augmentation() if augment else None  # None: the evaluation view
-
-    def transform(image, rng):
-        features = processor.preprocess(image, augmentation=augmentation, rng=rng, return_tensors="np")
-        return {"pixel_values": features["pixel_values"][0]}
-
-    return transform
 
 
 def fit_baseline(accelerator, tokenize, tokenizer: VQKDModel, dataloader) -> MeanPatchBaseline:

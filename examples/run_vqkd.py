@@ -50,6 +50,7 @@ from training import (
     final_state,
     frozen_forward,
     gradient_norm,
+    image_transform,
     load_datasets,
     outside_zero3,
     stream_size,
@@ -144,18 +145,6 @@ def build_model(args: VQKDModelArguments, teacher: TeacherForPatchTargets, hub_k
         model = VQKDModel(config)
     teacher.check_compatible(model.config, model.config.encoder_config.image_size)
     return model
-
-
-def image_transform(processor: VQKDImageProcessor, augment: bool):
-    """`(image, rng) -> {"pixel_values"}` for the data loaders (augmented for training, drawing from the example's
-    own generator `rng`)."""
-    augmentation = processor.training_augmentation() if augment else None
-
-    def transform(image, rng):
-        features = processor.preprocess(image, augmentation=augmentation, rng=rng, return_tensors="np")
-        return {"pixel_values": features["pixel_values"][0]}
-
-    return transform
 
 
 def teacher_targets(teach, pixel_values: torch.Tensor) -> torch.Tensor:

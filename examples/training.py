@@ -1,8 +1,10 @@
-"""Set-up and wrap-up helpers for the pretraining scripts `run_mim.py` and `run_vqkd.py`; the loops live in the scripts.
+"""Set-up and wrap-up helpers for the pretraining scripts (`run_mim.py`, `run_vqkd.py`, `run_pixel_decoder.py`); the
+loops live in the scripts.
 
-Accelerator setup, data loaders, AdamW, the ZeRO-3 context for frozen models, frozen forwards under autocast, the
-gradient norm, and the end of a run (final state, export of the model, image processor and card, Hub upload). What
-the loop watches while it runs (non-finite updates, stop signals, metrics windows) is in :mod:`loop_monitors`.
+Accelerator setup, the per-image transform and the data loaders, AdamW, the ZeRO-3 context for frozen models,
+frozen forwards under autocast, the gradient norm, and the end of a run (final state, export of the model, image
+processor and card, Hub upload). What the loop watches while it runs (non-finite updates, stop signals, metrics
+windows) is in :mod:`loop_monitors`.
 Nothing here calls the scripts back: copy a script and change its loop freely.
 """
 
@@ -122,14 +124,26 @@ def frozen_forward(
         raise ValueError(f"precision must be one of fp32, fp16, bf16; got {precision!r}.")
     if compile:
         function = torch.compile(function)
-    device_type = accelerator.device.type
+    device_type, dtype = accelerator.device.type, _AUTOCAST_DTYPES.get(precision)
 
     def run(*args: Any, **kwargs: Any) -> Any:
-        dtype = _AUTOCAST_DTYPES.get(precision)
         with torch.no_grad(), torch.autocast(device_type, dtype=dtype, enabled=dtype is not None):
             return function(*args, **kwargs)
 
     return run
+
+
+def image_transform(processor: Any, augment: bool) -> Callable[[Any, np.random.Generator], dict[str, np.ndarray]]:
+    """`(image, rng) -> model inputs` for the data loaders: `processor.preprocess` of one image (with its training
+    augmentation when `augment`, else the evaluation view), every random draw (crops, flips, MIM masks) from the
+    example's own generator `rng`, keeping `processor.model_input_names` without the batch dimension."""
+    augmentation = processor.training_augmentation() if augment else None
+
+    def transform(image: Any, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        features = processor.preprocess(image, augmentation=augmentation, rng=rng, return_tensors="np")
+        return {name: features[name][0] for name in processor.model_input_names}
+
+    return transform
 
 
 def load_datasets(accelerator: Accelerator, data_args: DataArguments, args: PretrainingArguments) -> tuple:

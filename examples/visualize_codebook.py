@@ -258,8 +258,8 @@ def write_visualization(usage: CodebookUsage, args: VisualizeArguments) -> dict:
             continue
         grid = code_grid(usage, locations, columns, args.patch_display_size)
         top_classes = usage.top_classes(code)
-        captioned_image(grid, output_dir / f"code_{code}.png", code_caption(code, int(counts[code]), top_classes),
-                        caption_height=CAPTION_HEIGHT)  # fmt: skip
+        caption = code_caption(code, int(counts[code]), top_classes)
+        captioned_image(grid, output_dir / f"code_{code}.png", caption, caption_height=CAPTION_HEIGHT)
         drawn[str(code)] = {"count": int(counts[code]), "patches": [list(location) for location in locations]}
         if usage.labels is not None:
             drawn[str(code)]["top_classes"] = [list(entry) for entry in top_classes]
@@ -299,7 +299,10 @@ def main(argv: list[str] | None = None) -> dict:
     views = np.stack([tokenizer_view(image, tokenizer) for image in images])
     num_codes = tokenizer.codebook_size
     class_names = sorted(set(classes)) if classes is not None else None
-    labels = np.asarray([class_names.index(name) for name in classes]) if classes is not None else None
+    labels = None
+    if classes is not None:
+        class_index = {name: index for index, name in enumerate(class_names)}
+        labels = np.asarray([class_index[name] for name in classes])
     codes = tokenize_views(tokenizer, views, args.batch_size, args.device)
     usage = CodebookUsage(views, codes, num_codes, labels, class_names)
     summary = write_visualization(usage, args)

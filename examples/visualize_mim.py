@@ -165,11 +165,9 @@ def load_processor(model_name_or_path: str, model: BeitV2ForMaskedImageModeling,
         "patch_size": model.config.patch_size,
         "tokenizer_image_size": tokenizer.image_size,
     }
-    return (
-        BeitV2ImageProcessor.for_beit_v1(**settings)
-        if isinstance(tokenizer, DVAEModel)
-        else (BeitV2ImageProcessor(**settings))
-    )
+    if isinstance(tokenizer, DVAEModel):
+        return BeitV2ImageProcessor.for_beit_v1(**settings)
+    return BeitV2ImageProcessor(**settings)
 
 
 def check_pairing(model: BeitV2ForMaskedImageModeling, tokenizer: VisualTokenizer) -> None:
@@ -219,7 +217,8 @@ def visualize(
     predicted_codes = codes.clone()
     predicted_codes[bool_masked_pos] = logits.argmax(dim=-1)
     correct = (predicted_codes == codes) & bool_masked_pos
-    image_accuracies = (correct.sum(1) / bool_masked_pos.sum(1).clamp(min=1)).tolist()
+    image_correct = correct.sum(1)
+    image_accuracies = (image_correct / bool_masked_pos.sum(1).clamp(min=1)).tolist()
     accuracy = float(correct.sum() / bool_masked_pos.sum().clamp(min=1))
 
     size = renderer.image_size
@@ -239,7 +238,7 @@ def visualize(
         bool_masked_pos=bool_masked_pos.cpu(),
         accuracy=accuracy,
         image_accuracies=image_accuracies,
-        image_correct=correct.sum(1).tolist(),
+        image_correct=image_correct.tolist(),
     )
 
 
@@ -279,8 +278,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     kind = "BEiT v1" if isinstance(tokenizer, DVAEModel) else "BEiT v2"
     path = write_grid(result, args.output, kind, args.panel_size)
     logger.info("Masked-token accuracy %.3f over %d images; wrote %s", result.accuracy, len(result.panels), path)
-    return {"output": str(path), "accuracy": result.accuracy, "image_accuracies": result.image_accuracies,
-            "result": result}  # fmt: skip
+    return {
+        "output": str(path),
+        "accuracy": result.accuracy,
+        "image_accuracies": result.image_accuracies,
+        "result": result,
+    }
 
 
 if __name__ == "__main__":

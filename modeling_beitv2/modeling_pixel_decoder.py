@@ -276,7 +276,7 @@ class VQKDPixelDecoder(VQKDPixelDecoderPreTrainedModel):
             )
         # One host sync: an out-of-range id would otherwise index the codebook out of bounds (a device-side assert
         # on GPUs, which poisons the CUDA context) instead of raising.
-        low, high = indices.min().item(), indices.max().item()
+        low, high = torch.stack(torch.aminmax(indices)).tolist()
         if low < 0 or high >= self.codebook_size:
             raise ValueError(
                 f"Code ids must lie in [0, {self.codebook_size}) (codebook_size {self.codebook_size}); got ids from "

@@ -12,7 +12,7 @@ import math
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +58,6 @@ class ViTShapes:
     absolute_position_embeddings: bool
     shared_relative_position_bias: bool
     per_layer_relative_position_bias: bool
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def _grid_from_relative_table(num_rows: int, key: str) -> int:

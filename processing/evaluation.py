@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 
-import PIL.Image
 from transformers.image_processing_base import ImageProcessingMixin
 from transformers.image_utils import (
     IMAGENET_DEFAULT_MEAN,
@@ -25,6 +24,8 @@ from transformers.image_utils import (
 )
 from transformers.models.beit.image_processing_pil_beit import BeitImageProcessorPil
 
+from .transforms import resample_filter
+
 Normalisation = tuple[tuple[float, ...], tuple[float, ...]]
 
 # BEiT v2 (and fine-tuned models from it) normalise with ImageNet's statistics; BEiT v1 maps pixels to [-1, 1].
@@ -32,7 +33,8 @@ FAMILY_NORMALISATION: dict[str, Normalisation] = {
     "beitv2": (tuple(IMAGENET_DEFAULT_MEAN), tuple(IMAGENET_DEFAULT_STD)),
     "beit": (tuple(IMAGENET_STANDARD_MEAN), tuple(IMAGENET_STANDARD_STD)),
 }
-_RESAMPLE = {"bicubic": PIL.Image.BICUBIC, "bilinear": PIL.Image.BILINEAR, "lanczos": PIL.Image.LANCZOS}
+# The resampling filters of the reference evaluation transforms (BEiT, BEiT v2, the DALL-E dVAE).
+_RESAMPLE_CHOICES = ("bicubic", "bilinear", "lanczos")
 
 
 def family_normalisation(family: str | None) -> Normalisation:
@@ -85,8 +87,8 @@ def evaluation_image_processor(
     """
     if image_size < 1:
         raise ValueError(f"image_size must be >= 1, got {image_size}.")
-    if resample not in _RESAMPLE:
-        raise ValueError(f"resample must be one of {sorted(_RESAMPLE)}, got {resample!r}.")
+    if resample not in _RESAMPLE_CHOICES:
+        raise ValueError(f"resample must be one of {sorted(_RESAMPLE_CHOICES)}, got {resample!r}.")
     if crop_pct is None:
         geometry = {"size": {"height": image_size, "width": image_size}, "do_center_crop": False}
     else:
@@ -100,7 +102,7 @@ def evaluation_image_processor(
     return BeitImageProcessorPil(
         do_resize=True,
         **geometry,
-        resample=_RESAMPLE[resample],
+        resample=resample_filter(resample),
         do_normalize=True,
         image_mean=[float(v) for v in image_mean],
         image_std=[float(v) for v in image_std],

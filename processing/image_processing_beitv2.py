@@ -11,7 +11,13 @@ from transformers.utils import logging
 
 from .augmentation import TwoViewAugmentation
 from .masking import BlockwiseMaskGenerator, RandomMaskGenerator
-from .processor_settings import REMOVED_SEED_MESSAGE, check_augmentation_overrides, check_call_settings, resolve_rng
+from .processor_settings import (
+    check_augmentation_overrides,
+    check_call_settings,
+    check_view_size,
+    drop_removed_seed,
+    resolve_rng,
+)
 from .transforms import (
     RandomResizedCrop,
     center_square_box,
@@ -155,10 +161,7 @@ class BeitV2ImageProcessor(BaseImageProcessor):
                 "[0, 1] pixels, which VQKDModel and DVAEModel map to their own input range."
             )
             kwargs.pop(_REMOVED_TOKENIZER_PIXEL_MAPPING)
-        if "seed" in kwargs:
-            # Earlier versions took it (never saved it); kept out of the attributes so it is not saved now either.
-            logger.warning(REMOVED_SEED_MESSAGE)
-            kwargs.pop("seed")
+        drop_removed_seed(kwargs)
         super().__init__(**kwargs)
         self.image_size = int(image_size)
         self.patch_size = int(patch_size)
@@ -276,11 +279,7 @@ def _checked_views(views, sizes: dict[str, int]) -> tuple:
             f"{type(views).__name__}"
         )
     for view, (name, size) in zip(views, sizes.items(), strict=True):
-        if view.size != (size, size):
-            raise ValueError(
-                f"The augmentation's {name} view is {view.size[0]}x{view.size[1]}, but the processor's {name} size is "
-                f"{size}: build the augmentation with processor.training_augmentation() after changing sizes."
-            )
+        check_view_size(view, size, f"{name} view", f"{name} size")
     return views
 
 

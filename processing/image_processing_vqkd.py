@@ -11,7 +11,13 @@ from transformers.image_processing_utils import BaseImageProcessor
 from transformers.processing_utils import ImagesKwargs
 
 from .augmentation import SingleViewAugmentation
-from .processor_settings import REMOVED_SEED_MESSAGE, check_augmentation_overrides, check_call_settings, resolve_rng
+from .processor_settings import (
+    check_augmentation_overrides,
+    check_call_settings,
+    check_view_size,
+    drop_removed_seed,
+    resolve_rng,
+)
 from .transforms import CenterCrop, Compose, Resize, make_image_list, to_float_array, to_pil_image
 
 
@@ -98,10 +104,7 @@ class VQKDImageProcessor(BaseImageProcessor):
         crop_pct: float | None = None,
         **kwargs,
     ):
-        if "seed" in kwargs:
-            # Earlier versions took it (never saved it); kept out of the attributes so it is not saved now either.
-            logger.warning(REMOVED_SEED_MESSAGE)
-            kwargs.pop("seed")
+        drop_removed_seed(kwargs)
         super().__init__(**kwargs)
         self.image_size = int(image_size)
         self.interpolation = interpolation
@@ -161,12 +164,7 @@ class VQKDImageProcessor(BaseImageProcessor):
                 image = evaluation_view(image)
             else:
                 image = augmentation(image, rng)
-                if image.size != (size, size):
-                    raise ValueError(
-                        f"The augmentation's view is {image.size[0]}x{image.size[1]}, but the processor's image_size "
-                        f"is {size}: build the augmentation with processor.training_augmentation() after changing "
-                        "sizes."
-                    )
+                check_view_size(image, size, "view", "image_size")
             pixel_values.append((to_float_array(image) - mean) / std)
         if return_tensors is not None:
             pixel_values = np.stack(pixel_values)

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import logging
+from collections.abc import Iterable, Mapping, MutableMapping
 from typing import Any
 
 import numpy as np
+import PIL.Image
+
+logger = logging.getLogger(__name__)
 
 # Seed of the generator a call uses when it is given none: the same call then gives the same output (a saved
 # processor is deterministic, e.g. behind the Hub widget), masks included.
@@ -22,6 +26,24 @@ _REMOVED_DO_AUGMENT_MESSAGE = (
 )
 
 
+def drop_removed_seed(constructor_kwargs: MutableMapping[str, Any]) -> None:
+    """Removes `seed` from a processor's constructor arguments, with a warning. Earlier versions took it (and never
+    saved it); leaving it out of the attributes keeps it out of the saved config now too."""
+    if "seed" in constructor_kwargs:
+        logger.warning(REMOVED_SEED_MESSAGE)
+        del constructor_kwargs["seed"]
+
+
+def check_view_size(view: PIL.Image.Image, size: int, view_name: str, setting_name: str) -> None:
+    """Raises a ValueError when an augmentation's `view` is not the `size` x `size` square the processor's
+    `setting_name` asks for (an augmentation built before the processor's sizes changed)."""
+    if view.size != (size, size):
+        raise ValueError(
+            f"The augmentation's {view_name} is {view.size[0]}x{view.size[1]}, but the processor's {setting_name} is "
+            f"{size}: build the augmentation with processor.training_augmentation() after changing sizes."
+        )
+
+
 def check_call_settings(
     settings: Mapping[str, Any], accepted: Iterable[str], augmentation_only: Iterable[str], processor_name: str
 ) -> None:
@@ -30,12 +52,12 @@ def check_call_settings(
     `augmentation_only` are settings of the processor that configure `training_augmentation()` alone: passing them
     per call would silently do nothing, so the message says where they go.
     """
-    accepted = tuple(accepted)
+    accepted, augmentation_only = tuple(accepted), set(augmentation_only)
     if "do_augment" in settings:
         raise ValueError(_REMOVED_DO_AUGMENT_MESSAGE)
     if "seed" in settings:
         raise ValueError(f"Unknown setting 'seed' for {processor_name}.preprocess: pass `rng=` instead.")
-    misplaced = sorted(name for name in settings if name in set(augmentation_only) and name not in accepted)
+    misplaced = sorted(name for name in settings if name in augmentation_only and name not in accepted)
     if misplaced:
         raise ValueError(
             f"{misplaced} only configure the training augmentation: build it with "

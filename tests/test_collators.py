@@ -146,7 +146,7 @@ def test_pretraining_data_loader_collates_with_the_mim_collator(tmp_path):
     from data_sources import load_image_stream
     from dataloader_state import build_dataloader
     from image_datasets import ImageStream
-    from run_mim import image_transform
+    from training import image_transform
 
     from processing import BeitV2ImageProcessor
 
