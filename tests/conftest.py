@@ -37,6 +37,31 @@ sys.path = [p for p in sys.path if p not in ("", ".", %r)]
 """
 
 
+# transformers' own test modules (its common mixins), fetched from its sdist by tests/fetch_transformers_tests.py.
+TRANSFORMERS_TESTS_DIR = Path(
+    os.environ.get("TRANSFORMERS_COMMON_TESTS_DIR", REPO_ROOT / "build" / "transformers-tests")
+)
+
+
+def import_transformers_tests(*module_names: str) -> list:
+    """Imports `transformers_tests.<name>` for each name, or skips the calling test module saying why they are not
+    there (the download was impossible, or the fetch script has not run)."""
+    import importlib
+
+    unavailable = TRANSFORMERS_TESTS_DIR / "UNAVAILABLE"
+    if unavailable.exists():
+        pytest.skip(unavailable.read_text().strip(), allow_module_level=True)
+    if not (TRANSFORMERS_TESTS_DIR / "COMPLETE").exists():
+        pytest.skip(
+            f"transformers' common tests are not in {TRANSFORMERS_TESTS_DIR}: run "
+            "`python tests/fetch_transformers_tests.py` (make test does)",
+            allow_module_level=True,
+        )
+    if str(TRANSFORMERS_TESTS_DIR) not in sys.path:
+        sys.path.insert(0, str(TRANSFORMERS_TESTS_DIR))
+    return [importlib.import_module(f"transformers_tests.{name}") for name in module_names]
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now (for a rendezvous between test processes)."""
     with socket.socket() as sock:

@@ -1,0 +1,284 @@
+"""transformers' own common tests on our models, configs and image processors.
+
+`ModelTesterMixin`, `ConfigTester` and `ImageProcessingTestMixin` come from the test modules of the installed
+transformers version (its source distribution; `tests/fetch_transformers_tests.py`, run by `make test`, puts them in
+`build/transformers-tests/`). They are what transformers runs on its own BEiT: where they pass, our classes behave
+like transformers' own wherever the ecosystem calls them (save/load, meta-device init, dtype handling, attention
+implementations, output capturing, gradient checkpointing, processors' standard arguments).
+
+The testers follow transformers' `BeitModelTester`: tiny configs, random inputs, stable labels. A skipped mixin test
+says in one line why the feature does not apply to that model.
+"""
+
+from __future__ import annotations
+
+import unittest
+
+import torch
+from conftest import import_transformers_tests
+
+from modeling_beitv2 import (
+    BeitV2Config,
+    BeitV2ForMaskedImageModeling,
+    BeitV2Model,
+    DVAEConfig,
+    DVAEModel,
+    VQKDConfig,
+    VQKDModel,
+    VQKDPixelDecoder,
+    VQKDPixelDecoderConfig,
+)
+from modeling_beitv2.configuration_vqkd import vqkd_decoder_config, vqkd_encoder_config
+
+modeling_common, configuration_common = import_transformers_tests("test_modeling_common", "test_configuration_common")
+ModelTesterMixin = modeling_common.ModelTesterMixin
+ConfigTester = configuration_common.ConfigTester
+floats_tensor, ids_tensor = modeling_common.floats_tensor, modeling_common.ids_tensor
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# BeitV2Model and BeitV2ForMaskedImageModeling
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class BeitV2ModelTester:
+    """A 4-layer, 32-wide BEiT v2 on 32 px images with 8 px patches (a 4x4 grid of patches)."""
+
+    def __init__(self, parent, batch_size: int = 3, image_size: int = 32, patch_size: int = 8):
+        self.parent = parent
+        self.batch_size = batch_size
+        self.image_size = image_size
+        self.patch_size = patch_size
+        self.num_channels = 3
+        self.hidden_size = 32
+        self.num_hidden_layers = 4
+        self.num_attention_heads = 4
+        self.vocab_size = 64
+        self.is_training = True
+        self.num_patches = (image_size // patch_size) ** 2
+        self.seq_length = self.num_patches + 1
+        self.num_masks = 6  # masked patches per image (the MIM head needs a fixed count for stable labels)
+        self.mask_length = self.num_patches
+
+    def get_config(self) -> BeitV2Config:
+        return BeitV2Config(
+            hidden_size=self.hidden_size,
+            num_hidden_layers=self.num_hidden_layers,
+            num_attention_heads=self.num_attention_heads,
+            intermediate_size=37,
+            image_size=self.image_size,
+            patch_size=self.patch_size,
+            num_channels=self.num_channels,
+            vocab_size=self.vocab_size,
+            early_layers=2,
+            hidden_dropout_prob=0.1,
+            attention_probs_dropout_prob=0.1,
+        )
+
+    def prepare_config_and_inputs_for_common(self):
+        pixel_values = floats_tensor([self.batch_size, self.num_channels, self.image_size, self.image_size])
+        # The same masked positions in every call (stable labels); `num_masks` per image.
+        bool_masked_pos = torch.zeros(self.batch_size, self.num_patches, dtype=torch.bool)
+        bool_masked_pos[:, : self.num_masks] = True
+        return self.get_config(), {"pixel_values": pixel_values, "bool_masked_pos": bool_masked_pos}
+
+
+class BeitV2ModelTest(ModelTesterMixin, unittest.TestCase):
+    all_model_classes = (BeitV2Model, BeitV2ForMaskedImageModeling)
+    test_resize_embeddings = False
+
+    def setUp(self):
+        self.model_tester = BeitV2ModelTester(self)
+        self.config_tester = ConfigTester(self, config_class=BeitV2Config, has_text_modality=False, hidden_size=37)
+
+    def _prepare_for_class(self, inputs_dict, model_class, return_labels=False):
+        inputs = super()._prepare_for_class(inputs_dict, model_class, return_labels=return_labels)
+        if model_class is BeitV2ForMaskedImageModeling and return_labels:
+            generator = torch.Generator().manual_seed(0)
+            batch = inputs["pixel_values"].shape[0]
+            num_patches = self.model_tester.num_patches
+            inputs["labels"] = torch.randint(
+                0, self.model_tester.vocab_size, (batch, num_patches), generator=generator
+            )
+        return inputs
+
+    def test_config(self):
+        self.config_tester.run_common_tests()
+
+    @unittest.skip(reason="an image model: no inputs_embeds")
+    def test_inputs_embeds(self):
+        pass
+
+    @unittest.skip(reason="an image model: no inputs_embeds")
+    def test_inputs_embeds_matches_input_ids(self):
+        pass
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# VQKDModel
+# --------------------------------------------------------------------------------------------------------------------
+
+_TINY_VIT = dict(hidden_size=32, num_attention_heads=4, intermediate_size=37)
+
+
+class VQKDModelTester:
+    """A VQ-KD tokenizer on 32 px images, 8 px patches: 2-layer encoder, 1-layer decoder, 64 codes of dimension 8."""
+
+    def __init__(self, parent, batch_size: int = 3):
+        self.parent = parent
+        self.batch_size = batch_size
+        self.image_size = 32
+        self.num_channels = 3
+        self.is_training = True
+        self.hidden_size = 32
+        self.num_hidden_layers = 2
+        self.num_attention_heads = 4
+        self.seq_length = (32 // 8) ** 2 + 1
+        self.teacher_dim = 16
+
+    def get_config(self) -> VQKDConfig:
+        return VQKDConfig(
+            encoder_config=vqkd_encoder_config("tiny", image_size=32, patch_size=8, num_hidden_layers=2, **_TINY_VIT),
+            decoder_config=vqkd_decoder_config("tiny", num_layers=1, grid_size=4, code_dim=8, **_TINY_VIT),
+            codebook_size=64,
+            code_dim=8,
+            teacher_dim=self.teacher_dim,
+            kmeans_init=False,
+        )
+
+    def prepare_config_and_inputs_for_common(self):
+        # [0, 1] pixels: the tokenizer maps them itself.
+        pixel_values = floats_tensor([self.batch_size, self.num_channels, self.image_size, self.image_size], scale=1.0)
+        return self.get_config(), {"pixel_values": pixel_values}
+
+
+class VQKDModelTest(ModelTesterMixin, unittest.TestCase):
+    all_model_classes = (VQKDModel,)
+    test_resize_embeddings = False
+
+    def setUp(self):
+        self.model_tester = VQKDModelTester(self)
+        self.config_tester = ConfigTester(self, config_class=VQKDConfig, has_text_modality=False)
+
+    def _prepare_for_class(self, inputs_dict, model_class, return_labels=False):
+        inputs = super()._prepare_for_class(inputs_dict, model_class, return_labels=return_labels)
+        if return_labels:
+            generator = torch.Generator().manual_seed(0)
+            batch = inputs["pixel_values"].shape[0]
+            num_patches = self.model_tester.seq_length - 1
+            shape = (batch, num_patches, self.model_tester.teacher_dim)
+            inputs["teacher_features"] = torch.randn(shape, generator=generator)
+        return inputs
+
+    def test_config(self):
+        self.config_tester.run_common_tests()
+
+    @unittest.skip(reason="an image model: no inputs_embeds")
+    def test_inputs_embeds(self):
+        pass
+
+    @unittest.skip(reason="an image model: no inputs_embeds")
+    def test_inputs_embeds_matches_input_ids(self):
+        pass
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# DVAEModel (BEiT v1's DALL-E tokenizer)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class DVAEModelTester:
+    def __init__(self, parent, batch_size: int = 2):
+        self.parent = parent
+        self.batch_size = batch_size
+        self.image_size = 32
+        self.num_channels = 3
+        self.is_training = True
+        self.hidden_size = 16
+
+    def get_config(self) -> DVAEConfig:
+        return DVAEConfig(
+            codebook_size=64, hidden_size=16, num_blocks_per_group=1, decoder_init_channels=8, image_size=32
+        )
+
+    def prepare_config_and_inputs_for_common(self):
+        pixel_values = floats_tensor([self.batch_size, self.num_channels, self.image_size, self.image_size], scale=1.0)
+        return self.get_config(), {"pixel_values": pixel_values}
+
+
+class DVAEModelTest(ModelTesterMixin, unittest.TestCase):
+    all_model_classes = (DVAEModel,)
+    test_resize_embeddings = False
+    has_attentions = False
+
+    def setUp(self):
+        self.model_tester = DVAEModelTester(self)
+        self.config_tester = ConfigTester(self, config_class=DVAEConfig, has_text_modality=False)
+
+    def test_config(self):
+        self.config_tester.run_common_tests()
+
+    @unittest.skip(reason="an image model: no inputs_embeds")
+    def test_inputs_embeds(self):
+        pass
+
+    @unittest.skip(reason="an image model: no inputs_embeds")
+    def test_inputs_embeds_matches_input_ids(self):
+        pass
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# VQKDPixelDecoder (VQ-KD codes -> pixels)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class VQKDPixelDecoderTester:
+    def __init__(self, parent, batch_size: int = 3):
+        self.parent = parent
+        self.batch_size = batch_size
+        self.image_size = 32
+        self.patch_size = 8
+        self.codebook_size = 64
+        self.is_training = True
+        self.hidden_size = 32
+        self.num_hidden_layers = 2
+        self.num_attention_heads = 4
+        self.seq_length = (32 // 8) ** 2
+
+    def get_config(self) -> VQKDPixelDecoderConfig:
+        return VQKDPixelDecoderConfig(
+            codebook_size=self.codebook_size,
+            code_dim=8,
+            image_size=self.image_size,
+            patch_size=self.patch_size,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=37,
+            refine_channels=8,
+        )
+
+    def prepare_config_and_inputs_for_common(self):
+        input_ids = ids_tensor([self.batch_size, self.seq_length], self.codebook_size)
+        return self.get_config(), {"input_ids": input_ids}
+
+
+class VQKDPixelDecoderTest(ModelTesterMixin, unittest.TestCase):
+    all_model_classes = (VQKDPixelDecoder,)
+    test_resize_embeddings = False
+
+    def setUp(self):
+        self.model_tester = VQKDPixelDecoderTester(self)
+        self.config_tester = ConfigTester(self, config_class=VQKDPixelDecoderConfig, has_text_modality=False)
+
+    def _prepare_for_class(self, inputs_dict, model_class, return_labels=False):
+        inputs = super()._prepare_for_class(inputs_dict, model_class, return_labels=return_labels)
+        if return_labels:
+            generator = torch.Generator().manual_seed(0)
+            batch = inputs["input_ids"].shape[0]
+            size = self.model_tester.image_size
+            inputs["pixel_values"] = torch.rand((batch, 3, size, size), generator=generator)
+        return inputs
+
+    def test_config(self):
+        self.config_tester.run_common_tests()
