@@ -23,7 +23,7 @@ from .configuration_beitv2 import BEITV2_PRESETS, BeitV2Config
 from .configuration_dvae import DVAEConfig
 from .configuration_pixel_decoder import VQKDPixelDecoderConfig
 from .configuration_vqkd import VQKD_PRESETS, VQKDConfig
-from .export_native import convert_mim_to_native_beit
+from .export_native import convert_mim_to_native_beit, convert_to_native_feature_extractor
 from .export_required import BeitV2NeedsNativeExport
 from .modeling_beitv2 import (
     BeitV2ForMaskedImageModeling,
@@ -80,6 +80,7 @@ __all__ = [
     "BeitV2Model",
     "BeitV2PreTrainedModel",
     "convert_mim_to_native_beit",
+    "convert_to_native_feature_extractor",
     "get_flex_attention_options",
     "resize_relative_position_bias_table",
     "set_flex_attention_options",

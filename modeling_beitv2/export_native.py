@@ -2,7 +2,9 @@
 
 `convert_mim_to_native_beit` builds a `BeitModel` / `BeitForImageClassification` / `BeitForSemanticSegmentation`
 (`model_type: "beit"`) from a `BeitV2ForMaskedImageModeling` or `BeitV2Model`, so that fine-tuned checkpoints load
-with plain transformers and need no custom code. The relative position bias is resized with
+with plain transformers and need no custom code. `convert_to_native_feature_extractor` builds the native `BeitModel`
+whose outputs equal `BeitV2Model`'s (final LayerNorm kept, `pooler_output` the linear probe's [CLS]), for
+`pipeline("image-feature-extraction")` and the Hub's widgets, which run no custom code. The relative position bias is resized with
 `attention.resize_relative_position_bias_table` (the reference spline interpolation); absolute position embeddings,
 when a model has them, are resized bicubically.
 
@@ -17,9 +19,12 @@ import math
 import torch
 from torch import nn
 from transformers import BeitConfig, BeitModel, PreTrainedModel
+from transformers.utils import logging
 
 from .attention import resize_relative_position_bias_table
 from .modeling_beitv2 import BeitV2ForMaskedImageModeling, BeitV2Model
+
+logger = logging.get_logger(__name__)
 
 # Config fields that only make sense for pretraining; dropped when exporting to a native `beit` model.
 _MIM_ONLY_CONFIG_KEYS = ("use_patch_aggregation", "early_layers", "head_layers", "shared_lm_head")
@@ -34,8 +39,10 @@ def convert_mim_to_native_beit(
     """Export a pretrained BEiT v2 / BEiT backbone as a stock transformers `beit` model for fine-tuning.
 
     The shared relative position bias is copied into every layer (resized with
-    :func:`resize_relative_position_bias_table` when `image_size` differs), the [MASK] embedding, the final
-    LayerNorm, `lm_head` and the patch-aggregation head are dropped. The result loads and saves with plain
+    :func:`resize_relative_position_bias_table` when `image_size` differs), the [MASK] embedding, `lm_head` and the
+    patch-aggregation head are dropped. The pretraining-time final LayerNorm is dropped too (fine-tuning starts a
+    fresh pooling LayerNorm, like the reference's `fc_norm`), unless `use_mean_pooling=False` is among the overrides:
+    the native model then ends with that LayerNorm (see `convert_to_native_feature_extractor`). The result loads and saves with plain
     transformers (`model_type: "beit"`), so pipelines and Hub widgets need no custom code.
 
     Args:
@@ -72,12 +79,22 @@ def convert_mim_to_native_beit(
 
     source_state = backbone.state_dict()
     target_prefix = "beit." if hasattr(native, "beit") else ""
+    native_backbone = native.beit if hasattr(native, "beit") else native
+    if isinstance(native_backbone.layernorm, nn.LayerNorm):
+        # A standalone BeitV2Model owns the final LayerNorm; inside the MIM model it is the MIM model's own.
+        final_norm = model.layernorm if isinstance(model, BeitV2ForMaskedImageModeling) else backbone.layernorm
+        if not isinstance(final_norm, nn.LayerNorm):
+            raise ValueError("use_mean_pooling=False keeps the final LayerNorm, but this backbone has none.")
+        source_state = {key: value for key, value in source_state.items() if not key.startswith("layernorm.")}
+        source_state.update({f"layernorm.{key}": value for key, value in final_norm.state_dict().items()})
     source_window = _patch_grid(source_config)
     target_window = _patch_grid(native.config)
     new_state = {}
     for name, tensor in source_state.items():
         if name == "embeddings.mask_token" or name.startswith("pooler."):
             continue
+        if name.startswith("layernorm.") and not isinstance(native_backbone.layernorm, nn.LayerNorm):
+            continue  # the pretraining-time final LayerNorm of a standalone BeitV2Model: dropped for fine-tuning
         if name == "shared_position_bias.relative_position_bias_table":
             resized = resize_relative_position_bias_table(tensor, source_window, target_window)
             for index in range(native.config.num_hidden_layers):
@@ -102,6 +119,36 @@ def convert_mim_to_native_beit(
     return native
 
 
+def convert_to_native_feature_extractor(model: BeitV2ForMaskedImageModeling | BeitV2Model) -> BeitModel:
+    """A stock transformers `BeitModel` (`model_type: "beit"`) that gives the same features as [`BeitV2Model`].
+
+    Native `BeitModel` with `use_mean_pooling=False` ends with a LayerNorm (here the pretraining model's final one)
+    and its `BeitPooler` then returns the [CLS] token of the normalised tokens: exactly `BeitV2Model`'s
+    `last_hidden_state` and, for a model pretrained with patch aggregation, its `pooler_output` (the linear probe's
+    representation). `pipeline("image-feature-extraction")` and the Hub's widget then give probe features (`pool=True`)
+    or the tokens, with no custom code.
+
+    Without patch aggregation the probe's representation is the mean of the normalised patch tokens, which no
+    native `BeitPooler` computes (its mean-pooling variant normalises after averaging, with a LayerNorm of its own):
+    `last_hidden_state` still matches, `pooler_output` is [CLS], and a warning says so; average
+    `last_hidden_state[:, 1:]` instead.
+
+    Args:
+        model: A BEiT v2 MIM model or a standalone `BeitV2Model` (with its final LayerNorm).
+
+    Returns:
+        A `BeitModel` in eval mode, at the pretraining resolution, with a pooling layer and no [MASK] embedding.
+    """
+    config = model.config
+    if not config.use_patch_aggregation:
+        logger.warning(
+            "This model was pretrained without patch aggregation: its linear-probe representation is the mean of the "
+            "normalised patch tokens, which native BeitModel's pooler cannot compute. The native `pooler_output` is "
+            "the [CLS] token; use `last_hidden_state[:, 1:].mean(1)` for probe features."
+        )
+    return convert_mim_to_native_beit(model, BeitModel, use_mean_pooling=False).eval()
+
+
 def _resize_absolute_position_embeddings(
     position_embeddings: torch.Tensor, source_window: tuple[int, int], target_window: tuple[int, int]
 ) -> torch.Tensor:
@@ -121,4 +168,4 @@ def _patch_grid(config: BeitConfig) -> tuple[int, int]:
     return image_h // patch_h, image_w // patch_w
 
 
-__all__ = ["convert_mim_to_native_beit"]
+__all__ = ["convert_mim_to_native_beit", "convert_to_native_feature_extractor"]

@@ -20,6 +20,7 @@ from transformers import BeitModel
 from transformers import initialization as init
 from transformers.masking_utils import create_bidirectional_mask
 from transformers.models.beit.modeling_beit import (
+    BeitAttention,
     BeitEmbeddings,
     BeitLayer,
     BeitModelOutputWithPooling,
@@ -28,7 +29,7 @@ from transformers.models.beit.modeling_beit import (
 )
 from transformers.utils import ModelOutput
 from transformers.utils.generic import merge_with_config_defaults
-from transformers.utils.output_capturing import capture_outputs
+from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .attention import (
     BEIT_FLEX_ATTENTION,
@@ -60,9 +61,13 @@ class BeitV2MaskedImageModelingOutput(ModelOutput):
             Fraction of masked positions whose main-branch argmax equals the label (`mlm_acc_1`).
         aggregation_accuracy (`torch.FloatTensor` of shape `()`, *optional*):
             The same for the aggregation head (`mlm_acc_2`).
-        hidden_states (`tuple(torch.FloatTensor)`, *optional*, returned with `output_hidden_states=True`):
+        hidden_states (`tuple(torch.FloatTensor)`, *optional*, returned with `output_hidden_states`):
             Backbone hidden states, each `(batch, 1 + num_patches, hidden_size)`: the embeddings, then each block's
-            output (the last one before the final LayerNorm).
+            output (the last one before the final LayerNorm); `None` in the places a selection of indices leaves out.
+            The patch-aggregation head's blocks are not included.
+        attentions (`tuple(torch.FloatTensor)`, *optional*, returned with `output_attentions=True`):
+            Attention weights of each backbone block, `(batch, num_heads, 1 + num_patches, 1 + num_patches)`
+            (eager attention only: the fused implementations never materialise them).
     """
 
     loss: torch.FloatTensor | None = None
@@ -73,6 +78,7 @@ class BeitV2MaskedImageModelingOutput(ModelOutput):
     mim_accuracy: torch.FloatTensor | None = None
     aggregation_accuracy: torch.FloatTensor | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
 
 
 class BeitV2PatchAggregationHead(nn.Module):
@@ -85,8 +91,10 @@ class BeitV2PatchAggregationHead(nn.Module):
         super().__init__()
         # The reference draws the head's drop-path rates from the same linear ramp as the trunk, extended
         # if the head reaches past the last block, starting at index `early_layers`.
+        # Computed on the CPU: under `torch.device("meta")` (how device_map, big-model loading and DeepSpeed ZeRO-3
+        # build models) a tensor on the default device has no values to read.
         ramp_length = max(config.num_hidden_layers, config.early_layers + config.head_layers)
-        rates = torch.linspace(0, config.drop_path_rate, ramp_length).tolist()
+        rates = torch.linspace(0, config.drop_path_rate, ramp_length, device="cpu").tolist()
         self.layers = nn.ModuleList(
             [BeitLayer(config, drop_path_rate=rates[config.early_layers + j]) for j in range(config.head_layers)]
         )
@@ -107,7 +115,9 @@ class BeitV2PatchAggregationHead(nn.Module):
         """Returns the head's output tokens `(batch, 1 + num_patches, hidden_size)`, before any LayerNorm."""
         hidden_states = torch.cat([last_cls_token, early_patch_tokens], dim=1)
         for layer in self.layers:
-            hidden_states = layer(hidden_states, attention_mask=relative_position_bias, resolution=resolution)
+            # Positional, as in the backbone (see `BeitV2Model.encode`): reentrant gradient checkpointing returns
+            # gradients only for positional tensor inputs.
+            hidden_states = layer(hidden_states, relative_position_bias, resolution=resolution)
         return hidden_states
 
 
@@ -152,6 +162,20 @@ class BeitV2PreTrainedModel(BeitPreTrainedModel):
                 init.constant_(module.lambda_2, self.config.layer_scale_init_value)
 
 
+class BeitV2Pooler(nn.Module):
+    """The image representation of BEiT v2's linear probe, read from the final-normalised tokens
+    `(batch, 1 + num_patches, hidden_size)` -> `(batch, hidden_size)`: the [CLS] token for a model pretrained with
+    patch aggregation (which trains [CLS] to aggregate the image), else the mean of the patch tokens (paper, section
+    3.2). Parameter-free, so a pretraining checkpoint has everything it needs."""
+
+    def __init__(self, config: BeitV2Config) -> None:
+        super().__init__()
+        self.use_cls_token = config.use_patch_aggregation
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return hidden_states[:, 0] if self.use_cls_token else hidden_states[:, 1:].mean(dim=1)
+
+
 class BeitV2Model(BeitV2PreTrainedModel, BeitModel):
     r"""
     The BEiT v2 backbone: transformers' [`BeitModel`] (same inputs, weights and outputs) with the reference
@@ -161,21 +185,37 @@ class BeitV2Model(BeitV2PreTrainedModel, BeitModel):
     Its relative position biases skip transformers' per-call identity resize at the configured image size; the
     shared one is computed once per forward pass (or passed in, see `encode`).
 
+    On its own (as `AutoModel` loads it from a pretraining checkpoint) it ends with the pretraining model's final
+    LayerNorm (`layernorm`, the MIM model's top-level `layernorm` in the checkpoint, found there by transformers'
+    base-model-prefix handling) and its `pooler_output` is the linear probe's representation ([`BeitV2Pooler`]).
+    Inside [`BeitV2ForMaskedImageModeling`] it has neither: the MIM model normalises masked positions only.
+
     Inputs: `pixel_values` `(batch, num_channels, height, width)`, optional `bool_masked_pos`
-    `(batch, num_patches)`. Output: `last_hidden_state` `(batch, 1 + num_patches, hidden_size)`.
+    `(batch, num_patches)`. Outputs: `last_hidden_state` `(batch, 1 + num_patches, hidden_size)` (after the final
+    LayerNorm), `pooler_output` `(batch, hidden_size)`, and with `output_hidden_states` / `output_attentions` the
+    embeddings and every block's output (before the final LayerNorm) / every block's attention weights (eager
+    attention only).
     """
 
-    def __init__(self, config: BeitV2Config, add_pooling_layer: bool = False) -> None:
+    def __init__(self, config: BeitV2Config, add_pooling_layer: bool = True, add_final_layernorm: bool = True) -> None:
+        # Read by `post_init`, which `BeitModel.__init__` calls before the weights are initialised.
+        self._add_final_layernorm = add_final_layernorm
         super().__init__(config, add_pooling_layer=add_pooling_layer)
 
     def post_init(self) -> None:
         # `BeitModel.__init__` calls this once its layers exist and before the weights are initialised: swap in
-        # the cheaper bias modules (same parameters, same state-dict keys) before the init pass sees them.
+        # the cheaper bias modules (same parameters, same state-dict keys), the final LayerNorm (`BeitModel` has an
+        # Identity there, as `use_mean_pooling` must stay True) and the parameter-free probe pooler before the init
+        # pass sees them.
         if self.shared_position_bias is not None:
             self.shared_position_bias = BeitV2RelativePositionBias(self.config)
         for layer in self.layers:
             if layer.relative_position_bias is not None:
                 layer.relative_position_bias = BeitV2RelativePositionBias(self.config)
+        if self._add_final_layernorm:
+            self.layernorm = nn.LayerNorm(self.config.hidden_size, eps=self.config.layer_norm_eps)
+        if self.pooler is not None:
+            self.pooler = BeitV2Pooler(self.config)
         mark_residual_branches(self.layers, first_layer_number=1)
         super().post_init()
 
@@ -203,10 +243,9 @@ class BeitV2Model(BeitV2PreTrainedModel, BeitModel):
         **kwargs,
     ) -> BeitModelOutputWithPooling:
         r"""
-        Same inputs and outputs as [`BeitModel.forward`] (`output_hidden_states` / `output_attentions` are recorded
-        by transformers' output capturing); the blocks run in [`encode`].
+        Same inputs as [`BeitModel.forward`]; `output_hidden_states` (a flag, or the indices of the hidden states to
+        keep) and `output_attentions` are recorded by transformers' output capturing. The blocks run in [`encode`].
         """
-        kwargs.pop("output_hidden_states", None)  # recorded by `capture_outputs`, not by `encode`
         hidden_states, _ = self.encode(
             pixel_values,
             bool_masked_pos,
@@ -225,18 +264,23 @@ class BeitV2Model(BeitV2PreTrainedModel, BeitModel):
         shared_position_bias: torch.Tensor | None = None,
         interpolate_pos_encoding: bool = False,
         attention_mask: torch.Tensor | None = None,
-        output_hidden_states: bool = False,
+        keep_hidden_state: int | None = None,
         **kwargs,
-    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         r"""
-        Embeddings and blocks, without the final LayerNorm, the pooler and transformers' hook-based output capturing
-        (whose first call installs hooks under a lock, which `torch.compile(fullgraph=True)` cannot trace).
+        Embeddings and blocks, without the final LayerNorm and the pooler. Hidden states and attentions are recorded
+        by the output capturing of the calling `forward` (this model's or the MIM model's), only when asked for.
 
         `shared_position_bias` (`(1, num_heads, 1 + num_patches, 1 + num_patches)`, from
-        `compute_shared_position_bias`) lets a caller reuse the bias; it is computed here when `None`. Returns the
-        last block's output `(batch, 1 + num_patches, hidden_size)` and, with `output_hidden_states`, the embeddings
-        followed by every block's output (`num_hidden_layers + 1` tensors), else `None`.
+        `compute_shared_position_bias`) lets a caller reuse the bias; it is computed here when `None`.
+        `keep_hidden_state` (`int`, *optional*) names one hidden state to hand back (`i`: the output of the first
+        `i` blocks, 0 the embeddings), as the patch-aggregation head needs one, without recording the others.
+
+        Returns the last block's output `(batch, 1 + num_patches, hidden_size)` and the kept hidden state (same
+        shape), or `None`.
         """
+        for flag in ("output_hidden_states", "output_attentions"):
+            kwargs.pop(flag, None)  # recorded by hooks, not passed down
         embedding_output = self.embeddings(pixel_values, bool_masked_pos=bool_masked_pos)
         resolution = pixel_values.shape[2:]
         attention_mask = create_bidirectional_mask(
@@ -252,17 +296,22 @@ class BeitV2Model(BeitV2PreTrainedModel, BeitModel):
             attention_mask = shared_position_bias if attention_mask is None else shared_position_bias + attention_mask
 
         hidden_states = embedding_output
-        all_hidden_states = [hidden_states]
-        for layer in self.layers:
+        kept = hidden_states if keep_hidden_state == 0 else None
+        for index, layer in enumerate(self.layers):
+            # The bias goes in positionally: reentrant gradient checkpointing (`use_reentrant=True`) returns gradients
+            # only for positional tensor inputs; as a keyword argument the shared bias, computed once outside the
+            # checkpointed layers, would be backpropagated through once per layer ("backward through the graph a
+            # second time"), which is why transformers' BEiT skips those tests.
             hidden_states = layer(
                 hidden_states,
-                attention_mask=attention_mask,
+                attention_mask,
                 interpolate_pos_encoding=interpolate_pos_encoding,
                 resolution=resolution,
                 **kwargs,
             )
-            all_hidden_states.append(hidden_states)
-        return hidden_states, tuple(all_hidden_states) if output_hidden_states else None
+            if index + 1 == keep_hidden_state:
+                kept = hidden_states
+        return hidden_states, kept
 
 
 def _num_patches_for(pixel_values: torch.Tensor, patch_size: int | tuple[int, int]) -> tuple[int, int]:
@@ -306,9 +355,19 @@ class BeitV2ForMaskedImageModeling(BeitV2PreTrainedModel):
     has static shapes and no host-device synchronisation, and compiles to one graph; outputs are identical.
     """
 
+    # Hidden states and attentions are the backbone's (recorded by its own `_can_record_outputs` through the
+    # capturing of this model's `forward`); the patch-aggregation head's blocks, which are this model's own
+    # `BeitLayer`s, are left out.
+    _can_record_outputs = {
+        "hidden_states": OutputRecorder(BeitLayer, layer_name="beit.layers"),
+        "attentions": OutputRecorder(BeitAttention, index=1, layer_name="beit.layers"),
+    }
+
     def __init__(self, config: BeitV2Config) -> None:
         super().__init__(config)
-        self.beit = BeitV2Model(config, add_pooling_layer=False)
+        # The final LayerNorm is this model's own `layernorm` (transformers' `BeitForMaskedImageModeling` layout),
+        # applied to masked positions only.
+        self.beit = BeitV2Model(config, add_pooling_layer=False, add_final_layernorm=False)
         self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size)
         self.aggregation_head = BeitV2PatchAggregationHead(config) if config.use_patch_aggregation else None
@@ -372,14 +431,14 @@ class BeitV2ForMaskedImageModeling(BeitV2PreTrainedModel):
             labels = labels.long()
         return bool_masked_pos, masked_index, labels
 
+    @capture_outputs(tie_last_hidden_states=False)
     def forward(
         self,
         pixel_values: torch.Tensor,
         bool_masked_pos: torch.Tensor,
         labels: torch.Tensor | None = None,
-        output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
         num_masked_patches: int | None = None,
+        **kwargs,
     ) -> BeitV2MaskedImageModelingOutput | tuple:
         r"""
         Args:
@@ -390,15 +449,18 @@ class BeitV2ForMaskedImageModeling(BeitV2PreTrainedModel):
             labels (`torch.LongTensor` of shape `(batch, num_patches)` or `(num_masked,)`, *optional*):
                 Visual tokens: the full grid a tokenizer returns, or only the codes of masked patches in
                 row-major order.
-            output_hidden_states (`bool`, *optional*):
-                Return the backbone's hidden states.
             num_masked_patches (`int`, *optional*):
                 The number of masked patches in EVERY image (`num_masked = batch * num_masked_patches`). Selects
                 the static-shape path: no host-device synchronisation, one graph under `torch.compile`, same
                 outputs. A mask with another count fails a device-side assertion (raised at the next
                 synchronisation on GPU, at once on CPU). Leave it `None` for masks of varying counts.
+            output_hidden_states (`bool` or `list[int]`, *optional*, defaults to `config.output_hidden_states`):
+                Return the backbone's hidden states (all of them, or those at the given indices).
+            output_attentions (`bool`, *optional*, defaults to `config.output_attentions`):
+                Return the backbone's attention weights (eager attention).
+            return_dict (`bool`, *optional*, defaults to `config.return_dict`):
+                Return a [`BeitV2MaskedImageModelingOutput`] rather than a tuple.
         """
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
         bool_masked_pos, masked_index, labels = self._check_inputs(
             pixel_values, bool_masked_pos, labels, num_masked_patches
         )
@@ -407,11 +469,14 @@ class BeitV2ForMaskedImageModeling(BeitV2PreTrainedModel):
         # Computed once, shared by every backbone block and the aggregation head.
         resolution = tuple(pixel_values.shape[2:])
         shared_position_bias = self.beit.compute_shared_position_bias(resolution)
-        sequence_output, all_hidden_states = self.beit.encode(  # before the final LayerNorm
+        # Before the final LayerNorm; hidden states and attentions are recorded by hooks only when asked for, the
+        # aggregation head's input is handed back without recording anything.
+        sequence_output, early_output = self.beit.encode(
             pixel_values,
             bool_masked_pos,
             shared_position_bias=shared_position_bias,
-            output_hidden_states=bool(output_hidden_states) or use_aggregation,
+            keep_hidden_state=self.config.early_layers if use_aggregation else None,
+            **kwargs,
         )
         masked_output = _select_masked(sequence_output[:, 1:], bool_masked_pos, masked_index)
         logits = self.lm_head(self.layernorm(masked_output))
@@ -420,7 +485,7 @@ class BeitV2ForMaskedImageModeling(BeitV2PreTrainedModel):
         if use_aggregation:
             head_output = self.aggregation_head(
                 sequence_output[:, :1],
-                all_hidden_states[self.config.early_layers][:, 1:],
+                early_output[:, 1:],
                 shared_position_bias,
                 resolution,
             )
@@ -438,8 +503,7 @@ class BeitV2ForMaskedImageModeling(BeitV2PreTrainedModel):
                 loss_aggregation, aggregation_accuracy = _masked_token_loss(aggregation_logits, labels)
                 loss = loss_mim + loss_aggregation
 
-        hidden_states = all_hidden_states if output_hidden_states else None
-        output = BeitV2MaskedImageModelingOutput(
+        return BeitV2MaskedImageModelingOutput(
             loss=loss,
             loss_mim=loss_mim,
             loss_aggregation=loss_aggregation,
@@ -447,9 +511,7 @@ class BeitV2ForMaskedImageModeling(BeitV2PreTrainedModel):
             aggregation_logits=aggregation_logits,
             mim_accuracy=mim_accuracy,
             aggregation_accuracy=aggregation_accuracy,
-            hidden_states=hidden_states,
         )
-        return output if return_dict else output.to_tuple()
 
 
 def _masked_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -24,6 +24,7 @@ from modeling_beitv2 import (
     BeitV2ForMaskedImageModeling,
     BeitV2Model,
     convert_mim_to_native_beit,
+    convert_to_native_feature_extractor,
     resize_relative_position_bias_table,
 )
 
@@ -621,15 +622,146 @@ def test_custom_code_reloads_in_a_fresh_process_without_the_package(tmp_path, ti
         with torch.no_grad():
             print("LOSS", model(pixel_values, bool_masked_pos, labels).loss.item())
         from transformers import AutoModel
-        backbone = AutoModel.from_pretrained({str(folder)!r}, trust_remote_code=True).eval()
+        backbone, info = AutoModel.from_pretrained(
+            {str(folder)!r}, trust_remote_code=True, output_loading_info=True
+        )
+        assert not info["missing_keys"], info["missing_keys"]
         assert type(backbone).__name__ == "BeitV2Model", type(backbone)
+        backbone.eval()
         with torch.no_grad():
-            hidden = backbone(pixel_values).last_hidden_state
-            expected = model.beit(pixel_values).last_hidden_state
-        print("BACKBONE_DIFF", (hidden - expected).abs().max().item())
+            output = backbone(pixel_values)
+            # the MIM model's final LayerNorm ends the backbone; the probe reads [CLS] (patch aggregation)
+            expected = model.layernorm(model.beit(pixel_values).last_hidden_state)
+        print("BACKBONE_DIFF", (output.last_hidden_state - expected).abs().max().item())
+        print("POOLER_DIFF", (output.pooler_output - expected[:, 0]).abs().max().item())
         """,
         cwd=tmp_path,
     )
     loss = float(result.stdout.split("LOSS")[1].split()[0])
     assert loss == pytest.approx(expected, rel=1e-6)
-    assert float(result.stdout.split("BACKBONE_DIFF")[1]) == 0.0
+    assert float(result.stdout.split("BACKBONE_DIFF")[1].split()[0]) == 0.0
+    assert float(result.stdout.split("POOLER_DIFF")[1]) == 0.0
+
+
+# ------------------------------------------------------------------ pooler, native feature extractor, meta init
+
+
+@pytest.mark.parametrize("use_patch_aggregation", [True, False])
+def test_pooler_output_is_the_linear_probe_representation(tiny_beitv2_kwargs, use_patch_aggregation):
+    """[CLS] after the final LayerNorm with patch aggregation, else the mean of the normalised patch tokens (the
+    protocol of examples/run_linear_probe.py), read from a backbone loaded as `AutoModel` loads it."""
+    config = BeitV2Config(**tiny_beitv2_kwargs, use_patch_aggregation=use_patch_aggregation)
+    mim = BeitV2ForMaskedImageModeling(config).eval()
+    randomize_all_parameters(mim)
+    backbone = BeitV2Model(config).eval()
+    missing, unexpected = backbone.load_state_dict(
+        {**{k.removeprefix("beit."): v for k, v in mim.state_dict().items() if k.startswith("beit.")},
+         **{f"layernorm.{k}": v for k, v in mim.layernorm.state_dict().items()}},
+        strict=False,
+    )  # fmt: skip
+    assert not missing and not unexpected
+    pixel_values, _, _ = make_batch(config)
+    with torch.no_grad():
+        output = backbone(pixel_values)
+        tokens = mim.layernorm(mim.beit(pixel_values).last_hidden_state)
+    torch.testing.assert_close(output.last_hidden_state, tokens, rtol=0, atol=0)
+    expected = tokens[:, 0] if use_patch_aggregation else tokens[:, 1:].mean(dim=1)
+    torch.testing.assert_close(output.pooler_output, expected, rtol=0, atol=0)
+
+
+def test_backbone_loaded_from_a_mim_checkpoint_has_the_final_layernorm(tmp_path, tiny_beitv2_kwargs):
+    mim = BeitV2ForMaskedImageModeling(BeitV2Config(**tiny_beitv2_kwargs)).eval()
+    randomize_all_parameters(mim)
+    mim.save_pretrained(tmp_path)
+    backbone, info = BeitV2Model.from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["missing_keys"]
+    torch.testing.assert_close(backbone.layernorm.weight, mim.layernorm.weight, rtol=0, atol=0)
+    # and back: a backbone checkpoint gives the MIM model its backbone and final LayerNorm
+    backbone.save_pretrained(tmp_path / "backbone")
+    reloaded, info = BeitV2ForMaskedImageModeling.from_pretrained(tmp_path / "backbone", output_loading_info=True)
+    assert not any(key.startswith(("beit.", "layernorm.")) for key in info["missing_keys"]), info["missing_keys"]
+    torch.testing.assert_close(reloaded.layernorm.bias, mim.layernorm.bias, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("source", ["mim", "backbone"])
+def test_native_feature_extractor_gives_our_features(tmp_path, tiny_beitv2_kwargs, source):
+    mim = BeitV2ForMaskedImageModeling(BeitV2Config(**tiny_beitv2_kwargs)).eval()
+    randomize_all_parameters(mim)
+    mim.save_pretrained(tmp_path / "mim")
+    ours = BeitV2Model.from_pretrained(tmp_path / "mim").eval()
+    native = convert_to_native_feature_extractor(mim if source == "mim" else ours)
+    native.save_pretrained(tmp_path / "native")
+    reloaded, info = BeitModel.from_pretrained(tmp_path / "native", output_loading_info=True)
+    assert reloaded.config.model_type == "beit" and not reloaded.config.use_mean_pooling
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    pixel_values, _, _ = make_batch(mim.config)
+    with torch.no_grad():
+        expected, actual = ours(pixel_values), reloaded.eval()(pixel_values)
+    torch.testing.assert_close(actual.last_hidden_state, expected.last_hidden_state, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(actual.pooler_output, expected.pooler_output, rtol=1e-5, atol=1e-5)
+
+
+def test_native_feature_extractor_warns_without_patch_aggregation(tiny_beitv2_kwargs):
+    mim = BeitV2ForMaskedImageModeling(BeitV2Config(**tiny_beitv2_kwargs, use_patch_aggregation=False)).eval()
+    with CaptureLogger(transformers.utils.logging.get_logger("modeling_beitv2.export_native")) as captured:
+        native = convert_to_native_feature_extractor(mim)
+    assert "without patch aggregation" in captured.out
+    pixel_values, _, _ = make_batch(mim.config)
+    with torch.no_grad():
+        tokens = mim.layernorm(mim.beit(pixel_values).last_hidden_state)
+        torch.testing.assert_close(native(pixel_values).last_hidden_state, tokens, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("model_class", [BeitV2Model, BeitV2ForMaskedImageModeling])
+def test_models_build_on_the_meta_device(tiny_beitv2_kwargs, model_class):
+    """How device_map, big-model loading and DeepSpeed ZeRO-3 build models."""
+    config = BeitV2Config(**tiny_beitv2_kwargs, drop_path_rate=0.1)
+    with torch.device("meta"):
+        model = model_class(config)
+    assert all(p.device.type == "meta" for p in model.parameters())
+    reference = model_class(config)
+    assert [m.drop_prob for m in model.modules() if hasattr(m, "drop_prob")] == [
+        m.drop_prob for m in reference.modules() if hasattr(m, "drop_prob")
+    ]
+
+
+@pytest.mark.parametrize("use_reentrant", [True, False])
+def test_gradient_checkpointing_with_the_shared_bias_gives_the_same_gradients(tiny_beitv2_kwargs, use_reentrant):
+    """Reentrant checkpointing used to fail on the shared relative position bias (a keyword input computed once
+    outside the checkpointed layers); the bias table must get the same gradient as without checkpointing."""
+    config = BeitV2Config(**tiny_beitv2_kwargs)
+    model = BeitV2ForMaskedImageModeling(config).train()
+    randomize_all_parameters(model)
+    pixel_values, bool_masked_pos, labels = make_batch(config)
+    model(pixel_values, bool_masked_pos, labels).loss.backward()
+    plain = {n: p.grad.clone() for n, p in model.named_parameters()}
+    assert plain["beit.shared_position_bias.relative_position_bias_table"].abs().sum() > 0
+    model.zero_grad()
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": use_reentrant})
+    model(pixel_values, bool_masked_pos, labels).loss.backward()
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(param.grad, plain[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_mim_outputs_backbone_hidden_states_and_attentions(tiny_beitv2_kwargs):
+    config = BeitV2Config(**tiny_beitv2_kwargs)
+    model = BeitV2ForMaskedImageModeling._from_config(config, attn_implementation="eager").eval()
+    randomize_all_parameters(model)
+    pixel_values, bool_masked_pos, labels = make_batch(config)
+    with torch.no_grad():
+        plain = model(pixel_values, bool_masked_pos, labels)
+        full = model(pixel_values, bool_masked_pos, labels, output_hidden_states=True, output_attentions=True)
+        selected = model(pixel_values, bool_masked_pos, labels, output_hidden_states=[0, -1])
+        expected = model.beit(pixel_values, bool_masked_pos, output_hidden_states=True).hidden_states
+    assert plain.hidden_states is None and plain.attentions is None
+    torch.testing.assert_close(full.loss, plain.loss, rtol=0, atol=0)
+    num_layers = config.num_hidden_layers  # the aggregation head's blocks are not included
+    assert len(full.hidden_states) == num_layers + 1 and len(full.attentions) == num_layers
+    for actual, reference in zip(full.hidden_states, expected):
+        torch.testing.assert_close(actual, reference, rtol=0, atol=0)
+    assert full.attentions[0].shape == (3, config.num_attention_heads, config.num_patches + 1, config.num_patches + 1)
+    assert selected.hidden_states[1:-1] == (None,) * (num_layers - 1)
+    torch.testing.assert_close(selected.hidden_states[-1], expected[-1], rtol=0, atol=0)
+    model.config.output_hidden_states = True
+    with torch.no_grad():
+        assert len(model(pixel_values, bool_masked_pos, labels).hidden_states) == num_layers + 1
