@@ -22,7 +22,7 @@ from .attention import (
 from .configuration_beitv2 import BEITV2_PRESETS, BeitV2Config
 from .configuration_dvae import DVAEConfig
 from .configuration_pixel_decoder import VQKDPixelDecoderConfig
-from .configuration_vqkd import VQKD_PRESETS, VQKDConfig
+from .configuration_vqkd import VQKD_PRESETS, VQKDConfig, VQKDDecoderConfig, VQKDEncoderConfig
 from .export_native import convert_mim_to_native_beit, convert_to_native_feature_extractor
 from .export_required import BeitV2NeedsNativeExport
 from .modeling_beitv2 import (
@@ -55,6 +55,9 @@ for _config_class, _model_class in (
     AutoModel.register(_config_class, _model_class, exist_ok=True)
     _config_class.register_for_auto_class()
     _model_class.register_for_auto_class("AutoModel")
+# The tokenizer's sub-configs, so that `AutoConfig` resolves their model types too.
+for _config_class in (VQKDEncoderConfig, VQKDDecoderConfig):
+    AutoConfig.register(_config_class.model_type, _config_class, exist_ok=True)
 
 __all__ = [
     "BEITV2_PRESETS",
@@ -67,6 +70,8 @@ __all__ = [
     "QuantizerOutput",
     "TeacherForPatchTargets",
     "VQKDConfig",
+    "VQKDDecoderConfig",
+    "VQKDEncoderConfig",
     "VQKDModel",
     "VQKDOutput",
     "VQKDPixelDecoder",

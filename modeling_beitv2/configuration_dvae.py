@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 from huggingface_hub.dataclasses import strict
@@ -16,8 +15,7 @@ class DVAEConfig(PreTrainedConfig):
     8192 codes, 112 px images (BEiT's tokenizer view) -> a 14x14 grid of codes.
 
     Args:
-        codebook_size (`int`, defaults to 8192): number of codes (visual tokens). Configs saved before the rename
-            spell it `vocab_size`; they still load, with a `FutureWarning`.
+        codebook_size (`int`, defaults to 8192): number of codes (visual tokens).
         hidden_size (`int`, defaults to 256): `n_hid` of DALL-E; the groups are 1, 2, 4 and 8 times as wide.
         num_blocks_per_group (`int`, defaults to 2): residual blocks in each of the 4 groups.
         num_channels (`int`, defaults to 3): image channels.
@@ -27,8 +25,6 @@ class DVAEConfig(PreTrainedConfig):
     """
 
     model_type = "beit_dvae"
-    # Earlier argument names -> current ones; the earlier names still load, with a FutureWarning.
-    renamed_arguments = {"vocab_size": "codebook_size"}
 
     codebook_size: int = 8192
     hidden_size: int = 256
@@ -39,13 +35,6 @@ class DVAEConfig(PreTrainedConfig):
     logit_laplace_eps: float = 0.1
 
     def __post_init__(self, **kwargs: Any) -> None:
-        # config.json files saved before a rename still hold the earlier name.
-        for old, new in self.renamed_arguments.items():
-            if old in kwargs:
-                warnings.warn(
-                    f"DVAEConfig's `{old}` is renamed `{new}`; `{old}` will be removed.", FutureWarning, stacklevel=3
-                )
-                setattr(self, new, kwargs.pop(old))
         if self.image_size % 8:
             raise ValueError(f"image_size must be a multiple of 8 (three 2x poolings), got {self.image_size}.")
         if self.hidden_size % 4:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 from huggingface_hub.dataclasses import strict
@@ -67,6 +66,27 @@ def vqkd_decoder_config(
 
 
 @strict
+class VQKDEncoderConfig(BeitConfig):
+    r"""
+    The encoder ViT of [`VQKDConfig`] (`encoder_config`): a `BeitConfig` with a `model_type` of its own. A VQ-KD
+    folder then holds no `beit` config, so `BeitConfig.from_pretrained(<VQ-KD folder>)` warns of the mismatched
+    model type as transformers does for any other model, instead of silently returning one of the two ViTs; and
+    `VQKDEncoderConfig.from_pretrained(<VQ-KD folder>)` reads the encoder (`base_config_key`).
+    """
+
+    model_type = "beitv2_vqkd_encoder"
+    base_config_key = "encoder_config"
+
+
+@strict
+class VQKDDecoderConfig(BeitConfig):
+    r"""The decoder ViT of [`VQKDConfig`] (`decoder_config`); see [`VQKDEncoderConfig`]."""
+
+    model_type = "beitv2_vqkd_decoder"
+    base_config_key = "decoder_config"
+
+
+@strict
 class VQKDConfig(PreTrainedConfig):
     r"""
     Configuration of [`VQKDModel`], the vector-quantized knowledge-distillation tokenizer of BEiT v2.
@@ -78,15 +98,14 @@ class VQKDConfig(PreTrainedConfig):
 
     Args:
         encoder_config (`dict` or `BeitConfig`, *optional*):
-            The encoder ViT. Defaults to ViT-B/16 at 224 px with absolute position embeddings, no layer scale,
-            LayerNorm eps 1e-6 and a final LayerNorm on every token ([`vqkd_encoder_config`]); the keys of a dict
-            override these defaults, a `BeitConfig` is taken as is.
+            The encoder ViT ([`VQKDEncoderConfig`]). Defaults to ViT-B/16 at 224 px with absolute position
+            embeddings, no layer scale, LayerNorm eps 1e-6 and a final LayerNorm on every token
+            ([`vqkd_encoder_config`]); the keys of a dict override these defaults, a `BeitConfig` is taken as is.
         decoder_config (`dict` or `BeitConfig`, *optional*):
             The decoder ViT. Defaults to 3 base-width layers with patch size 1 over the encoder's grid of codes
             (`num_channels == code_dim`) and the encoder's defaults otherwise ([`vqkd_decoder_config`]); the keys
             of a dict override these defaults.
-        codebook_size (`int`, defaults to 8192): number of codes (visual tokens). Configs saved before the rename
-            spell it `num_codes`; they still load, with a `FutureWarning`.
+        codebook_size (`int`, defaults to 8192): number of codes (visual tokens).
         code_dim (`int`, defaults to 32): dimension of the codes.
         decay (`float`, defaults to 0.99): EMA decay of the codebook.
         beta (`float`, defaults to 1.0): weight of the commitment loss.
@@ -105,9 +124,7 @@ class VQKDConfig(PreTrainedConfig):
     ```"""
 
     model_type = "beitv2_vqkd"
-    # Earlier argument names -> current ones; the earlier names still load, with a FutureWarning.
-    renamed_arguments = {"num_codes": "codebook_size"}
-    sub_configs_defaults = {"encoder_config": BeitConfig, "decoder_config": BeitConfig}
+    sub_configs_defaults = {"encoder_config": VQKDEncoderConfig, "decoder_config": VQKDDecoderConfig}
 
     encoder_config: dict | BeitConfig | None = None
     decoder_config: dict | BeitConfig | None = None
@@ -121,13 +138,6 @@ class VQKDConfig(PreTrainedConfig):
     initializer_range: float = 0.02
 
     def __post_init__(self, **kwargs: Any) -> None:
-        # config.json files saved before a rename still hold the earlier name.
-        for old, new in self.renamed_arguments.items():
-            if old in kwargs:
-                warnings.warn(
-                    f"VQKDConfig's `{old}` is renamed `{new}`; `{old}` will be removed.", FutureWarning, stacklevel=3
-                )
-                setattr(self, new, kwargs.pop(old))
         # Missing or partial sub-configs are completed with the tokenizer's defaults here: `BeitConfig` would fill
         # in its own (no position embeddings, no final LayerNorm, layer scale, eps 1e-12), silently another model.
         # A saved config lists every key, so reloading one is unaffected. Checks are here rather than in
@@ -139,6 +149,11 @@ class VQKDConfig(PreTrainedConfig):
             grid = _get(encoder, "image_size") // _get(encoder, "patch_size")
             defaults = vqkd_decoder_config(grid_size=grid, code_dim=self.code_dim)
             self.decoder_config = {**defaults, **(self.decoder_config or {})}
+        # A plain `BeitConfig` becomes the sub-config class, so that the saved folder names no `beit` config.
+        for key, config_class in (("encoder_config", VQKDEncoderConfig), ("decoder_config", VQKDDecoderConfig)):
+            value = getattr(self, key)
+            if isinstance(value, BeitConfig) and not isinstance(value, config_class):
+                setattr(self, key, config_class(**_without_model_type(value.to_dict())))
         if not 0.0 <= self.decay < 1.0:
             raise ValueError(f"decay must lie in [0, 1), got {self.decay}.")
         if self.dead_code_threshold < 0:
@@ -197,6 +212,10 @@ class VQKDConfig(PreTrainedConfig):
             preset["size"], num_layers=preset["decoder_layers"], grid_size=image_size // patch_size, code_dim=code_dim
         )
         return cls(**{"encoder_config": encoder, "decoder_config": decoder, **overrides})
+
+
+def _without_model_type(config_dict: dict) -> dict:
+    return {key: value for key, value in config_dict.items() if key not in ("model_type", "transformers_version")}
 
 
 def _get(config: dict | BeitConfig, key: str) -> Any:

@@ -15,11 +15,16 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
-from transformers.utils import ModelOutput
+from transformers.utils import ModelOutput, can_return_tuple
 
 from .configuration_dvae import DVAEConfig
 
 _GROUP_COUNT = 4
+
+NON_FINITE_PIXELS_MESSAGE = (
+    "get_codebook_indices: pixel_values contain NaN or infinity (every code would silently be 0); check the images "
+    "and the image processor."
+)
 
 
 @dataclass
@@ -31,11 +36,16 @@ class DVAEOutput(ModelOutput):
         logits (`torch.FloatTensor` of shape `(batch_size, codebook_size, rows, cols)`): encoder logits over the codes.
         codebook_indices (`torch.LongTensor` of shape `(batch_size, rows * cols)`): argmax codes.
         reconstruction (`torch.FloatTensor` of shape `(batch_size, 3, height, width)`): decoded pixels in [0, 1].
+        hidden_states (`tuple(torch.FloatTensor)`, *optional*, returned with `output_hidden_states`):
+            The encoder's feature maps: the input convolution's output `(batch_size, hidden_size, H, W)`, then each
+            of the 4 groups' output (`(batch_size, 8 * hidden_size, H / 8, W / 8)` for the last), as transformers'
+            convolutional models (ResNet) return them.
     """
 
     logits: torch.FloatTensor | None = None
     codebook_indices: torch.LongTensor | None = None
     reconstruction: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
 
 
 class DVAEConv2d(nn.Conv2d):
@@ -99,8 +109,17 @@ class DVAEEncoder(nn.Module):
         )
         self.blocks = nn.Sequential(OrderedDict(groups))
 
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.blocks(pixel_values)
+    def forward(
+        self, pixel_values: torch.Tensor, output_hidden_states: bool = False
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
+        """Returns the logits and, with `output_hidden_states`, the input convolution's and each group's output."""
+        hidden_states = pixel_values
+        all_hidden_states = []
+        for name, block in self.blocks.named_children():
+            hidden_states = block(hidden_states)
+            if output_hidden_states and name != "output":
+                all_hidden_states.append(hidden_states)
+        return hidden_states, tuple(all_hidden_states) if output_hidden_states else None
 
 
 class DVAEDecoder(nn.Module):
@@ -177,6 +196,10 @@ class DVAEModel(DVAEPreTrainedModel):
         self.decoder = DVAEDecoder(config)
         self.post_init()
 
+    def get_input_embeddings(self) -> nn.Module:
+        """The encoder's input convolution (a convolutional model has no token embedding table)."""
+        return self.encoder.blocks.input
+
     @property
     def codebook_size(self) -> int:
         """Number of visual tokens (codebook entries)."""
@@ -202,18 +225,29 @@ class DVAEModel(DVAEPreTrainedModel):
         eps = self.config.logit_laplace_eps
         return ((pixels - eps) / (1 - 2 * eps)).clamp(0, 1)
 
-    def encode(self, pixel_values: torch.Tensor) -> torch.FloatTensor:
-        """[0, 1] pixels `(batch, 3, H, W)` -> code logits `(batch, codebook_size, H / 8, W / 8)`."""
+    def _encode(
+        self, pixel_values: torch.Tensor, output_hidden_states: bool = False
+    ) -> tuple[torch.FloatTensor, tuple[torch.FloatTensor, ...] | None]:
         if pixel_values.ndim != 4 or pixel_values.shape[1] != self.config.num_channels:
             raise ValueError(
                 f"Expected pixel_values of shape (batch, {self.config.num_channels}, height, width), "
                 f"got {tuple(pixel_values.shape)}."
             )
-        return self.encoder(self.map_pixels(pixel_values))
+        return self.encoder(self.map_pixels(pixel_values), output_hidden_states=output_hidden_states)
+
+    def encode(self, pixel_values: torch.Tensor) -> torch.FloatTensor:
+        """[0, 1] pixels `(batch, 3, H, W)` -> code logits `(batch, codebook_size, H / 8, W / 8)`."""
+        return self._encode(pixel_values)[0]
 
     @torch.no_grad()
     def get_codebook_indices(self, pixel_values: torch.Tensor) -> torch.LongTensor:
-        """[0, 1] pixels `(batch, 3, H, W)` -> argmax codes `(batch, (H / 8) * (W / 8))`, int64."""
+        """[0, 1] pixels `(batch, 3, H, W)` -> argmax codes `(batch, (H / 8) * (W / 8))`, int64.
+
+        Raises:
+            RuntimeError: `pixel_values` holds NaN or infinity (whose codes would otherwise silently be 0). Checked on
+                the device without waiting for it: at once on CPU, at the next synchronisation on GPU.
+        """
+        torch._assert_async(torch.isfinite(pixel_values).all(), NON_FINITE_PIXELS_MESSAGE)
         return self.encode(pixel_values).argmax(dim=1).flatten(1)
 
     def decode(self, indices: torch.LongTensor) -> torch.FloatTensor:
@@ -229,14 +263,23 @@ class DVAEModel(DVAEPreTrainedModel):
         statistics = self.decoder(one_hot.permute(0, 3, 1, 2).to(self.decoder.blocks.input.weight.dtype))
         return self.unmap_pixels(torch.sigmoid(statistics[:, : self.config.num_channels]))
 
-    def forward(self, pixel_values: torch.Tensor) -> DVAEOutput:
+    @can_return_tuple
+    def forward(self, pixel_values: torch.Tensor, output_hidden_states: bool | None = None) -> DVAEOutput:
         """
         Args:
             pixel_values (`torch.FloatTensor` of shape `(batch_size, 3, height, width)`): images in [0, 1].
+            output_hidden_states (`bool`, *optional*, defaults to `config.output_hidden_states`):
+                Return the encoder's feature maps.
+            return_dict (`bool`, *optional*, defaults to `config.return_dict`):
+                Return a [`DVAEOutput`] rather than a tuple.
         """
-        logits = self.encode(pixel_values)
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
+        logits, hidden_states = self._encode(pixel_values, output_hidden_states=bool(output_hidden_states))
         indices = logits.argmax(dim=1).flatten(1)
-        return DVAEOutput(logits=logits, codebook_indices=indices, reconstruction=self.decode(indices))
+        return DVAEOutput(
+            logits=logits, codebook_indices=indices, reconstruction=self.decode(indices), hidden_states=hidden_states
+        )
 
 
 __all__ = ["DVAEModel", "DVAEOutput", "DVAEPreTrainedModel"]

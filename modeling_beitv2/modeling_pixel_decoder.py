@@ -20,7 +20,11 @@ from torch import nn
 from torch.nn import functional as F
 from transformers import PreTrainedModel
 from transformers import initialization as init
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.beit.modeling_beit import eager_attention_forward
 from transformers.utils import ModelOutput
+from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_pixel_decoder import VQKDPixelDecoderConfig
 
@@ -39,10 +43,21 @@ class VQKDPixelDecoderOutput(ModelOutput):
             are given.
         reconstruction (`torch.FloatTensor` of shape `(batch_size, num_channels, image_size, image_size)`):
             The painted images, clamped to [0, 1] (what [`VQKDPixelDecoder.decode`] returns).
+        hidden_states (`tuple(torch.FloatTensor)`, *optional*, returned with `output_hidden_states`):
+            The token embeddings, then each block's output, each `(batch_size, num_patches, hidden_size)`.
+        attentions (`tuple(torch.FloatTensor)`, *optional*, returned with `output_attentions=True`):
+            Each block's attention weights `(batch_size, num_heads, num_patches, num_patches)` (eager attention).
     """
 
     loss: torch.FloatTensor | None = None
     reconstruction: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+
+
+def random_unit_codes(like: torch.Tensor) -> torch.Tensor:
+    """Random l2-normalised rows of `like`'s shape: the codebook of a decoder built without a tokenizer."""
+    return F.normalize(torch.randn_like(like), dim=-1)
 
 
 class VQKDPixelDecoderEmbeddings(nn.Module):
@@ -51,8 +66,9 @@ class VQKDPixelDecoderEmbeddings(nn.Module):
 
     def __init__(self, config: VQKDPixelDecoderConfig) -> None:
         super().__init__()
-        # A buffer, not a parameter: the optimizer never sees it and it is saved with the decoder.
-        self.register_buffer("codebook", torch.empty(config.codebook_size, config.code_dim))
+        # A buffer, not a parameter: the optimizer never sees it and it is saved with the decoder. Drawn here as in
+        # `_init_weights`, so that a decoder built without the init pass holds unit codes, not uninitialised memory.
+        self.register_buffer("codebook", random_unit_codes(torch.empty(config.codebook_size, config.code_dim)))
         self.projection = nn.Linear(config.code_dim, config.hidden_size)
         self.position_embeddings = nn.Parameter(torch.empty(1, config.num_patches, config.hidden_size))
 
@@ -62,20 +78,29 @@ class VQKDPixelDecoderEmbeddings(nn.Module):
 
 
 class VQKDPixelDecoderAttention(nn.Module):
-    """Multi-head self-attention over the code grid (PyTorch's fused `scaled_dot_product_attention`)."""
+    """Multi-head self-attention over the code grid, through transformers' attention interface: `"sdpa"` (PyTorch's
+    fused `scaled_dot_product_attention`, the default) or `"eager"` (which also returns the attention weights)."""
 
     def __init__(self, config: VQKDPixelDecoderConfig) -> None:
         super().__init__()
+        self.config = config
         self.num_heads = config.num_attention_heads
+        self.is_causal = False
         self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size)
         self.o_proj = nn.Linear(config.hidden_size, config.hidden_size)
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`(batch, length, hidden_size)` -> the attended tokens (same shape) and the attention weights
+        `(batch, heads, length, length)` (eager attention) or `None`."""
         batch_size, length, width = hidden_states.shape
         qkv = self.qkv(hidden_states).view(batch_size, length, 3, self.num_heads, width // self.num_heads)
         query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (batch, heads, length, head_dim)
-        attended = F.scaled_dot_product_attention(query, key, value)
-        return self.o_proj(attended.transpose(1, 2).reshape(batch_size, length, width))
+        attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        # `scaling=None`: the default `head_dim ** -0.5` of both implementations.
+        attended, weights = attention_interface(self, query, key, value, None, scaling=None, dropout=0.0, **kwargs)
+        return self.o_proj(attended.reshape(batch_size, length, width)), weights
 
 
 class VQKDPixelDecoderMLP(nn.Module):
@@ -88,7 +113,7 @@ class VQKDPixelDecoderMLP(nn.Module):
         return self.fc2(F.gelu(self.fc1(hidden_states)))
 
 
-class VQKDPixelDecoderLayer(nn.Module):
+class VQKDPixelDecoderLayer(GradientCheckpointingLayer):
     """A pre-norm Transformer block: `x + attention(norm(x))`, then `x + mlp(norm(x))`."""
 
     def __init__(self, config: VQKDPixelDecoderConfig) -> None:
@@ -98,8 +123,8 @@ class VQKDPixelDecoderLayer(nn.Module):
         self.layernorm_after = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.mlp = VQKDPixelDecoderMLP(config)
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        hidden_states = hidden_states + self.attention(self.layernorm_before(hidden_states))
+    def forward(self, hidden_states: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        hidden_states = hidden_states + self.attention(self.layernorm_before(hidden_states), **kwargs)[0]
         return hidden_states + self.mlp(self.layernorm_after(hidden_states))
 
 
@@ -131,6 +156,9 @@ class VQKDPixelDecoderPreTrainedModel(PreTrainedModel):
     main_input_name = "input_ids"
     input_modalities = ("image",)
     _no_split_modules = ["VQKDPixelDecoderLayer"]
+    _supports_sdpa = True
+    supports_gradient_checkpointing = True
+    _can_record_outputs = {"hidden_states": VQKDPixelDecoderLayer, "attentions": VQKDPixelDecoderAttention}
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -147,7 +175,7 @@ class VQKDPixelDecoderPreTrainedModel(PreTrainedModel):
             init.zeros_(module.bias)
         elif isinstance(module, VQKDPixelDecoderEmbeddings):
             # Random unit codes keep a decoder built without a tokenizer usable; `from_tokenizer` overwrites them.
-            init.copy_(module.codebook, F.normalize(torch.randn_like(module.codebook), dim=-1))
+            init.copy_(module.codebook, random_unit_codes(module.codebook))
             init.trunc_normal_(module.position_embeddings, std=std, a=-2 * std, b=2 * std)
         elif isinstance(module, nn.Conv2d):
             # Handled per convolution: transformers skips `_init_weights` on custom-code modules that own no
@@ -252,6 +280,10 @@ class VQKDPixelDecoder(VQKDPixelDecoderPreTrainedModel):
         """Number of codes the decoder reads."""
         return self.config.codebook_size
 
+    def get_input_embeddings(self) -> nn.Module:
+        """The code embedding: codebook lookup, projection and position embeddings (codes, not text tokens)."""
+        return self.embeddings
+
     @property
     def image_size(self) -> int:
         """Side of the square images the decoder paints (the tokenizer's input size)."""
@@ -274,6 +306,8 @@ class VQKDPixelDecoder(VQKDPixelDecoderPreTrainedModel):
                 f"indices of shape {tuple(indices.shape)} do not match the tokenizer's {rows}x{cols} grid of codes: "
                 f"expected (batch, {rows}, {cols}) or (batch, {rows * cols})."
             )
+        if indices.numel() == 0:
+            return indices.reshape(0, rows * cols).long()  # an empty batch: no id to check
         # One host sync: an out-of-range id would otherwise index the codebook out of bounds (a device-side assert
         # on GPUs, which poisons the CUDA context) instead of raising.
         low, high = torch.stack(torch.aminmax(indices)).tolist()
@@ -284,13 +318,16 @@ class VQKDPixelDecoder(VQKDPixelDecoderPreTrainedModel):
             )
         return indices.reshape(indices.shape[0], rows * cols).long()
 
-    def _paint(self, indices: torch.LongTensor) -> torch.Tensor:
+    def _paint(self, indices: torch.LongTensor, **kwargs: Any) -> torch.Tensor:
         """Checked codes `(batch, num_patches)` -> unclamped pixels `(batch, num_channels, image_size, image_size)`."""
+        (rows, cols), patch, channels = self.patch_grid, self.config.patch_size, self.config.num_channels
+        if indices.shape[0] == 0:
+            # An empty batch paints an empty batch (transformers' attention functions cannot reshape zero images).
+            return self.head.weight.new_zeros(0, channels, rows * patch, cols * patch)
         hidden_states = self.embeddings(indices)
         for layer in self.layers:
-            hidden_states = layer(hidden_states)
+            hidden_states = layer(hidden_states, **kwargs)
         patches = self.head(self.layernorm(hidden_states))  # (batch, rows * cols, patch * patch * channels)
-        (rows, cols), patch, channels = self.patch_grid, self.config.patch_size, self.config.num_channels
         pixels = patches.view(-1, rows, cols, patch, patch, channels).permute(0, 5, 1, 3, 2, 4)
         pixels = pixels.reshape(-1, channels, rows * patch, cols * patch)
         return pixels if self.refiner is None else self.refiner(pixels)
@@ -304,15 +341,17 @@ class VQKDPixelDecoder(VQKDPixelDecoderPreTrainedModel):
                 code ids in `[0, codebook_size)`, e.g. from `VQKDModel.get_codebook_indices`.
 
         Returns:
-            `torch.FloatTensor` of shape `(batch_size, num_channels, image_size, image_size)` in [0, 1].
+            `torch.FloatTensor` of shape `(batch_size, num_channels, image_size, image_size)` in [0, 1] (empty for an
+            empty batch).
 
         Raises:
             ValueError: a grid that is not the tokenizer's `patch_grid`, or ids outside `[0, codebook_size)`.
         """
         return self._paint(self._flat_indices(indices)).clamp(0, 1)
 
+    @capture_outputs
     def forward(
-        self, input_ids: torch.LongTensor, pixel_values: torch.FloatTensor | None = None
+        self, input_ids: torch.LongTensor, pixel_values: torch.FloatTensor | None = None, **kwargs: Any
     ) -> VQKDPixelDecoderOutput:
         r"""
         Args:
@@ -321,9 +360,17 @@ class VQKDPixelDecoder(VQKDPixelDecoderPreTrainedModel):
             pixel_values (`torch.FloatTensor` of shape `(batch_size, num_channels, image_size, image_size)`,
                 *optional*): The [0, 1] images the codes were computed from (the tokenizer's view); with them the
                 pixel loss is computed.
+            output_hidden_states (`bool` or `list[int]`, *optional*, defaults to `config.output_hidden_states`):
+                Return the token embeddings and each block's output (all of them, or those at the given indices).
+            output_attentions (`bool`, *optional*, defaults to `config.output_attentions`):
+                Return each block's attention weights (eager attention).
+            return_dict (`bool`, *optional*, defaults to `config.return_dict`):
+                Return a [`VQKDPixelDecoderOutput`] rather than a tuple.
         """
+        for flag in ("output_hidden_states", "output_attentions"):
+            kwargs.pop(flag, None)  # recorded by transformers' output capturing
         indices = self._flat_indices(input_ids)
-        prediction = self._paint(indices)
+        prediction = self._paint(indices, **kwargs)
         loss = None
         if pixel_values is not None:
             if pixel_values.shape != prediction.shape:

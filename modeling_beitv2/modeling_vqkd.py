@@ -34,8 +34,9 @@ import torch
 from torch import nn
 from transformers import BeitConfig, BeitModel, PreTrainedModel
 from transformers import initialization as init
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.beit.modeling_beit import BeitEmbeddings
-from transformers.utils import ModelOutput
+from transformers.utils import ModelOutput, can_return_tuple
 
 from .configuration_vqkd import VQKDConfig
 from .initialization import init_vit_module_, mark_residual_branches
@@ -64,6 +65,13 @@ class VQKDOutput(ModelOutput):
             Fraction of the codebook chosen at least once in this step's batch (all ranks).
         num_dead_codes (`torch.LongTensor` of shape `()`):
             See [`QuantizerOutput`].
+        hidden_states (`tuple(torch.FloatTensor)`, *optional*, returned with `output_hidden_states`):
+            The encoder's hidden states, each `(batch_size, 1 + num_patches, encoder_hidden_size)`: the embeddings,
+            then each block's output (the last one before the final LayerNorm).
+        attentions (`tuple(torch.FloatTensor)`, *optional*, returned with `output_attentions=True`):
+            The encoder's attention weights, each `(batch_size, num_heads, 1 + num_patches, 1 + num_patches)` (eager
+            attention only). The decoder's are not returned: it reads quantized codes, so it is not part of what
+            the tokenizer computes from an image.
     """
 
     loss: torch.FloatTensor | None = None
@@ -74,7 +82,14 @@ class VQKDOutput(ModelOutput):
     perplexity: torch.FloatTensor | None = None
     codebook_usage: torch.FloatTensor | None = None
     num_dead_codes: torch.LongTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
 
+
+NON_FINITE_PIXELS_MESSAGE = (
+    "get_codebook_indices: pixel_values contain NaN or infinity (every code would silently be 0); check the images "
+    "and the image processor."
+)
 
 # The tokenizer's ViTs use timm's `trunc_normal_(std=0.02)` with its default absolute cut-off of +-2 (unlike the
 # MIM model's +-1 std): in practice a plain normal.
@@ -123,7 +138,8 @@ class VQKDViT(BeitModel):
 
     def patch_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """`(batch, channels, height, width)` -> LayerNorm'ed patch tokens `(batch, num_patches, hidden_size)`."""
-        return self(pixel_values).last_hidden_state[:, 1:]
+        # Explicit flags: a config asking for hidden states or attentions must not make every call record them.
+        return self(pixel_values, output_hidden_states=False, output_attentions=False).last_hidden_state[:, 1:]
 
 
 class VQKDPreTrainedModel(PreTrainedModel):
@@ -135,8 +151,10 @@ class VQKDPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["BeitLayer"]
     _supports_sdpa = True
 
-    # The reference runs the encode task layer and the quantizer in fp32 even when the rest is half precision.
-    _keep_in_fp32_modules_strict = ["encode_task_layer", "quantizer"]
+    # The reference runs the encode task layer and the quantizer in fp32 even when the rest is half precision. The
+    # quantizer's float buffers are named (not the module): `initted` is a bool, which a module-wide entry would
+    # load as a float.
+    _keep_in_fp32_modules_strict = ["encode_task_layer", "quantizer.codebook", "quantizer.cluster_size"]
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -172,8 +190,13 @@ class VQKDModel(VQKDPreTrainedModel):
         super().__init__(config)
         encoder_width, decoder_width = config.encoder_config.hidden_size, config.decoder_config.hidden_size
         self.encoder = VQKDViT(config.encoder_config)
+        # Built in fp32 whatever the default dtype (`_from_config(config, dtype=torch.float16)` builds under an fp16
+        # default): `_keep_in_fp32_modules_strict` only acts when weights are loaded.
+        fp32 = torch.float32
         self.encode_task_layer = nn.Sequential(
-            nn.Linear(encoder_width, encoder_width), nn.Tanh(), nn.Linear(encoder_width, config.code_dim)
+            nn.Linear(encoder_width, encoder_width, dtype=fp32),
+            nn.Tanh(),
+            nn.Linear(encoder_width, config.code_dim, dtype=fp32),
         )
         self.quantizer = NormEMAVectorQuantizer(
             codebook_size=config.codebook_size,
@@ -182,6 +205,7 @@ class VQKDModel(VQKDPreTrainedModel):
             beta=config.beta,
             kmeans_init=config.kmeans_init,
             dead_code_threshold=config.dead_code_threshold,
+            dtype=fp32,
         )
         self.decoder = VQKDViT(config.decoder_config)
         self.decode_task_layer = nn.Sequential(
@@ -194,6 +218,10 @@ class VQKDModel(VQKDPreTrainedModel):
         """Number of visual tokens (codebook entries)."""
         return self.config.codebook_size
 
+    def get_input_embeddings(self) -> nn.Module:
+        """The encoder's patch embedding (a convolution: an image model has no token embedding table)."""
+        return self.encoder.embeddings.patch_embeddings
+
     @property
     def image_size(self) -> int:
         """Side of the square images the encoder reads."""
@@ -204,16 +232,30 @@ class VQKDModel(VQKDPreTrainedModel):
         """(rows, columns) of the code grid of one image."""
         return self.config.patch_grid
 
-    def _features_to_code_space(self, pixel_values: torch.Tensor) -> torch.Tensor:
+    def _encode_to_code_space(
+        self,
+        pixel_values: torch.Tensor,
+        output_hidden_states: bool | list[int] = False,
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, BaseModelOutputWithPooling]:
+        """Images -> the encode task layer's output `(batch, num_patches, code_dim)`, with the encoder's output."""
         # Pixels follow the encoder's dtype (a tokenizer loaded in bf16 keeps only the task layer and the quantizer
         # in fp32); under autocast the encoder's matmuls and attention run in half precision either way. The
         # [0, 1] -> [-1, 1] mapping (the reference's `pre_process`) runs in the input's dtype before that cast, so a
         # half-precision encoder rounds the mapped pixels once, not the raw and then the mapped ones.
         encoder_dtype = self.encoder.embeddings.patch_embeddings.projection.weight.dtype
-        features = self.encoder.patch_features((pixel_values * 2 - 1).to(encoder_dtype))
+        encoder_output = self.encoder(
+            (pixel_values * 2 - 1).to(encoder_dtype),
+            output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
+        )
+        features = encoder_output.last_hidden_state[:, 1:]
         # The reference runs the task layer in fp32 with autocast off, so codes never see half precision.
         with torch.autocast(device_type=features.device.type, enabled=False):
-            return self.encode_task_layer(features.to(self.encode_task_layer[-1].weight.dtype))
+            return self.encode_task_layer(features.to(self.encode_task_layer[-1].weight.dtype)), encoder_output
+
+    def _features_to_code_space(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self._encode_to_code_space(pixel_values)[0]
 
     def encode(self, pixel_values: torch.Tensor) -> QuantizerOutput:
         """
@@ -231,7 +273,12 @@ class VQKDModel(VQKDPreTrainedModel):
         """
         Visual tokens of `pixel_values` (`(batch_size, 3, height, width)`, in [0, 1]) as a `(batch_size, num_patches)`
         int64 tensor. Touches no statistic of the quantizer, whatever the mode.
+
+        Raises:
+            RuntimeError: `pixel_values` holds NaN or infinity (whose every code would otherwise silently be 0).
+                Checked on the device without waiting for it: at once on CPU, at the next synchronisation on GPU.
         """
+        torch._assert_async(torch.isfinite(pixel_values).all(), NON_FINITE_PIXELS_MESSAGE)
         return self.quantizer.lookup(self._features_to_code_space(pixel_values))
 
     def decode(
@@ -242,7 +289,7 @@ class VQKDModel(VQKDPreTrainedModel):
         `(batch_size, num_patches, code_dim)`.
 
         Returns:
-            `torch.FloatTensor` of shape `(batch_size, num_patches, teacher_dim)`.
+            `torch.FloatTensor` of shape `(batch_size, num_patches, teacher_dim)` (empty for an empty batch).
         """
         if (indices is None) == (quantized is None):
             raise ValueError("Pass exactly one of `indices` or `quantized` to decode.")
@@ -252,11 +299,21 @@ class VQKDModel(VQKDPreTrainedModel):
         rows, cols = self.config.patch_grid
         if num_patches != rows * cols:
             raise ValueError(f"Expected {rows * cols} codes per image (grid {rows}x{cols}), got {num_patches}.")
-        code_grid = quantized.transpose(1, 2).reshape(batch_size, code_dim, rows, cols)
         decoder_dtype = self.decoder.embeddings.patch_embeddings.projection.weight.dtype
+        if batch_size == 0:
+            # An empty batch decodes to an empty batch (BEiT's attention cannot reshape zero images).
+            return quantized.new_zeros(0, num_patches, self.config.teacher_dim, dtype=decoder_dtype)
+        code_grid = quantized.transpose(1, 2).reshape(batch_size, code_dim, rows, cols)
         return self.decode_task_layer(self.decoder.patch_features(code_grid.to(decoder_dtype)))
 
-    def forward(self, pixel_values: torch.Tensor, teacher_features: torch.Tensor | None = None) -> VQKDOutput:
+    @can_return_tuple
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        teacher_features: torch.Tensor | None = None,
+        output_hidden_states: bool | list[int] | None = None,
+        output_attentions: bool | None = None,
+    ) -> VQKDOutput:
         r"""
         Args:
             pixel_values (`torch.FloatTensor` of shape `(batch_size, 3, height, width)`):
@@ -264,8 +321,20 @@ class VQKDModel(VQKDPreTrainedModel):
             teacher_features (`torch.FloatTensor` of shape `(batch_size, num_patches, teacher_dim)`, *optional*):
                 Teacher patch targets of the same images (see `modeling_beitv2.teachers.TeacherForPatchTargets`).
                 Without them only the quantization loss is computed and `loss` is `None`.
+            output_hidden_states (`bool` or `list[int]`, *optional*, defaults to `config.output_hidden_states`):
+                Return the encoder's hidden states (all of them, or those at the given indices).
+            output_attentions (`bool`, *optional*, defaults to `config.output_attentions`):
+                Return the encoder's attention weights (eager attention).
+            return_dict (`bool`, *optional*, defaults to `config.return_dict`):
+                Return a [`VQKDOutput`] rather than a tuple.
         """
-        quantizer_output = self.encode(pixel_values)
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
+        if output_attentions is None:
+            output_attentions = self.config.output_attentions
+        # The encoder records its own hidden states and attentions (transformers' output capturing of its forward).
+        code_space, encoder_output = self._encode_to_code_space(pixel_values, output_hidden_states, output_attentions)
+        quantizer_output = self.quantizer(code_space)
         reconstruction = self.decode(quantized=quantizer_output.quantized)
         reconstruction_loss = loss = None
         if teacher_features is not None:
@@ -286,6 +355,8 @@ class VQKDModel(VQKDPreTrainedModel):
             perplexity=quantizer_output.perplexity,
             codebook_usage=quantizer_output.codebook_usage,
             num_dead_codes=quantizer_output.num_dead_codes,
+            hidden_states=encoder_output.hidden_states,
+            attentions=encoder_output.attentions,
         )
 
 

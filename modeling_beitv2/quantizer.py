@@ -168,6 +168,8 @@ class NormEMAVectorQuantizer(nn.Module):
             once per step". 0 disables the restart (the reference behaviour).
         kmeans_iters (`int`): iterations of the k-means init.
         chunk_size (`int`): rows of the input compared with the whole codebook at once.
+        dtype (`torch.dtype`, *optional*): of the float buffers (the default dtype when `None`); the VQ-KD
+            tokenizer asks for fp32, whatever the default.
     """
 
     def __init__(
@@ -180,6 +182,7 @@ class NormEMAVectorQuantizer(nn.Module):
         dead_code_threshold: float = 0.0,
         kmeans_iters: int = 10,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         if not 0.0 <= decay < 1.0:
@@ -194,8 +197,8 @@ class NormEMAVectorQuantizer(nn.Module):
         self.dead_code_threshold = dead_code_threshold
         self.kmeans_iters = kmeans_iters
         self.chunk_size = chunk_size
-        self.register_buffer("codebook", torch.empty(codebook_size, code_dim))
-        self.register_buffer("cluster_size", torch.zeros(codebook_size))
+        self.register_buffer("codebook", torch.empty(codebook_size, code_dim, dtype=dtype))
+        self.register_buffer("cluster_size", torch.zeros(codebook_size, dtype=dtype))
         self.register_buffer("initted", torch.tensor(False))
         # Host-side copy of `initted` once it has been seen True (see `_is_initialised`).
         self._seen_initialised = False

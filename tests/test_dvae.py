@@ -62,7 +62,7 @@ def test_tokenize_and_decode(model):
     output = model(pixels)
     assert output.logits.shape == (2, 64, 4, 4)
     # The model takes plain [0, 1] pixels and applies DALL-E's map_pixels itself.
-    torch.testing.assert_close(output.logits, model.encoder(mapped), rtol=0, atol=0)
+    torch.testing.assert_close(output.logits, model.encoder(mapped)[0], rtol=0, atol=0)
     indices = model.get_codebook_indices(pixels)
     assert indices.shape == (2, 16) and indices.dtype == torch.int64
     torch.testing.assert_close(indices, output.logits.argmax(1).flatten(1))
@@ -90,3 +90,32 @@ def test_config_validation_and_roundtrip(model, tmp_path):
 def test_shared_tokenizer_interface(model):
     assert model.codebook_size == 64 and model.image_size == 32 and model.patch_grid == (4, 4)
     assert model.get_codebook_indices(torch.rand(1, 3, 32, 32)).shape == (1, model.patch_grid[0] * model.patch_grid[1])
+
+
+def test_non_finite_pixels_raise_instead_of_giving_code_0(model):
+    pixels = torch.rand(2, 3, 32, 32)
+    pixels[1, 0, 5, 5] = float("nan")
+    with pytest.raises(RuntimeError, match="NaN or infinity"):
+        model.get_codebook_indices(pixels)
+    pixels[1, 0, 5, 5] = float("inf")
+    with pytest.raises(RuntimeError, match="NaN or infinity"):
+        model.get_codebook_indices(pixels)
+
+
+def test_an_empty_batch_tokenizes_and_decodes_to_an_empty_batch(model):
+    assert model.get_codebook_indices(torch.rand(0, 3, 32, 32)).shape == (0, 16)
+    decoded = model.decode(torch.zeros(0, 16, dtype=torch.long))
+    assert decoded.shape == (0, 3, 32, 32) and decoded.dtype == torch.float32
+
+
+def test_hidden_states_and_tuple_outputs(model):
+    pixels = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        output = model(pixels, output_hidden_states=True)
+        as_tuple = model(pixels, output_hidden_states=True, return_dict=False)
+    assert output.hidden_states[-1].shape == (2, 8 * model.config.hidden_size, 4, 4)
+    # the logits are the output convolution (after a ReLU) of the last group's feature map
+    block = model.encoder.blocks.output
+    torch.testing.assert_close(block(output.hidden_states[-1]), output.logits, rtol=0, atol=0)
+    torch.testing.assert_close(as_tuple[0], output.logits, rtol=0, atol=0)
+    assert len(as_tuple) == 4 and model(pixels).hidden_states is None

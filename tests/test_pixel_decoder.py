@@ -259,3 +259,24 @@ def test_psnr_per_image():
     assert values[1] == 100.0  # a perfect match is capped, not infinite
     with pytest.raises(ValueError, match="differ in shape"):
         psnr(prediction, target[:, :, :2])
+
+
+def test_an_empty_batch_decodes_to_an_empty_batch(decoder):
+    for codes in (torch.zeros(0, 16, dtype=torch.long), torch.zeros(0, 4, 4, dtype=torch.long)):
+        assert decoder.decode(codes).shape == (0, 3, 32, 32)
+        assert decoder(input_ids=codes).reconstruction.shape == (0, 3, 32, 32)
+
+
+def test_eager_attention_matches_sdpa_and_returns_its_weights(decoder):
+    eager = type(decoder)._from_config(decoder.config, attn_implementation="eager").eval()
+    eager.load_state_dict(decoder.state_dict())
+    codes = random_codes()
+    with torch.no_grad():
+        sdpa_output = decoder.eval()(input_ids=codes, output_hidden_states=True)
+        eager_output = eager(input_ids=codes, output_hidden_states=True, output_attentions=True)
+    torch.testing.assert_close(eager_output.reconstruction, sdpa_output.reconstruction, rtol=1e-5, atol=1e-5)
+    config = decoder.config
+    assert len(eager_output.hidden_states) == config.num_hidden_layers + 1
+    assert eager_output.attentions[0].shape == (3, config.num_attention_heads, 16, 16)
+    torch.testing.assert_close(eager_output.attentions[0].sum(-1), torch.ones(3, config.num_attention_heads, 16))
+    assert sdpa_output.attentions is None

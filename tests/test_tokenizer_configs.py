@@ -1,12 +1,14 @@
-"""Tokenizer configs: presets at any patch size, and configs saved under the codebook size's earlier names."""
+"""Tokenizer configs: presets at any patch size, and sub-configs that load as what they are."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
+import torch
+import transformers
+from transformers import AutoConfig, BeitConfig
+from transformers.testing_utils import CaptureLogger
 
-from modeling_beitv2 import DVAEConfig, VQKDConfig
+from modeling_beitv2 import VQKDConfig, VQKDDecoderConfig, VQKDEncoderConfig, VQKDModel
 
 
 def test_vqkd_preset_takes_the_encoders_patch_size():
@@ -19,18 +21,40 @@ def test_vqkd_preset_takes_the_encoders_patch_size():
         VQKDConfig.from_preset("tiny-decoder1", image_size=50, patch_size=14)
 
 
-@pytest.mark.parametrize(
-    ("config", "earlier_name"),
-    [(VQKDConfig(codebook_size=64, kmeans_init=False), "num_codes"), (DVAEConfig(codebook_size=64), "vocab_size")],
-    ids=["vqkd", "dvae"],
-)
-def test_a_config_saved_with_the_earlier_codebook_name_still_loads(tmp_path, config, earlier_name):
+def test_a_vqkd_folder_is_no_beit_config(tmp_path):
+    """Loaded as a `BeitConfig`, a VQ-KD folder gets transformers' mismatched-model-type warning (it used to give one
+    of its two ViTs, silently); each sub-config class reads its own part."""
+    config = VQKDConfig.from_preset("tiny-decoder1", image_size=32, codebook_size=64, kmeans_init=False)
     config.save_pretrained(tmp_path)
-    saved = json.loads((tmp_path / "config.json").read_text())
-    saved[earlier_name] = saved.pop("codebook_size")  # what the previous version wrote
-    (tmp_path / "config.json").write_text(json.dumps(saved))
+    logger = transformers.utils.logging.get_logger("transformers.configuration_utils")
+    with CaptureLogger(logger) as captured:
+        BeitConfig.from_pretrained(tmp_path)
+    assert "You are using a model of type `beitv2_vqkd` to instantiate a model of type `beit`" in captured.out
+    encoder, decoder = VQKDEncoderConfig.from_pretrained(tmp_path), VQKDDecoderConfig.from_pretrained(tmp_path)
+    assert (encoder.num_hidden_layers, encoder.patch_size) == (12, 16)
+    assert (decoder.num_hidden_layers, decoder.patch_size, decoder.num_channels) == (1, 1, config.code_dim)
+    reloaded = AutoConfig.from_pretrained(tmp_path)
+    assert isinstance(reloaded.encoder_config, VQKDEncoderConfig)
+    assert reloaded.encoder_config.to_dict() == config.encoder_config.to_dict()
 
-    with pytest.warns(FutureWarning, match=f"`{earlier_name}` is renamed `codebook_size`"):
-        loaded = type(config).from_pretrained(tmp_path)
-    assert loaded.codebook_size == 64
-    assert earlier_name not in loaded.to_dict()  # saved again under the one name
+
+def test_a_plain_beit_sub_config_is_taken_as_the_tokenizers_own():
+    encoder = BeitConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, image_size=32, patch_size=8)
+    config = VQKDConfig(encoder_config=encoder, codebook_size=64, kmeans_init=False)
+    assert isinstance(config.encoder_config, VQKDEncoderConfig)
+    assert config.encoder_config.hidden_size == 32 and config.encoder_config.patch_size == 8
+
+
+def test_fp32_modules_stay_fp32_in_a_half_precision_tokenizer(tmp_path):
+    config = VQKDConfig.from_preset("tiny-decoder1", image_size=32, codebook_size=64, kmeans_init=False)
+    built = VQKDModel._from_config(config, dtype=torch.float16)
+    VQKDModel(config).save_pretrained(tmp_path)
+    loaded = VQKDModel.from_pretrained(tmp_path, dtype=torch.float16)
+    for model in (built, loaded):
+        dtypes = {name: tensor.dtype for name, tensor in model.state_dict().items()}
+        assert {dtypes[n] for n in dtypes if n.startswith(("encode_task_layer.", "quantizer."))} <= {
+            torch.float32,
+            torch.bool,
+        }
+        assert dtypes["quantizer.initted"] == torch.bool
+        assert dtypes["encoder.embeddings.cls_token"] == dtypes["decode_task_layer.0.weight"] == torch.float16

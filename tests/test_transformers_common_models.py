@@ -51,6 +51,14 @@ def registered_as_base_models(*model_classes: type) -> Iterator[None]:
         yield
 
 
+@contextlib.contextmanager
+def deterministic_codebook_draws() -> Iterator[None]:
+    """Codebooks are random unit vectors by design (VQ-KD's EMA state, `torch.randn` in the reference): make the draw
+    deterministic, as the mixin itself zeroes `config.scale` for randomly drawn position buffers."""
+    with unittest.mock.patch.object(torch, "randn_like", torch.ones_like):
+        yield
+
+
 class ImageModelTestMixin:
     """What transformers' own vision testers (`BeitModelTest`, `ViTModelTest`) override in the mixin."""
 
@@ -207,6 +215,11 @@ class VQKDModelTest(ImageModelTestMixin, ModelTesterMixin, unittest.TestCase):
         self.model_tester = VQKDModelTester(self)
         self.config_tester = ConfigTester(self, config_class=VQKDConfig, has_text_modality=False)
 
+    def test_init_weights_can_init_buffers(self):
+        # The mixin compares the buffers of two builds for equality, which holds for deterministic buffers only.
+        with deterministic_codebook_draws():
+            super().test_init_weights_can_init_buffers()
+
     def _prepare_for_class(self, inputs_dict, model_class, return_labels=False):
         inputs = super()._prepare_for_class(inputs_dict, model_class, return_labels=return_labels)
         if return_labels:
@@ -232,7 +245,9 @@ class DVAEModelTester:
         self.batch_size = batch_size
         self.image_size = 32
         self.num_channels = 3
-        self.is_training = True
+        # The released DALL-E dVAE is a frozen tokenizer here: this package has no training objective for it (its
+        # forward returns codes and a reconstruction, no loss).
+        self.is_training = False
         self.hidden_size = 16
 
     def get_config(self) -> DVAEConfig:
@@ -252,7 +267,30 @@ class DVAEModelTest(ImageModelTestMixin, ModelTesterMixin, unittest.TestCase):
 
     def setUp(self):
         self.model_tester = DVAEModelTester(self)
-        self.config_tester = ConfigTester(self, config_class=DVAEConfig, has_text_modality=False)
+        # A convolutional model: no attention heads or transformer layers (transformers' own convolutional testers,
+        # e.g. ResNet's, name their properties the same way).
+        self.config_tester = ConfigTester(
+            self,
+            config_class=DVAEConfig,
+            has_text_modality=False,
+            common_properties=["hidden_size", "num_channels", "codebook_size"],
+        )
+
+    def test_hidden_states_output(self):
+        # The mixin's version expects token sequences; the dVAE returns the encoder's feature maps, checked here as
+        # transformers' ResNet tests check theirs: the input convolution's output, then one per group.
+        config, inputs_dict = self.model_tester.prepare_config_and_inputs_for_common()
+        size, width = self.model_tester.image_size, self.model_tester.hidden_size
+        expected = [(width, size, size), (width, size // 2, size // 2), (2 * width, size // 4, size // 4)]
+        expected += [(4 * width, size // 8, size // 8), (8 * width, size // 8, size // 8)]
+        for from_config in (False, True):
+            config.output_hidden_states = from_config
+            model = DVAEModel(copy.deepcopy(config)).eval()
+            with torch.no_grad():
+                kwargs = {} if from_config else {"output_hidden_states": True}
+                hidden_states = model(**inputs_dict, **kwargs).hidden_states
+            self.assertEqual([tuple(h.shape[1:]) for h in hidden_states], expected)
+            self.assertIsNone(model(**inputs_dict, output_hidden_states=False).hidden_states)
 
     def test_config(self):
         self.config_tester.run_common_tests()
@@ -301,6 +339,14 @@ class VQKDPixelDecoderTest(ModelTesterMixin, unittest.TestCase):
     def setUp(self):
         self.model_tester = VQKDPixelDecoderTester(self)
         self.config_tester = ConfigTester(self, config_class=VQKDPixelDecoderConfig, has_text_modality=False)
+
+    def test_init_weights_can_init_buffers(self):
+        # The mixin compares the buffers of two builds for equality, which holds for deterministic buffers only.
+        with deterministic_codebook_draws():
+            super().test_init_weights_can_init_buffers()
+
+    # Its input embedding is the codebook lookup and projection of code ids, not a token `nn.Embedding`.
+    test_model_get_set_embeddings = ImageModelTestMixin.test_model_get_set_embeddings
 
     def _prepare_for_class(self, inputs_dict, model_class, return_labels=False):
         inputs = super()._prepare_for_class(inputs_dict, model_class, return_labels=return_labels)

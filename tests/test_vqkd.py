@@ -273,3 +273,34 @@ def test_shared_tokenizer_interface(model):
     assert model.codebook_size == model.config.codebook_size
     assert model.image_size == 32 and model.patch_grid == (4, 4)
     assert model.eval().get_codebook_indices(torch.rand(1, 3, 32, 32)).shape == (1, 16)
+
+
+def test_non_finite_pixels_raise_instead_of_giving_code_0(model):
+    pixels = torch.rand(2, 3, 32, 32)
+    pixels[0, 2, 0, 0] = float("nan")
+    with pytest.raises(RuntimeError, match="NaN or infinity"):
+        model.eval().get_codebook_indices(pixels)
+
+
+def test_an_empty_batch_decodes_to_an_empty_batch(model):
+    decoded = model.eval().decode(torch.zeros(0, 16, dtype=torch.long))
+    assert decoded.shape == (0, 16, model.config.teacher_dim)
+
+
+def test_forward_returns_the_encoders_hidden_states_and_attentions(model):
+    model = VQKDModel._from_config(model.config, attn_implementation="eager").eval()
+    pixels = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        plain = model(pixels)
+        output = model(pixels, output_hidden_states=True, output_attentions=True)
+        encoder = model.encoder((pixels * 2 - 1), output_hidden_states=True, output_attentions=True)
+        as_tuple = model(pixels, return_dict=False)
+    assert plain.hidden_states is None and plain.attentions is None
+    num_layers = model.config.encoder_config.num_hidden_layers
+    assert len(output.hidden_states) == num_layers + 1 and len(output.attentions) == num_layers
+    for actual, expected in zip(output.hidden_states + output.attentions, encoder.hidden_states + encoder.attentions):
+        torch.testing.assert_close(actual, expected, rtol=0, atol=0)
+    torch.testing.assert_close(output.codebook_indices, plain.codebook_indices, rtol=0, atol=0)
+    assert isinstance(as_tuple, tuple)
+    torch.testing.assert_close(as_tuple[0], plain.quantization_loss, rtol=0, atol=0)
+    assert type(model.get_input_embeddings()).__name__ == "BeitPatchEmbeddings"
