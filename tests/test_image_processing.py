@@ -295,12 +295,14 @@ def test_calling_the_processor_gives_only_the_evaluation_view(processor_class):
             processor(image, mask_ratio=0.5)
 
 
-def test_image_feature_extraction_pipeline_sees_the_whole_image():
-    # The bug this guards against: the pipeline fed the processor's mask to the model, which replaced masked
-    # patches by the mask token. The pipeline's features must equal the plain forward of the evaluation view.
+def test_image_feature_extraction_pipeline_on_a_pretraining_folder_sees_the_whole_image(tmp_path):
+    # The bug this guards against: `pipeline("image-feature-extraction", model=<a run_mim.py output folder>)` fed the
+    # saved processor's mask to the model, which replaced the masked patches by the mask token. The folder holds what
+    # run_mim.py saves (the MIM model, its processor); the pipeline's features must equal the plain forward of the
+    # evaluation view.
     from transformers import pipeline
 
-    from modeling_beitv2 import BeitV2Config, BeitV2Model
+    from modeling_beitv2 import BeitV2Config, BeitV2ForMaskedImageModeling
 
     torch.manual_seed(0)
     config = BeitV2Config(
@@ -311,16 +313,18 @@ def test_image_feature_extraction_pipeline_sees_the_whole_image():
         image_size=32,
         patch_size=8,
         early_layers=1,
+        vocab_size=16,
     )
-    model = BeitV2Model(config).eval()
-    processor = tiny_processor()
-    extractor = pipeline("image-feature-extraction", model=model, image_processor=processor, device="cpu")
+    BeitV2ForMaskedImageModeling(config).save_pretrained(tmp_path)
+    processor = tiny_processor(num_masking_patches=6)
+    processor.save_pretrained(tmp_path)
+    extractor = pipeline("image-feature-extraction", model=str(tmp_path), trust_remote_code=True, device="cpu")
     image = smooth_image()
     features = extractor(image, return_tensors=True)[0]
     with torch.no_grad():
-        expected = model(**processor(image, return_tensors="pt")).last_hidden_state[0]
+        expected = extractor.model(**processor(image, return_tensors="pt")).last_hidden_state[0]
         masked = processor.pretraining_inputs(image, rng=0, return_tensors="pt")
-        masked_features = model(masked["pixel_values"], bool_masked_pos=masked["bool_masked_pos"])
+        masked_features = extractor.model(masked["pixel_values"], bool_masked_pos=masked["bool_masked_pos"])
     torch.testing.assert_close(features, expected)
     assert not torch.allclose(features, masked_features.last_hidden_state[0], atol=1e-3)
 
