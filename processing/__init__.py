@@ -2,8 +2,10 @@
 Data processing for BEiT v2 / BEiT: mask generators, augmentation (PIL + numpy), image processors, collators.
 
 Training augmentations (`augmentation.py`) are callables `augmentation(image, rng)` that draw from an explicit numpy
-generator; the image processors are deterministic and hold each setting once (`processor.training_augmentation()`
-builds the matching augmentation from them).
+generator. The image processors hold each setting once and no random state: `processor(images)` returns the
+deterministic evaluation view only (what pipelines and inference read), and
+`processor.pretraining_inputs(images, rng=..., augmentation=processor.training_augmentation())` the pretraining
+inputs (for BEiT v2: both views and the mask), drawn from the call's generator.
 
 Importing this package registers `VQKDImageProcessor` and `BeitV2ImageProcessor` with `AutoImageProcessor` (so a
 saved processor folder loads with `AutoImageProcessor.from_pretrained(folder)`), and marks them for custom-code

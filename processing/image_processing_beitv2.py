@@ -1,37 +1,31 @@
-"""Image processor for masked image modeling with BEiT v2 (and BEiT v1): two views of one crop plus a patch mask."""
+"""Image processor of BEiT v2 (and BEiT v1): the evaluation view for inference, and on request the masked image
+modeling inputs of pretraining (two views of one crop plus a patch mask)."""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import numpy as np
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.image_processing_utils import BaseImageProcessor
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from transformers.processing_utils import ImagesKwargs
-from transformers.utils import logging
 
 from .augmentation import TwoViewAugmentation
 from .masking import BlockwiseMaskGenerator, RandomMaskGenerator
 from .processor_settings import (
+    apply_view,
     check_augmentation_overrides,
-    check_call_settings,
+    check_settings,
     check_view_size,
-    drop_removed_seed,
+    normalisation,
+    num_channels,
+    read_images,
     resolve_rng,
 )
-from .transforms import (
-    RandomResizedCrop,
-    center_square_box,
-    make_image_list,
-    resample_filter,
-    to_float_array,
-    to_pil_image,
-)
-
-logger = logging.get_logger(__name__)
+from .transforms import RandomResizedCrop, center_square_box, resample_filter, to_float_array
 
 IMAGENET_MEAN, IMAGENET_STD = tuple(IMAGENET_DEFAULT_MEAN), tuple(IMAGENET_DEFAULT_STD)
-# A setting of earlier versions: the tokenizer view is now plain [0, 1] and each tokenizer maps it itself.
-_REMOVED_TOKENIZER_PIXEL_MAPPING = "tokenizer_pixel_mapping"
 _MASK_TYPES = ("blockwise", "random")
 # The settings `_build_mask_generator` reads.
 _MASK_SETTINGS = (
@@ -45,14 +39,14 @@ _MASK_SETTINGS = (
     "min_aspect",
     "max_aspect",
 )
-# The settings `preprocess` reads (evaluation views, normalisation, mask); each can be overridden for one call.
-_PREPROCESS_SETTINGS = (
-    "interpolation",
-    "image_mean",
-    "image_std",
+# The settings of the evaluation view (`preprocess`); each can be overridden for one call.
+_EVALUATION_SETTINGS = ("image_size", "interpolation", "image_mean", "image_std")
+# The settings `pretraining_inputs` reads; each can be overridden for one call.
+_PRETRAINING_SETTINGS = (
+    *_EVALUATION_SETTINGS,
     "tokenizer_image_size",
     "tokenizer_interpolation",
-    *_MASK_SETTINGS,
+    *_MASK_SETTINGS[1:],
 )
 # The settings `training_augmentation` reads, by TwoViewAugmentation's argument names.
 _AUGMENTATION_SETTINGS = (
@@ -63,6 +57,15 @@ _AUGMENTATION_SETTINGS = (
     "interpolation",
     "tokenizer_interpolation",
     "color_jitter",
+)
+_TO_PRETRAINING = (
+    "the tokenizer view and the mask are pretraining inputs: "
+    "`processor.pretraining_inputs(images, rng=generator)` (training views: add "
+    "`augmentation=processor.training_augmentation()`)."
+)
+_TO_AUGMENTATION = (
+    "the crop and colour settings configure the training augmentation: build it with "
+    "`processor.training_augmentation(crop_scale=...)` and pass it to `pretraining_inputs(..., augmentation=...)`."
 )
 
 
@@ -86,18 +89,23 @@ class BeitV2ImageProcessorKwargs(ImagesKwargs, total=False):
 
 class BeitV2ImageProcessor(BaseImageProcessor):
     r"""
-    Prepares images for masked image modeling: a backbone view, a tokenizer view of the same crop, and a patch mask.
+    Image processor of BEiT v2 (and BEiT v1) backbones.
 
-    - Evaluation (default): the central square (side = shorter side) resized to `image_size` (backbone) and to
-      `tokenizer_image_size` (tokenizer), i.e. "resize shorter side, center-crop" with one resampling per view.
-    - Training: `processor(images, augmentation=processor.training_augmentation(), rng=generator)`, where
-      `training_augmentation()` is the reference recipe built from this processor's settings (a
-      `TwoViewAugmentation`): ColorJitter(`color_jitter` for brightness, contrast and saturation; no hue), horizontal
-      flip (p = 0.5), then ONE random resized crop box (`crop_scale`, `crop_ratio`) resampled to both views.
+    **Inference** (how pipelines, the Hub widget and `AutoImageProcessor` users call it): `processor(images)` returns
+    only `pixel_values`, the deterministic evaluation view: the central square (side = shorter side) resized to
+    `image_size`, normalised with `image_mean` / `image_std`. No mask, no tokenizer view: a backbone fed these
+    features sees the whole image.
 
-    The processor holds no random state: the mask (and the augmentation) draw from the `rng` of the call, and a call
-    without one uses a fixed seed, so the same call gives the same output. For training, give each call (or each
-    example) its own generator, e.g. one per example derived from the run seed and the example's position.
+    **Pretraining** (masked image modeling) asks for its inputs by name:
+    `processor.pretraining_inputs(images, rng=generator, augmentation=processor.training_augmentation())` returns
+    `pixel_values` (backbone view), `tokenizer_pixel_values` (the same crop for the visual tokenizer) and
+    `bool_masked_pos` (the patch mask). Without `augmentation` the views are the evaluation views (validation,
+    visualisation); the masks (and the augmentation) always draw from `rng`, which has no default, so that every
+    call site decides where its randomness comes from (e.g. one generator per example derived from the run seed
+    and the example's position). `training_augmentation()` is the reference recipe built from this processor's
+    settings (a `TwoViewAugmentation`): ColorJitter(`color_jitter` for brightness, contrast and saturation; no
+    hue), horizontal flip (p = 0.5), then ONE random resized crop box (`crop_scale`, `crop_ratio`) resampled to
+    both views.
 
     The default is BEiT v2; `BeitV2ImageProcessor.for_beit_v1()` gives BEiT v1's settings.
 
@@ -116,30 +124,41 @@ class BeitV2ImageProcessor(BaseImageProcessor):
         crop_scale (`tuple[float, float]`, defaults to `(0.2, 1.0)`): Area range of the training crop.
         crop_ratio (`tuple[float, float]`, defaults to `(3/4, 4/3)`): Aspect-ratio range of the training crop.
         color_jitter (`float`, defaults to 0.4): Brightness/contrast/saturation jitter strength in training.
+        do_convert_rgb (`bool`, defaults to `True`): Convert every image to RGB (alpha composited over white); with
+            `False`, `processor(images)` keeps the images' own channels (`image_mean` / `image_std` then need one
+            value per channel). The pretraining inputs are always RGB: the tokenizers read RGB.
 
-    Settings can be changed afterwards (`processor.mask_ratio = 0.5`) or, for the settings `preprocess` reads, for
-    one call (`processor(images, mask_ratio=0.5)`), as with transformers' processors. The training-only settings
+    Settings can be changed afterwards (`processor.mask_ratio = 0.5`) or for one call, as with transformers'
+    processors: `processor(images, image_size=...)` takes the evaluation view's settings (`image_size`,
+    `interpolation`, `image_mean`, `image_std`) and the standard `do_convert_rgb`, `input_data_format` and
+    `return_tensors`; `pretraining_inputs` also takes the tokenizer view's and the mask's. The training-only settings
     (`crop_scale`, `crop_ratio`, `color_jitter`) are overridden in `training_augmentation(crop_scale=...)`.
 
-    Calling it returns a `BatchFeature` with, per image:
-        - `pixel_values`: `(3, image_size, image_size)` float32, normalised with `image_mean`/`image_std`;
-        - `tokenizer_pixel_values`: `(3, tokenizer_image_size, tokenizer_image_size)` float32 in [0, 1], not
-          normalised: the visual tokenizers (`VQKDModel`, `DVAEModel`) map plain pixels to their input range
-          themselves;
-        - `bool_masked_pos`: `(num_patches,)` bool, row-major over the patch grid, `True` = masked.
-    They are lists (one entry per image) or, with `return_tensors="np"`/`"pt"`, stacked along a batch axis.
+    Inputs: PIL images (any mode), numpy arrays or torch tensors (`(H, W)`, `(H, W, C)` or `(C, H, W)`; uint8, or
+    float in [0, 1]), one or a list / batch. Outputs, per image:
+        - `pixel_values`: `(3, image_size, image_size)` float32, normalised with `image_mean` / `image_std`;
+        - from `pretraining_inputs` only: `tokenizer_pixel_values`, `(3, tokenizer_image_size,
+          tokenizer_image_size)` float32 in [0, 1], not normalised (the visual tokenizers, `VQKDModel` and
+          `DVAEModel`, map plain pixels to their input range themselves); `bool_masked_pos`, `(num_patches,)` bool,
+          row-major over the patch grid, `True` = masked.
+    They are lists (one entry per image) or, with `return_tensors="np"` / `"pt"`, stacked along a batch axis.
     """
 
-    model_input_names = ["pixel_values", "tokenizer_pixel_values", "bool_masked_pos"]
+    # What `__call__` returns (the evaluation view), as for any transformers image processor.
+    model_input_names = ["pixel_values"]
+    # What `pretraining_inputs` returns: the inputs of `BeitV2ForMaskedImageModeling` and its tokenizer.
+    pretraining_input_names = ["pixel_values", "tokenizer_pixel_values", "bool_masked_pos"]
     valid_kwargs = BeitV2ImageProcessorKwargs
+    # A class attribute too: transformers' tests (and callers) look for the standard argument on the class.
+    do_convert_rgb = True
 
     def __init__(
         self,
         image_size: int = 224,
         patch_size: int = 16,
         interpolation: str = "bicubic",
-        image_mean: tuple[float, float, float] = IMAGENET_MEAN,
-        image_std: tuple[float, float, float] = IMAGENET_STD,
+        image_mean: Sequence[float] = IMAGENET_MEAN,
+        image_std: Sequence[float] = IMAGENET_STD,
         tokenizer_image_size: int = 224,
         tokenizer_interpolation: str = "bicubic",
         mask_type: str = "blockwise",
@@ -152,16 +171,9 @@ class BeitV2ImageProcessor(BaseImageProcessor):
         crop_scale: tuple[float, float] = (0.2, 1.0),
         crop_ratio: tuple[float, float] = (3 / 4, 4 / 3),
         color_jitter: float = 0.4,
+        do_convert_rgb: bool | None = True,
         **kwargs,
     ):
-        if _REMOVED_TOKENIZER_PIXEL_MAPPING in kwargs:
-            # Saved configs of earlier versions hold it; the tokenizers now own their input mapping.
-            logger.warning(
-                f"`{_REMOVED_TOKENIZER_PIXEL_MAPPING}` is deprecated and ignored: `tokenizer_pixel_values` are plain "
-                "[0, 1] pixels, which VQKDModel and DVAEModel map to their own input range."
-            )
-            kwargs.pop(_REMOVED_TOKENIZER_PIXEL_MAPPING)
-        drop_removed_seed(kwargs)
         super().__init__(**kwargs)
         self.image_size = int(image_size)
         self.patch_size = int(patch_size)
@@ -180,8 +192,11 @@ class BeitV2ImageProcessor(BaseImageProcessor):
         self.crop_scale = [float(v) for v in crop_scale]
         self.crop_ratio = [float(v) for v in crop_ratio]
         self.color_jitter = float(color_jitter)
+        # None (a config or call that leaves it unset) means the default, as in transformers.
+        self.do_convert_rgb = True if do_convert_rgb is None else bool(do_convert_rgb)
         # Bad settings fail here rather than at the first image.
         _build_mask_generator(**{name: getattr(self, name) for name in _MASK_SETTINGS})
+        resample_filter(self.interpolation), resample_filter(self.tokenizer_interpolation)
         self.training_augmentation()
 
     @classmethod
@@ -202,7 +217,7 @@ class BeitV2ImageProcessor(BaseImageProcessor):
 
     @property
     def mask_generator(self) -> BlockwiseMaskGenerator | RandomMaskGenerator:
-        """The mask generator of the current masking settings (`preprocess` draws from it with the call's `rng`)."""
+        """The mask generator of the current masking settings (`pretraining_inputs` draws from it with its `rng`)."""
         return _build_mask_generator(**{name: getattr(self, name) for name in _MASK_SETTINGS})
 
     @property
@@ -212,7 +227,7 @@ class BeitV2ImageProcessor(BaseImageProcessor):
     def training_augmentation(self, **overrides) -> TwoViewAugmentation:
         """
         The pretraining augmentation of this processor's current settings, as a `TwoViewAugmentation` to pass to
-        `preprocess(images, augmentation=..., rng=...)`.
+        `pretraining_inputs(images, augmentation=..., rng=...)`.
 
         Args:
             overrides: Any of `image_size`, `tokenizer_image_size`, `crop_scale`, `crop_ratio`, `interpolation`,
@@ -226,41 +241,82 @@ class BeitV2ImageProcessor(BaseImageProcessor):
     def preprocess(
         self,
         images,
-        augmentation: TwoViewAugmentation | None = None,
-        rng: np.random.Generator | int | None = None,
+        do_convert_rgb: bool | None = None,
+        input_data_format: str | None = None,
         return_tensors: str | None = None,
         **settings,
     ) -> BatchFeature:
         """
+        The evaluation view of each image: `pixel_values` only (what pipelines and inference read).
+
         Args:
             images: One image or a list/batch of images (PIL, numpy, torch; any PIL mode; any size).
+            do_convert_rgb (`bool`, *optional*): Overrides `self.do_convert_rgb` for this call.
+            input_data_format (`str` or `ChannelDimension`, *optional*): "channels_first" or "channels_last" for
+                array inputs; inferred by default.
+            return_tensors (`str`, *optional*): "np" or "pt" to stack the batch; `None` returns a list per image.
+            settings: Any of `image_size`, `interpolation`, `image_mean`, `image_std`, for this call only.
+        """
+        elsewhere = dict.fromkeys(_AUGMENTATION_SETTINGS, _TO_AUGMENTATION)
+        elsewhere.update(dict.fromkeys(("augmentation", "rng", *_PRETRAINING_SETTINGS), _TO_PRETRAINING))
+        check_settings(settings, _EVALUATION_SETTINGS, f"{type(self).__name__}.preprocess", elsewhere)
+        current = {name: settings.get(name, getattr(self, name)) for name in _EVALUATION_SETTINGS}
+        do_convert_rgb = self.do_convert_rgb if do_convert_rgb is None else do_convert_rgb
+        size, resample = int(current["image_size"]), resample_filter(current["interpolation"])
+        pixel_values = []
+        for image in read_images(images, do_convert_rgb, input_data_format):
+            mean, std = normalisation(current["image_mean"], current["image_std"], num_channels(image))
+            view = apply_view(lambda plane: _central_square(plane, size, resample), image)
+            pixel_values.append((to_float_array(view) - mean) / std)
+        if return_tensors is not None:
+            pixel_values = np.stack(pixel_values)
+        return BatchFeature(data={"pixel_values": pixel_values}, tensor_type=return_tensors)
+
+    def pretraining_inputs(
+        self,
+        images,
+        *,
+        rng: np.random.Generator | int,
+        augmentation: TwoViewAugmentation | None = None,
+        input_data_format: str | None = None,
+        return_tensors: str | None = None,
+        **settings,
+    ) -> BatchFeature:
+        """
+        The masked image modeling inputs of each image: backbone view, tokenizer view of the same crop, patch mask.
+
+        Args:
+            images: One image or a list/batch of images (PIL, numpy, torch; any PIL mode; any size); read as RGB.
+            rng (`numpy.random.Generator` or `int`): Generator of the augmentation and the masks (or its seed),
+                drawn from image after image. Required: give each call (or each example) its own generator.
             augmentation (`Callable[[PIL.Image.Image, numpy.random.Generator], tuple[PIL.Image.Image,
                 PIL.Image.Image]]`, *optional*): Produces the backbone and tokenizer views of each image, e.g.
                 `self.training_augmentation()`; by default the deterministic evaluation views.
-            rng (`numpy.random.Generator` or `int`, *optional*): Generator of the augmentation and the masks (or its
-                seed), drawn from image after image; by default a generator with a fixed seed, so that the same call
-                gives the same output.
+            input_data_format (`str` or `ChannelDimension`, *optional*): "channels_first" or "channels_last" for
+                array inputs; inferred by default.
             return_tensors (`str`, *optional*): "np" or "pt" to stack the batch; `None` returns a list per image.
-            settings: Any of the settings `preprocess` reads (e.g. `mask_ratio=0.5`), for this call only: the
-                view sizes and filters, `image_mean`, `image_std`, `patch_size` and the masking settings.
+            settings: For this call only: the view sizes and filters, `image_mean`, `image_std`, `patch_size` and
+                the masking settings.
+
+        Returns:
+            `BatchFeature` with `pixel_values`, `tokenizer_pixel_values` and `bool_masked_pos` (see the class
+            docstring).
         """
-        check_call_settings(settings, _PREPROCESS_SETTINGS, _AUGMENTATION_SETTINGS, type(self).__name__)
-        current = {name: settings.get(name, getattr(self, name)) for name in _PREPROCESS_SETTINGS}
+        elsewhere = dict.fromkeys(_AUGMENTATION_SETTINGS, _TO_AUGMENTATION)
+        check_settings(settings, _PRETRAINING_SETTINGS, f"{type(self).__name__}.pretraining_inputs", elsewhere)
+        current = {name: settings.get(name, getattr(self, name)) for name in _PRETRAINING_SETTINGS}
         mask_generator = _build_mask_generator(**{name: current[name] for name in _MASK_SETTINGS})
-        mean = np.asarray(current["image_mean"], dtype=np.float32)[:, None, None]
-        std = np.asarray(current["image_std"], dtype=np.float32)[:, None, None]
+        mean, std = normalisation(current["image_mean"], current["image_std"], 3)
         sizes = {"backbone": int(current["image_size"]), "tokenizer": int(current["tokenizer_image_size"])}
         resample = {
             "backbone": resample_filter(current["interpolation"]),
             "tokenizer": resample_filter(current["tokenizer_interpolation"]),
         }
         rng = resolve_rng(rng)
-        outputs = {name: [] for name in self.model_input_names}
-        for raw in make_image_list(images):
-            image = to_pil_image(raw)
+        outputs = {name: [] for name in self.pretraining_input_names}
+        for image in read_images(images, True, input_data_format):
             if augmentation is None:
-                box = center_square_box(*image.size)
-                views = [RandomResizedCrop.resized_crop(image, box, (sizes[v],) * 2, resample[v]) for v in sizes]
+                views = [_central_square(image, sizes[view], resample[view]) for view in sizes]
             else:
                 views = _checked_views(augmentation(image, rng), sizes)
             outputs["pixel_values"].append((to_float_array(views[0]) - mean) / std)
@@ -269,6 +325,12 @@ class BeitV2ImageProcessor(BaseImageProcessor):
         if return_tensors is not None:
             outputs = {name: np.stack(values) for name, values in outputs.items()}
         return BatchFeature(data=outputs, tensor_type=return_tensors)
+
+
+def _central_square(image, size: int, resample):
+    """The central square (side = shorter side) resampled to `size`: "resize shorter side, center-crop" with one
+    resampling."""
+    return RandomResizedCrop.resized_crop(image, center_square_box(*image.size), (size, size), resample)
 
 
 def _checked_views(views, sizes: dict[str, int]) -> tuple:

@@ -1,37 +1,57 @@
-"""What the two image processors share: per-call settings, the generator of a call, the removed `seed` argument."""
+"""What the two image processors share: reading the images of a call, per-call settings, normalisation, the
+generator of a call."""
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Iterable, Mapping, MutableMapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import PIL.Image
 
-logger = logging.getLogger(__name__)
-
-# Seed of the generator a call uses when it is given none: the same call then gives the same output (a saved
-# processor is deterministic, e.g. behind the Hub widget), masks included.
-DEFAULT_SEED = 0
-
-REMOVED_SEED_MESSAGE = (
-    "`seed` is no longer an image processor setting and is ignored: the processor holds no random state. Pass a "
-    "generator for each call instead: `processor(images, augmentation=processor.training_augmentation(), "
-    "rng=numpy.random.default_rng(seed))`."
-)
-_REMOVED_DO_AUGMENT_MESSAGE = (
-    "`do_augment` was replaced by an explicit augmentation and generator: `processor(images, "
-    "augmentation=processor.training_augmentation(), rng=numpy.random.default_rng(seed))`."
-)
+from .transforms import make_image_list, to_channel_images, to_pil_image
 
 
-def drop_removed_seed(constructor_kwargs: MutableMapping[str, Any]) -> None:
-    """Removes `seed` from a processor's constructor arguments, with a warning. Earlier versions took it (and never
-    saved it); leaving it out of the attributes keeps it out of the saved config now too."""
-    if "seed" in constructor_kwargs:
-        logger.warning(REMOVED_SEED_MESSAGE)
-        del constructor_kwargs["seed"]
+def read_images(
+    images, do_convert_rgb: bool, input_data_format: str | None
+) -> list[PIL.Image.Image | list[PIL.Image.Image]]:
+    """
+    The images of a call (one image, a list, or a 4-D array/tensor), each as an RGB PIL image (`do_convert_rgb`) or
+    as the list of its channels, one single-channel PIL image each (`processing.transforms.to_channel_images`), so
+    that the same PIL resampling serves any number of channels. `input_data_format` says where the channel axis of
+    array inputs is ("channels_first" / "channels_last"); by default it is inferred.
+    """
+    read = to_pil_image if do_convert_rgb else to_channel_images
+    return [read(image, input_data_format) for image in make_image_list(images)]
+
+
+def apply_view(view, image: PIL.Image.Image | list[PIL.Image.Image]) -> PIL.Image.Image | list[PIL.Image.Image]:
+    """`view` (a deterministic PIL transform) applied to an RGB image or to each channel of `read_images`'s list.
+    PIL resamples every channel of an RGB image exactly as it resamples it alone, so the two agree."""
+    return view(image) if isinstance(image, PIL.Image.Image) else [view(channel) for channel in image]
+
+
+def num_channels(image: PIL.Image.Image | list[PIL.Image.Image]) -> int:
+    return len(image.getbands()) if isinstance(image, PIL.Image.Image) else len(image)
+
+
+def normalisation(
+    image_mean: float | Sequence[float], image_std: float | Sequence[float], channels: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """`image_mean` and `image_std` as float32 `(channels, 1, 1)` arrays, checked against the images' channels (a
+    single float applies to every channel, as in transformers)."""
+    arrays = []
+    for name, values in (("image_mean", image_mean), ("image_std", image_std)):
+        values = np.atleast_1d(np.asarray(values, dtype=np.float32))
+        if values.ndim != 1 or len(values) not in (1, channels):
+            raise ValueError(
+                f"{name} has {values.size} values but the images have {channels} channels (with "
+                "do_convert_rgb=False the images keep their own channels): give one value per channel."
+            )
+        arrays.append(np.broadcast_to(values, (channels,)).reshape(channels, 1, 1))
+    if (arrays[1] == 0).any():
+        raise ValueError(f"image_std must not be 0, got {image_std}")
+    return arrays[0], arrays[1]
 
 
 def check_view_size(view: PIL.Image.Image, size: int, view_name: str, setting_name: str) -> None:
@@ -44,29 +64,21 @@ def check_view_size(view: PIL.Image.Image, size: int, view_name: str, setting_na
         )
 
 
-def check_call_settings(
-    settings: Mapping[str, Any], accepted: Iterable[str], augmentation_only: Iterable[str], processor_name: str
+def check_settings(
+    settings: Mapping[str, Any], accepted: Iterable[str], method: str, elsewhere: Mapping[str, str]
 ) -> None:
-    """Raises a ValueError naming every per-call setting that `preprocess` does not read.
+    """Raises a ValueError naming every per-call setting that `method` does not read.
 
-    `augmentation_only` are settings of the processor that configure `training_augmentation()` alone: passing them
-    per call would silently do nothing, so the message says where they go.
+    `elsewhere` maps the names of arguments that belong to another method (the training augmentation, the
+    pretraining inputs) to where they go, so that the message says so instead of listing them as unknown.
     """
-    accepted, augmentation_only = tuple(accepted), set(augmentation_only)
-    if "do_augment" in settings:
-        raise ValueError(_REMOVED_DO_AUGMENT_MESSAGE)
-    if "seed" in settings:
-        raise ValueError(f"Unknown setting 'seed' for {processor_name}.preprocess: pass `rng=` instead.")
-    misplaced = sorted(name for name in settings if name in augmentation_only and name not in accepted)
+    accepted = tuple(accepted)
+    misplaced = sorted(name for name in settings if name in elsewhere and name not in accepted)
     if misplaced:
-        raise ValueError(
-            f"{misplaced} only configure the training augmentation: build it with "
-            f"`processor.training_augmentation({', '.join(f'{name}=...' for name in misplaced)})` and pass it as "
-            "`augmentation=`."
-        )
+        raise ValueError(f"{method} does not take {misplaced}: {elsewhere[misplaced[0]]}")
     unknown = sorted(set(settings) - set(accepted))
     if unknown:
-        raise ValueError(f"Unknown setting(s) {unknown} for {processor_name}.preprocess; accepted: {list(accepted)}")
+        raise ValueError(f"Unknown argument(s) {unknown} for {method}; accepted: {list(accepted)}")
 
 
 def check_augmentation_overrides(overrides: Mapping[str, Any], accepted: Iterable[str]) -> None:
@@ -76,12 +88,10 @@ def check_augmentation_overrides(overrides: Mapping[str, Any], accepted: Iterabl
         raise ValueError(f"Unknown augmentation setting(s) {unknown}; accepted: {list(accepted)}")
 
 
-def resolve_rng(rng: np.random.Generator | int | None) -> np.random.Generator:
-    """The generator of one call: `rng` itself, a new one seeded with an int, or one with `DEFAULT_SEED`."""
-    if rng is None:
-        return np.random.default_rng(DEFAULT_SEED)
+def resolve_rng(rng: np.random.Generator | int) -> np.random.Generator:
+    """The generator of one call: `rng` itself, or a new one seeded with an int."""
     if isinstance(rng, np.random.Generator):
         return rng
     if isinstance(rng, (int, np.integer)) and not isinstance(rng, bool):
         return np.random.default_rng(int(rng))
-    raise ValueError(f"rng must be a numpy Generator, an int seed or None, got {type(rng).__name__}: {rng!r}")
+    raise ValueError(f"rng must be a numpy Generator or an int seed, got {type(rng).__name__}: {rng!r}")

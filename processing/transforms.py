@@ -88,43 +88,91 @@ def convert_to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
         raise ValueError(f"Cannot convert an image of mode {mode!r} to RGB: {error}") from error
 
 
-def to_pil_image(image) -> PIL.Image.Image:
-    """
-    Converts a PIL image, numpy array or torch tensor to an RGB PIL image.
+_CHANNEL_FORMATS = ("channels_first", "channels_last")
 
-    Arrays may be `(H, W)`, `(H, W, C)` or `(C, H, W)` with C in {1, 3, 4} (channels-first is assumed when the first
-    axis has 1, 3 or 4 entries and the last does not). Integer arrays are 8-bit (uint16 is read as 16-bit); float
-    arrays must hold values in [0, 1].
-    """
-    if isinstance(image, PIL.Image.Image):
-        return convert_to_rgb(image)
-    if isinstance(image, torch.Tensor):
-        image = image.detach().cpu().numpy()
-    if not isinstance(image, np.ndarray):
-        raise ValueError(f"Expected a PIL image, numpy array or torch tensor, got {type(image).__name__}")
-    if image.ndim == 3 and image.shape[0] in (1, 3, 4) and image.shape[-1] not in (1, 3, 4):
-        image = image.transpose(1, 2, 0)
-    if image.ndim == 3 and image.shape[-1] == 1:
-        image = image[..., 0]
-    if image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[-1] not in (3, 4)):
-        raise ValueError(
-            f"Expected an image of shape (H, W), (H, W, C) or (C, H, W) with C in 1/3/4, got {image.shape}"
-        )
+
+def _channels_last(image: np.ndarray, input_data_format: str | None) -> np.ndarray:
+    """`(H, W)` stays; a 3-D array becomes `(H, W, C)`. Without `input_data_format` ("channels_first" or
+    "channels_last", or transformers' `ChannelDimension`), channels-first is assumed when the first axis has 1, 3 or
+    4 entries and the last does not."""
+    if image.ndim == 2:
+        return image
+    if image.ndim != 3:
+        raise ValueError(f"Expected an image of shape (H, W), (H, W, C) or (C, H, W), got {image.shape}")
+    if input_data_format is None:
+        channels_first = image.shape[0] in (1, 3, 4) and image.shape[-1] not in (1, 3, 4)
+    else:
+        # transformers' ChannelDimension is a str enum: its value is the plain string.
+        input_data_format = str(getattr(input_data_format, "value", input_data_format))
+        if input_data_format not in _CHANNEL_FORMATS:
+            raise ValueError(f"input_data_format must be one of {_CHANNEL_FORMATS} or None, got {input_data_format!r}")
+        channels_first = input_data_format == "channels_first"
+    return image.transpose(1, 2, 0) if channels_first else image
+
+
+def _to_uint8(image: np.ndarray) -> np.ndarray:
+    """8-bit pixels of an array: floats must be in [0, 1], uint16 is 16-bit, other integers must be in [0, 255]."""
     if np.issubdtype(image.dtype, np.floating):
         low, high = float(image.min()), float(image.max())
         if low < 0 or high > 1:
             raise ValueError(f"Float images must hold values in [0, 1], got values in [{low}, {high}]")
-        image = np.round(image * 255.0).astype(np.uint8)
-    elif image.dtype == np.uint16:
-        image = np.round(image / 257.0).astype(np.uint8)
-    elif image.dtype == np.bool_:
-        image = image.astype(np.uint8) * 255
-    elif image.dtype != np.uint8:
+        return np.round(image * 255.0).astype(np.uint8)
+    if image.dtype == np.uint16:
+        return np.round(image / 257.0).astype(np.uint8)
+    if image.dtype == np.bool_:
+        return image.astype(np.uint8) * 255
+    if image.dtype != np.uint8:
         low, high = int(image.min()), int(image.max())
         if low < 0 or high > 255:
             raise ValueError(f"Integer images must hold values in [0, 255], got values in [{low}, {high}]")
-        image = image.astype(np.uint8)
-    return convert_to_rgb(PIL.Image.fromarray(np.ascontiguousarray(image)))
+        return image.astype(np.uint8)
+    return image
+
+
+def _as_array(image) -> np.ndarray:
+    if isinstance(image, torch.Tensor):
+        return image.detach().cpu().numpy()
+    if not isinstance(image, np.ndarray):
+        raise ValueError(f"Expected a PIL image, numpy array or torch tensor, got {type(image).__name__}")
+    return image
+
+
+def to_pil_image(image, input_data_format: str | None = None) -> PIL.Image.Image:
+    """
+    Converts a PIL image, numpy array or torch tensor to an RGB PIL image.
+
+    Arrays may be `(H, W)`, `(H, W, C)` or `(C, H, W)` with C in {1, 3, 4}: `input_data_format`
+    ("channels_first" / "channels_last") says which; without it, channels-first is assumed when the first axis has
+    1, 3 or 4 entries and the last does not. Integer arrays are 8-bit (uint16 is read as 16-bit); float arrays must
+    hold values in [0, 1].
+    """
+    if isinstance(image, PIL.Image.Image):
+        return convert_to_rgb(image)
+    image = _channels_last(_as_array(image), input_data_format)
+    if image.ndim == 3 and image.shape[-1] == 1:
+        image = image[..., 0]
+    if image.ndim == 3 and image.shape[-1] not in (3, 4):
+        raise ValueError(
+            f"Expected an image of shape (H, W), (H, W, C) or (C, H, W) with C in 1/3/4, got {image.shape}"
+        )
+    return convert_to_rgb(PIL.Image.fromarray(np.ascontiguousarray(_to_uint8(image))))
+
+
+def to_channel_images(image, input_data_format: str | None = None) -> list[PIL.Image.Image]:
+    """
+    The channels of an image as it is, without RGB conversion: one 8-bit (mode "L") PIL image per channel, in order
+    (e.g. 4 for RGBA input, 1 for grayscale). Arrays follow `to_pil_image`'s layout and dtype rules, with any number
+    of channels; a PIL image gives the channels of its mode (a palette image its palette indices, as
+    `numpy.asarray` does).
+    """
+    array = (
+        np.asarray(image)
+        if isinstance(image, PIL.Image.Image)
+        else _channels_last(_as_array(image), input_data_format)
+    )
+    array = _to_uint8(array)
+    planes = [array] if array.ndim == 2 else [array[..., channel] for channel in range(array.shape[-1])]
+    return [PIL.Image.fromarray(np.ascontiguousarray(plane)) for plane in planes]
 
 
 class Compose:
@@ -406,6 +454,9 @@ def center_square_box(width: int, height: int) -> tuple[int, int, int, int]:
     return (height - side) // 2, (width - side) // 2, side, side
 
 
-def to_float_array(image: PIL.Image.Image) -> np.ndarray:
-    """RGB PIL image -> `(3, H, W)` float32 array in [0, 1]."""
-    return np.asarray(image, dtype=np.float32).transpose(2, 0, 1) / 255.0
+def to_float_array(image: PIL.Image.Image | Sequence[PIL.Image.Image]) -> np.ndarray:
+    """RGB PIL image -> `(3, H, W)` float32 array in [0, 1]; a list of single-channel images (`to_channel_images`)
+    -> `(C, H, W)`."""
+    if isinstance(image, PIL.Image.Image):
+        return np.asarray(image, dtype=np.float32).transpose(2, 0, 1) / 255.0
+    return np.stack([np.asarray(plane, dtype=np.float32) for plane in image]) / 255.0

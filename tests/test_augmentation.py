@@ -79,7 +79,9 @@ def test_mim_training_views_and_masks_equal_the_previous_implementation(preset):
         processor = BeitV2ImageProcessor.for_beit_v1(mask_type="random", **settings)
     augmentation = processor.training_augmentation()
     for seed, expected in enumerate(PREVIOUS_MIM[preset]):
-        out = processor(texture(), augmentation=augmentation, rng=np.random.default_rng(seed), return_tensors="np")
+        out = processor.pretraining_inputs(
+            texture(), augmentation=augmentation, rng=np.random.default_rng(seed), return_tensors="np"
+        )
         got = (
             summary(to_uint8(out["pixel_values"][0])),
             summary(to_uint8(out["tokenizer_pixel_values"][0])),
@@ -94,7 +96,9 @@ def test_vqkd_classification_and_segmentation_equal_the_previous_implementation(
     segmentation = SegmentationAugmentation(crop_size=40)
     image = texture()
     for seed in range(4):
-        out = vqkd(image, augmentation=vqkd.training_augmentation(), rng=np.random.default_rng(seed))
+        out = vqkd.pretraining_inputs(
+            image, augmentation=vqkd.training_augmentation(), rng=np.random.default_rng(seed)
+        )
         assert summary(to_uint8(out["pixel_values"][0])) == PREVIOUS_VQKD[seed]
         assert summary(classification(image, np.random.default_rng(seed))) == PREVIOUS_CLASSIFICATION[seed]
         pixels, labels = segmentation(image, labels_for(image), np.random.default_rng(seed))

@@ -146,7 +146,6 @@ def test_pretraining_data_loader_collates_with_the_mim_collator(tmp_path):
     from data_sources import load_image_stream
     from dataloader_state import build_dataloader
     from image_datasets import ImageStream
-    from training import image_transform
 
     from processing import BeitV2ImageProcessor
 
@@ -154,7 +153,15 @@ def test_pretraining_data_loader_collates_with_the_mim_collator(tmp_path):
         PIL.Image.new("RGB", (40, 30), (index, 60, 90)).save(tmp_path / f"{index}.png")
     dataset, column = load_image_stream(train_dir=str(tmp_path))
     processor = BeitV2ImageProcessor(image_size=32, patch_size=8, tokenizer_image_size=16, min_num_patches=2)
-    stream = ImageStream(dataset, column, image_transform(processor, augment=True), seed=0, with_ids=True)
+    augmentation = processor.training_augmentation()
+
+    def transform(image, rng):
+        # The scripts' per-example transform (examples/training.py `image_transform`): the pretraining inputs of
+        # one image, drawn from the example's own generator, without the batch axis.
+        features = processor.pretraining_inputs(image, augmentation=augmentation, rng=rng, return_tensors="np")
+        return {name: values[0] for name, values in features.items()}
+
+    stream = ImageStream(dataset, column, transform, seed=0, with_ids=True)
     loader = build_dataloader(stream, batch_size=2)
     # The scripts' loaders batch with the one MIM collator (which keeps the audit ids as strings).
     assert isinstance(loader.collate_fn, DataCollatorForMaskedImageModeling)

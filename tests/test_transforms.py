@@ -19,6 +19,7 @@ from processing import (
     convert_to_rgb,
     to_pil_image,
 )
+from processing.transforms import to_channel_images
 
 
 def coordinate_image(width=200, height=150):
@@ -68,6 +69,35 @@ def test_to_pil_image_accepts_arrays_and_tensors():
     assert to_pil_image(gray16).getpixel((0, 0)) == (9, 9, 9)
     rgba = np.zeros((2, 2, 4), dtype=np.uint8)
     assert to_pil_image(rgba).getpixel((0, 0)) == (255, 255, 255)
+
+
+def test_input_data_format_overrides_the_inferred_channel_axis():
+    # (3, 4, 3): inferred as channels-first (first axis 3, last axis 3 is also a channel count, so channels-last
+    # wins only when said); the argument decides.
+    image = np.random.default_rng(0).integers(0, 256, (3, 4, 3), dtype=np.uint8)
+    np.testing.assert_array_equal(np.asarray(to_pil_image(image, input_data_format="channels_last")), image)
+    np.testing.assert_array_equal(
+        np.asarray(to_pil_image(image, input_data_format="channels_first")), image.transpose(1, 2, 0)
+    )
+    with pytest.raises(ValueError, match="input_data_format must be one of"):
+        to_pil_image(image, input_data_format="last")
+
+
+def test_channel_images_keep_every_channel_as_it_is():
+    rgba = np.random.default_rng(0).integers(0, 256, (5, 6, 4), dtype=np.uint8)
+    for image, layout in (
+        (rgba, None),
+        (rgba.transpose(2, 0, 1), "channels_first"),
+        (PIL.Image.fromarray(rgba), None),
+    ):
+        planes = to_channel_images(image, layout)
+        assert [plane.mode for plane in planes] == ["L"] * 4
+        np.testing.assert_array_equal(np.stack([np.asarray(plane) for plane in planes], axis=-1), rgba)
+    # Any channel count; 2-D is one channel; dtype rules as to_pil_image.
+    assert len(to_channel_images(np.zeros((5, 6, 7), dtype=np.uint8), "channels_last")) == 7
+    assert len(to_channel_images(np.zeros((5, 6), dtype=np.float32))) == 1
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        to_channel_images(np.full((5, 6, 2), 3.0))
 
 
 @pytest.mark.parametrize(
