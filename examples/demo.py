@@ -46,8 +46,9 @@ import time
 from pathlib import Path
 
 import torch
-from demo_data import CLASS_NAMES, write_demo_dataset, write_showcase
-from demo_jobs import (
+
+from demo_pipeline.data import CLASS_NAMES, write_demo_dataset, write_showcase
+from demo_pipeline.jobs import (
     Job,
     fine_tuning_arguments,
     mim_arguments,
@@ -59,7 +60,7 @@ from demo_jobs import (
     visualize_mim_arguments,
     vqkd_arguments,
 )
-from demo_report import (
+from demo_pipeline.report import (
     TrainingLogs,
     classify_with_pipeline,
     collect_results,
@@ -67,9 +68,8 @@ from demo_report import (
     plot_reconstructions,
     write_results,
 )
-from demo_settings import IMAGE_SIZE, NUM_CODES, PATCH_SIZE, SIZES, WIDTH, DemoPaths
-from demo_teacher import train_teacher
-
+from demo_pipeline.settings import IMAGE_SIZE, NUM_CODES, PATCH_SIZE, SIZES, WIDTH, DemoPaths
+from demo_pipeline.teacher import train_teacher
 from modeling_beitv2 import BeitV2Config, BeitV2ForMaskedImageModeling, DVAEConfig, DVAEModel
 
 

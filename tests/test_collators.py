@@ -143,11 +143,7 @@ def test_mixup_rejects_out_of_range_labels():
 
 def test_pretraining_data_loader_collates_with_the_mim_collator(tmp_path):
     pytest.importorskip("datasets")
-    from data_sources import load_image_stream
-    from dataloader_state import build_dataloader
-    from image_datasets import ImageStream
-    from training import image_transform
-
+    from pretraining.data import ImageStream, build_dataloader, image_transform, load_image_stream
     from processing import BeitV2ImageProcessor
 
     for index in range(4):

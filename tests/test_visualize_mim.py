@@ -5,11 +5,10 @@ recomputed independently from the saved models."""
 import numpy as np
 import pytest
 import torch
-from demo_data import write_demo_dataset
 from PIL import Image
-from plots import DPI, GRID_CAPTION_HEIGHT, GRID_HEADER_HEIGHT
 from visualize_mim import COLUMN_TITLES, MASK_GREY, main
 
+from demo_pipeline.data import write_demo_dataset
 from modeling_beitv2 import (
     BeitV2Config,
     BeitV2ForMaskedImageModeling,
@@ -20,6 +19,7 @@ from modeling_beitv2 import (
     VQKDPixelDecoder,
 )
 from modeling_beitv2.configuration_vqkd import vqkd_decoder_config, vqkd_encoder_config
+from pretraining.plots import DPI, GRID_CAPTION_HEIGHT, GRID_HEADER_HEIGHT
 from processing import BeitV2ImageProcessor
 
 NUM_CODES, NUM_MASKED, PANEL = 16, 6, 64

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from demo_data import CLASS_NAMES, load_labelled_images
-from demo_settings import BATCH_SIZE, IMAGE_SIZE, PATCH_SIZE, WIDTH
 from torch import nn
 from transformers import ViTConfig, ViTImageProcessor, ViTModel
 
+from demo_pipeline.data import CLASS_NAMES, load_labelled_images
+from demo_pipeline.settings import BATCH_SIZE, IMAGE_SIZE, PATCH_SIZE, WIDTH
 from processing import VQKDImageProcessor
 
 
