@@ -114,7 +114,7 @@ def pixel_normaliser(image_processor: BeitImageProcessor) -> Callable[[PIL.Image
 class LayerDecayTrainer(Trainer):
     """`Trainer` with BEiT's parameter groups and soft-target cross entropy.
 
-    - `create_optimizer` builds the weight-decay / layer-decay groups of `param_groups.build_param_groups`, each
+    - `create_optimizer` builds the weight-decay / layer-decay groups of `pretraining.loop.build_param_groups`, each
       with its own initial lr, and hands them to the optimizer class `TrainingArguments.optim` selects.
     - `compute_loss` takes soft labels `(batch, num_classes)` (mixup/cutmix/label smoothing) with
       `-sum(target * log_softmax(logits))`; integer labels (class ids, segmentation maps) go to the model's own loss.
