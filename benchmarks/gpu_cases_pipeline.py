@@ -19,9 +19,9 @@ def loader_worker_counts() -> list[int]:
 
 
 def pipeline_section(bench: Bench) -> None:
-    try:  # all four need `datasets`
+    try:  # needs `datasets`
+        # The sources, the stream, the loader and the per-image transform the training scripts run.
         data = import_examples_module("pretraining.data")
-        training = import_examples_module("training")  # the per-image transform the training scripts run
     except ImportError as error:
         raise SectionSkipped(
             f"the examples' data modules cannot be imported: {error} (carry the datasets wheels)."
@@ -36,7 +36,7 @@ def pipeline_section(bench: Bench) -> None:
         num_masking_patches=sizes.num_masked_patches,
         tokenizer_image_size=sizes.image_size,
     )
-    transform = training.image_transform(processor, augment=True)
+    transform = data.image_transform(processor, augment=True)
     for workers in loader_worker_counts():
         try:
             dataset, image_column = data.load_image_stream(train_dir=str(images), min_shards=workers)
