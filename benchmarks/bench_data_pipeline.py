@@ -34,7 +34,7 @@ from processing import BeitV2ImageProcessor, DataCollatorForMaskedImageModeling 
 
 # The training scripts import their helpers as top-level modules from examples/.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-from training import image_transform  # noqa: E402
+from pretraining.data import image_transform  # noqa: E402
 
 torch.set_num_threads(1)
 

@@ -18,8 +18,7 @@ both rewritten after every measurement, so a run cut short keeps what it measure
 * ``official``: with `--official_beit2_dir` (a checkout of microsoft/unilm's ``beit2/``, imported from there, never
   copied here; needs timm and einops), the official `VisionTransformerForMaskedImageModelingCLS` step and the official
   VQKD tokenizer under fp16 autocast, as its training engine calls it.
-* ``pipeline``: `BeitV2ImageProcessor` + collation through the project's data path (examples/data_sources.py,
-  image_datasets.py, dataloader_state.py) with `os.cpu_count() - 2` DataLoader workers and with 1, on 500x375 JPEGs
+* ``pipeline``: `BeitV2ImageProcessor` + collation through the project's data path (examples/pretraining/data.py) with `os.cpu_count() - 2` DataLoader workers and with 1, on 500x375 JPEGs
   it writes itself.
 * ``scripts``: examples/run_mim.py and run_vqkd.py end to end as subprocesses on those JPEGs (a random VQ-KD
   tokenizer / a random CLIP-B/16 teacher saved first), read back from their metrics.jsonl, first window skipped.

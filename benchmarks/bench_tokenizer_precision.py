@@ -8,7 +8,7 @@ what that costs in labels: the fraction of patches whose code under bf16 / fp16 
 * a "converted-style" random tokenizer: the official base-decoder3 shape (ViT-B/16 encoder at 224 px, 8192 x 32
   unit codebook, random weights), the configuration that official checkpoints convert to.
 
-Images are the demo's generated pattern images (`examples/demo_data.py`) at each tokenizer's resolution, or
+Images are the demo's generated pattern images (`examples/demo_pipeline/data.py`) at each tokenizer's resolution, or
 `--images DIR` (any image folder). Prints one JSON line per tokenizer and precision.
 
     python benchmarks/bench_tokenizer_precision.py --tokenizer demo_output/vqkd [--num_images 64] [--device cuda]
@@ -30,8 +30,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
-from demo_data import render_pattern  # noqa: E402
-
+from demo_pipeline.data import render_pattern  # noqa: E402
 from modeling_beitv2 import VQKDConfig, VQKDModel  # noqa: E402
 from processing import VQKDImageProcessor  # noqa: E402
 

@@ -1,6 +1,6 @@
 """bench_gpu.py's ``pipeline`` section: run_mim.py's per-image transform and collator through the examples' data path.
 
-It streams the generated JPEGs through examples/data_sources.py, image_datasets.py and dataloader_state.py (imported
+It streams the generated JPEGs through examples/pretraining/data.py (imported
 only here, so that the model sections run without ``datasets``) with all cores but two and with one worker.
 """
 
@@ -19,11 +19,9 @@ def loader_worker_counts() -> list[int]:
 
 
 def pipeline_section(bench: Bench) -> None:
-    try:  # all four need `datasets`
-        data_sources = import_examples_module("data_sources")
-        image_datasets = import_examples_module("image_datasets")
-        dataloader_state = import_examples_module("dataloader_state")
-        training = import_examples_module("training")  # the per-image transform the training scripts run
+    try:  # needs `datasets`
+        # The sources, the stream, the loader and the per-image transform the training scripts run.
+        data = import_examples_module("pretraining.data")
     except ImportError as error:
         raise SectionSkipped(
             f"the examples' data modules cannot be imported: {error} (carry the datasets wheels)."
@@ -38,14 +36,12 @@ def pipeline_section(bench: Bench) -> None:
         num_masking_patches=sizes.num_masked_patches,
         tokenizer_image_size=sizes.image_size,
     )
-    transform = training.image_transform(processor, augment=True)
+    transform = data.image_transform(processor, augment=True)
     for workers in loader_worker_counts():
         try:
-            dataset, image_column = data_sources.load_image_stream(train_dir=str(images), min_shards=workers)
-            stream = image_datasets.ImageStream(dataset, image_column, transform, seed=0, shuffle_buffer_size=1000)
-            loader = dataloader_state.build_dataloader(
-                stream, sizes.batch_size, workers, pin_memory=bench.device.type == "cuda"
-            )
+            dataset, image_column = data.load_image_stream(train_dir=str(images), min_shards=workers)
+            stream = data.ImageStream(dataset, image_column, transform, seed=0, shuffle_buffer_size=1000)
+            loader = data.build_dataloader(stream, sizes.batch_size, workers, pin_memory=bench.device.type == "cuda")
             measured = measure_loader(
                 loader, warmup_batches=max(1, loader.num_workers), seconds=sizes.pipeline_seconds
             )

@@ -19,13 +19,13 @@ from pathlib import Path
 
 from transformers.models.beit.image_processing_pil_beit import BeitImageProcessorPil
 
-from model_cards import check_hub_model_id, check_license, write_model_card
 from modeling_beitv2.convert_unilm import (
     CONVERSION_KINDS,
     EvaluationPreprocessing,
     convert_checkpoint,
     save_conversion,
 )
+from pretraining.model_cards import check_hub_model_id, check_license, write_model_card
 from processing.evaluation import evaluation_image_processor, family_normalisation
 
 logger = logging.getLogger(__name__)
@@ -98,7 +98,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def convert(args: argparse.Namespace) -> Path:
+def main(argv: list[str] | None = None) -> Path:
+    """Convert the checkpoint the command line names; returns the output folder."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = parse_args(argv)
     id2label = None
     if args.id2label:
         with open(args.id2label) as f:
@@ -140,11 +143,6 @@ def convert(args: argparse.Namespace) -> Path:
         )
         logger.info("Pushed to https://huggingface.co/%s", args.hub_model_id)
     return output_dir
-
-
-def main(argv: list[str] | None = None) -> Path:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    return convert(parse_args(argv))
 
 
 if __name__ == "__main__":

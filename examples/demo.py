@@ -7,11 +7,11 @@
 Stages (every script runs in its own process; the training scripts stream the images with `datasets` from local
 files, the probe loads them with `datasets`):
 
-0. data: a generated dataset of 32 px pattern images in 6 classes (`examples/demo_data.py`), as class folders.
+0. data: a generated dataset of 32 px pattern images in 6 classes (`examples/demo_pipeline/data.py`), as class folders.
 1. teacher: BEiT v2 distils a semantic teacher (CLIP ViT-B/16 in the paper, `openai/clip-vit-base-patch16`),
    which cannot be downloaded here. The demo trains a tiny ViT with the labels instead (mean-pooled patch tokens
    -> linear classifier, so that its patch tokens carry the class), and saves it with its image processor so that
-   `run_vqkd.py --teacher_name_or_path` loads it like any Hub vision model (`examples/demo_teacher.py`).
+   `run_vqkd.py --teacher_name_or_path` loads it like any Hub vision model (`examples/demo_pipeline/teacher.py`).
 2. VQ-KD tokenizer training: `run_vqkd.py`.
 3. masked image modeling: BEiT v2 (`run_mim.py`, VQ-KD targets, patch aggregation) and, for comparison, BEiT
    v1-style (`run_mim.py --beit_v1`). BEiT v1's tokenizer is the DALL-E dVAE, whose weights cannot be downloaded
@@ -34,8 +34,8 @@ baseline), `mim_predictions.png` and `mim_predictions_beit_v1.png` (original | m
 predicted codes), `codebook/usage_histogram.png`, `codebook/code_*.png`, every model folder with its metrics, the
 fine-tuned classifier in `fine_tuning/`, and the log of every subprocess in `logs/`.
 
-This file holds the stage sequence; its helpers are `demo_settings.py` (scale, output folder), `demo_data.py`,
-`demo_teacher.py`, `demo_jobs.py` (each script's command line, the processes) and `demo_report.py` (figures,
+This file holds the stage sequence; its helpers are in `demo_pipeline/`: `settings.py` (scale, output folder), `data.py`,
+`teacher.py`, `jobs.py` (each script's command line, the processes) and `report.py` (figures,
 results).
 """
 
@@ -46,8 +46,9 @@ import time
 from pathlib import Path
 
 import torch
-from demo_data import CLASS_NAMES, write_demo_dataset, write_showcase
-from demo_jobs import (
+
+from demo_pipeline.data import CLASS_NAMES, write_demo_dataset, write_showcase
+from demo_pipeline.jobs import (
     Job,
     fine_tuning_arguments,
     mim_arguments,
@@ -59,7 +60,7 @@ from demo_jobs import (
     visualize_mim_arguments,
     vqkd_arguments,
 )
-from demo_report import (
+from demo_pipeline.report import (
     TrainingLogs,
     classify_with_pipeline,
     collect_results,
@@ -67,9 +68,8 @@ from demo_report import (
     plot_reconstructions,
     write_results,
 )
-from demo_settings import IMAGE_SIZE, NUM_CODES, PATCH_SIZE, SIZES, WIDTH, DemoPaths
-from demo_teacher import train_teacher
-
+from demo_pipeline.settings import IMAGE_SIZE, NUM_CODES, PATCH_SIZE, SIZES, WIDTH, DemoPaths
+from demo_pipeline.teacher import train_teacher
 from modeling_beitv2 import BeitV2Config, BeitV2ForMaskedImageModeling, DVAEConfig, DVAEModel
 
 

@@ -44,17 +44,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 from datasets import Image as ImageFeature
-from downstream import init_classifier_head, load_native_beit
-from fine_tuning import (
-    FineTuningModelArguments,
-    fine_tuning_trainer,
-    load_metric,
-    parse_trainer_arguments,
-    pixel_normaliser,
-    train_evaluate_and_save,
-)
-from image_datasets import decode_or_skip, new_decode_counts
-from labelled_data import (
+from PIL import Image
+from transformers import BeitForImageClassification, TrainingArguments
+
+from finetuning.data import (
     IMAGE_COLUMN_CANDIDATES,
     LABEL_COLUMN_CANDIDATES,
     ClassificationDataArguments,
@@ -64,9 +57,17 @@ from labelled_data import (
     load_image_classification_data,
     prepare_splits,
 )
-from PIL import Image
-from transformers import BeitForImageClassification, TrainingArguments
-
+from finetuning.trainer import (
+    FineTuningModelArguments,
+    fine_tuning_trainer,
+    init_classifier_head,
+    load_metric,
+    load_native_beit,
+    parse_trainer_arguments,
+    pixel_normaliser,
+    train_evaluate_and_save,
+)
+from pretraining.data import decode_or_skip, new_decode_counts
 from processing.augmentation import ClassificationAugmentation
 from processing.evaluation import evaluation_image_processor, saved_normalisation
 from processing.random_state import ProcessLocalRNG
@@ -167,8 +168,29 @@ class DataArguments(ClassificationDataArguments):
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ValueError(f"--label_smoothing must be in [0, 1), got {self.label_smoothing}.")
 
+    def recipe_summary(self, image_size: int | None) -> dict:
+        """The classification choices worth showing on the model card, after the settings every fine-tuning run
+        has (`finetuning.trainer.fine_tuning_trainer`); `image_size` is --image_size."""
+        return {
+            "image_size": image_size or "pretraining size",
+            "recipe": self.recipe,
+            "rand_augment": f"{self.rand_augment_num_ops} ops, magnitude {self.rand_augment_magnitude}",
+            "random_erasing": self.random_erasing,
+            "mixup / cutmix": f"{self.mixup_alpha} / {self.cutmix_alpha}",
+            "label_smoothing": self.label_smoothing,
+        }
 
-def build_transforms(data_args: DataArguments, image_size: int, image_processor: BeitImageProcessor, seed: int):
+
+def build_transforms(
+    image_size: int,
+    image_processor: BeitImageProcessor,
+    seed: int,
+    *,
+    rand_augment_num_ops: int,
+    rand_augment_magnitude: float,
+    rand_augment_magnitude_std: float,
+    random_erasing: float,
+):
     """Training augmentation (the reference's RandomResizedCrop → flip → RandAugment → normalise → erasing) and
     the evaluation transform, which is the saved `BeitImageProcessor` itself so that evaluation and
     `pipeline()` see identical inputs."""
@@ -178,11 +200,11 @@ def build_transforms(data_args: DataArguments, image_size: int, image_processor:
     # Its 11 magnitude bins make magnitude 9 the strength of timm's `rand-m9-mstd0.5` used by the reference.
     augmentation = ClassificationAugmentation(
         image_size,
-        rand_augment_num_ops=data_args.rand_augment_num_ops,
-        rand_augment_magnitude=data_args.rand_augment_magnitude,
-        rand_augment_magnitude_std=data_args.rand_augment_magnitude_std,
+        rand_augment_num_ops=rand_augment_num_ops,
+        rand_augment_magnitude=rand_augment_magnitude,
+        rand_augment_magnitude_std=rand_augment_magnitude_std,
     )
-    erase = RandomErasing(data_args.random_erasing)
+    erase = RandomErasing(random_erasing)
 
     def train_one(image: Image.Image) -> torch.Tensor:
         generator = rng.generator
@@ -195,19 +217,6 @@ def build_transforms(data_args: DataArguments, image_size: int, image_processor:
     return train_one, eval_one
 
 
-def recipe_summary(model_args: ModelArguments, data_args: DataArguments) -> dict:
-    """The classification choices worth showing on the model card, after the settings every fine-tuning run has
-    (`fine_tuning.fine_tuning_trainer`)."""
-    return {
-        "image_size": model_args.image_size or "pretraining size",
-        "recipe": data_args.recipe,
-        "rand_augment": f"{data_args.rand_augment_num_ops} ops, magnitude {data_args.rand_augment_magnitude}",
-        "random_erasing": data_args.random_erasing,
-        "mixup / cutmix": f"{data_args.mixup_alpha} / {data_args.cutmix_alpha}",
-        "label_smoothing": data_args.label_smoothing,
-    }
-
-
 def main() -> None:
     model_args, data_args, training_args = parse_trainer_arguments((ModelArguments, DataArguments, TrainingArguments))
     if data_args.streaming and training_args.do_train and training_args.max_steps <= 0:
@@ -216,7 +225,16 @@ def main() -> None:
         # The transform turns the image column into pixel_values on the fly; Trainer must not drop it first.
         training_args.remove_unused_columns = False
 
-    raw = load_image_classification_data(data_args, streaming=data_args.streaming, cache_dir=model_args.cache_dir)
+    raw = load_image_classification_data(
+        dataset_name=data_args.dataset_name,
+        dataset_config_name=data_args.dataset_config_name,
+        train_dir=data_args.train_dir,
+        validation_dir=data_args.validation_dir,
+        train_split=data_args.train_split,
+        validation_split=data_args.validation_split,
+        streaming=data_args.streaming,
+        cache_dir=model_args.cache_dir,
+    )
     columns = list(next(iter(raw.values())).features)  # every split has the same columns
     image_column = detect_column(columns, data_args.image_column_name, IMAGE_COLUMN_CANDIDATES, "image")
     label_column = detect_column(columns, data_args.label_column_name, LABEL_COLUMN_CANDIDATES, "label")
@@ -226,7 +244,7 @@ def main() -> None:
     raw = raw.cast_column(image_column, ImageFeature(decode=False))
     raw = prepare_splits(
         raw,
-        data_args,
+        data_args.splits(),
         training_args.seed,
         do_train=training_args.do_train,
         do_eval=training_args.do_eval,
@@ -252,7 +270,15 @@ def main() -> None:
     image_processor = evaluation_image_processor(image_size, image_mean, image_std, crop_pct=data_args.crop_pct)
     # Each rank draws its own augmentations (the data differs per rank already; the random crops must too).
     augmentation_seed = training_args.seed + training_args.process_index
-    train_one, eval_one = build_transforms(data_args, image_size, image_processor, augmentation_seed)
+    train_one, eval_one = build_transforms(
+        image_size,
+        image_processor,
+        augmentation_seed,
+        rand_augment_num_ops=data_args.rand_augment_num_ops,
+        rand_augment_magnitude=data_args.rand_augment_magnitude,
+        rand_augment_magnitude_std=data_args.rand_augment_magnitude_std,
+        random_erasing=data_args.random_erasing,
+    )
 
     decode_counts = new_decode_counts()
 
@@ -310,19 +336,22 @@ def main() -> None:
 
     trainer = fine_tuning_trainer(
         model,
-        model_args,
-        data_args,
         training_args,
+        model_name_or_path=model_args.model_name_or_path,
+        dataset_name=data_args.dataset_name,
+        layer_decay=model_args.layer_decay,
+        drop_path_rate=model_args.drop_path_rate,
+        license=model_args.license,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         image_processor=image_processor,
         compute_metrics=compute_metrics,
         card_kind="classifier",
-        card_settings=recipe_summary(model_args, data_args),
+        card_settings=data_args.recipe_summary(model_args.image_size),
         train_data_collator=train_collator,
     )
 
-    train_evaluate_and_save(trainer, training_args)
+    train_evaluate_and_save(trainer)
 
 
 if __name__ == "__main__":

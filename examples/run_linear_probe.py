@@ -40,8 +40,11 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 from datasets import Image as ImageFeature
-from image_datasets import decode_or_skip, new_decode_counts
-from labelled_data import (
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import AutoConfig, BeitModel, set_seed
+
+from finetuning.data import (
     IMAGE_COLUMN_CANDIDATES,
     LABEL_COLUMN_CANDIDATES,
     ClassificationDataArguments,
@@ -51,18 +54,15 @@ from labelled_data import (
     load_image_classification_data,
     prepare_splits,
 )
-from pretraining_arguments import parse_arguments
-from torch import nn
-from tqdm.auto import tqdm
-from transformers import AutoConfig, BeitModel, set_seed
-
 from modeling_beitv2 import BeitV2ForMaskedImageModeling
+from pretraining.arguments import parse_arguments
+from pretraining.data import decode_or_skip, new_decode_counts
 from processing.evaluation import evaluation_image_processor, saved_normalisation
 
 logger = logging.getLogger(__name__)
 
 
-# Keyword-only: the required fields below follow the data flags' defaults (declared in `labelled_data`).
+# Keyword-only: the required fields below follow the data flags' defaults (declared in `finetuning.data`).
 @dataclass(kw_only=True)
 class ProbeArguments(ClassificationDataArguments):
     """The shared classification data flags (the probe trains on `--train_split` and is evaluated on
@@ -128,7 +128,7 @@ class FrozenBackbone(nn.Module):
 def extract_features(backbone, split, image_column, label_column, processor, batch_size, device, description):
     """Featurise a dataset split: returns `(features (N, hidden_size) float32, labels (N,) int64)` on CPU.
 
-    Images are decoded here (`image_datasets.decode_or_skip`): odd modes become RGB, and an unreadable image is
+    Images are decoded here (`pretraining.data.decode_or_skip`): odd modes become RGB, and an unreadable image is
     skipped with its label and logged with its reason, instead of stopping the run.
     """
     split = split.cast_column(image_column, ImageFeature(decode=False))
@@ -153,21 +153,32 @@ def extract_features(backbone, split, image_column, label_column, processor, bat
 
 
 def train_linear_probe(
-    train_features: torch.Tensor, train_labels: torch.Tensor, num_classes: int, args: ProbeArguments
+    train_features: torch.Tensor,
+    train_labels: torch.Tensor,
+    num_classes: int,
+    *,
+    batch_norm: bool,
+    learning_rate: float,
+    batch_size: int,
+    weight_decay: float,
+    num_epochs: int,
+    warmup_epochs: int,
+    seed: int,
+    device: str,
 ) -> nn.Module:
     """Train BatchNorm(affine=False) + Linear on cached features with SGD, warmup + cosine lr (see module doc)."""
-    generator = torch.Generator().manual_seed(args.seed)
+    generator = torch.Generator().manual_seed(seed)
     dim = train_features.shape[1]
     head = nn.Linear(dim, num_classes)
     with torch.no_grad():
         nn.init.trunc_normal_(head.weight, std=0.01, generator=generator)
         nn.init.zeros_(head.bias)
-    probe = nn.Sequential(nn.BatchNorm1d(dim, affine=False, eps=1e-6), head) if args.batch_norm else head
-    probe = probe.to(args.device)
-    base_lr = args.learning_rate * args.probe_batch_size / 256
-    optimizer = torch.optim.SGD(probe.parameters(), lr=base_lr, momentum=0.9, weight_decay=args.weight_decay)
-    steps_per_epoch = math.ceil(len(train_features) / args.probe_batch_size)
-    total_steps, warmup_steps = args.num_train_epochs * steps_per_epoch, args.warmup_epochs * steps_per_epoch
+    probe = nn.Sequential(nn.BatchNorm1d(dim, affine=False, eps=1e-6), head) if batch_norm else head
+    probe = probe.to(device)
+    base_lr = learning_rate * batch_size / 256
+    optimizer = torch.optim.SGD(probe.parameters(), lr=base_lr, momentum=0.9, weight_decay=weight_decay)
+    steps_per_epoch = math.ceil(len(train_features) / batch_size)
+    total_steps, warmup_steps = num_epochs * steps_per_epoch, warmup_epochs * steps_per_epoch
 
     def lr_at(step: int) -> float:
         if step < warmup_steps:
@@ -177,16 +188,16 @@ def train_linear_probe(
 
     probe.train()
     step = 0
-    for _ in range(args.num_train_epochs):
+    for _ in range(num_epochs):
         order = torch.randperm(len(train_features), generator=generator)
-        for start in range(0, len(order), args.probe_batch_size):
-            index = order[start : start + args.probe_batch_size]
-            if len(index) < 2 and args.batch_norm:
+        for start in range(0, len(order), batch_size):
+            index = order[start : start + batch_size]
+            if len(index) < 2 and batch_norm:
                 continue  # BatchNorm cannot normalise a batch of one
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step)
-            logits = probe(train_features[index].to(args.device))
-            loss = nn.functional.cross_entropy(logits, train_labels[index].to(args.device))
+            logits = probe(train_features[index].to(device))
+            loss = nn.functional.cross_entropy(logits, train_labels[index].to(device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -231,8 +242,15 @@ def main() -> None:
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     set_seed(args.seed)
 
-    raw = load_image_classification_data(args)
-    raw = prepare_splits(raw, args, args.seed, do_train=True, do_eval=True)
+    raw = load_image_classification_data(
+        dataset_name=args.dataset_name,
+        dataset_config_name=args.dataset_config_name,
+        train_dir=args.train_dir,
+        validation_dir=args.validation_dir,
+        train_split=args.train_split,
+        validation_split=args.validation_split,
+    )
+    raw = prepare_splits(raw, args.splits(), args.seed, do_train=True, do_eval=True)
     splits = {
         "train": first_examples(raw[args.train_split], args.max_train_samples),
         "eval": first_examples(raw[args.validation_split], args.max_eval_samples),
@@ -266,7 +284,19 @@ def main() -> None:
         "eval features",
     )
 
-    probe = train_linear_probe(train_features, train_labels, num_classes, args)
+    probe = train_linear_probe(
+        train_features,
+        train_labels,
+        num_classes,
+        batch_norm=args.batch_norm,
+        learning_rate=args.learning_rate,
+        batch_size=args.probe_batch_size,
+        weight_decay=args.weight_decay,
+        num_epochs=args.num_train_epochs,
+        warmup_epochs=args.warmup_epochs,
+        seed=args.seed,
+        device=args.device,
+    )
     with torch.no_grad():
         eval_logits = probe(eval_features.to(args.device)).cpu()
     results = {

@@ -25,46 +25,66 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from checkpoint_folders import prepare_output_dir, resolve_checkpoint
-from checkpointing import load_checkpoint, restore_rng_states, save_checkpoint
-from dataloader_state import dataloader_state_from_json, dataloader_state_to_json, image_counts, resume_dataloader
-from loop_monitors import MetricsWindow, NonFiniteGuard, StopSignal, sum_over_ranks, write_record
-from model_configs import mim_config, pretrained_config_updates
-from pretraining_arguments import (
+from tqdm.auto import tqdm
+
+from modeling_beitv2 import BEITV2_PRESETS, BeitV2Config, BeitV2ForMaskedImageModeling, DVAEModel, VQKDModel
+from modeling_beitv2.attention import BEIT_FLEX_ATTENTION
+from pretraining.arguments import (
+    DEFAULT_IMAGE_SIZE,
+    FROZEN_MODEL_PRECISIONS,
     DataArguments,
     PretrainingArguments,
     check_choice,
+    check_hub_access,
     check_range,
+    frozen_model_precision_field,
+    image_size_field,
+    mim_config,
     parse_arguments,
+    pretrained_config_updates,
+    resolve_frozen_model_precision,
 )
-from schedules import build_lr_scheduler, resolve_learning_rate, resolve_training_steps
-from startup_checks import check_hub_access
-from tqdm.auto import tqdm
-from training import (
-    FROZEN_MODEL_PRECISIONS,
+from pretraining.checkpoints import (
+    load_checkpoint,
+    prepare_output_dir,
+    resolve_checkpoint,
+    restore_rng_states,
+    save_checkpoint,
+)
+from pretraining.data import (
+    evaluation_dataloader,
+    image_counts,
+    image_transform,
+    load_datasets,
+    resume_dataloader,
+    stream_size,
+    to_device,
+    training_dataloader,
+)
+from pretraining.loop import (
     PREEMPTED_EXIT_CODE,
+    MetricsWindow,
+    NonFiniteGuard,
+    StopSignal,
+    VisualTokenizer,
     build_accelerator,
+    build_lr_scheduler,
     build_optimizer,
     end_training,
-    evaluation_dataloader,
     export_model,
     final_state,
     frozen_forward,
-    frozen_tokenizer_precision,
     gradient_norm,
-    image_transform,
-    load_datasets,
+    load_visual_tokenizer,
     outside_zero3,
-    stream_size,
-    to_device,
+    resolve_learning_rate,
+    resolve_training_steps,
+    sum_over_ranks,
+    total_batch_size,
     tracker_config,
-    training_dataloader,
+    write_record,
 )
-from visual_tokenizers import VisualTokenizer, load_visual_tokenizer
-
-from model_cards import hub_reference
-from modeling_beitv2 import BEITV2_PRESETS, BeitV2Config, BeitV2ForMaskedImageModeling, DVAEModel, VQKDModel
-from modeling_beitv2.attention import BEIT_FLEX_ATTENTION
+from pretraining.model_cards import hub_reference
 from processing import BeitV2ImageProcessor
 
 logger = logging.getLogger(__name__)
@@ -88,9 +108,7 @@ class MIMModelArguments:
     config_overrides: str | None = field(
         default=None, metadata={"help": "Comma-separated key=value, e.g. 'hidden_size=32,num_hidden_layers=4'."}
     )
-    image_size: int | None = field(
-        default=None, metadata={"help": "Training resolution (default 224, or the --model_name_or_path model's)."}
-    )
+    image_size: int | None = image_size_field()
     mask_ratio: float = field(default=0.4, metadata={"help": "Fraction of patches masked (blockwise)."})
     num_masking_patches: int | None = field(
         default=None,
@@ -109,17 +127,11 @@ class MIMModelArguments:
         default=None,
         metadata={"help": f"Attention of the trained model: {', '.join(ATTENTION_CHOICES)} (default: the model's)."},
     )
-    frozen_model_precision: str = field(
-        default="auto",
-        metadata={
-            "help": "Autocast of the frozen tokenizer: fp32, fp16 or bf16. auto: fp16 under --bf16/--fp16 (its codes "
-            "equal fp32's on 99.9%% of patches, bf16's on 98.5%%; see docs/pretraining.md), fp32 otherwise."
-        },
-    )
+    frozen_model_precision: str = frozen_model_precision_field("tokenizer")
 
     def __post_init__(self):
         check_range("mask_ratio", self.mask_ratio, low=0, high=1, low_inclusive=False, high_inclusive=False)
-        check_range("num_masking_patches", self.num_masking_patches, low=1)
+        # --num_masking_patches is checked once, by the mask generator, against the patch grid it must fit in.
         check_range("drop_path_rate", self.drop_path_rate, low=0, high=1, high_inclusive=False)
         check_range("image_size", self.image_size, low=1)
         check_choice("frozen_model_precision", self.frozen_model_precision, FROZEN_MODEL_PRECISIONS)
@@ -137,46 +149,51 @@ class MIMTrainingArguments(PretrainingArguments):
     max_grad_norm: float | None = field(default=3.0)
 
 
-def load_tokenizer(args: MIMModelArguments, hub_kwargs: dict[str, Any]) -> VisualTokenizer:
+def load_tokenizer(name_or_path: str, beit_v1: bool, hub_kwargs: dict[str, Any]) -> VisualTokenizer:
     """The frozen tokenizer, checked against the BEiT version chosen by --beit_v1."""
-    if args.beit_v1:
-        return load_visual_tokenizer(
-            args.tokenizer_name_or_path, (DVAEModel,), "--beit_v1 needs a DVAEModel", **hub_kwargs
-        )
+    if beit_v1:
+        return load_visual_tokenizer(name_or_path, (DVAEModel,), "--beit_v1 needs a DVAEModel", **hub_kwargs)
     hint = "BEiT v2 needs a VQKDModel, or pass --beit_v1"
-    return load_visual_tokenizer(args.tokenizer_name_or_path, (VQKDModel,), hint, **hub_kwargs)
+    return load_visual_tokenizer(name_or_path, (VQKDModel,), hint, **hub_kwargs)
 
 
 def build_model(
-    args: MIMModelArguments, tokenizer: VisualTokenizer, hub_kwargs: dict[str, Any]
+    tokenizer: VisualTokenizer,
+    hub_kwargs: dict[str, Any],
+    *,
+    model_name_or_path: str | None,
+    config_name: str,
+    config_overrides: str | None,
+    image_size: int | None,
+    drop_path_rate: float | None,
+    beit_v1: bool,
+    attn_implementation: str | None,
 ) -> BeitV2ForMaskedImageModeling:
     """A fresh model from --config_name (+ overrides), or --model_name_or_path with what may change for it (drop
     path); either way checked against the tokenizer's codebook and patch grid."""
-    attention = {} if args.attn_implementation is None else {"attn_implementation": args.attn_implementation}
-    if args.model_name_or_path:
+    if model_name_or_path:
         revision, token = hub_kwargs["revision"], hub_kwargs["token"]
-        config = BeitV2Config.from_pretrained(args.model_name_or_path, revision=revision, token=token)
+        config = BeitV2Config.from_pretrained(model_name_or_path, revision=revision, token=token)
         updates = pretrained_config_updates(
-            config, image_size=args.image_size, drop_path_rate=args.drop_path_rate, overrides=args.config_overrides
+            config, image_size=image_size, drop_path_rate=drop_path_rate, overrides=config_overrides
         )
-        model = BeitV2ForMaskedImageModeling.from_pretrained(
-            args.model_name_or_path, **updates, **attention, **hub_kwargs
-        )
+        attention = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
+        model = BeitV2ForMaskedImageModeling.from_pretrained(model_name_or_path, **updates, **attention, **hub_kwargs)
     else:
         config = mim_config(
-            args.config_name,
-            image_size=args.image_size or 224,
+            config_name,
+            image_size=image_size or DEFAULT_IMAGE_SIZE,
             vocab_size=tokenizer.codebook_size,
-            overrides=args.config_overrides,
-            drop_path_rate=args.drop_path_rate,
-            beit_v1=args.beit_v1,
+            overrides=config_overrides,
+            drop_path_rate=drop_path_rate,
+            beit_v1=beit_v1,
             hub_kwargs=hub_kwargs,
         )
-        if args.attn_implementation is not None:
-            config._attn_implementation = args.attn_implementation
         # The constructor, not `_from_config`: under ZeRO-3 that one initialises inside `deepspeed.zero.Init`, with
         # other random draws than a plain run.
         model = BeitV2ForMaskedImageModeling(config)
+        if attn_implementation is not None:
+            model.set_attn_implementation(attn_implementation)
     config = model.config
     if config.vocab_size != tokenizer.codebook_size:
         raise ValueError(
@@ -191,19 +208,25 @@ def build_model(
 
 
 def build_image_processor(
-    args: MIMModelArguments, model_config: BeitV2Config, tokenizer: VisualTokenizer
+    model_config: BeitV2Config,
+    tokenizer: VisualTokenizer,
+    *,
+    mask_ratio: float,
+    num_masking_patches: int | None,
+    beit_v1: bool,
 ) -> BeitV2ImageProcessor:
+    """The processor of both views; its mask generator checks --num_masking_patches against the patch grid."""
     settings = {
         "image_size": model_config.image_size,
         "patch_size": model_config.patch_size,
-        "mask_ratio": args.mask_ratio,
-        "num_masking_patches": args.num_masking_patches,
+        "mask_ratio": mask_ratio,
+        "num_masking_patches": num_masking_patches,
         "tokenizer_image_size": tokenizer.image_size,
     }
-    return BeitV2ImageProcessor.for_beit_v1(**settings) if args.beit_v1 else BeitV2ImageProcessor(**settings)
+    return BeitV2ImageProcessor.for_beit_v1(**settings) if beit_v1 else BeitV2ImageProcessor(**settings)
 
 
-def evaluate(accelerator, model, tokenize, dataloader, num_masked_patches: int) -> dict[str, float]:
+def evaluate(accelerator, model, tokenize, dataloader, num_masking_patches: int) -> dict[str, float]:
     """`eval_loss`, `eval_loss_mim`, `eval_mim_accuracy` (and the aggregation head's) over the held-out images."""
     model = accelerator.unwrap_model(model)  # no DDP collectives: ranks may hold different numbers of batches
     names = [name for name in MIM_METRICS if model.config.use_patch_aggregation or "aggregation" not in name]
@@ -216,7 +239,7 @@ def evaluate(accelerator, model, tokenize, dataloader, num_masked_patches: int) 
                 pixel_values=batch["pixel_values"],
                 bool_masked_pos=batch["bool_masked_pos"],
                 labels=tokenize(batch["tokenizer_pixel_values"]),
-                num_masked_patches=num_masked_patches,
+                num_masked_patches=num_masking_patches,
             )
         values = [outputs[name].float() for name in names] + [torch.ones((), device=accelerator.device)]
         totals += torch.stack(values) * batch["pixel_values"].shape[0]
@@ -228,36 +251,108 @@ def evaluate(accelerator, model, tokenize, dataloader, num_masked_patches: int) 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Train; returns the final loop state (`step`, `num_nonfinite_steps`, `stop_reason`, `last_metrics`)."""
     model_args, data_args, args = parse_arguments((MIMModelArguments, DataArguments, MIMTrainingArguments), argv)
-    repo_id = check_hub_access(args)
-    accelerator = build_accelerator(args)
+    repo_id = check_hub_access(args.push_to_hub, args.hub_model_id, args.output_dir, args.token)
+    accelerator = build_accelerator(
+        output_dir=args.output_dir,
+        mixed_precision=args.mixed_precision,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        per_device_train_batch_size=args.per_device_train_batch_size,
+        max_grad_norm=args.max_grad_norm,
+        report_to=args.report_to,
+        seed=args.seed,
+    )
     hub_kwargs = {"revision": args.model_revision, "token": args.token, "trust_remote_code": args.trust_remote_code}
     with outside_zero3(accelerator):
-        tokenizer = load_tokenizer(model_args, hub_kwargs).to(accelerator.device)
-    model = build_model(model_args, tokenizer, hub_kwargs)
+        tokenizer = load_tokenizer(model_args.tokenizer_name_or_path, model_args.beit_v1, hub_kwargs).to(
+            accelerator.device
+        )
+    model = build_model(
+        tokenizer,
+        hub_kwargs,
+        model_name_or_path=model_args.model_name_or_path,
+        config_name=model_args.config_name,
+        config_overrides=model_args.config_overrides,
+        image_size=model_args.image_size,
+        drop_path_rate=model_args.drop_path_rate,
+        beit_v1=model_args.beit_v1,
+        attn_implementation=model_args.attn_implementation,
+    )
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
-    processor = build_image_processor(model_args, model.config, tokenizer)
-    num_masked_patches = processor.mask_generator.num_masking_patches  # exact per image: a static shape
+    processor = build_image_processor(
+        model.config,
+        tokenizer,
+        mask_ratio=model_args.mask_ratio,
+        num_masking_patches=model_args.num_masking_patches,
+        beit_v1=model_args.beit_v1,
+    )
+    num_masking_patches = processor.mask_generator.num_masking_patches  # exact per image: a static shape
 
-    train_data, image_column, eval_data, eval_column = load_datasets(accelerator, data_args, args)
+    min_shards = accelerator.num_processes * max(1, data_args.dataloader_num_workers)  # every worker gets data
+    train_data, image_column, eval_data, eval_column = load_datasets(
+        data_args.sources(), min_shards=min_shards, do_eval=args.do_eval, seed=args.seed
+    )
     transform = image_transform(processor, augment=True)
-    dataloader = training_dataloader(accelerator, train_data, image_column, transform, data_args, args)
+    dataloader = training_dataloader(
+        accelerator,
+        train_data,
+        image_column,
+        transform,
+        batch_size=args.per_device_train_batch_size,
+        num_workers=data_args.dataloader_num_workers,
+        seed=args.seed,
+        shuffle_buffer_size=data_args.shuffle_buffer_size,
+        max_samples=data_args.max_train_samples,
+    )
     eval_dataloader = None
     if eval_data is not None:
         transform = image_transform(processor, augment=False)
-        eval_dataloader = evaluation_dataloader(accelerator, eval_data, eval_column, transform, data_args, args)
-    learning_rate = resolve_learning_rate(args, accelerator.num_processes, PAPER_LEARNING_RATE, PAPER_BATCH_SIZE)
+        eval_dataloader = evaluation_dataloader(
+            accelerator,
+            eval_data,
+            eval_column,
+            transform,
+            batch_size=args.per_device_eval_batch_size,
+            num_workers=data_args.dataloader_num_workers,
+            seed=args.seed,
+            max_samples=data_args.max_eval_samples,
+        )
+    learning_rate = resolve_learning_rate(
+        args.learning_rate,
+        per_device_batch_size=args.per_device_train_batch_size,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        num_processes=accelerator.num_processes,
+        paper_lr=PAPER_LEARNING_RATE,
+        paper_batch=PAPER_BATCH_SIZE,
+        min_learning_rate=args.min_learning_rate,
+        lr_scheduler_type=args.lr_scheduler_type,
+    )
+    total_batch = total_batch_size(
+        args.per_device_train_batch_size, args.gradient_accumulation_steps, accelerator.num_processes
+    )
     num_examples = stream_size(train_data, data_args.dataset_split, data_args.max_train_samples)
-    num_training_steps = resolve_training_steps(args, num_examples, accelerator.num_processes)
-    optimizer = build_optimizer(model, args, learning_rate)
-    scheduler = build_lr_scheduler(optimizer, args, num_training_steps)
+    num_training_steps = resolve_training_steps(args.max_steps, args.num_train_epochs, num_examples, total_batch)
+    optimizer = build_optimizer(
+        model,
+        learning_rate,
+        weight_decay=args.weight_decay,
+        betas=(args.adam_beta1, args.adam_beta2),
+        eps=args.adam_epsilon,
+    )
+    scheduler = build_lr_scheduler(
+        optimizer,
+        args.lr_scheduler_type,
+        num_training_steps=num_training_steps,
+        warmup_steps=args.warmup_steps,
+        min_learning_rate=args.min_learning_rate,
+    )
     if args.torch_compile:
         model.compile()  # in place: parameter names, checkpoints and save_pretrained stay those of the model
     model, optimizer = accelerator.prepare(model, optimizer)
     tokenize = frozen_forward(
         tokenizer.get_codebook_indices,
         accelerator,
-        precision=frozen_tokenizer_precision(model_args.frozen_model_precision, args.mixed_precision),
+        precision=resolve_frozen_model_precision(model_args.frozen_model_precision, args.mixed_precision, "tokenizer"),
         compile=args.torch_compile,
     )
 
@@ -269,13 +364,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             accelerator, checkpoint, model=model, optimizer=optimizer, scheduler=scheduler
         )
         state.update(loop_state)
-        resume_dataloader(dataloader, dataloader_state_from_json(dataloader_state))
+        resume_dataloader(dataloader, dataloader_state)
     batches = iter(dataloader)  # draws from the torch RNG, so it comes before the saved RNG states are restored
     if checkpoint is not None:
         restore_rng_states(accelerator, checkpoint)
         logger.info("Resumed from %s at step %d", checkpoint, state["step"])
     if args.report_to != "none":
-        config = tracker_config(model_args, data_args, args, learning_rate=learning_rate, steps=num_training_steps)
+        config = tracker_config(
+            vars(model_args), vars(data_args), vars(args), learning_rate=learning_rate, steps=num_training_steps
+        )
         accelerator.init_trackers("beitv1-mim" if model_args.beit_v1 else "beitv2-mim", config=config)
     logger.info(
         "Masked image modeling (%s) for %d steps with tokenizer %s.",
@@ -297,7 +394,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 pixel_values=batch["pixel_values"],
                 bool_masked_pos=batch["bool_masked_pos"],
                 labels=labels,
-                num_masked_patches=num_masked_patches,
+                num_masked_patches=num_masking_patches,
             )
             if guard.allows_backward(outputs.loss):
                 accelerator.backward(outputs.loss)
@@ -329,7 +426,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if eval_dataloader is not None and (
             step == num_training_steps or (args.eval_steps and step % args.eval_steps == 0)
         ):
-            eval_metrics = evaluate(accelerator, model, tokenize, eval_dataloader, num_masked_patches)
+            eval_metrics = evaluate(accelerator, model, tokenize, eval_dataloader, num_masking_patches)
             write_record(accelerator, window.path, {"step": step, **eval_metrics})
             last_metrics = {**last_metrics, **eval_metrics}
         if (args.save_steps and step % args.save_steps == 0) or stop_reason or step == num_training_steps:
@@ -342,7 +439,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 optimizer=optimizer,
                 scheduler=scheduler,
                 loop_state=state,
-                dataloader_state=dataloader_state_to_json(dataloader.state_dict()),
+                dataloader_state=dataloader.state_dict(),
                 image_processor=processor,
                 save_total_limit=args.save_total_limit,
                 weights_are_finite=stop_reason != "nonfinite",
@@ -354,15 +451,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         export_model(
             accelerator,
             model,
-            args,
-            data_args,
             processor,
-            learning_rate=learning_rate,
-            num_training_steps=num_training_steps,
-            last_metrics=last_metrics,
+            args.output_dir,
             card_kind="mim",
             card_fields={"base_model": hub_reference(model_args.model_name_or_path)},  # sizes: from the config
+            dataset_name=data_args.dataset_name,
+            training_card={
+                "steps": num_training_steps,
+                "total_batch_size": total_batch,
+                "peak_learning_rate": learning_rate,
+                **args.card_settings(),
+            },
+            last_metrics=last_metrics,
+            license=args.license,
+            hub_model_id=args.hub_model_id,
             repo_id=repo_id,
+            token=args.token,
         )
     del model, optimizer, scheduler, dataloader, batches, eval_dataloader, guard  # see end_training
     end_training(accelerator)

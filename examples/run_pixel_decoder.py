@@ -24,7 +24,6 @@ last step (a checkpoint was saved: relaunch with --resume_from_checkpoint latest
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import sys
 from dataclasses import dataclass, field
@@ -32,45 +31,61 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from checkpoint_folders import prepare_output_dir, resolve_checkpoint
-from checkpointing import load_checkpoint, restore_rng_states, save_checkpoint
-from dataloader_state import dataloader_state_from_json, dataloader_state_to_json, image_counts, resume_dataloader
-from loop_monitors import MetricsWindow, NonFiniteGuard, StopSignal, sum_over_ranks, write_record
-from model_configs import parse_config_overrides
-from pixel_baseline import MeanPatchBaseline, psnr
-from pretraining_arguments import (
+from tqdm.auto import tqdm
+
+from modeling_beitv2 import VQKDModel, VQKDPixelDecoder, VQKDPixelDecoderConfig
+from pretraining.arguments import (
+    FROZEN_MODEL_PRECISIONS,
     DataArguments,
     PretrainingArguments,
     check_choice,
+    check_hub_access,
     check_range,
+    frozen_model_precision_field,
     parse_arguments,
+    parse_config_overrides,
+    resolve_frozen_model_precision,
 )
-from schedules import build_lr_scheduler, resolve_learning_rate, resolve_training_steps
-from startup_checks import check_hub_access
-from tqdm.auto import tqdm
-from training import (
-    FROZEN_MODEL_PRECISIONS,
+from pretraining.checkpoints import (
+    load_checkpoint,
+    prepare_output_dir,
+    resolve_checkpoint,
+    restore_rng_states,
+    save_checkpoint,
+)
+from pretraining.data import (
+    evaluation_dataloader,
+    image_counts,
+    image_transform,
+    load_datasets,
+    resume_dataloader,
+    stream_size,
+    to_device,
+    training_dataloader,
+)
+from pretraining.loop import (
     PREEMPTED_EXIT_CODE,
+    MetricsWindow,
+    NonFiniteGuard,
+    StopSignal,
     build_accelerator,
+    build_lr_scheduler,
     build_optimizer,
     end_training,
-    evaluation_dataloader,
     export_model,
     final_state,
     frozen_forward,
-    frozen_tokenizer_precision,
     gradient_norm,
-    image_transform,
-    load_datasets,
+    load_visual_tokenizer,
     outside_zero3,
-    stream_size,
-    to_device,
+    resolve_learning_rate,
+    resolve_training_steps,
+    sum_over_ranks,
+    total_batch_size,
     tracker_config,
-    training_dataloader,
+    write_record,
 )
-from visual_tokenizers import load_visual_tokenizer
-
-from modeling_beitv2 import VQKDModel, VQKDPixelDecoder, VQKDPixelDecoderConfig
+from pretraining.pixel_baseline import MeanPatchBaseline, psnr
 from processing import VQKDImageProcessor
 
 logger = logging.getLogger(__name__)
@@ -94,13 +109,7 @@ class PixelDecoderModelArguments:
             f"({', '.join(TOKENIZER_SETTINGS)}) are copied from it."
         },
     )
-    frozen_model_precision: str = field(
-        default="auto",
-        metadata={
-            "help": "Autocast of the frozen tokenizer: fp32, fp16 or bf16. auto: fp16 under --bf16/--fp16 (its codes "
-            "equal fp32's on 99.9%% of patches, see run_mim.py), fp32 otherwise."
-        },
-    )
+    frozen_model_precision: str = frozen_model_precision_field("tokenizer")
 
     def __post_init__(self):
         check_choice("frozen_model_precision", self.frozen_model_precision, FROZEN_MODEL_PRECISIONS)
@@ -125,9 +134,9 @@ class PixelDecoderTrainingArguments(PretrainingArguments):
         check_range("baseline_images", self.baseline_images, low=1)
 
 
-def build_model(args: PixelDecoderModelArguments, tokenizer: VQKDModel) -> VQKDPixelDecoder:
+def build_model(config_overrides: str | None, tokenizer: VQKDModel) -> VQKDPixelDecoder:
     """A new decoder for `tokenizer`, sized by --config_overrides (checked against the decoder's config keys)."""
-    overrides = parse_config_overrides(args.config_overrides, VQKDPixelDecoderConfig())
+    overrides = parse_config_overrides(config_overrides, VQKDPixelDecoderConfig())
     return VQKDPixelDecoder.from_tokenizer(tokenizer, **overrides)
 
 
@@ -183,41 +192,90 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     model_args, data_args, args = parse_arguments(
         (PixelDecoderModelArguments, DataArguments, PixelDecoderTrainingArguments), argv
     )
-    repo_id = check_hub_access(args)
-    accelerator = build_accelerator(args)
+    repo_id = check_hub_access(args.push_to_hub, args.hub_model_id, args.output_dir, args.token)
+    accelerator = build_accelerator(
+        output_dir=args.output_dir,
+        mixed_precision=args.mixed_precision,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        per_device_train_batch_size=args.per_device_train_batch_size,
+        max_grad_norm=args.max_grad_norm,
+        report_to=args.report_to,
+        seed=args.seed,
+    )
     hub_kwargs = {"revision": args.model_revision, "token": args.token, "trust_remote_code": args.trust_remote_code}
     with outside_zero3(accelerator):
         hint = "the pixel decoder reads VQ-KD codes"
         tokenizer = load_visual_tokenizer(model_args.tokenizer_name_or_path, (VQKDModel,), hint, **hub_kwargs)
         tokenizer.to(accelerator.device)
-    model = build_model(model_args, tokenizer)
+    model = build_model(model_args.config_overrides, tokenizer)
     processor = VQKDImageProcessor(image_size=tokenizer.image_size)
 
-    train_data, image_column, eval_data, eval_column = load_datasets(accelerator, data_args, args)
+    min_shards = accelerator.num_processes * max(1, data_args.dataloader_num_workers)  # every worker gets data
+    train_data, image_column, eval_data, eval_column = load_datasets(
+        data_args.sources(), min_shards=min_shards, do_eval=args.do_eval, seed=args.seed
+    )
     dataloader = training_dataloader(
-        accelerator, train_data, image_column, image_transform(processor, augment=True), data_args, args
+        accelerator,
+        train_data,
+        image_column,
+        image_transform(processor, augment=True),
+        batch_size=args.per_device_train_batch_size,
+        num_workers=data_args.dataloader_num_workers,
+        seed=args.seed,
+        shuffle_buffer_size=data_args.shuffle_buffer_size,
+        max_samples=data_args.max_train_samples,
     )
     eval_dataloader = baseline_dataloader = None
     if eval_data is not None:
         transform = image_transform(processor, augment=False)
-        eval_dataloader = evaluation_dataloader(accelerator, eval_data, eval_column, transform, data_args, args)
-        # The first --baseline_images training images, in their evaluation view (one ordered pass, no shuffle).
-        baseline_data_args = dataclasses.replace(data_args, max_eval_samples=args.baseline_images)
-        baseline_dataloader = evaluation_dataloader(
-            accelerator, train_data, image_column, transform, baseline_data_args, args
+        held_out = {
+            "batch_size": args.per_device_eval_batch_size,
+            "num_workers": data_args.dataloader_num_workers,
+            "seed": args.seed,
+        }
+        eval_dataloader = evaluation_dataloader(
+            accelerator, eval_data, eval_column, transform, max_samples=data_args.max_eval_samples, **held_out
         )
-    learning_rate = resolve_learning_rate(args, accelerator.num_processes, DEFAULT_LEARNING_RATE, DEFAULT_BATCH_SIZE)
+        # The first --baseline_images training images, in their evaluation view (one ordered pass, no shuffle).
+        baseline_dataloader = evaluation_dataloader(
+            accelerator, train_data, image_column, transform, max_samples=args.baseline_images, **held_out
+        )
+    learning_rate = resolve_learning_rate(
+        args.learning_rate,
+        per_device_batch_size=args.per_device_train_batch_size,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        num_processes=accelerator.num_processes,
+        paper_lr=DEFAULT_LEARNING_RATE,
+        paper_batch=DEFAULT_BATCH_SIZE,
+        min_learning_rate=args.min_learning_rate,
+        lr_scheduler_type=args.lr_scheduler_type,
+    )
+    total_batch = total_batch_size(
+        args.per_device_train_batch_size, args.gradient_accumulation_steps, accelerator.num_processes
+    )
     num_examples = stream_size(train_data, data_args.dataset_split, data_args.max_train_samples)
-    num_training_steps = resolve_training_steps(args, num_examples, accelerator.num_processes)
-    optimizer = build_optimizer(model, args, learning_rate)
-    scheduler = build_lr_scheduler(optimizer, args, num_training_steps)
+    num_training_steps = resolve_training_steps(args.max_steps, args.num_train_epochs, num_examples, total_batch)
+    optimizer = build_optimizer(
+        model,
+        learning_rate,
+        weight_decay=args.weight_decay,
+        betas=(args.adam_beta1, args.adam_beta2),
+        eps=args.adam_epsilon,
+    )
+    scheduler = build_lr_scheduler(
+        optimizer,
+        args.lr_scheduler_type,
+        num_training_steps=num_training_steps,
+        warmup_steps=args.warmup_steps,
+        min_learning_rate=args.min_learning_rate,
+    )
     if args.torch_compile:
         model.compile()  # in place: parameter names, checkpoints and save_pretrained stay those of the model
     model, optimizer = accelerator.prepare(model, optimizer)
     tokenize = frozen_forward(
         tokenizer.get_codebook_indices,
         accelerator,
-        precision=frozen_tokenizer_precision(model_args.frozen_model_precision, args.mixed_precision),
+        precision=resolve_frozen_model_precision(model_args.frozen_model_precision, args.mixed_precision, "tokenizer"),
         compile=args.torch_compile,
     )
     # Computed on every launch, resumed ones included: it reads the same images in the same order, so it is the same.
@@ -233,13 +291,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             accelerator, checkpoint, model=model, optimizer=optimizer, scheduler=scheduler
         )
         state.update(loop_state)
-        resume_dataloader(dataloader, dataloader_state_from_json(dataloader_state))
+        resume_dataloader(dataloader, dataloader_state)
     batches = iter(dataloader)  # draws from the torch RNG, so it comes before the saved RNG states are restored
     if checkpoint is not None:
         restore_rng_states(accelerator, checkpoint)
         logger.info("Resumed from %s at step %d", checkpoint, state["step"])
     if args.report_to != "none":
-        config = tracker_config(model_args, data_args, args, learning_rate=learning_rate, steps=num_training_steps)
+        config = tracker_config(
+            vars(model_args), vars(data_args), vars(args), learning_rate=learning_rate, steps=num_training_steps
+        )
         accelerator.init_trackers("vqkd-pixel-decoder", config=config)
     logger.info(
         "Training the pixel decoder for %d steps on tokenizer %s.",
@@ -299,7 +359,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 optimizer=optimizer,
                 scheduler=scheduler,
                 loop_state=state,
-                dataloader_state=dataloader_state_to_json(dataloader.state_dict()),
+                dataloader_state=dataloader.state_dict(),
                 image_processor=processor,
                 save_total_limit=args.save_total_limit,
                 weights_are_finite=stop_reason != "nonfinite",
@@ -312,19 +372,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         export_model(
             accelerator,
             model,
-            args,
-            data_args,
             processor,
-            learning_rate=learning_rate,
-            num_training_steps=num_training_steps,
-            last_metrics=last_metrics,
+            args.output_dir,
             card_kind="pixel_decoder",
             card_fields={
                 # The card's snippet loads the tokenizer from `base_model`: only a Hub id, never a local folder.
                 "base_model": None if Path(tokenizer_name).exists() else tokenizer_name,
                 "source_note": f"Trained on the frozen VQ-KD tokenizer `{tokenizer_name}`.",
             },
+            dataset_name=data_args.dataset_name,
+            training_card={
+                "steps": num_training_steps,
+                "total_batch_size": total_batch,
+                "peak_learning_rate": learning_rate,
+                **args.card_settings(),
+            },
+            last_metrics=last_metrics,
+            license=args.license,
+            hub_model_id=args.hub_model_id,
             repo_id=repo_id,
+            token=args.token,
         )
     del model, optimizer, scheduler, dataloader, batches, eval_dataloader, baseline_dataloader, guard  # end_training
     end_training(accelerator)

@@ -39,17 +39,6 @@ import torch
 import transformers
 from datasets import Dataset, DatasetDict, load_dataset
 from datasets import Image as ImageFeature
-from downstream import load_native_beit
-from fine_tuning import (
-    FineTuningModelArguments,
-    fine_tuning_trainer,
-    load_metric,
-    parse_trainer_arguments,
-    pixel_normaliser,
-    train_evaluate_and_save,
-)
-from image_datasets import decode_or_skip, new_decode_counts
-from labelled_data import LabelledDataArguments, detect_column, first_examples, prepare_splits
 from PIL import Image
 from transformers import (
     BeitConfig,
@@ -59,6 +48,17 @@ from transformers import (
     UperNetForSemanticSegmentation,
 )
 
+from finetuning.data import LabelledDataArguments, detect_column, first_examples, prepare_splits
+from finetuning.trainer import (
+    FineTuningModelArguments,
+    fine_tuning_trainer,
+    load_metric,
+    load_native_beit,
+    parse_trainer_arguments,
+    pixel_normaliser,
+    train_evaluate_and_save,
+)
+from pretraining.data import decode_or_skip, new_decode_counts
 from processing.augmentation import SegmentationAugmentation
 from processing.evaluation import evaluation_image_processor, saved_normalisation
 from processing.random_state import ProcessLocalRNG
@@ -101,15 +101,23 @@ class DataArguments(LabelledDataArguments):
     crop_size: int = field(default=512, metadata={"help": "Training crop and evaluation size."})
 
 
-def load_segmentation_data(data_args: DataArguments, cache_dir: str | None) -> DatasetDict:
+def load_segmentation_data(
+    *,
+    dataset_name: str | None,
+    dataset_config_name: str | None,
+    data_dir: str | None,
+    train_split: str,
+    validation_split: str,
+    cache_dir: str | None,
+) -> DatasetDict:
     """`{split: Dataset(image, annotation)}` from the Hub or from an ADEChallengeData2016-style folder."""
-    if data_args.dataset_name is not None:
-        return load_dataset(data_args.dataset_name, data_args.dataset_config_name, cache_dir=cache_dir)
-    if data_args.data_dir is None:
+    if dataset_name is not None:
+        return load_dataset(dataset_name, dataset_config_name, cache_dir=cache_dir)
+    if data_dir is None:
         raise ValueError("Pass --dataset_name (e.g. scene_parse_150) or --data_dir (ADEChallengeData2016 layout).")
-    root = Path(data_args.data_dir)
+    root = Path(data_dir)
     splits = {}
-    for split, folder in ((data_args.train_split, "training"), (data_args.validation_split, "validation")):
+    for split, folder in ((train_split, "training"), (validation_split, "validation")):
         image_dir, annotation_dir = root / "images" / folder, root / "annotations" / folder
         if not image_dir.is_dir():
             continue
@@ -213,10 +221,17 @@ def main() -> None:
     training_args.remove_unused_columns = False
     training_args.batch_eval_metrics = True
 
-    raw = load_segmentation_data(data_args, model_args.cache_dir)
+    raw = load_segmentation_data(
+        dataset_name=data_args.dataset_name,
+        dataset_config_name=data_args.dataset_config_name,
+        data_dir=data_args.data_dir,
+        train_split=data_args.train_split,
+        validation_split=data_args.validation_split,
+        cache_dir=model_args.cache_dir,
+    )
     raw = prepare_splits(
         raw,
-        data_args,
+        data_args.splits(),
         training_args.seed,
         do_train=training_args.do_train,
         do_eval=training_args.do_eval,
@@ -322,9 +337,12 @@ def main() -> None:
 
     trainer = fine_tuning_trainer(
         model,
-        model_args,
-        data_args,
         training_args,
+        model_name_or_path=model_args.model_name_or_path,
+        dataset_name=data_args.dataset_name,
+        layer_decay=model_args.layer_decay,
+        drop_path_rate=model_args.drop_path_rate,
+        license=model_args.license,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         image_processor=image_processor,
@@ -332,7 +350,7 @@ def main() -> None:
         card_kind="segmentation",
         card_settings={"crop_size": data_args.crop_size, "out_indices": str(out_indices)},
     )
-    train_evaluate_and_save(trainer, training_args)
+    train_evaluate_and_save(trainer)
 
 
 if __name__ == "__main__":

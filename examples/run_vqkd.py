@@ -24,43 +24,64 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from checkpoint_folders import prepare_output_dir, resolve_checkpoint
-from checkpointing import load_checkpoint, restore_rng_states, save_checkpoint
-from dataloader_state import dataloader_state_from_json, dataloader_state_to_json, image_counts, resume_dataloader
-from loop_monitors import MetricsWindow, NonFiniteGuard, StopSignal, sum_over_ranks, write_record
-from model_configs import VQKD_CONFIG_ALIASES, pretrained_config_updates, vqkd_config
-from pretraining_arguments import (
+from tqdm.auto import tqdm
+
+from modeling_beitv2 import VQKD_PRESETS, TeacherForPatchTargets, VQKDConfig, VQKDModel
+from pretraining.arguments import (
+    DEFAULT_IMAGE_SIZE,
+    FROZEN_MODEL_PRECISIONS,
+    VQKD_CONFIG_ALIASES,
     DataArguments,
     PretrainingArguments,
     check_choice,
+    check_hub_access,
     check_range,
+    frozen_model_precision_field,
+    image_size_field,
     parse_arguments,
+    pretrained_config_updates,
+    resolve_frozen_model_precision,
+    vqkd_config,
 )
-from schedules import build_lr_scheduler, resolve_learning_rate, resolve_training_steps
-from startup_checks import check_hub_access
-from tqdm.auto import tqdm
-from training import (
-    FROZEN_MODEL_PRECISIONS,
+from pretraining.checkpoints import (
+    load_checkpoint,
+    prepare_output_dir,
+    resolve_checkpoint,
+    restore_rng_states,
+    save_checkpoint,
+)
+from pretraining.data import (
+    evaluation_dataloader,
+    image_counts,
+    image_transform,
+    load_datasets,
+    resume_dataloader,
+    stream_size,
+    to_device,
+    training_dataloader,
+)
+from pretraining.loop import (
     PREEMPTED_EXIT_CODE,
+    MetricsWindow,
+    NonFiniteGuard,
+    StopSignal,
     build_accelerator,
+    build_lr_scheduler,
     build_optimizer,
     end_training,
-    evaluation_dataloader,
     export_model,
     final_state,
     frozen_forward,
     gradient_norm,
-    image_transform,
-    load_datasets,
     outside_zero3,
-    stream_size,
-    to_device,
+    resolve_learning_rate,
+    resolve_training_steps,
+    sum_over_ranks,
+    total_batch_size,
     tracker_config,
-    training_dataloader,
+    write_record,
 )
-
-from model_cards import hub_reference
-from modeling_beitv2 import VQKD_PRESETS, TeacherForPatchTargets, VQKDConfig, VQKDModel
+from pretraining.model_cards import hub_reference
 from processing import VQKDImageProcessor
 
 logger = logging.getLogger(__name__)
@@ -101,16 +122,8 @@ class VQKDModelArguments:
             "prefixes to one of them, e.g. 'hidden_size=32,num_attention_heads=2,decoder.num_hidden_layers=1'."
         },
     )
-    image_size: int | None = field(
-        default=None, metadata={"help": "Training resolution (default 224, or the --model_name_or_path model's)."}
-    )
-    frozen_model_precision: str = field(
-        default="auto",
-        metadata={
-            "help": "Autocast of the frozen teacher: fp32, fp16 or bf16. auto: the run's --bf16/--fp16 (its targets "
-            "are continuous, and bf16 cannot overflow where large teachers overflow fp16), fp32 otherwise."
-        },
-    )
+    image_size: int | None = image_size_field()
+    frozen_model_precision: str = frozen_model_precision_field("teacher")
 
     def __post_init__(self):
         check_range("image_size", self.image_size, low=1)
@@ -124,22 +137,30 @@ class VQKDTrainingArguments(PretrainingArguments):
     warmup_steps: float = field(default=0.05, metadata={"help": "Steps, or a fraction (paper: 5 of 100 epochs)."})
 
 
-def build_model(args: VQKDModelArguments, teacher: TeacherForPatchTargets, hub_kwargs: dict[str, Any]) -> VQKDModel:
+def build_model(
+    teacher: TeacherForPatchTargets,
+    hub_kwargs: dict[str, Any],
+    *,
+    model_name_or_path: str | None,
+    config_name: str,
+    config_overrides: str | None,
+    image_size: int | None,
+) -> VQKDModel:
     """A fresh tokenizer shaped by the teacher (feature size, patch grid), or --model_name_or_path; checked."""
-    if args.model_name_or_path:
+    if model_name_or_path:
         revision, token = hub_kwargs["revision"], hub_kwargs["token"]
-        config = VQKDConfig.from_pretrained(args.model_name_or_path, revision=revision, token=token)
+        config = VQKDConfig.from_pretrained(model_name_or_path, revision=revision, token=token)
         updates = pretrained_config_updates(
-            config, image_size=args.image_size, drop_path_rate=None, overrides=args.config_overrides
+            config, image_size=image_size, drop_path_rate=None, overrides=config_overrides
         )
-        model = VQKDModel.from_pretrained(args.model_name_or_path, **updates, **hub_kwargs)
+        model = VQKDModel.from_pretrained(model_name_or_path, **updates, **hub_kwargs)
     else:
         config = vqkd_config(
-            args.config_name,
-            image_size=args.image_size or 224,
+            config_name,
+            image_size=image_size or DEFAULT_IMAGE_SIZE,
             teacher_patch_size=teacher.patch_size,
             teacher_dim=teacher.feature_dim,
-            overrides=args.config_overrides,
+            overrides=config_overrides,
             hub_kwargs=hub_kwargs,
         )
         model = VQKDModel(config)
@@ -184,38 +205,97 @@ def evaluate(accelerator, model, teach, dataloader) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Train; returns the final loop state (`step`, `num_nonfinite_steps`, `stop_reason`, `last_metrics`)."""
     model_args, data_args, args = parse_arguments((VQKDModelArguments, DataArguments, VQKDTrainingArguments), argv)
-    repo_id = check_hub_access(args)
-    accelerator = build_accelerator(args)
+    repo_id = check_hub_access(args.push_to_hub, args.hub_model_id, args.output_dir, args.token)
+    accelerator = build_accelerator(
+        output_dir=args.output_dir,
+        mixed_precision=args.mixed_precision,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        per_device_train_batch_size=args.per_device_train_batch_size,
+        max_grad_norm=args.max_grad_norm,
+        report_to=args.report_to,
+        seed=args.seed,
+    )
     hub_kwargs = {"revision": args.model_revision, "token": args.token, "trust_remote_code": args.trust_remote_code}
     with outside_zero3(accelerator):
         teacher = TeacherForPatchTargets.from_pretrained(model_args.teacher_name_or_path, **hub_kwargs)
-    model = build_model(model_args, teacher, hub_kwargs)
+    model = build_model(
+        teacher,
+        hub_kwargs,
+        model_name_or_path=model_args.model_name_or_path,
+        config_name=model_args.config_name,
+        config_overrides=model_args.config_overrides,
+        image_size=model_args.image_size,
+    )
     teacher.to(accelerator.device)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     processor = VQKDImageProcessor(image_size=model.config.encoder_config.image_size)
 
-    train_data, image_column, eval_data, eval_column = load_datasets(accelerator, data_args, args)
+    min_shards = accelerator.num_processes * max(1, data_args.dataloader_num_workers)  # every worker gets data
+    train_data, image_column, eval_data, eval_column = load_datasets(
+        data_args.sources(), min_shards=min_shards, do_eval=args.do_eval, seed=args.seed
+    )
     transform = image_transform(processor, augment=True)
-    dataloader = training_dataloader(accelerator, train_data, image_column, transform, data_args, args)
+    dataloader = training_dataloader(
+        accelerator,
+        train_data,
+        image_column,
+        transform,
+        batch_size=args.per_device_train_batch_size,
+        num_workers=data_args.dataloader_num_workers,
+        seed=args.seed,
+        shuffle_buffer_size=data_args.shuffle_buffer_size,
+        max_samples=data_args.max_train_samples,
+    )
     eval_dataloader = None
     if eval_data is not None:
         transform = image_transform(processor, augment=False)
-        eval_dataloader = evaluation_dataloader(accelerator, eval_data, eval_column, transform, data_args, args)
-    learning_rate = resolve_learning_rate(args, accelerator.num_processes, PAPER_LEARNING_RATE, PAPER_BATCH_SIZE)
+        eval_dataloader = evaluation_dataloader(
+            accelerator,
+            eval_data,
+            eval_column,
+            transform,
+            batch_size=args.per_device_eval_batch_size,
+            num_workers=data_args.dataloader_num_workers,
+            seed=args.seed,
+            max_samples=data_args.max_eval_samples,
+        )
+    learning_rate = resolve_learning_rate(
+        args.learning_rate,
+        per_device_batch_size=args.per_device_train_batch_size,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        num_processes=accelerator.num_processes,
+        paper_lr=PAPER_LEARNING_RATE,
+        paper_batch=PAPER_BATCH_SIZE,
+        min_learning_rate=args.min_learning_rate,
+        lr_scheduler_type=args.lr_scheduler_type,
+    )
+    total_batch = total_batch_size(
+        args.per_device_train_batch_size, args.gradient_accumulation_steps, accelerator.num_processes
+    )
     num_examples = stream_size(train_data, data_args.dataset_split, data_args.max_train_samples)
-    num_training_steps = resolve_training_steps(args, num_examples, accelerator.num_processes)
-    optimizer = build_optimizer(model, args, learning_rate)
-    scheduler = build_lr_scheduler(optimizer, args, num_training_steps)
+    num_training_steps = resolve_training_steps(args.max_steps, args.num_train_epochs, num_examples, total_batch)
+    optimizer = build_optimizer(
+        model,
+        learning_rate,
+        weight_decay=args.weight_decay,
+        betas=(args.adam_beta1, args.adam_beta2),
+        eps=args.adam_epsilon,
+    )
+    scheduler = build_lr_scheduler(
+        optimizer,
+        args.lr_scheduler_type,
+        num_training_steps=num_training_steps,
+        warmup_steps=args.warmup_steps,
+        min_learning_rate=args.min_learning_rate,
+    )
     if args.torch_compile:
         # The two ViTs, in place (parameter names and checkpoints unchanged). Not the quantizer: its EMA codebook
         # update writes in place during the forward, which compiled autograd refuses.
         model.encoder.compile()
         model.decoder.compile()
     model, optimizer = accelerator.prepare(model, optimizer)
-    precision = model_args.frozen_model_precision
-    if precision == "auto":
-        precision = "fp32" if args.mixed_precision == "no" else args.mixed_precision
+    precision = resolve_frozen_model_precision(model_args.frozen_model_precision, args.mixed_precision, "teacher")
     teach = frozen_forward(teacher, accelerator, precision=precision, compile=args.torch_compile)
 
     checkpoint = resolve_checkpoint(args.resume_from_checkpoint, args.output_dir)
@@ -226,13 +306,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             accelerator, checkpoint, model=model, optimizer=optimizer, scheduler=scheduler
         )
         state.update(loop_state)
-        resume_dataloader(dataloader, dataloader_state_from_json(dataloader_state))
+        resume_dataloader(dataloader, dataloader_state)
     batches = iter(dataloader)  # draws from the torch RNG, so it comes before the saved RNG states are restored
     if checkpoint is not None:
         restore_rng_states(accelerator, checkpoint)
         logger.info("Resumed from %s at step %d", checkpoint, state["step"])
     if args.report_to != "none":
-        config = tracker_config(model_args, data_args, args, learning_rate=learning_rate, steps=num_training_steps)
+        config = tracker_config(
+            vars(model_args), vars(data_args), vars(args), learning_rate=learning_rate, steps=num_training_steps
+        )
         accelerator.init_trackers("vqkd", config=config)
     logger.info("Training the tokenizer for %d steps against %s.", num_training_steps, model_args.teacher_name_or_path)
 
@@ -289,7 +371,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 optimizer=optimizer,
                 scheduler=scheduler,
                 loop_state=state,
-                dataloader_state=dataloader_state_to_json(dataloader.state_dict()),
+                dataloader_state=dataloader.state_dict(),
                 image_processor=processor,
                 save_total_limit=args.save_total_limit,
                 weights_are_finite=stop_reason != "nonfinite",
@@ -301,18 +383,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         export_model(
             accelerator,
             model,
-            args,
-            data_args,
             processor,
-            learning_rate=learning_rate,
-            num_training_steps=num_training_steps,
-            last_metrics=last_metrics,
+            args.output_dir,
             card_kind="vqkd",
             card_fields={  # sizes, codebook and preset: from the saved config
                 "teacher": hub_reference(model_args.teacher_name_or_path),
                 "base_model": hub_reference(model_args.model_name_or_path),
             },
+            dataset_name=data_args.dataset_name,
+            training_card={
+                "steps": num_training_steps,
+                "total_batch_size": total_batch,
+                "peak_learning_rate": learning_rate,
+                **args.card_settings(),
+            },
+            last_metrics=last_metrics,
+            license=args.license,
+            hub_model_id=args.hub_model_id,
             repo_id=repo_id,
+            token=args.token,
         )
     del model, optimizer, scheduler, dataloader, batches, eval_dataloader, guard  # see end_training
     end_training(accelerator)

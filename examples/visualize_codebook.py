@@ -36,13 +36,12 @@ from pathlib import Path
 import numpy as np
 import PIL.Image
 import torch
-from data_sources import list_image_files, load_image_stream
-from image_datasets import decode_or_skip, new_decode_counts
-from plots import bar_chart, captioned_image
 from transformers import HfArgumentParser
-from visual_tokenizers import VisualTokenizer, load_visual_tokenizer
 
 from modeling_beitv2 import DVAEModel
+from pretraining.data import decode_or_skip, list_image_files, load_image_stream, new_decode_counts
+from pretraining.loop import VisualTokenizer, load_visual_tokenizer
+from pretraining.plots import bar_chart, captioned_image
 from processing.transforms import center_square_box
 
 logger = logging.getLogger(__name__)
@@ -179,18 +178,22 @@ def folder_classes(train_dir: str, split: str) -> str | None:
     return root if all(os.path.dirname(path) != root for path in files) else None
 
 
-def read_images(args: VisualizeArguments) -> tuple[list[PIL.Image.Image], list[str] | None]:
-    """The first `--max_images` decodable images of the chosen source, streamed through `datasets`, and their
+def read_images(
+    *,
+    dataset_name: str | None = None,
+    dataset_config_name: str | None = None,
+    train_dir: str | None = None,
+    data_files: list[str] | None = None,
+    split: str = "train",
+    image_column_name: str | None = None,
+    max_images: int,
+) -> tuple[list[PIL.Image.Image], list[str] | None]:
+    """The first `max_images` decodable images of the chosen source, streamed through `datasets`, and their
     classes (the name of the class folder) when the source is an image folder of class folders, else None."""
     dataset, image_column = load_image_stream(
-        args.dataset_name,
-        args.dataset_config_name,
-        args.train_dir,
-        args.data_files,
-        split=args.dataset_split,
-        image_column_name=args.image_column_name,
+        dataset_name, dataset_config_name, train_dir, data_files, split=split, image_column_name=image_column_name
     )
-    class_root = folder_classes(args.train_dir, args.dataset_split) if args.train_dir else None
+    class_root = folder_classes(train_dir, split) if train_dir else None
     images, labels, counts = [], [], new_decode_counts()
     for example in dataset:
         value = example[image_column]
@@ -200,7 +203,7 @@ def read_images(args: VisualizeArguments) -> tuple[list[PIL.Image.Image], list[s
         images.append(image)
         if class_root is not None:
             labels.append(os.path.relpath(value["path"], class_root).split(os.sep)[0])
-        if len(images) == args.max_images:
+        if len(images) == max_images:
             break
     if not images:
         raise ValueError("The image source yielded no decodable image.")
@@ -242,21 +245,30 @@ def code_caption(code: int, count: int, top_classes: list[tuple[str, int]]) -> s
     return caption
 
 
-def write_visualization(usage: CodebookUsage, args: VisualizeArguments) -> dict:
-    """Write the grids, the histogram and `codebook_usage.json` into `args.output_dir`; return the JSON content."""
-    if args.patches_per_code < 1:
-        raise ValueError(f"--patches_per_code must be at least 1, got {args.patches_per_code}.")
-    output_dir = Path(args.output_dir)
+def write_visualization(
+    usage: CodebookUsage,
+    output_dir: str | Path,
+    *,
+    tokenizer_name: str,
+    codes: list[int] | None,
+    top_k: int,
+    patches_per_code: int,
+    patch_display_size: int,
+) -> dict:
+    """Write the grids, the histogram and `codebook_usage.json` into `output_dir`; return the JSON content."""
+    if patches_per_code < 1:
+        raise ValueError(f"--patches_per_code must be at least 1, got {patches_per_code}.")
+    output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     counts = usage.counts
-    columns = math.ceil(math.sqrt(args.patches_per_code))
+    columns = math.ceil(math.sqrt(patches_per_code))
     drawn = {}
-    for code in choose_codes(usage, args.codes, args.top_k):
-        locations = usage.locations(code, args.patches_per_code)
+    for code in choose_codes(usage, codes, top_k):
+        locations = usage.locations(code, patches_per_code)
         if not locations:
             logger.warning("Code %d was assigned to no patch of these images; no grid written.", code)
             continue
-        grid = code_grid(usage, locations, columns, args.patch_display_size)
+        grid = code_grid(usage, locations, columns, patch_display_size)
         top_classes = usage.top_classes(code)
         caption = code_caption(code, int(counts[code]), top_classes)
         captioned_image(grid, output_dir / f"code_{code}.png", caption, caption_height=CAPTION_HEIGHT)
@@ -272,7 +284,7 @@ def write_visualization(usage: CodebookUsage, args: VisualizeArguments) -> dict:
         y_label="patches",
     )
     summary = {
-        "tokenizer": args.tokenizer_name_or_path,
+        "tokenizer": tokenizer_name,
         "num_images": int(usage.indices.shape[0]),
         "num_patches": int(usage.indices.size),
         "num_codes": usage.num_codes,
@@ -280,7 +292,7 @@ def write_visualization(usage: CodebookUsage, args: VisualizeArguments) -> dict:
         "usage_fraction": usage.usage_fraction,
         "perplexity": usage.perplexity,
         "grid_columns": columns,
-        "patch_display_size": args.patch_display_size,
+        "patch_display_size": patch_display_size,
         "labelled": usage.labels is not None,
         "counts": counts.tolist(),
         "drawn_codes": drawn,
@@ -295,7 +307,15 @@ def main(argv: list[str] | None = None) -> dict:
     )
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     tokenizer = load_visual_tokenizer(args.tokenizer_name_or_path).to(args.device)
-    images, classes = read_images(args)
+    images, classes = read_images(
+        dataset_name=args.dataset_name,
+        dataset_config_name=args.dataset_config_name,
+        train_dir=args.train_dir,
+        data_files=args.data_files,
+        split=args.dataset_split,
+        image_column_name=args.image_column_name,
+        max_images=args.max_images,
+    )
     views = np.stack([tokenizer_view(image, tokenizer) for image in images])
     num_codes = tokenizer.codebook_size
     class_names = sorted(set(classes)) if classes is not None else None
@@ -305,7 +325,15 @@ def main(argv: list[str] | None = None) -> dict:
         labels = np.asarray([class_index[name] for name in classes])
     codes = tokenize_views(tokenizer, views, args.batch_size, args.device)
     usage = CodebookUsage(views, codes, num_codes, labels, class_names)
-    summary = write_visualization(usage, args)
+    summary = write_visualization(
+        usage,
+        args.output_dir,
+        tokenizer_name=args.tokenizer_name_or_path,
+        codes=args.codes,
+        top_k=args.top_k,
+        patches_per_code=args.patches_per_code,
+        patch_display_size=args.patch_display_size,
+    )
     logger.info(
         "%d images, %d/%d codes used (%.1f%%), perplexity %.1f; wrote %d grids to %s",
         summary["num_images"],

@@ -36,13 +36,12 @@ from typing import Any
 import numpy as np
 import PIL.Image
 import torch
-from data_sources import load_image_stream
-from image_datasets import decode_or_skip, new_decode_counts
-from plots import image_grid
 from transformers import AutoModel, HfArgumentParser
-from visual_tokenizers import VisualTokenizer, load_visual_tokenizer
 
 from modeling_beitv2 import BeitV2ForMaskedImageModeling, DVAEModel, VQKDModel
+from pretraining.data import decode_or_skip, load_image_stream, new_decode_counts
+from pretraining.loop import VisualTokenizer, load_visual_tokenizer
+from pretraining.plots import image_grid
 from processing import BeitV2ImageProcessor
 
 logger = logging.getLogger(__name__)
@@ -110,22 +109,26 @@ class MIMVisualization:
     image_correct: list[int]
 
 
-def read_images(args: VisualizeMIMArguments) -> list[PIL.Image.Image]:
-    """The first `--num_images` decodable images of the chosen source."""
+def read_images(
+    *,
+    dataset_name: str | None = None,
+    dataset_config_name: str | None = None,
+    image_dir: str | None = None,
+    data_files: list[str] | None = None,
+    split: str = "train",
+    image_column_name: str | None = None,
+    num_images: int,
+) -> list[PIL.Image.Image]:
+    """The first `num_images` decodable images of the chosen source."""
     dataset, column = load_image_stream(
-        args.dataset_name,
-        args.dataset_config_name,
-        args.image_dir,
-        args.data_files,
-        split=args.dataset_split,
-        image_column_name=args.image_column_name,
+        dataset_name, dataset_config_name, image_dir, data_files, split=split, image_column_name=image_column_name
     )
     images, counts = [], new_decode_counts()
     for example in dataset:
         image = decode_or_skip(example[column], counts)
         if image is not None:
             images.append(image)
-        if len(images) == args.num_images:
+        if len(images) == num_images:
             break
     if not images:
         raise ValueError("The image source yielded no decodable image.")
@@ -208,7 +211,7 @@ def visualize(
 ) -> MIMVisualization:
     """Mask, tokenize, predict and render `images` (see the module docstring for the four panels)."""
     # No augmentation: the deterministic evaluation views; the masks are drawn from `seed`.
-    inputs = processor.preprocess(images, rng=np.random.default_rng(seed), return_tensors="pt")
+    inputs = processor.pretraining_inputs(images, rng=np.random.default_rng(seed), return_tensors="pt")
     pixel_values = inputs["pixel_values"].to(device)
     tokenizer_pixels = inputs["tokenizer_pixel_values"].to(device)
     bool_masked_pos = inputs["bool_masked_pos"].to(device).bool()
@@ -274,7 +277,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     processor = load_processor(args.model_name_or_path, model, tokenizer)
     if args.mask_ratio is not None:
         processor.mask_ratio, processor.num_masking_patches = args.mask_ratio, None
-    result = visualize(model, tokenizer, renderer, processor, read_images(args), args.seed, args.device)
+    images = read_images(
+        dataset_name=args.dataset_name,
+        dataset_config_name=args.dataset_config_name,
+        image_dir=args.image_dir,
+        data_files=args.data_files,
+        split=args.dataset_split,
+        image_column_name=args.image_column_name,
+        num_images=args.num_images,
+    )
+    result = visualize(model, tokenizer, renderer, processor, images, args.seed, args.device)
     kind = "BEiT v1" if isinstance(tokenizer, DVAEModel) else "BEiT v2"
     path = write_grid(result, args.output, kind, args.panel_size)
     logger.info("Masked-token accuracy %.3f over %d images; wrote %s", result.accuracy, len(result.panels), path)

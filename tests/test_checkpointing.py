@@ -1,4 +1,4 @@
-"""examples/checkpointing.py and its siblings (checkpoint_folders, state_files, rng_states, deepspeed_checkpoints):
+"""examples/pretraining/checkpoints.py: save, load, the output folder, pickle-free state files, RNG and DeepSpeed states:
 exact resume, no pickle, rotation that keeps the last finite weights, abandoned branches moved aside, clear errors on
 a failed write, and today's output-folder guarantees."""
 
@@ -15,17 +15,24 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import state_files
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
-from checkpoint_folders import list_checkpoints, prepare_output_dir, resolve_checkpoint
-from checkpointing import CheckpointWriteError, load_checkpoint, restore_rng_states, save_checkpoint
 from conftest import EXAMPLES_DIR, REPO_ROOT, free_port
 from safetensors.torch import load_file
 from transformers import BertConfig, BertForMaskedLM, get_cosine_schedule_with_warmup
 
+import pretraining.checkpoints as checkpoints
 from modeling_beitv2 import BeitV2Config, BeitV2ForMaskedImageModeling
+from pretraining.checkpoints import (
+    CheckpointWriteError,
+    list_checkpoints,
+    load_checkpoint,
+    prepare_output_dir,
+    resolve_checkpoint,
+    restore_rng_states,
+    save_checkpoint,
+)
 from processing import BeitV2ImageProcessor
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerator_state", "one_thread")
@@ -272,7 +279,7 @@ def test_rewind_moves_the_abandoned_branch_and_its_metrics_aside(tmp_path, caplo
     for step in (100, 200, 300):
         save(accelerator, tmp_path, step, model, optimizer, scheduler)
     write_metrics(tmp_path, range(100, 301, 100), tail='{"step": 31')  # killed while writing a record
-    with caplog.at_level(logging.WARNING, logger="checkpoint_folders"):
+    with caplog.at_level(logging.WARNING, logger="pretraining.checkpoints"):
         prepare_output_dir(accelerator, tmp_path, tmp_path / "checkpoint-100")
     assert "checkpoint-200, checkpoint-300" in caplog.text
     assert [path.name for path in list_checkpoints(tmp_path)] == ["checkpoint-100"]
@@ -345,7 +352,7 @@ def test_full_disk_raises_a_clear_error_and_keeps_earlier_checkpoints(tmp_path, 
     def disk_full(*args, **kwargs):
         raise RuntimeError("basic_ios::clear: iostream error")
 
-    monkeypatch.setattr(state_files, "save_file", disk_full)
+    monkeypatch.setattr(checkpoints, "save_file", disk_full)
     with pytest.raises(CheckpointWriteError, match=r"checkpoint-2 \(RuntimeError: basic_ios::clear") as error:
         save(accelerator, tmp_path, 2, model, optimizer, scheduler, save_total_limit=1)
     assert str(tmp_path) in str(error.value) and " free" in str(error.value)
@@ -373,7 +380,7 @@ def test_files_reach_the_disk_before_the_rename(tmp_path, monkeypatch):
 
 def test_output_dir_guarantees(tmp_path, caplog):
     accelerator, model, optimizer, scheduler = prepared(tiny_bert())
-    with caplog.at_level(logging.INFO, logger="checkpoint_folders"):
+    with caplog.at_level(logging.INFO, logger="pretraining.checkpoints"):
         assert resolve_checkpoint("latest", tmp_path) is None
     assert "no checkpoint in" in caplog.text
     write_metrics(tmp_path, range(1, 3))
@@ -405,11 +412,10 @@ def test_unsupported_setups_and_arguments_are_refused(tmp_path, monkeypatch):
     accelerator, model, optimizer, scheduler = prepared(tiny_bert())
     with pytest.raises(ValueError, match="save_total_limit must be None"):
         save(accelerator, tmp_path, 1, model, optimizer, scheduler, save_total_limit=0)
-    legacy = tmp_path / "checkpoint-5"
-    legacy.mkdir()
-    (legacy / "random_states_0.pkl").write_bytes(b"")
-    with pytest.raises(ValueError, match="earlier version"):
-        resolve_checkpoint(str(legacy), tmp_path)
+    not_ours = tmp_path / "checkpoint-5"
+    not_ours.mkdir()
+    with pytest.raises(ValueError, match="is not a checkpoint folder: it has no checkpoint.json"):
+        resolve_checkpoint(str(not_ours), tmp_path)
     monkeypatch.setattr(Accelerator, "distributed_type", property(lambda self: DistributedType.FSDP))
     with pytest.raises(ValueError, match="not FSDP"):
         save(accelerator, tmp_path, 1, model, optimizer, scheduler)
@@ -424,9 +430,7 @@ import sys, torch
 sys.path.insert(0, {examples!r})
 from accelerate import Accelerator
 from transformers import BertConfig, BertForMaskedLM
-import checkpoint_folders
-import checkpointing
-import state_files
+import pretraining.checkpoints as checkpoints
 
 output_dir = {output_dir!r}
 accelerator = Accelerator(cpu=True)
@@ -438,31 +442,31 @@ model = BertForMaskedLM(config)
 optimizer = torch.optim.AdamW(model.parameters())
 scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
 model, optimizer = accelerator.prepare(model, optimizer)
-checkpoint_folders.prepare_output_dir(accelerator, output_dir, None)
+checkpoints.prepare_output_dir(accelerator, output_dir, None)
 torch.manual_seed(10 + rank)
 for step in (1, 2):
-    checkpointing.save_checkpoint(
+    checkpoints.save_checkpoint(
         accelerator, output_dir, step, model=model, optimizer=optimizer, scheduler=scheduler,
         loop_state={{"step": step}}, dataloader_state={{"rank": rank}}, save_total_limit=1,
     )
 expected = torch.rand(2).tolist()
 # Only rank 1 cannot write: both ranks raise instead of waiting for each other forever.
 if rank == 1:
-    state_files.save_file = lambda *args, **kwargs: (_ for _ in ()).throw(OSError(28, "No space left on device"))
+    checkpoints.save_file = lambda *args, **kwargs: (_ for _ in ()).throw(OSError(28, "No space left on device"))
 try:
-    checkpointing.save_checkpoint(
+    checkpoints.save_checkpoint(
         accelerator, output_dir, 3, model=model, optimizer=optimizer, scheduler=scheduler,
         loop_state={{}}, dataloader_state={{}},
     )
     raise AssertionError("the failed save did not raise")
-except checkpointing.CheckpointWriteError as error:
+except checkpoints.CheckpointWriteError as error:
     print(f"rank {{rank}} raised: {{error}}", flush=True)
-checkpoint = checkpoint_folders.resolve_checkpoint("latest", output_dir)
-checkpoint_folders.prepare_output_dir(accelerator, output_dir, checkpoint)
-loop_state, dataloader_state = checkpointing.load_checkpoint(
+checkpoint = checkpoints.resolve_checkpoint("latest", output_dir)
+checkpoints.prepare_output_dir(accelerator, output_dir, checkpoint)
+loop_state, dataloader_state = checkpoints.load_checkpoint(
     accelerator, checkpoint, model=model, optimizer=optimizer, scheduler=scheduler
 )
-checkpointing.restore_rng_states(accelerator, checkpoint)
+checkpoints.restore_rng_states(accelerator, checkpoint)
 assert loop_state == {{"step": 2}} and dataloader_state == {{"rank": rank}}, (loop_state, dataloader_state)
 assert torch.rand(2).tolist() == expected  # this rank's own random stream
 accelerator.wait_for_everyone()
@@ -514,7 +518,7 @@ sys.path.insert(0, {examples!r})
 from accelerate import Accelerator
 from accelerate.utils import DeepSpeedPlugin
 from transformers import BertConfig, BertForMaskedLM
-import checkpointing
+import pretraining.checkpoints as checkpoints
 
 output_dir, marker = Path({output_dir!r}), Path({marker!r})
 zero = {{"stage": {stage}, "stage3_gather_16bit_weights_on_model_save": True}}
@@ -541,13 +545,13 @@ def train(steps):
     return losses
 
 train(range(2))
-checkpoint = checkpointing.save_checkpoint(
+checkpoint = checkpoints.save_checkpoint(
     accelerator, output_dir, 2, model=model, optimizer=optimizer, scheduler=scheduler,
     loop_state={{"step": 2}}, dataloader_state={{}},
 )
 expected = train(range(2, 4))
-checkpointing.load_checkpoint(accelerator, checkpoint, model=model, optimizer=optimizer, scheduler=scheduler)
-checkpointing.restore_rng_states(accelerator, checkpoint)
+checkpoints.load_checkpoint(accelerator, checkpoint, model=model, optimizer=optimizer, scheduler=scheduler)
+checkpoints.restore_rng_states(accelerator, checkpoint)
 assert train(range(2, 4)) == expected
 assert not [path for path in checkpoint.iterdir() if path.suffix in (".pkl", ".bin", ".pt")]
 BertForMaskedLM.from_pretrained(checkpoint)
@@ -559,7 +563,7 @@ class Exploit:
 (optimizer_file,) = (checkpoint / "deepspeed" / "engine").glob("*optim_states.pt")
 torch.save({{"optimizer_state_dict": Exploit()}}, optimizer_file)
 try:
-    checkpointing.load_checkpoint(accelerator, checkpoint, model=model, optimizer=optimizer, scheduler=scheduler)
+    checkpoints.load_checkpoint(accelerator, checkpoint, model=model, optimizer=optimizer, scheduler=scheduler)
     raise AssertionError("the planted pickle was loaded")
 except ValueError as error:
     assert "DEEPSPEED_SAFE_GLOBALS" in str(error), error

@@ -143,23 +143,14 @@ def test_mixup_rejects_out_of_range_labels():
 
 def test_pretraining_data_loader_collates_with_the_mim_collator(tmp_path):
     pytest.importorskip("datasets")
-    from data_sources import load_image_stream
-    from dataloader_state import build_dataloader
-    from image_datasets import ImageStream
-
+    from pretraining.data import ImageStream, build_dataloader, image_transform, load_image_stream
     from processing import BeitV2ImageProcessor
 
     for index in range(4):
         PIL.Image.new("RGB", (40, 30), (index, 60, 90)).save(tmp_path / f"{index}.png")
     dataset, column = load_image_stream(train_dir=str(tmp_path))
     processor = BeitV2ImageProcessor(image_size=32, patch_size=8, tokenizer_image_size=16, min_num_patches=2)
-    augmentation = processor.training_augmentation()
-
-    def transform(image, rng):
-        # The scripts' per-example transform (examples/training.py `image_transform`): the pretraining inputs of
-        # one image, drawn from the example's own generator, without the batch axis.
-        features = processor.pretraining_inputs(image, augmentation=augmentation, rng=rng, return_tensors="np")
-        return {name: values[0] for name, values in features.items()}
+    transform = image_transform(processor, augment=True)
 
     stream = ImageStream(dataset, column, transform, seed=0, with_ids=True)
     loader = build_dataloader(stream, batch_size=2)

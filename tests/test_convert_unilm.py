@@ -306,7 +306,7 @@ def test_shape_inference_and_overrides(tmp_path):
 def test_cli_writes_loadable_folder_and_card(tmp_path):
     from convert_unilm_checkpoint import main
 
-    from model_cards import split_front_matter
+    from pretraining.model_cards import split_front_matter
 
     native = _tiny_classifier()
     path = tmp_path / "beitv2_base_patch16_224_pt1k_ft1k.pth"

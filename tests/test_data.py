@@ -1,4 +1,4 @@
-"""The shared data path of the training scripts: examples/data_sources.py, image_datasets.py, dataloader_state.py."""
+"""The shared data path of the pretraining scripts: examples/pretraining/data.py."""
 
 from __future__ import annotations
 
@@ -17,15 +17,19 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
-from data_sources import load_image_stream, split_off_validation  # noqa: E402
-from dataloader_state import (  # noqa: E402
+from pretraining.checkpoints import read_state, write_state  # noqa: E402
+from pretraining.data import (  # noqa: E402
+    ImageStream,
     build_dataloader,
-    dataloader_state_from_json,
-    dataloader_state_to_json,
+    decode_image,
+    decode_or_skip,
+    example_id,
     image_counts,
+    load_image_stream,
+    new_decode_counts,
     resume_dataloader,
+    split_off_validation,
 )
-from image_datasets import ImageStream, decode_image, decode_or_skip, example_id, new_decode_counts  # noqa: E402
 
 HF_IMAGE_SCHEMA = {
     "huggingface": '{"info": {"features": {"image": {"_type": "Image"}, "label": {"_type": "Value", "dtype": "int64"}}}}'
@@ -121,7 +125,7 @@ def test_decode_image_converts_odd_modes_and_rejects_bad_bytes():
 def test_decode_or_skip_logs_each_bad_image_once_and_counts(caplog):
     counts = new_decode_counts()
     gray = {"bytes": png_bytes(5, mode="L"), "path": "gray.png"}
-    with caplog.at_level("WARNING", logger="image_datasets"):
+    with caplog.at_level("WARNING", logger="pretraining.data"):
         assert decode_or_skip({"bytes": png_bytes(7), "path": "ok.png"}, counts).mode == "RGB"
         assert decode_or_skip(gray, counts).mode == "RGB"
         assert decode_or_skip(gray, counts, convert=False).mode == "L"  # kept in its own mode, not counted
@@ -308,11 +312,11 @@ def test_dataloader_resume_replays_the_uninterrupted_run(tmp_path, num_workers):
     for _ in range(3):  # odd: with 2 workers the next batch is worker 1's, not where a fresh round robin starts
         next(batches)
     counts_at_stop = image_counts(interrupted)
-    saved = json.dumps(dataloader_state_to_json(interrupted.state_dict()))
+    write_state(tmp_path, "loader", interrupted.state_dict())  # as a checkpoint stores it
     del batches, interrupted
 
     resumed = loader()
-    resume_dataloader(resumed, dataloader_state_from_json(json.loads(saved)))
+    resume_dataloader(resumed, read_state(tmp_path, "loader"))
     assert image_counts(resumed) == counts_at_stop  # before the first batch: the checkpoint's totals
     batches = iter(resumed)
     replayed = [next(batches) for _ in range(6)]
@@ -322,19 +326,16 @@ def test_dataloader_resume_replays_the_uninterrupted_run(tmp_path, num_workers):
     assert image_counts(resumed) == expected_counts  # the totals go on from the checkpoint's
 
 
-def test_dataloader_state_json_round_trip(tmp_path):
+def test_dataloader_state_round_trips_through_a_checkpoint_state_file(tmp_path):
     files = write_parquet_shards(tmp_path, 8, 2)
     dataset, column = load_image_stream(data_files=files, min_shards=2)
     loader = build_dataloader(ImageStream(dataset, column, pixel_index, shuffle_buffer_size=2), 2, num_workers=2)
     take_batches(loader, 3)
     state = loader.state_dict()
-    assert dataloader_state_from_json(json.loads(json.dumps(dataloader_state_to_json(state)))) == state
-    with pytest.raises(ValueError, match=r"state\['_snapshot'\] has the key 0"):
-        dataloader_state_to_json({"_snapshot": {0: 1}})
-    with pytest.raises(ValueError, match=r"state\['offset'\] is a tuple"):
-        dataloader_state_to_json({"offset": (1, 2)})
+    write_state(tmp_path, "loader", state)
+    assert read_state(tmp_path, "loader") == state
     with pytest.raises(ValueError, match="Not a StatefulDataLoader state"):
-        dataloader_state_from_json({"step": 3})
+        resume_dataloader(loader, {"step": 3})
 
 
 def test_resume_refuses_other_settings(tmp_path):

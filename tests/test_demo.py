@@ -10,13 +10,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-import demo_jobs
 import pytest
-from demo_data import CLASS_NAMES, showcase_class, write_demo_dataset, write_showcase
-from demo_jobs import Job, run_scripts, start_script
-from demo_settings import DEMO_FILES, DEMO_FOLDERS, DEMO_MARKER, prepare_output_dir
 from PIL import Image
-from plots import GRID_CAPTION_HEIGHT, GRID_HEADER_HEIGHT
+
+import demo_pipeline.jobs as demo_jobs
+from demo_pipeline.data import CLASS_NAMES, showcase_class, write_demo_dataset, write_showcase
+from demo_pipeline.jobs import Job, run_scripts, start_script
+from demo_pipeline.settings import DEMO_FILES, DEMO_FOLDERS, DEMO_MARKER, prepare_output_dir
+from pretraining.plots import GRID_CAPTION_HEIGHT, GRID_HEADER_HEIGHT
 
 ROOT = Path(__file__).resolve().parents[1]
 

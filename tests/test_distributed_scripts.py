@@ -13,14 +13,15 @@ import pytest
 import torch
 from accelerate.state import AcceleratorState
 from conftest import free_port, read_metrics
-from demo_data import write_demo_dataset
 from safetensors.torch import load_file
 from test_data import write_parquet_shards
 from test_pixel_decoder import tiny_tokenizer
 from test_run_mim import make_vqkd_tokenizer, mim_args
 from test_run_pixel_decoder import decoder_args
 from test_run_vqkd import make_image_folder, make_teacher, vqkd_args
-from training import PREEMPTED_EXIT_CODE
+
+from demo_pipeline.data import write_demo_dataset
+from pretraining.loop import PREEMPTED_EXIT_CODE
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples"
@@ -32,15 +33,15 @@ ACCELERATE = str(Path(sys.executable).parent / "accelerate")
 AUDITED_LAUNCH = """
 import os, runpy, sys
 sys.path.insert(0, {examples!r})
-import loop_monitors
-import training
+import pretraining.data as data
+import pretraining.loop as loop
 
-class AuditedStream(training.ImageStream):
+class AuditedStream(data.ImageStream):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, with_ids=True, **kwargs)
 
-training.ImageStream = AuditedStream
-next_batch = loop_monitors.MetricsWindow.next_batch
+data.ImageStream = AuditedStream
+next_batch = loop.MetricsWindow.next_batch
 output_dir = sys.argv[sys.argv.index("--output_dir") + 1]
 
 def audited_next_batch(self, batches):
@@ -50,7 +51,7 @@ def audited_next_batch(self, batches):
         ids.writelines(identifier + "\\n" for identifier in batch.pop("example_id"))
     return batch
 
-loop_monitors.MetricsWindow.next_batch = audited_next_batch
+loop.MetricsWindow.next_batch = audited_next_batch
 sys.argv = [{script!r}, *sys.argv[1:]]
 runpy.run_path({script!r}, run_name="__main__")
 """
@@ -75,7 +76,7 @@ def launch_two_cpu_processes(script: str, args: list[str], timeout: int = 240) -
     ]  # fmt: skip
     result = subprocess.run(command, env=script_env(), capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
-    # Each rank dropped its DDP wrapper before the process group (see training.end_training).
+    # Each rank dropped its DDP wrapper before the process group (see pretraining.loop.end_training).
     assert "still referenced while the process group is destroyed" not in result.stderr
     return result
 

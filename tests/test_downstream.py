@@ -10,18 +10,20 @@ import PIL.Image
 import pytest
 import torch
 from conftest import run_without_package
-from downstream import export_native_checkpoint
 from transformers import AutoModelForImageClassification
 
+from finetuning.trainer import export_native_checkpoint
 from modeling_beitv2 import BeitV2Config, BeitV2ForMaskedImageModeling
 
 
 def test_no_example_script_imports_another_script():
-    """Scripts (files with a `__main__` block) share code through helper modules (downstream.py, labelled_data.py, fine_tuning.py...): importing
-    a script runs its module-level setup and ties the scripts' command lines together."""
+    """Scripts (files with a `__main__` block) share code through the helper packages (pretraining/, finetuning/,
+    demo_pipeline/): importing a script runs its module-level setup and ties the scripts' command lines together."""
     examples = Path(__file__).resolve().parents[1] / "examples"
-    trees = {path.stem: ast.parse(path.read_text()) for path in examples.glob("*.py")}
-    scripts = {name for name, tree in trees.items() if "__main__" in ast.unparse(tree)}
+    trees = {str(path.relative_to(examples)): ast.parse(path.read_text()) for path in examples.rglob("*.py")}
+    scripts = {
+        name.removesuffix(".py") for name, tree in trees.items() if "/" not in name and "__main__" in ast.unparse(tree)
+    }
     assert {"run_image_classification", "run_semantic_segmentation"} <= scripts
     imported = {
         (name, module)

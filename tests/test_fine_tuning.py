@@ -6,9 +6,10 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from fine_tuning import SkipUnreadableImages, check_trainer_start, fine_tuning_trainer, pixel_normaliser
-from pretraining_arguments import parse_arguments
 from transformers import BeitConfig, BeitForImageClassification, TrainingArguments
+
+from finetuning.trainer import SkipUnreadableImages, check_trainer_start, fine_tuning_trainer, pixel_normaliser
+from pretraining.arguments import parse_arguments
 
 
 def test_each_trainer_script_declares_the_shared_model_flags_with_its_own_layer_decay():
@@ -59,9 +60,12 @@ def test_fine_tuning_trainer_cards_the_shared_settings_and_skips_unreadable_imag
 
     trainer = fine_tuning_trainer(
         BeitForImageClassification(BeitConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2)),
-        model_args,
-        data_args,
         training_args,
+        model_name_or_path=model_args.model_name_or_path,
+        dataset_name=data_args.dataset_name,
+        layer_decay=model_args.layer_decay,
+        drop_path_rate=model_args.drop_path_rate,
+        license=model_args.license,
         train_dataset=None,
         eval_dataset=None,
         image_processor=None,
@@ -88,13 +92,13 @@ def test_fine_tuning_trainer_cards_the_shared_settings_and_skips_unreadable_imag
 
 
 def test_a_missing_tracker_stops_the_start_with_the_extra_to_install(tmp_path, monkeypatch):
-    import fine_tuning
+    import finetuning.trainer as fine_tuning
 
-    args = TrainingArguments(output_dir=str(tmp_path), report_to="tensorboard")
-    check_trainer_start(args)  # installed here
+    start = {"push_to_hub": False, "hub_model_id": None, "output_dir": str(tmp_path), "token": None}
+    check_trainer_start(["tensorboard"], **start)  # installed here
     monkeypatch.setattr(fine_tuning, "get_available_reporting_integrations", lambda: ["wandb"])
     with pytest.raises(SystemExit, match=r'--report_to tensorboard: .* pip install -e "\.\[tensorboard\]"') as error:
-        check_trainer_start(args)
+        check_trainer_start(["tensorboard"], **start)
     assert "\n" not in str(error.value)
 
 
@@ -102,9 +106,6 @@ def test_push_to_hub_offline_stops_the_start_in_one_line(tmp_path, monkeypatch):
     import huggingface_hub
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    args = TrainingArguments(
-        output_dir=str(tmp_path / "my-model"), push_to_hub=True, hub_token="hf_not_a_token", report_to="none"
-    )
     with pytest.raises(SystemExit, match="--push_to_hub: cannot use the Hub repo 'my-model'.*offline") as error:
-        check_trainer_start(args)
+        check_trainer_start([], True, None, str(tmp_path / "my-model"), "hf_not_a_token")
     assert "\n" not in str(error.value)

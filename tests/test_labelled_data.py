@@ -1,4 +1,4 @@
-"""The labelled data of the stage-3 scripts (labelled_data.py): the shared data flags, class-folder loading, the
+"""The labelled data of the stage-3 scripts (examples/finetuning/data.py): the shared data flags, class-folder loading, the
 evaluation hold-out, the truncation of a split, and the columns and class names a script reads."""
 
 import io
@@ -6,17 +6,18 @@ import io
 import datasets
 import PIL.Image
 import pytest
-from labelled_data import (
+
+from finetuning.data import (
     IMAGE_COLUMN_CANDIDATES,
-    ClassificationDataArguments,
     LabelledDataArguments,
+    SplitSettings,
     class_names,
     detect_column,
     first_examples,
     load_image_classification_data,
     prepare_splits,
 )
-from pretraining_arguments import parse_arguments
+from pretraining.arguments import parse_arguments
 
 
 def png_bytes(value: int) -> bytes:
@@ -28,21 +29,21 @@ def png_bytes(value: int) -> bytes:
 def test_prepare_splits_holds_out_a_seeded_part_of_the_training_split():
     raw = datasets.DatasetDict({"train": datasets.Dataset.from_dict({"index": list(range(40))})})
     data_args = LabelledDataArguments(train_val_split=0.25)
-    split = prepare_splits(raw, data_args, seed=3, do_train=True, do_eval=True)
+    split = prepare_splits(raw, data_args.splits(), seed=3, do_train=True, do_eval=True)
     train, held_out = list(split["train"]["index"]), list(split["validation"]["index"])
     assert len(held_out) == 10 and sorted(train + held_out) == list(range(40))
     # The same seed holds out the same examples (a --do_eval-only run later evaluates on what training never saw).
-    again = prepare_splits(raw, data_args, seed=3, do_train=False, do_eval=True)
+    again = prepare_splits(raw, data_args.splits(), seed=3, do_train=False, do_eval=True)
     assert list(again["validation"]["index"]) == held_out
-    other_seed = prepare_splits(raw, data_args, seed=4, do_train=True, do_eval=True)
+    other_seed = prepare_splits(raw, data_args.splits(), seed=4, do_train=True, do_eval=True)
     assert list(other_seed["validation"]["index"]) != held_out
     # Nothing is held out when there is an evaluation split or no evaluation.
-    assert prepare_splits(split, data_args, seed=3, do_train=True, do_eval=True) is split
-    assert prepare_splits(raw, data_args, seed=3, do_train=True, do_eval=False) is raw
+    assert prepare_splits(split, data_args.splits(), seed=3, do_train=True, do_eval=True) is split
+    assert prepare_splits(raw, data_args.splits(), seed=3, do_train=True, do_eval=False) is raw
     # The split names come from the arguments too.
     renamed = prepare_splits(
         datasets.DatasetDict({"fit": raw["train"]}),
-        LabelledDataArguments(train_split="fit", validation_split="dev", train_val_split=0.25),
+        SplitSettings(train_split="fit", validation_split="dev", train_val_split=0.25),
         seed=3,
         do_train=True,
         do_eval=True,
@@ -59,7 +60,7 @@ def test_prepare_splits_holds_out_part_of_a_stream_by_image_hash():
 
     raw = datasets.IterableDatasetDict({"train": datasets.IterableDataset.from_generator(rows, features=features)})
     data_args = LabelledDataArguments(train_val_split=0.3)
-    split = prepare_splits(raw, data_args, seed=0, do_train=True, do_eval=True, image_column="image")
+    split = prepare_splits(raw, data_args.splits(), seed=0, do_train=True, do_eval=True, image_column="image")
     assert isinstance(split, datasets.IterableDatasetDict)
     train = [row["label"] for row in split["train"]]
     held_out = [row["label"] for row in split["validation"]]
@@ -70,15 +71,15 @@ def test_prepare_splits_holds_out_part_of_a_stream_by_image_hash():
 def test_prepare_splits_names_the_missing_split_and_the_flags_that_give_one():
     raw = datasets.DatasetDict({"train": datasets.Dataset.from_dict({"index": [0, 1, 2]})})
     with pytest.raises(ValueError, match=r"split 'validation'.*\['train'\].*--validation_dir.*--train_val_split"):
-        prepare_splits(raw, LabelledDataArguments(train_val_split=0.0), seed=0, do_train=True, do_eval=True)
+        prepare_splits(raw, SplitSettings(train_val_split=0.0), seed=0, do_train=True, do_eval=True)
     with pytest.raises(ValueError, match="no training split 'training'.*--train_split"):
-        prepare_splits(raw, LabelledDataArguments(train_split="training"), seed=0, do_train=True, do_eval=False)
+        prepare_splits(raw, SplitSettings(train_split="training"), seed=0, do_train=True, do_eval=False)
     with pytest.raises(ValueError, match=r"--train_val_split must be in \[0, 1\)"):
         LabelledDataArguments(train_val_split=1.0)
     data_args = LabelledDataArguments()
     data_args.train_val_split = 1.0  # set after the dataclass checked it
     with pytest.raises(ValueError, match=r"--train_val_split must be in \[0, 1\)"):
-        prepare_splits(raw, data_args, seed=0, do_train=True, do_eval=True)
+        prepare_splits(raw, data_args.splits(), seed=0, do_train=True, do_eval=True)
 
 
 def test_every_script_declares_the_shared_data_flags_once_with_their_check():
@@ -107,16 +108,16 @@ def test_class_folders_load_as_the_named_splits(tmp_path):
     for split, colour in (("train", "red"), ("train", "blue"), ("val", "red")):
         (tmp_path / split / colour).mkdir(parents=True, exist_ok=True)
         PIL.Image.new("RGB", (4, 4), colour).save(tmp_path / split / colour / "0.png")
-    data_args = ClassificationDataArguments(
+    raw = load_image_classification_data(
         train_dir=str(tmp_path / "train"),
         validation_dir=str(tmp_path / "val"),
         train_split="fit",
         validation_split="dev",
+        cache_dir=str(tmp_path / "cache"),
     )
-    raw = load_image_classification_data(data_args, cache_dir=str(tmp_path / "cache"))
     assert {name: len(split) for name, split in raw.items()} == {"fit": 2, "dev": 1}
     with pytest.raises(ValueError, match="Pass --dataset_name, or --train_dir and/or --validation_dir"):
-        load_image_classification_data(ClassificationDataArguments())
+        load_image_classification_data()
 
 
 def test_first_examples_truncates_in_memory_and_streamed_splits():

@@ -12,7 +12,9 @@ from huggingface_hub import ModelCard
 from PIL import Image
 from transformers import BeitConfig, BeitForImageClassification, BeitImageProcessor, UperNetConfig
 
-from model_cards import (
+from modeling_beitv2 import BeitV2Config, DVAEConfig, VQKDConfig, VQKDPixelDecoderConfig
+from modeling_beitv2.configuration_vqkd import vqkd_decoder_config, vqkd_encoder_config
+from pretraining.model_cards import (
     CARD_KINDS,
     HUB_ID_PLACEHOLDER,
     TEMPLATES_DIR,
@@ -21,8 +23,6 @@ from model_cards import (
     split_front_matter,
     write_model_card,
 )
-from modeling_beitv2 import BeitV2Config, DVAEConfig, VQKDConfig, VQKDPixelDecoderConfig
-from modeling_beitv2.configuration_vqkd import vqkd_decoder_config, vqkd_encoder_config
 from processing import BeitV2ImageProcessor, VQKDImageProcessor
 
 HUB_ID = "someone/beitv2-tiny-demo"
@@ -255,7 +255,7 @@ def test_license_is_the_callers_choice(tmp_path):
 
 
 def test_license_and_hub_id_are_checked_with_the_arguments():
-    from pretraining_arguments import PretrainingArguments
+    from pretraining.arguments import PretrainingArguments
 
     assert PretrainingArguments(output_dir="out", license="apache-2.0").license == "apache-2.0"
     assert PretrainingArguments(output_dir="out").license is None
@@ -281,25 +281,27 @@ def test_export_model_writes_a_card_the_hub_parses(tmp_path, fresh_accelerator_s
     """End to end through the pretraining scripts' export: `--license`, `--hub_model_id` and the run's last metrics
     (training-loop numbers mixed with evaluation ones, as `run_vqkd.py` keeps them) reach a parseable card."""
     from accelerate import Accelerator
-    from pretraining_arguments import DataArguments, PretrainingArguments
-    from training import export_model
 
     from modeling_beitv2 import VQKDModel
+    from pretraining.arguments import PretrainingArguments
+    from pretraining.loop import export_model
 
     args = PretrainingArguments(output_dir=str(tmp_path / "out"), license="apache-2.0", hub_model_id=HUB_ID)
     measured = MEASURED["vqkd"][0]
     export_model(
         Accelerator(cpu=True),
         VQKDModel(tiny_vqkd()),
-        args,
-        DataArguments(dataset_name="someone/tiny-images"),
         VQKDImageProcessor(image_size=32),
-        learning_rate=1e-3,
-        num_training_steps=17,
-        last_metrics={**TRAINING_NOISE, **measured},
+        args.output_dir,
         card_kind="vqkd",
         card_fields={"teacher": hub_reference("openai/clip-vit-base-patch16")},
+        dataset_name="someone/tiny-images",
+        training_card={"steps": 17, "total_batch_size": 8, "peak_learning_rate": 1e-3, **args.card_settings()},
+        last_metrics={**TRAINING_NOISE, **measured},
+        license=args.license,
+        hub_model_id=args.hub_model_id,
         repo_id=None,  # no upload; the card still names the id given with --hub_model_id
+        token=None,
     )
     card = ModelCard.load(tmp_path / "out" / "README.md")
     assert card.data.license == "apache-2.0" and card.data.datasets == ["someone/tiny-images"]
@@ -377,8 +379,9 @@ def test_vqkd_and_pixel_decoder_snippets_run(tmp_path, monkeypatch):
 def test_trainer_scripts_card_has_license_hub_id_and_last_evaluation(tmp_path):
     """The fine-tuning scripts' path: `model_card_kwargs` (with `--license`) at construction, then
     `LayerDecayTrainer.create_model_card` with the fine-tuned config and the last evaluation's metrics."""
-    from fine_tuning import LayerDecayTrainer, model_card_kwargs
     from transformers import TrainingArguments
+
+    from finetuning.trainer import LayerDecayTrainer, model_card_kwargs
 
     source = tmp_path / "local-mim"  # a local checkpoint: neither base_model nor the card may name its path
     BeitV2Config(**_WIDTH, num_hidden_layers=4, early_layers=2, image_size=32, patch_size=8).save_pretrained(source)

@@ -10,7 +10,7 @@ from transformers import BeitConfig, BeitForImageClassification, TrainingArgumen
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
-from param_groups import apply_lr_scale, build_param_groups  # noqa: E402
+from pretraining.loop import apply_lr_scale, build_param_groups  # noqa: E402
 
 NUM_LAYERS = 4
 BASE_LR = 3e-3
@@ -92,7 +92,7 @@ def test_frozen_parameters_are_left_out():
 def test_trainer_optimizer_keeps_the_groups_and_the_scheduler_scales_them(tmp_path):
     """The fine-tuning script's Trainer builds exactly these groups, and the lr schedule multiplies every group's
     initial lr by the same factor, so the ratio between layers holds at every step."""
-    from fine_tuning import LayerDecayTrainer
+    from finetuning.trainer import LayerDecayTrainer
 
     model = tiny_classifier()
     args = TrainingArguments(

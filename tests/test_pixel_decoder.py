@@ -1,5 +1,5 @@
 """VQKDPixelDecoder: built from a tokenizer, shapes and range, bad input, save/reload (also as Hub custom code), and
-the mean-patch baseline helper of examples/pixel_baseline.py."""
+the mean-patch baseline helper of examples/pretraining/pixel_baseline.py."""
 
 from __future__ import annotations
 
@@ -8,12 +8,12 @@ import json
 import pytest
 import torch
 from conftest import run_without_package
-from pixel_baseline import MeanPatchBaseline, patchify, psnr, unpatchify
 from torch.nn import functional as F
 from transformers import AutoConfig, AutoModel
 
 from modeling_beitv2 import VQKDConfig, VQKDModel, VQKDPixelDecoder, VQKDPixelDecoderConfig
 from modeling_beitv2.configuration_vqkd import vqkd_decoder_config, vqkd_encoder_config
+from pretraining.pixel_baseline import MeanPatchBaseline, patchify, psnr, unpatchify
 
 TINY_VIT = dict(hidden_size=32, num_attention_heads=2, intermediate_size=64)
 TINY_DECODER = dict(
@@ -205,7 +205,7 @@ def test_custom_code_reload_in_fresh_process_gives_identical_pixels(decoder, tmp
     assert torch.equal(torch.load(tmp_path / "pixels.pt"), expected)
 
 
-# The mean-patch baseline (examples/pixel_baseline.py).
+# The mean-patch baseline (examples/pretraining/pixel_baseline.py).
 
 
 def test_patchify_is_row_major_and_unpatchify_inverts_it():

@@ -4,7 +4,16 @@ resolution, and bad input is refused by name."""
 import numpy as np
 import pytest
 from PIL import Image
-from plots import GRID_CAPTION_HEIGHT, GRID_HEADER_HEIGHT, LinePanel, bar_chart, captioned_image, image_grid, line_plot
+
+from pretraining.plots import (
+    GRID_CAPTION_HEIGHT,
+    GRID_HEADER_HEIGHT,
+    LinePanel,
+    bar_chart,
+    captioned_image,
+    image_grid,
+    line_plot,
+)
 
 
 def size_of(path):

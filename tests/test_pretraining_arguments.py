@@ -1,4 +1,4 @@
-"""The pretraining scripts' arguments (examples/pretraining_arguments.py): parse-time validation, precision flags."""
+"""The pretraining scripts' arguments (examples/pretraining/arguments.py): parse-time validation, precision flags."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import math
 from dataclasses import dataclass, field
 
 import pytest
-from pretraining_arguments import DataArguments, PretrainingArguments, check_range, parse_arguments
+
+from pretraining.arguments import DataArguments, PretrainingArguments, check_range, parse_arguments
 
 CLASSES = (DataArguments, PretrainingArguments)
 
@@ -138,33 +139,6 @@ def test_yaml_and_json_files(tmp_path):
         parse_arguments(CLASSES, [str(tmp_path / "list.yaml")])
 
 
-@pytest.mark.parametrize(
-    ("option", "replacement"),
-    [
-        ("warmup_ratio", "--warmup_steps takes a fraction"),
-        ("hub_token", "--token"),
-        ("log_example_ids", "the audit"),
-    ],
-)
-def test_removed_options_say_what_replaces_them(tmp_path, option, replacement):
-    with pytest.raises(ValueError, match=rf"--{option} was removed: {replacement}"):
-        parse(f"--{option}", "0.05")
-    with pytest.raises(ValueError, match=rf"--{option}=0.05 was removed|--{option} was removed"):
-        parse(f"--{option.replace('_', '-')}=0.05")
-    (tmp_path / "args.json").write_text(json.dumps({"train_dir": "i", "output_dir": "o", option: 0.05}))
-    with pytest.raises(ValueError, match=rf"--{option} in args.json was removed: {replacement}"):
-        parse_arguments(CLASSES, [str(tmp_path / "args.json")])
-
-
-def test_a_removed_name_a_script_defines_again_parses():
-    @dataclass
-    class ScriptArguments:
-        warmup_ratio: float = 0.0
-
-    _, _, script_args = parse("--warmup_ratio", "0.1", classes=(*CLASSES, ScriptArguments))
-    assert script_args.warmup_ratio == 0.1
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Evaluation arguments
 
@@ -183,11 +157,11 @@ def test_do_eval_needs_a_validation_source():
 
 
 def test_eval_options_without_do_eval_warn(caplog):
-    with caplog.at_level(logging.WARNING, logger="pretraining_arguments"):
+    with caplog.at_level(logging.WARNING, logger="pretraining.arguments"):
         parse("--validation_dir", "val", "--eval_steps", "10")
     assert "--validation_dir, --eval_steps given without --do_eval: no evaluation will run." in caplog.text
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="pretraining_arguments"):
+    with caplog.at_level(logging.WARNING, logger="pretraining.arguments"):
         parse()
     assert caplog.text == ""
 
@@ -235,3 +209,15 @@ def test_precision_follows_accelerate_launch_unless_given(monkeypatch):
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp8")
     with pytest.raises(ValueError, match="ACCELERATE_MIXED_PRECISION='fp8'"):
         parse()
+
+
+def test_default_image_size_is_the_processors_default():
+    """--image_size unset builds a new model at DEFAULT_IMAGE_SIZE; the processors the scripts save with it must
+    default to the same resolution, or a model saved without --image_size would read other-sized images."""
+    import inspect
+
+    from pretraining.arguments import DEFAULT_IMAGE_SIZE
+    from processing import BeitV2ImageProcessor, VQKDImageProcessor
+
+    for processor in (BeitV2ImageProcessor, VQKDImageProcessor):
+        assert inspect.signature(processor.__init__).parameters["image_size"].default == DEFAULT_IMAGE_SIZE

@@ -163,7 +163,7 @@ def test_rejects_a_checkpoint_that_is_not_beit(tmp_path):
         ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
     ).save_pretrained(tmp_path / "vit")
     sys.path.insert(0, str(ROOT / "examples"))
-    from downstream import load_native_beit
+    from finetuning.trainer import load_native_beit
 
     with pytest.raises(ValueError, match="model_type 'vit'"):
         load_native_beit(str(tmp_path / "vit"))
@@ -208,8 +208,9 @@ def test_unreadable_images_are_skipped_and_logged(tmp_path, mim_checkpoint, stre
 
 def test_logged_loss_is_the_mean_cross_entropy_with_and_without_accumulation(tmp_path):
     """Soft (mixup) and hard labels, 1 batch of 4 or 2 accumulated batches of 2: the same mean loss."""
-    from fine_tuning import LayerDecayTrainer
     from transformers import TrainingArguments, default_data_collator
+
+    from finetuning.trainer import LayerDecayTrainer
 
     torch.manual_seed(0)
     model = BeitForImageClassification(BeitConfig(**TINY, image_size=32, num_labels=10, drop_path_rate=0.0))
@@ -245,8 +246,9 @@ def test_logged_loss_is_the_mean_cross_entropy_with_and_without_accumulation(tmp
 
 
 def test_recipe_sets_the_augmentation_defaults_and_each_flag_overrides_it():
-    from pretraining_arguments import parse_arguments
     from run_image_classification import RECIPES, DataArguments
+
+    from pretraining.arguments import parse_arguments
 
     def parse(*args: str) -> DataArguments:
         (data_args,) = parse_arguments((DataArguments,), args=list(args))
@@ -294,7 +296,7 @@ def run_main_in_process(monkeypatch, *args: str) -> None:
 
 
 def test_a_missing_tracker_stops_the_script_before_loading_anything(tmp_path, monkeypatch):
-    import fine_tuning
+    import finetuning.trainer as fine_tuning
 
     monkeypatch.setattr(fine_tuning, "get_available_reporting_integrations", lambda: [])
     # A model and data that do not exist: were the check late, loading them would fail first.

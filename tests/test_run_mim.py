@@ -1,5 +1,5 @@
 """examples/run_mim.py in one process: BEiT v2 and v1 modes, parquet streaming, exact resume, evaluation, the
-non-finite policy, mixed precision of the frozen tokenizer, signals; and the loop helpers of examples/training.py."""
+non-finite policy, mixed precision of the frozen tokenizer, signals; and the loop helpers of examples/pretraining/loop.py."""
 
 from __future__ import annotations
 
@@ -22,10 +22,10 @@ from test_data import write_parquet_shards
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
-import loop_monitors  # noqa: E402
 import run_mim  # noqa: E402
-import training  # noqa: E402
 
+import pretraining.data as data  # noqa: E402
+import pretraining.loop as loop  # noqa: E402
 from modeling_beitv2 import (  # noqa: E402
     BeitV2ForMaskedImageModeling,
     DVAEConfig,
@@ -124,7 +124,7 @@ def test_beitv2_trains_from_parquet_stream_and_saves(mim_inputs, tmp_path):
         assert processor.num_masking_patches == 5  # the exact count wins over the default mask_ratio 0.4
     saved = load_file(output_dir / "checkpoint-4" / "model.safetensors")
     assert not any(key.startswith(("tokenizer", "quantizer", "encoder.")) for key in saved)
-    assert processor(np.zeros((40, 40, 3), np.uint8))["bool_masked_pos"][0].sum() == 5
+    assert processor.pretraining_inputs(np.zeros((40, 40, 3), np.uint8), rng=0)["bool_masked_pos"][0].sum() == 5
     assert (output_dir / "README.md").is_file()
 
 
@@ -272,9 +272,9 @@ def test_overflowing_gradient_of_a_finite_loss_is_skipped(mim_inputs, tmp_path, 
 def test_gradient_accumulation_consumes_micro_batches(mim_inputs, tmp_path, monkeypatch):
     files, tokenizer = mim_inputs
     drawn = []
-    next_batch = loop_monitors.MetricsWindow.next_batch
+    next_batch = loop.MetricsWindow.next_batch
     monkeypatch.setattr(
-        loop_monitors.MetricsWindow, "next_batch", lambda self, batches: drawn.append(1) or next_batch(self, batches)
+        loop.MetricsWindow, "next_batch", lambda self, batches: drawn.append(1) or next_batch(self, batches)
     )
     output_dir = tmp_path / "out"
     state = run_mim.main(
@@ -348,7 +348,7 @@ def test_loop_syncs_host_and_device_only_at_logging_steps(mim_inputs, tmp_path, 
 
         monkeypatch.setattr(torch.Tensor, name, counted)
     at_step_start = []
-    next_batch = loop_monitors.MetricsWindow.next_batch
+    next_batch = loop.MetricsWindow.next_batch
 
     def mark(self, batches):
         at_step_start.append(len(syncs))
@@ -356,7 +356,7 @@ def test_loop_syncs_host_and_device_only_at_logging_steps(mim_inputs, tmp_path, 
         at_step_start[-1] = (at_step_start[-1], len(syncs))  # (before, after) the data loading
         return batch
 
-    monkeypatch.setattr(loop_monitors.MetricsWindow, "next_batch", mark)
+    monkeypatch.setattr(loop.MetricsWindow, "next_batch", mark)
     extra = ("--max_steps", "5", "--logging_steps", "100", "--save_steps", "0", "--num_masking_patches", "5")
     run_mim.main(mim_args(files, tokenizer, tmp_path / "out", *extra))
     # Syncs made by steps 1-3 (none of them logs): from after one step's data loading to the next step's start.
@@ -408,7 +408,7 @@ def test_torch_compile_matches_eager(mim_inputs, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# examples/training.py helpers
+# examples/pretraining/loop.py helpers
 
 
 def tiny_model() -> torch.nn.Module:
@@ -416,18 +416,17 @@ def tiny_model() -> torch.nn.Module:
     return torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 2))
 
 
-def optimizer_args(**overrides):
-    defaults = dict(weight_decay=0.05, adam_beta1=0.9, adam_beta2=0.98, adam_epsilon=1e-8)
-    return type("Args", (), {**defaults, **overrides})()
+def adamw(model: torch.nn.Module) -> torch.optim.AdamW:
+    return loop.build_optimizer(model, 1e-2, weight_decay=0.05, betas=(0.9, 0.98), eps=1e-8)
 
 
 def test_fused_adamw_matches_the_plain_one():
     fused_model, plain_model = tiny_model(), tiny_model()
-    fused = training.build_optimizer(fused_model, optimizer_args(), 1e-2)
+    fused = adamw(fused_model)
     assert fused.defaults["fused"] and len(fused.param_groups) == 2  # weight decay off for biases and norms
     plain = torch.optim.AdamW(
         [{"params": group["params"], "weight_decay": group["weight_decay"]} for group in
-         training.build_optimizer(plain_model, optimizer_args(), 1e-2).param_groups],
+         adamw(plain_model).param_groups],
         lr=1e-2, betas=(0.9, 0.98), eps=1e-8, foreach=False,
     )  # fmt: skip
     inputs = torch.randn(16, 4)
@@ -445,15 +444,15 @@ def test_nonfinite_guard_skips_the_update_without_a_sync(fresh_accelerator_state
 
     accelerator = Accelerator(cpu=True)
     model = tiny_model()
-    optimizer = training.build_optimizer(model, optimizer_args(), 1e-2)
-    guard = loop_monitors.NonFiniteGuard(accelerator, optimizer)
+    optimizer = adamw(model)
+    guard = loop.NonFiniteGuard(accelerator, optimizer)
     before = [param.detach().clone() for param in model.parameters()]
     for step, poison in enumerate((False, True, True, False)):
         optimizer.zero_grad()
         model(torch.randn(8, 4)).sum().backward()
         if poison:
             next(model.parameters()).grad[0, 0] = float("inf")
-        guard.check(training.gradient_norm(accelerator, model, max_grad_norm=1.0))
+        guard.check(loop.gradient_norm(accelerator, model, max_grad_norm=1.0))
         optimizer.step()
         if step == 0:
             before = [param.detach().clone() for param in model.parameters()]
@@ -471,7 +470,7 @@ def test_nonfinite_guard_skips_the_update_without_a_sync(fresh_accelerator_state
 def test_slow_input_pipeline_warns_naming_the_workers_flag(tmp_path, caplog, fresh_accelerator_state):
     from accelerate import Accelerator
 
-    window = loop_monitors.MetricsWindow(Accelerator(cpu=True), str(tmp_path), num_workers=0)
+    window = loop.MetricsWindow(Accelerator(cpu=True), str(tmp_path), num_workers=0)
 
     def slow_batches():
         while True:
@@ -490,14 +489,14 @@ def test_slow_input_pipeline_warns_naming_the_workers_flag(tmp_path, caplog, fre
 
 
 def test_held_out_images_skip_and_log_unreadable_ones(tmp_path, caplog):
-    from data_sources import load_image_stream
+    from pretraining.data import load_image_stream
 
     files = write_parquet_shards(tmp_path / "parquet", 6, 1, corrupt=(2,))
     dataset, column = load_image_stream(data_files=files)
-    held_out = training.HeldOutImages(
+    held_out = data.HeldOutImages(
         dataset, column, lambda image, rng: {"side": image.size[0]}, rank=0, world_size=1, seed=0, max_samples=None
     )
-    with caplog.at_level(logging.WARNING, logger="image_datasets"):
+    with caplog.at_level(logging.WARNING, logger="pretraining.data"):
         examples = list(held_out)
     assert len(examples) == 5
     assert "Skipping image" in caplog.text and "1 skipped so far" in caplog.text

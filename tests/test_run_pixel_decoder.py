@@ -16,10 +16,10 @@ from test_pixel_decoder import tiny_tokenizer
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
 import run_pixel_decoder  # noqa: E402
-import training  # noqa: E402
-from demo_data import write_demo_dataset  # noqa: E402
 
+from demo_pipeline.data import write_demo_dataset  # noqa: E402
 from modeling_beitv2 import VQKDModel, VQKDPixelDecoder  # noqa: E402
+from pretraining.arguments import resolve_frozen_model_precision  # noqa: E402
 
 TINY_DECODER = "hidden_size=32,num_attention_heads=4,num_hidden_layers=2,intermediate_size=64,refine_channels=8"
 
@@ -120,7 +120,14 @@ def test_settings_that_contradict_the_tokenizer_are_refused(inputs, tmp_path):
         run_pixel_decoder.main(decoder_args(inputs, tmp_path / "c", "--max_steps", "1", "--baseline_images", "0"))
 
 
-def test_tokenizer_precision_follows_the_run():
-    assert training.frozen_tokenizer_precision("auto", "no") == "fp32"
-    assert training.frozen_tokenizer_precision("auto", "bf16") == "fp16"
-    assert training.frozen_tokenizer_precision("bf16", "no") == "bf16"
+def test_frozen_model_precision_follows_the_run():
+    # A tokenizer's codes: fp16 under any mixed precision. A teacher's continuous targets: the run's own precision.
+    assert resolve_frozen_model_precision("auto", "no", "tokenizer") == "fp32"
+    assert resolve_frozen_model_precision("auto", "bf16", "tokenizer") == "fp16"
+    assert resolve_frozen_model_precision("bf16", "no", "tokenizer") == "bf16"
+    assert resolve_frozen_model_precision("auto", "no", "teacher") == "fp32"
+    assert resolve_frozen_model_precision("auto", "bf16", "teacher") == "bf16"
+    assert resolve_frozen_model_precision("auto", "fp16", "teacher") == "fp16"
+    assert resolve_frozen_model_precision("fp32", "bf16", "teacher") == "fp32"
+    with pytest.raises(ValueError, match="--frozen_model_precision must be one of auto, fp32, fp16, bf16"):
+        resolve_frozen_model_precision("half", "no", "teacher")

@@ -12,12 +12,12 @@ import evaluate
 import numpy as np
 import pytest
 import torch
-from param_groups import build_param_groups
 from PIL import Image
 from run_semantic_segmentation import build_segmentation_model
 from transformers import AutoModelForSemanticSegmentation, UperNetForSemanticSegmentation, pipeline
 
 from modeling_beitv2 import BeitV2Config, BeitV2ForMaskedImageModeling
+from pretraining.loop import build_param_groups
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "examples" / "run_semantic_segmentation.py"

@@ -204,7 +204,8 @@ def test_torch_compile_and_frozen_teacher_autocast(vqkd_inputs, tmp_path, monkey
 
 def test_arguments_from_yaml_and_json_files(tmp_path):
     import yaml
-    from pretraining_arguments import DataArguments, parse_arguments
+
+    from pretraining.arguments import DataArguments, parse_arguments
 
     settings = {
         "teacher_name_or_path": "some/teacher",

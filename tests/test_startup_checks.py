@@ -1,4 +1,4 @@
-"""Start-up checks of the pretraining scripts (examples/startup_checks.py): trackers installed, Hub repo writable."""
+"""Start-up checks of the pretraining scripts (examples/pretraining/arguments.py): trackers installed, Hub repo writable."""
 
 from __future__ import annotations
 
@@ -11,15 +11,16 @@ from types import SimpleNamespace
 import huggingface_hub
 import pytest
 from conftest import EXAMPLES_DIR
-from startup_checks import check_hub_access, check_report_to
 from test_pretraining_arguments import no_launcher_precision, training_args  # noqa: F401 (an autouse fixture)
+
+from pretraining.arguments import check_hub_access, check_report_to
 
 # ---------------------------------------------------------------------------------------------------------------
 # Trackers
 
 
 def test_report_to(monkeypatch):
-    import startup_checks
+    import pretraining.arguments as startup_checks
 
     monkeypatch.setattr(startup_checks, "is_tensorboard_available", lambda: True)
     monkeypatch.setattr(startup_checks, "is_wandb_available", lambda: False)
@@ -71,9 +72,14 @@ def fake_hub(monkeypatch):
     return FakeHfApi
 
 
-def one_line_exit(args) -> str:
+def hub_settings(**values) -> dict:
+    """check_hub_access's values: no push, no repo id, output_dir "out", no token, unless given."""
+    return {"push_to_hub": False, "hub_model_id": None, "output_dir": "out", "token": None, **values}
+
+
+def one_line_exit(settings: dict) -> str:
     with pytest.raises(SystemExit) as raised:
-        check_hub_access(args)
+        check_hub_access(**settings)
     message = str(raised.value.code)
     # No chained exception either: the user sees this one line, not the HTTP client's traceback.
     assert "\n" not in message and raised.value.__cause__ is None
@@ -82,24 +88,24 @@ def one_line_exit(args) -> str:
 
 
 def test_hub_access_without_push_does_nothing(fake_hub):
-    assert check_hub_access(training_args()) is None
+    assert check_hub_access(**hub_settings()) is None
     assert fake_hub.calls == []
 
 
 def test_hub_access_creates_the_repo_at_start(fake_hub, tmp_path, caplog):
-    caplog.set_level(logging.INFO, logger="startup_checks")
-    args = training_args(output_dir=str(tmp_path / "beitv2-tiny"), push_to_hub=True, token="hf_x")
-    assert check_hub_access(args) == "alice/beitv2-tiny"
+    caplog.set_level(logging.INFO, logger="pretraining.arguments")
+    args = hub_settings(output_dir=str(tmp_path / "beitv2-tiny"), push_to_hub=True, token="hf_x")
+    assert check_hub_access(**args) == "alice/beitv2-tiny"
     assert fake_hub.calls == [("init", "hf_x"), ("create_repo", "beitv2-tiny", True)]
-    args = training_args(push_to_hub=True, hub_model_id="org/model")
-    assert check_hub_access(args) == "org/model"
+    args = hub_settings(push_to_hub=True, hub_model_id="org/model")
+    assert check_hub_access(**args) == "org/model"
     assert "Will push the final model to https://huggingface.co/org/model" in caplog.text
 
 
 def test_hub_access_errors_are_one_line(fake_hub, monkeypatch):
     from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError
 
-    args = training_args(push_to_hub=True, hub_model_id="org/model")
+    args = hub_settings(push_to_hub=True, hub_model_id="org/model")
     monkeypatch.setattr(fake_hub, "whoami_error", LocalTokenNotFoundError("Token is required.\nSee the docs."))
     assert one_line_exit(args) == (
         "--push_to_hub needs a Hub token with write access: pass --token or run `hf auth login`."
@@ -125,14 +131,14 @@ def test_hub_access_errors_are_one_line(fake_hub, monkeypatch):
 def test_hub_access_offline_is_one_line(monkeypatch):
     # The real HfApi: offline mode makes its first request fail, with no network touched.
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    message = one_line_exit(training_args(push_to_hub=True, hub_model_id="org/model", token="hf_fake"))
+    message = one_line_exit(hub_settings(push_to_hub=True, hub_model_id="org/model", token="hf_fake"))
     assert message.startswith("--push_to_hub: cannot use the Hub repo 'org/model' (OfflineModeIsEnabled: ")
     assert "offline mode is enabled" in message
     # --hub_model_id is checked at parse time; a repo named after --output_dir is checked here.
     with pytest.raises(SystemExit, match="'not a valid repo' is not a valid repo id"):
         monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
         monkeypatch.setattr(huggingface_hub.HfApi, "whoami", lambda self: {"name": "alice"})
-        check_hub_access(training_args(push_to_hub=True, output_dir="runs/not a valid repo"))
+        check_hub_access(**hub_settings(push_to_hub=True, output_dir="runs/not a valid repo"))
 
 
 def test_hub_access_offline_prints_no_traceback(tmp_path):
@@ -140,9 +146,8 @@ def test_hub_access_offline_prints_no_traceback(tmp_path):
         f"""
         import sys
         sys.path.insert(0, {str(EXAMPLES_DIR)!r})
-        from pretraining_arguments import PretrainingArguments
-        from startup_checks import check_hub_access
-        check_hub_access(PretrainingArguments(output_dir={str(tmp_path)!r}, push_to_hub=True, token="hf_fake"))
+        from pretraining.arguments import check_hub_access
+        check_hub_access(push_to_hub=True, hub_model_id=None, output_dir={str(tmp_path)!r}, token="hf_fake")
         """
     )
     env = {"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}

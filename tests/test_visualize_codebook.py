@@ -9,9 +9,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from demo_data import CLASS_NAMES, write_demo_dataset
 from PIL import Image
-from visual_tokenizers import load_visual_tokenizer
 from visualize_codebook import (
     CAPTION_HEIGHT,
     GRID_PADDING,
@@ -24,8 +22,10 @@ from visualize_codebook import (
     tokenizer_view,
 )
 
+from demo_pipeline.data import CLASS_NAMES, write_demo_dataset
 from modeling_beitv2 import BeitV2Config, BeitV2ForMaskedImageModeling, DVAEConfig, DVAEModel, VQKDConfig, VQKDModel
 from modeling_beitv2.configuration_vqkd import vqkd_decoder_config, vqkd_encoder_config
+from pretraining.loop import load_visual_tokenizer
 
 NUM_CODES = 16
 
@@ -53,7 +53,7 @@ def vqkd_dir(tmp_path_factory):
 def retokenize(tokenizer_dir, images_dir):
     """The views and codes of the same images, computed again independently of the script's output."""
     tokenizer = load_visual_tokenizer(str(tokenizer_dir))
-    images, _ = read_images(VisualizeArguments(str(tokenizer_dir), "unused", train_dir=str(images_dir)))
+    images, _ = read_images(train_dir=str(images_dir), max_images=VisualizeArguments.max_images)
     views = np.stack([tokenizer_view(image, tokenizer) for image in images])
     return views, tokenize_views(tokenizer, views)
 

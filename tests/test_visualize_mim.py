@@ -5,11 +5,10 @@ recomputed independently from the saved models."""
 import numpy as np
 import pytest
 import torch
-from demo_data import write_demo_dataset
 from PIL import Image
-from plots import DPI, GRID_CAPTION_HEIGHT, GRID_HEADER_HEIGHT
 from visualize_mim import COLUMN_TITLES, MASK_GREY, main
 
+from demo_pipeline.data import write_demo_dataset
 from modeling_beitv2 import (
     BeitV2Config,
     BeitV2ForMaskedImageModeling,
@@ -20,6 +19,7 @@ from modeling_beitv2 import (
     VQKDPixelDecoder,
 )
 from modeling_beitv2.configuration_vqkd import vqkd_decoder_config, vqkd_encoder_config
+from pretraining.plots import DPI, GRID_CAPTION_HEIGHT, GRID_HEADER_HEIGHT
 from processing import BeitV2ImageProcessor
 
 NUM_CODES, NUM_MASKED, PANEL = 16, 6, 64
@@ -92,7 +92,7 @@ def check_grid(summary, images_dir, model_dir, tokenizer, renderer, num_images, 
     # The same images through the saved processor's evaluation path, with the same seed.
     images = [Image.open(path).convert("RGB") for path in sorted(images_dir.rglob("*.png"))[:num_images]]
     processor = BeitV2ImageProcessor.from_pretrained(model_dir)
-    inputs = processor.preprocess(images, rng=np.random.default_rng(seed), return_tensors="pt")
+    inputs = processor.pretraining_inputs(images, rng=np.random.default_rng(seed), return_tensors="pt")
     mask = inputs["bool_masked_pos"].bool()
     torch.testing.assert_close(result.bool_masked_pos, mask)
     codes = tokenizer.get_codebook_indices(inputs["tokenizer_pixel_values"])

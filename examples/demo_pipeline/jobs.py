@@ -17,10 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple, TextIO
 
-from demo_data import CLASS_NAMES
-from demo_settings import BATCH_SIZE, IMAGE_SIZE, NUM_CODES, PATCH_SIZE, WIDTH
+from demo_pipeline.data import CLASS_NAMES
+from demo_pipeline.settings import BATCH_SIZE, IMAGE_SIZE, NUM_CODES, PATCH_SIZE, WIDTH
 
-EXAMPLES_DIR = Path(__file__).resolve().parent
+EXAMPLES_DIR = Path(__file__).resolve().parents[1]
 # `WIDTH` as a `--config_overrides` fragment.
 WIDTH_OVERRIDES = ",".join(f"{key}={value}" for key, value in WIDTH.items())
 

@@ -1,9 +1,6 @@
-"""The `Trainer` side of the fine-tuning scripts (image classification, semantic segmentation): their shared model
-flags (`FineTuningModelArguments`, which each script's model arguments extend), argument parsing with the checks run
-at start (`parse_trainer_arguments`, `check_trainer_start`), the `Trainer` (`LayerDecayTrainer`, built by
-`fine_tuning_trainer` with the `SkipUnreadableImages` collator and the model card of `model_card_kwargs`), pixel
-normalisation of training views (`pixel_normaliser`), metrics (`load_metric`) and the train / evaluate / save
-ending (`train_evaluate_and_save`).
+"""What the Trainer scripts (`run_image_classification.py`, `run_semantic_segmentation.py`) share: the model arguments,
+loading a pretrained backbone as transformers' native BEiT and exporting it back, a `Trainer` with layer decay and
+the model card, and the run's start and end.
 """
 
 from __future__ import annotations
@@ -12,7 +9,6 @@ import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from types import SimpleNamespace
 from typing import TYPE_CHECKING
 
 import evaluate
@@ -20,16 +16,22 @@ import numpy as np
 import torch
 import transformers
 from datasets import Dataset, IterableDataset
-from param_groups import apply_lr_scale, build_param_groups
-from pretraining_arguments import parse_arguments
-from startup_checks import TRACKER_INSTALL_COMMANDS, check_hub_access
-from transformers import AutoConfig, PreTrainedModel, Trainer, TrainingArguments, default_data_collator
+from transformers import (
+    AutoConfig,
+    BeitForImageClassification,
+    BeitModel,
+    PreTrainedModel,
+    Trainer,
+    TrainingArguments,
+    default_data_collator,
+)
 from transformers.integrations import get_available_reporting_integrations
 from transformers.trainer_utils import get_last_checkpoint
 
-# Registers the `beitv2` model type with the Auto classes: `model_card_kwargs` reads MIM checkpoints' configs.
 import modeling_beitv2  # noqa: F401
-from model_cards import (
+from pretraining.arguments import TRACKER_INSTALL_COMMANDS, check_hub_access, parse_arguments
+from pretraining.loop import apply_lr_scale, build_param_groups
+from pretraining.model_cards import (
     LICENSE_HELP,
     check_hub_model_id,
     check_license,
@@ -37,19 +39,22 @@ from model_cards import (
     hub_reference,
     write_model_card,
 )
+from processing.evaluation import evaluation_image_processor, saved_normalisation
+
+# Registers the `beitv2` model type with the Auto classes: `model_card_kwargs` reads MIM checkpoints' configs.
 
 if TYPE_CHECKING:
     import PIL.Image
-    from labelled_data import LabelledDataArguments
 
     # Only annotations: importing `BeitImageProcessor` at run time prints transformers' "requires torchvision ...
     # falling back to BeitImageProcessorPil" warning; the scripts build the PIL one (`processing.evaluation`).
     from transformers import BeitImageProcessor
 
+
 logger = logging.getLogger(__name__)
 
 # The `evaluate` metrics of the scripts, kept in this repository so that an evaluation needs no Hub access.
-METRICS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "metrics")
+METRICS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "metrics")
 
 
 @dataclass
@@ -109,7 +114,7 @@ def pixel_normaliser(image_processor: BeitImageProcessor) -> Callable[[PIL.Image
 class LayerDecayTrainer(Trainer):
     """`Trainer` with BEiT's parameter groups and soft-target cross entropy.
 
-    - `create_optimizer` builds the weight-decay / layer-decay groups of `param_groups.build_param_groups`, each
+    - `create_optimizer` builds the weight-decay / layer-decay groups of `pretraining.loop.build_param_groups`, each
       with its own initial lr, and hands them to the optimizer class `TrainingArguments.optim` selects.
     - `compute_loss` takes soft labels `(batch, num_classes)` (mixup/cutmix/label smoothing) with
       `-sum(target * log_softmax(logits))`; integer labels (class ids, segmentation maps) go to the model's own loss.
@@ -193,7 +198,7 @@ class LayerDecayTrainer(Trainer):
 class SkipUnreadableImages:
     """Collator wrapper that drops the examples whose image could not be decoded (`pixel_values` is None).
 
-    Decoding happens in our transform (`image_datasets.decode_or_skip`, which logs each bad image once with its
+    Decoding happens in our transform (`pretraining.data.decode_or_skip`, which logs each bad image once with its
     reason and the running count) rather than inside `datasets`, where one truncated file would stop a whole
     stream; a bad image costs its batch one example.
     """
@@ -210,10 +215,13 @@ class SkipUnreadableImages:
 
 def fine_tuning_trainer(
     model: PreTrainedModel,
-    model_args: FineTuningModelArguments,
-    data_args: LabelledDataArguments,
     training_args: TrainingArguments,
     *,
+    model_name_or_path: str,
+    dataset_name: str | None,
+    layer_decay: float | None,
+    drop_path_rate: float | None,
+    license: str | None,
     train_dataset: Dataset | IterableDataset | None,
     eval_dataset: Dataset | IterableDataset | None,
     image_processor: BeitImageProcessor,
@@ -226,7 +234,7 @@ def fine_tuning_trainer(
     readable images (`SkipUnreadableImages`, also around `train_data_collator` when given), `image_processor`
     saved with the model, and a model card of `card_kind` ("classifier", "segmentation") whose training section
     lists the settings every fine-tuning run has (lr, global batch size, length, weight decay, layer decay, drop
-    path rate), then the script's own `card_settings`."""
+    path rate), then the script's own `card_settings`. `training_args` is the `Trainer`'s own settings object."""
     length = (
         {"max_steps": training_args.max_steps}
         if training_args.max_steps > 0
@@ -239,13 +247,11 @@ def fine_tuning_trainer(
         * max(1, training_args.world_size),
         **length,
         "weight_decay": training_args.weight_decay,
-        "layer_decay": model_args.layer_decay,
-        "drop_path_rate": model_args.drop_path_rate,
+        "layer_decay": layer_decay,
+        "drop_path_rate": drop_path_rate,
         **card_settings,
     }
-    card = model_card_kwargs(
-        model_args.model_name_or_path, data_args.dataset_name, card_training_args, license=model_args.license
-    )
+    card = model_card_kwargs(model_name_or_path, dataset_name, card_training_args, license=license)
     return LayerDecayTrainer(
         model=model,
         args=training_args,
@@ -254,13 +260,15 @@ def fine_tuning_trainer(
         processing_class=image_processor,
         data_collator=SkipUnreadableImages(default_data_collator),
         compute_metrics=compute_metrics,
-        layer_decay=model_args.layer_decay,
+        layer_decay=layer_decay,
         train_data_collator=None if train_data_collator is None else SkipUnreadableImages(train_data_collator),
         model_card={"kind": card_kind, **card},
     )
 
 
-def check_trainer_start(training_args: TrainingArguments) -> None:
+def check_trainer_start(
+    report_to: list[str] | None, push_to_hub: bool, hub_model_id: str | None, output_dir: str, token: str | None
+) -> None:
     """Stop in the first seconds, with one line, on what would otherwise fail after the model and the data are
     loaded (a `--report_to` tracker that is not installed: `Trainer` raises when it builds the callback) or after
     the training (`--push_to_hub` without a usable token, repo or network, e.g. offline).
@@ -269,38 +277,39 @@ def check_trainer_start(training_args: TrainingArguments) -> None:
         SystemExit: with a one-line message naming the fix.
     """
     available = set(get_available_reporting_integrations())
-    for name in training_args.report_to or []:
+    for name in report_to or []:
         if name in TRACKER_INSTALL_COMMANDS and name not in available:
             raise SystemExit(
                 f"--report_to {name}: the {name} package is not installed. Install it with "
                 f"{TRACKER_INSTALL_COMMANDS[name]}, or pass --report_to none."
             )
-    # `check_hub_access` reads the pretraining scripts' argument names; `TrainingArguments` calls the token hub_token.
-    check_hub_access(
-        SimpleNamespace(
-            push_to_hub=training_args.push_to_hub,
-            hub_model_id=training_args.hub_model_id,
-            output_dir=training_args.output_dir,
-            token=training_args.hub_token,
-        )
-    )
+    check_hub_access(push_to_hub, hub_model_id, output_dir, token)
 
 
 def parse_trainer_arguments(dataclass_types: tuple[type, ...]) -> tuple:
-    """:func:`pretraining_arguments.parse_arguments` for a `Trainer` script (the last type is its
+    """:func:`pretraining.arguments.parse_arguments` for a `Trainer` script (the last type is its
     `TrainingArguments`), then logging at INFO on the processes that `Trainer` logs from and at WARNING on the
     others, then :func:`check_trainer_start`."""
     parsed = parse_arguments(dataclass_types)
     level = logging.INFO if parsed[-1].should_log else logging.WARNING
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=level)
     transformers.utils.logging.set_verbosity(level)
-    check_trainer_start(parsed[-1])
+    training_args = parsed[-1]
+    check_trainer_start(
+        training_args.report_to,
+        training_args.push_to_hub,
+        training_args.hub_model_id,
+        training_args.output_dir,
+        training_args.hub_token,  # `TrainingArguments` calls the Hub token hub_token
+    )
     return parsed
 
 
-def train_evaluate_and_save(trainer: Trainer, training_args: TrainingArguments) -> None:
+def train_evaluate_and_save(trainer: Trainer) -> None:
     """``--do_train`` (resuming from ``--resume_from_checkpoint``, else the newest checkpoint in the output folder)
-    with the final model, metrics and state saved; ``--do_eval``; then the model card and the optional Hub push."""
+    with the final model, metrics and state saved; ``--do_eval``; then the model card and the optional Hub push
+    (all as ``trainer.args`` says)."""
+    training_args = trainer.args
     if training_args.do_train:
         last_checkpoint = (
             get_last_checkpoint(training_args.output_dir) if os.path.isdir(training_args.output_dir) else None
@@ -320,3 +329,66 @@ def train_evaluate_and_save(trainer: Trainer, training_args: TrainingArguments) 
     trainer.create_model_card()
     if training_args.push_to_hub:
         trainer.push_to_hub()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Pretrained backbones as transformers' native BEiT
+
+
+def load_native_beit(
+    model_name_or_path: str,
+    model_class: type[PreTrainedModel] = BeitModel,
+    image_size: int | None = None,
+    **config_overrides,
+) -> PreTrainedModel:
+    """Load a pretrained backbone as a stock transformers `model_class` (`model_type: "beit"`).
+
+    The result has one relative position bias per layer (initialised from the shared table when the checkpoint
+    has one), mean pooling, no [MASK] embedding, and fresh heads. `config_overrides` go to its `BeitConfig`
+    (`num_labels`, `id2label`, `drop_path_rate`, `out_indices`...).
+    """
+    config = AutoConfig.from_pretrained(model_name_or_path)
+    if config.model_type == "beitv2":
+        source = modeling_beitv2.BeitV2ForMaskedImageModeling.from_pretrained(model_name_or_path)
+    elif config.model_type == "beit":
+        # Mean pooling as in the fine-tuning recipe: the pretraining-time final LayerNorm is dropped and the
+        # pooling LayerNorm starts fresh, like the reference's `fc_norm`.
+        source = BeitModel.from_pretrained(model_name_or_path, add_pooling_layer=False, use_mean_pooling=True)
+    else:
+        raise ValueError(
+            f"{model_name_or_path} has model_type {config.model_type!r}; expected a 'beitv2' (MIM) or 'beit' checkpoint."
+        )
+    return modeling_beitv2.convert_mim_to_native_beit(source, model_class, image_size=image_size, **config_overrides)
+
+
+def export_native_checkpoint(
+    model_name_or_path: str,
+    output_dir: str,
+    model_class: type[PreTrainedModel] = BeitForImageClassification,
+    image_size: int | None = None,
+    crop_pct: float | None = 0.875,
+    **config_overrides,
+) -> PreTrainedModel:
+    """Save a pretrained backbone as a native transformers `beit` folder: `model_class` weights (see
+    `load_native_beit`) and the matching evaluation image processor (`processing.evaluation`, with the checkpoint's
+    pretraining mean/std).
+
+    The folder needs nothing from this project: `AutoModelForImageClassification.from_pretrained(output_dir,
+    num_labels=..., ignore_mismatched_sizes=True)`, `AutoImageProcessor` and transformers' own
+    `run_image_classification.py` example start from it. Returns the exported model.
+    """
+    model = load_native_beit(model_name_or_path, model_class, image_size=image_size, **config_overrides)
+    image_mean, image_std = saved_normalisation(model_name_or_path)
+    model.save_pretrained(output_dir)
+    evaluation_image_processor(model.config.image_size, image_mean, image_std, crop_pct=crop_pct).save_pretrained(
+        output_dir
+    )
+    return model
+
+
+@torch.no_grad()
+def init_classifier_head(classifier: torch.nn.Linear, init_scale: float) -> None:
+    """The reference head init: truncated normal (std 0.02) scaled by `init_scale`, zero bias."""
+    torch.nn.init.trunc_normal_(classifier.weight, std=0.02)
+    classifier.weight.mul_(init_scale)
+    torch.nn.init.zeros_(classifier.bias)

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from demo_data import CLASS_NAMES, load_labelled_images
-from demo_settings import BATCH_SIZE, IMAGE_SIZE, PATCH_SIZE, WIDTH
 from torch import nn
 from transformers import ViTConfig, ViTImageProcessor, ViTModel
 
+from demo_pipeline.data import CLASS_NAMES, load_labelled_images
+from demo_pipeline.settings import BATCH_SIZE, IMAGE_SIZE, PATCH_SIZE, WIDTH
 from processing import VQKDImageProcessor
 
 
@@ -53,7 +53,7 @@ def train_teacher(train_dir: Path, eval_dir: Path, output_dir: Path, steps: int,
     train_accuracies = []
     for _ in range(steps):
         batch = rng.choice(len(images), BATCH_SIZE, replace=False)
-        pixel_values = processor.preprocess(
+        pixel_values = processor.pretraining_inputs(
             list(images[batch]), augmentation=augmentation, rng=rng, return_tensors="pt"
         )["pixel_values"]
         logits = classify(pixel_values)

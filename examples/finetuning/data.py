@@ -11,8 +11,9 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-from data_sources import split_off_validation
 from datasets import ClassLabel, Dataset, DatasetDict, IterableDataset, IterableDatasetDict, load_dataset
+
+from pretraining.data import split_off_validation
 
 logger = logging.getLogger(__name__)
 
@@ -24,6 +25,23 @@ def check_train_val_split(train_val_split: float) -> None:
     """Raise a ValueError unless `train_val_split` (the held-out fraction, see `prepare_splits`) is in [0, 1)."""
     if not 0.0 <= train_val_split < 1.0:
         raise ValueError(f"--train_val_split must be in [0, 1) (0: no hold-out), got {train_val_split}.")
+
+
+@dataclass(frozen=True)
+class SplitSettings:
+    """The splits :func:`prepare_splits` checks: the training and evaluation split names, and the fraction of the
+    training split held out as the evaluation split when the data has none (in [0, 1); 0 turns the hold-out off)."""
+
+    train_split: str = "train"
+    validation_split: str = "validation"
+    train_val_split: float = 0.15
+
+    def __post_init__(self) -> None:
+        check_train_val_split(self.train_val_split)
+
+    def splits(self) -> SplitSettings:
+        """The split flags, as :func:`prepare_splits` takes them."""
+        return SplitSettings(self.train_split, self.validation_split, self.train_val_split)
 
 
 @dataclass
@@ -50,6 +68,10 @@ class LabelledDataArguments:
     def __post_init__(self) -> None:
         check_train_val_split(self.train_val_split)
 
+    def splits(self) -> SplitSettings:
+        """The split flags, as :func:`prepare_splits` takes them."""
+        return SplitSettings(self.train_split, self.validation_split, self.train_val_split)
+
 
 @dataclass
 class ClassificationDataArguments(LabelledDataArguments):
@@ -62,19 +84,25 @@ class ClassificationDataArguments(LabelledDataArguments):
 
 
 def load_image_classification_data(
-    data_args: ClassificationDataArguments, streaming: bool = False, cache_dir: str | None = None
+    *,
+    dataset_name: str | None = None,
+    dataset_config_name: str | None = None,
+    train_dir: str | None = None,
+    validation_dir: str | None = None,
+    train_split: str = "train",
+    validation_split: str = "validation",
+    streaming: bool = False,
+    cache_dir: str | None = None,
 ) -> DatasetDict | IterableDatasetDict:
-    """Load `--dataset_name` from the Hub (or a local `datasets` folder), else the `imagefolder`-style class
-    folders `--train_dir` and `--validation_dir` as the splits `--train_split` and `--validation_split`."""
-    if data_args.dataset_name is not None:
-        return load_dataset(
-            data_args.dataset_name, data_args.dataset_config_name, streaming=streaming, cache_dir=cache_dir
-        )
+    """Load `dataset_name` from the Hub (or a local `datasets` folder), else the `imagefolder`-style class
+    folders `train_dir` and `validation_dir` as the splits `train_split` and `validation_split`."""
+    if dataset_name is not None:
+        return load_dataset(dataset_name, dataset_config_name, streaming=streaming, cache_dir=cache_dir)
     data_files = {}
-    if data_args.train_dir is not None:
-        data_files[data_args.train_split] = f"{data_args.train_dir}/**"
-    if data_args.validation_dir is not None:
-        data_files[data_args.validation_split] = f"{data_args.validation_dir}/**"
+    if train_dir is not None:
+        data_files[train_split] = f"{train_dir}/**"
+    if validation_dir is not None:
+        data_files[validation_split] = f"{validation_dir}/**"
     if not data_files:
         raise ValueError("Pass --dataset_name, or --train_dir and/or --validation_dir.")
     return load_dataset("imagefolder", data_files=data_files, streaming=streaming, cache_dir=cache_dir)
@@ -82,7 +110,7 @@ def load_image_classification_data(
 
 def prepare_splits(
     raw: DatasetDict | IterableDatasetDict,
-    data_args: LabelledDataArguments,
+    splits: SplitSettings,
     seed: int,
     do_train: bool,
     do_eval: bool,
@@ -94,14 +122,14 @@ def prepare_splits(
 
     Args:
         raw: The loaded splits.
-        data_args: Names the training and evaluation splits (`train_split`, `validation_split`) and the fraction
+        splits: Names the training and evaluation splits (`train_split`, `validation_split`) and the fraction
             of the training split held out as the evaluation split when evaluation is requested and the data has
             none (`train_val_split`, in [0, 1); 0 turns the hold-out off).
         seed: Seeds the hold-out, so a training run and a later `--do_eval` run hold out the same examples.
         do_train, do_eval: Which splits are needed.
         validation_flags: How this script's user provides an evaluation split (named in the error).
         image_column: The image column of a streamed dataset, cast with `Image(decode=False)`: a stream is split by
-            a hash of each image's bytes or path (`data_sources.split_off_validation`); in-memory data is split by
+            a hash of each image's bytes or path (`pretraining.data.split_off_validation`); in-memory data is split by
             `Dataset.train_test_split`.
 
     Returns:
@@ -110,9 +138,11 @@ def prepare_splits(
     Raises:
         ValueError: naming the missing split, the splits there are and the flags that provide one.
     """
-    train_split, validation_split = data_args.train_split, data_args.validation_split
-    train_val_split = data_args.train_val_split
-    check_train_val_split(train_val_split)  # again: a field may have been set after the dataclass checked it
+    train_split, validation_split, train_val_split = (
+        splits.train_split,
+        splits.validation_split,
+        splits.train_val_split,
+    )
     available = list(raw)
     if (do_train or (do_eval and validation_split not in raw)) and train_split not in raw:
         raise ValueError(
@@ -133,15 +163,15 @@ def prepare_splits(
         train_split,
         seed,
     )
-    splits = dict(raw)
+    prepared = dict(raw)
     if isinstance(raw, IterableDatasetDict):
-        splits[train_split], splits[validation_split] = split_off_validation(
+        prepared[train_split], prepared[validation_split] = split_off_validation(
             raw[train_split], train_val_split, seed, image_column
         )
-        return IterableDatasetDict(splits)
+        return IterableDatasetDict(prepared)
     held_out = raw[train_split].train_test_split(test_size=train_val_split, seed=seed)
-    splits[train_split], splits[validation_split] = held_out["train"], held_out["test"]
-    return DatasetDict(splits)
+    prepared[train_split], prepared[validation_split] = held_out["train"], held_out["test"]
+    return DatasetDict(prepared)
 
 
 def first_examples(split: Dataset | IterableDataset, limit: int | None) -> Dataset | IterableDataset:

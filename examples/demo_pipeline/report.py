@@ -20,14 +20,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from demo_data import CLASS_NAMES, load_labelled_images, showcase_class
-from demo_settings import NUM_CODES, DemoPaths, DemoSize
 from PIL import Image
-from pixel_baseline import MeanPatchBaseline, psnr
-from plots import LinePanel, image_grid, line_plot
 from transformers import pipeline
 
+from demo_pipeline.data import CLASS_NAMES, load_labelled_images, showcase_class
+from demo_pipeline.settings import NUM_CODES, DemoPaths, DemoSize
 from modeling_beitv2 import VQKDModel, VQKDPixelDecoder
+from pretraining.pixel_baseline import MeanPatchBaseline, psnr
+from pretraining.plots import LinePanel, image_grid, line_plot
 
 # How the results table and the loss curves name each MIM run and probed backbone.
 TABLE_NAMES = {
@@ -155,7 +155,7 @@ def collect_results(
     job_seconds: dict[str, float],
 ) -> dict:
     """Everything `results.json` holds, read from the files the scripts wrote: `teacher` is what
-    :func:`demo_teacher.train_teacher` returned, `examples` what :func:`classify_with_pipeline` returned, `shown` what
+    :func:`demo_pipeline.teacher.train_teacher` returned, `examples` what :func:`classify_with_pipeline` returned, `shown` what
     :func:`plot_reconstructions` returned, `seconds` the wall-clock time of each stage and `job_seconds` that of each
     script."""
     probes = {name: json.loads((paths.probe / name / "probe_results.json").read_text()) for name in paths.backbones}

@@ -1,0 +1,1 @@
+"""The parts of demo.py: its settings, generated data, teacher, script jobs and report."""
