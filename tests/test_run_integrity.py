@@ -287,13 +287,13 @@ def test_resume_refuses_a_tokenizer_with_other_weights(inputs, tmp_path):
     tokenizer = shutil.copytree(inputs["tokenizer"], tmp_path / "tokenizer")
     output_dir = tmp_path / "out"
     args = mim_args(inputs["files"], tokenizer, output_dir, *MIM_RUN)
-    run_mim.main([*args[:-4], "--max_steps", "2", "--save_steps", "2"])  # a run stopped at step 2
+    run_mim.main(args)
     reset_accelerate()
     shutil.rmtree(tokenizer)
     shutil.copytree(inputs["other_tokenizer"], tokenizer)
     before = folder_listing(output_dir)
     with pytest.raises(INPUT_ERROR, match=r"(?i)tokenizer"):
-        run_mim.main([*args, "--resume_from_checkpoint", "latest"])
+        run_mim.main([*args, "--resume_from_checkpoint", str(output_dir / "checkpoint-2")])
     assert folder_listing(output_dir) == before  # refused before anything was trained or moved
 
 
@@ -301,14 +301,14 @@ def test_resume_refuses_a_tokenizer_with_other_weights(inputs, tmp_path):
 def test_resume_refuses_a_teacher_with_other_weights(inputs, tmp_path):
     teacher = shutil.copytree(inputs["teacher"], tmp_path / "teacher")
     output_dir = tmp_path / "out"
-    run_vqkd.main(vqkd_args(inputs["images"], teacher, output_dir, "--max_steps", "2", "--save_steps", "2"))
+    args = vqkd_args(inputs["images"], teacher, output_dir, "--max_steps", "4", "--save_steps", "2")
+    run_vqkd.main(args)
     reset_accelerate()
     shutil.rmtree(teacher)
     make_teacher(teacher, seed=1)
     before = folder_listing(output_dir)
-    args = vqkd_args(inputs["images"], teacher, output_dir, "--max_steps", "4", "--save_steps", "2")
     with pytest.raises(INPUT_ERROR, match=r"(?i)teacher"):
-        run_vqkd.main([*args, "--resume_from_checkpoint", "latest"])
+        run_vqkd.main([*args, "--resume_from_checkpoint", str(output_dir / "checkpoint-2")])
     assert folder_listing(output_dir) == before
 
 
