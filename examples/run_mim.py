@@ -13,7 +13,7 @@ tokenizer (VQ-KD, or the DALL-E dVAE with --beit_v1) is frozen, in eval mode, ke
 saved with the checkpoints. Under --bf16/--fp16 it tokenizes under fp16 autocast (--frozen_model_precision).
 
 The training loop is `main()`: copy this file to change the loss, add an EMA or another evaluation.
-Exit status: 0 when the run finished, `training.PREEMPTED_EXIT_CODE` (75) when SIGTERM/SIGINT stopped it before its
+Exit status: 0 when the run finished, `pretraining.loop.PREEMPTED_EXIT_CODE` (75) when SIGTERM/SIGINT stopped it before its
 last step (a checkpoint was saved: relaunch with --resume_from_checkpoint latest).
 """
 
@@ -32,9 +32,11 @@ from modeling_beitv2.attention import BEIT_FLEX_ATTENTION
 from pretraining.arguments import (
     DEFAULT_IMAGE_SIZE,
     FROZEN_MODEL_PRECISIONS,
+    PRETRAINED_SETTINGS,
     DataArguments,
     PretrainingArguments,
     check_choice,
+    check_config_source,
     check_hub_access,
     check_range,
     frozen_model_precision_field,
@@ -45,11 +47,15 @@ from pretraining.arguments import (
     resolve_frozen_model_precision,
 )
 from pretraining.checkpoints import (
+    check_run_identity,
     load_checkpoint,
     prepare_output_dir,
+    record_resume_changes,
     resolve_checkpoint,
     restore_rng_states,
+    run_identity,
     save_checkpoint,
+    weights_fingerprint,
 )
 from pretraining.data import (
     evaluation_dataloader,
@@ -70,6 +76,7 @@ from pretraining.loop import (
     build_accelerator,
     build_lr_scheduler,
     build_optimizer,
+    check_model_type,
     end_training,
     export_model,
     final_state,
@@ -101,9 +108,12 @@ class MIMModelArguments:
         metadata={"help": "Frozen tokenizer: a VQ-KD (BEiT v2) or dVAE (BEiT v1, with --beit_v1) name or path."}
     )
     model_name_or_path: str | None = field(default=None, metadata={"help": "Continue from a saved MIM model."})
-    config_name: str = field(
-        default="base",
-        metadata={"help": f"Backbone preset ({', '.join(sorted(BEITV2_PRESETS))}) or a config name/path."},
+    config_name: str | None = field(
+        default=None,
+        metadata={
+            "help": f"Backbone preset ({', '.join(sorted(BEITV2_PRESETS))}) or a config name/path (default: base); "
+            "not with --model_name_or_path, whose saved config is used."
+        },
     )
     config_overrides: str | None = field(
         default=None, metadata={"help": "Comma-separated key=value, e.g. 'hidden_size=32,num_hidden_layers=4'."}
@@ -130,6 +140,7 @@ class MIMModelArguments:
     frozen_model_precision: str = frozen_model_precision_field("tokenizer")
 
     def __post_init__(self):
+        check_config_source(self.model_name_or_path, self.config_name)
         check_range("mask_ratio", self.mask_ratio, low=0, high=1, low_inclusive=False, high_inclusive=False)
         # --num_masking_patches is checked once, by the mask generator, against the patch grid it must fit in.
         check_range("drop_path_rate", self.drop_path_rate, low=0, high=1, high_inclusive=False)
@@ -146,7 +157,7 @@ class MIMTrainingArguments(PretrainingArguments):
     weight_decay: float = field(default=0.05)
     adam_beta2: float = field(default=0.98, metadata={"help": "0.98 for 300 epochs, 0.999 for 1600 (paper)."})
     warmup_steps: float = field(default=10 / 300, metadata={"help": "Steps, or a fraction (paper: 10 of 300 epochs)."})
-    max_grad_norm: float | None = field(default=3.0)
+    max_grad_norm: float | None = field(default=3.0, metadata={"help": "Clip gradients to this norm (0: off)."})
 
 
 def load_tokenizer(name_or_path: str, beit_v1: bool, hub_kwargs: dict[str, Any]) -> VisualTokenizer:
@@ -162,7 +173,7 @@ def build_model(
     hub_kwargs: dict[str, Any],
     *,
     model_name_or_path: str | None,
-    config_name: str,
+    config_name: str | None,
     config_overrides: str | None,
     image_size: int | None,
     drop_path_rate: float | None,
@@ -172,6 +183,14 @@ def build_model(
     """A fresh model from --config_name (+ overrides), or --model_name_or_path with what may change for it (drop
     path); either way checked against the tokenizer's codebook and patch grid."""
     if model_name_or_path:
+        check_model_type(
+            "--model_name_or_path",
+            model_name_or_path,
+            BeitV2Config.model_type,
+            "run_mim.py",
+            "BeitV2ForMaskedImageModeling saved by run_mim.py or convert_unilm_checkpoint.py --kind beitv2_pretrain",
+            hub_kwargs,
+        )
         revision, token = hub_kwargs["revision"], hub_kwargs["token"]
         config = BeitV2Config.from_pretrained(model_name_or_path, revision=revision, token=token)
         updates = pretrained_config_updates(
@@ -181,7 +200,7 @@ def build_model(
         model = BeitV2ForMaskedImageModeling.from_pretrained(model_name_or_path, **updates, **attention, **hub_kwargs)
     else:
         config = mim_config(
-            config_name,
+            config_name or "base",
             image_size=image_size or DEFAULT_IMAGE_SIZE,
             vocab_size=tokenizer.codebook_size,
             overrides=config_overrides,
@@ -356,7 +375,28 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         compile=args.torch_compile,
     )
 
+    identity = run_identity(
+        model_config=accelerator.unwrap_model(model).config.to_dict(),
+        frozen_model={
+            "tokenizer (--tokenizer_name_or_path) class": type(tokenizer).__name__,
+            "tokenizer (--tokenizer_name_or_path) weights": weights_fingerprint(tokenizer),
+        },
+        fixed={"seed": args.seed},
+        changeable={
+            "per_device_train_batch_size": args.per_device_train_batch_size,
+            "gradient_accumulation_steps": args.gradient_accumulation_steps,
+            "mixed_precision": args.mixed_precision,
+            "frozen_model_precision": resolve_frozen_model_precision(
+                model_args.frozen_model_precision, args.mixed_precision, "tokenizer"
+            ),
+            "mask_ratio": processor.mask_ratio,
+            "num_masking_patches": num_masking_patches,
+        },
+        changeable_config_keys=PRETRAINED_SETTINGS,
+    )
     checkpoint = resolve_checkpoint(args.resume_from_checkpoint, args.output_dir)
+    # Refused differences leave the folder as it was: compared before prepare_output_dir sets anything aside.
+    resume_changes = check_run_identity(checkpoint, identity, allow_changes=args.resume_allow_changes)
     prepare_output_dir(accelerator, args.output_dir, checkpoint)
     state: dict[str, Any] = {"step": 0, "num_nonfinite_steps": 0}
     if checkpoint is not None:
@@ -364,6 +404,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             accelerator, checkpoint, model=model, optimizer=optimizer, scheduler=scheduler
         )
         state.update(loop_state)
+        record_resume_changes(accelerator, args.output_dir, state["step"], resume_changes)
         resume_dataloader(dataloader, dataloader_state)
     batches = iter(dataloader)  # draws from the torch RNG, so it comes before the saved RNG states are restored
     if checkpoint is not None:
@@ -443,33 +484,36 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 image_processor=processor,
                 save_total_limit=args.save_total_limit,
                 weights_are_finite=stop_reason != "nonfinite",
+                run_identity=identity,
             )
 
     progress.close()
     stop.restore()
-    if state["step"] == num_training_steps and stop_reason != "nonfinite":  # also when a signal came at the end
-        export_model(
-            accelerator,
-            model,
-            processor,
-            args.output_dir,
-            card_kind="mim",
-            card_fields={"base_model": hub_reference(model_args.model_name_or_path)},  # sizes: from the config
-            dataset_name=data_args.dataset_name,
-            training_card={
-                "steps": num_training_steps,
-                "total_batch_size": total_batch,
-                "peak_learning_rate": learning_rate,
-                **args.card_settings(),
-            },
-            last_metrics=last_metrics,
-            license=args.license,
-            hub_model_id=args.hub_model_id,
-            repo_id=repo_id,
-            token=args.token,
-        )
-    del model, optimizer, scheduler, dataloader, batches, eval_dataloader, guard  # see end_training
-    end_training(accelerator)
+    try:  # a refused export (non-finite weights) still ends the trackers and the process group
+        if state["step"] == num_training_steps and stop_reason != "nonfinite":  # also when a signal came at the end
+            export_model(
+                accelerator,
+                model,
+                processor,
+                args.output_dir,
+                card_kind="mim",
+                card_fields={"base_model": hub_reference(model_args.model_name_or_path)},  # sizes: from the config
+                dataset_name=data_args.dataset_name,
+                training_card={
+                    "steps": num_training_steps,
+                    "total_batch_size": total_batch,
+                    "peak_learning_rate": learning_rate,
+                    **args.card_settings(),
+                },
+                last_metrics=last_metrics,
+                license=args.license,
+                hub_model_id=args.hub_model_id,
+                repo_id=repo_id,
+                token=args.token,
+            )
+    finally:
+        del model, optimizer, scheduler, dataloader, batches, eval_dataloader, guard  # see end_training
+        end_training(accelerator)
     return final_state({**state, "last_metrics": last_metrics}, stop_reason, num_training_steps, args.output_dir)
 
 

@@ -18,7 +18,7 @@ the mean patch of its code over (up to --baseline_images of) the training images
 `eval_baseline_psnr` go to `metrics.jsonl`, the returned `last_metrics` and the model card.
 
 The training loop is `main()`: copy this file to change the loss or add an evaluation.
-Exit status: 0 when the run finished, `training.PREEMPTED_EXIT_CODE` (75) when SIGTERM/SIGINT stopped it before its
+Exit status: 0 when the run finished, `pretraining.loop.PREEMPTED_EXIT_CODE` (75) when SIGTERM/SIGINT stopped it before its
 last step (a checkpoint was saved: relaunch with --resume_from_checkpoint latest).
 """
 
@@ -367,34 +367,45 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     progress.close()
     stop.restore()
-    if state["step"] == num_training_steps and stop_reason != "nonfinite":  # also when a signal came at the end
-        tokenizer_name = model_args.tokenizer_name_or_path
-        export_model(
-            accelerator,
+    try:  # a refused export (non-finite weights) still ends the trackers and the process group
+        if state["step"] == num_training_steps and stop_reason != "nonfinite":  # also when a signal came at the end
+            tokenizer_name = model_args.tokenizer_name_or_path
+            export_model(
+                accelerator,
+                model,
+                processor,
+                args.output_dir,
+                card_kind="pixel_decoder",
+                card_fields={
+                    # The card's snippet loads the tokenizer from `base_model`: only a Hub id, never a local folder.
+                    "base_model": None if Path(tokenizer_name).exists() else tokenizer_name,
+                    "source_note": f"Trained on the frozen VQ-KD tokenizer `{tokenizer_name}`.",
+                },
+                dataset_name=data_args.dataset_name,
+                training_card={
+                    "steps": num_training_steps,
+                    "total_batch_size": total_batch,
+                    "peak_learning_rate": learning_rate,
+                    **args.card_settings(),
+                },
+                last_metrics=last_metrics,
+                license=args.license,
+                hub_model_id=args.hub_model_id,
+                repo_id=repo_id,
+                token=args.token,
+            )
+    finally:
+        del (
             model,
-            processor,
-            args.output_dir,
-            card_kind="pixel_decoder",
-            card_fields={
-                # The card's snippet loads the tokenizer from `base_model`: only a Hub id, never a local folder.
-                "base_model": None if Path(tokenizer_name).exists() else tokenizer_name,
-                "source_note": f"Trained on the frozen VQ-KD tokenizer `{tokenizer_name}`.",
-            },
-            dataset_name=data_args.dataset_name,
-            training_card={
-                "steps": num_training_steps,
-                "total_batch_size": total_batch,
-                "peak_learning_rate": learning_rate,
-                **args.card_settings(),
-            },
-            last_metrics=last_metrics,
-            license=args.license,
-            hub_model_id=args.hub_model_id,
-            repo_id=repo_id,
-            token=args.token,
-        )
-    del model, optimizer, scheduler, dataloader, batches, eval_dataloader, baseline_dataloader, guard  # end_training
-    end_training(accelerator)
+            optimizer,
+            scheduler,
+            dataloader,
+            batches,
+            eval_dataloader,
+            baseline_dataloader,
+            guard,
+        )  # end_training
+        end_training(accelerator)
     return final_state({**state, "last_metrics": last_metrics}, stop_reason, num_training_steps, args.output_dir)
 
 

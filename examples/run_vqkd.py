@@ -11,7 +11,7 @@ gradient clipping, RandomResizedCrop + flip. The teacher is frozen, never passed
 runs under the run's autocast (--frozen_model_precision to choose another).
 
 The training loop is `main()`: copy this file to change the loss or add an evaluation.
-Exit status: 0 when the run finished, `training.PREEMPTED_EXIT_CODE` (75) when SIGTERM/SIGINT stopped it before its
+Exit status: 0 when the run finished, `pretraining.loop.PREEMPTED_EXIT_CODE` (75) when SIGTERM/SIGINT stopped it before its
 last step (a checkpoint was saved: relaunch with --resume_from_checkpoint latest).
 """
 
@@ -30,6 +30,7 @@ from modeling_beitv2 import VQKD_PRESETS, TeacherForPatchTargets, VQKDConfig, VQ
 from pretraining.arguments import (
     DEFAULT_IMAGE_SIZE,
     FROZEN_MODEL_PRECISIONS,
+    PRETRAINED_SETTINGS,
     VQKD_CONFIG_ALIASES,
     DataArguments,
     PretrainingArguments,
@@ -44,11 +45,15 @@ from pretraining.arguments import (
     vqkd_config,
 )
 from pretraining.checkpoints import (
+    check_run_identity,
     load_checkpoint,
     prepare_output_dir,
+    record_resume_changes,
     resolve_checkpoint,
     restore_rng_states,
+    run_identity,
     save_checkpoint,
+    weights_fingerprint,
 )
 from pretraining.data import (
     evaluation_dataloader,
@@ -68,11 +73,13 @@ from pretraining.loop import (
     build_accelerator,
     build_lr_scheduler,
     build_optimizer,
+    check_model_type,
     end_training,
     export_model,
     final_state,
     frozen_forward,
     gradient_norm,
+    load_with_flag,
     outside_zero3,
     resolve_learning_rate,
     resolve_training_steps,
@@ -148,6 +155,14 @@ def build_model(
 ) -> VQKDModel:
     """A fresh tokenizer shaped by the teacher (feature size, patch grid), or --model_name_or_path; checked."""
     if model_name_or_path:
+        check_model_type(
+            "--model_name_or_path",
+            model_name_or_path,
+            VQKDConfig.model_type,
+            "run_vqkd.py",
+            "VQKDModel saved by run_vqkd.py or convert_unilm_checkpoint.py --kind vqkd",
+            hub_kwargs,
+        )
         revision, token = hub_kwargs["revision"], hub_kwargs["token"]
         config = VQKDConfig.from_pretrained(model_name_or_path, revision=revision, token=token)
         updates = pretrained_config_updates(
@@ -217,7 +232,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     hub_kwargs = {"revision": args.model_revision, "token": args.token, "trust_remote_code": args.trust_remote_code}
     with outside_zero3(accelerator):
-        teacher = TeacherForPatchTargets.from_pretrained(model_args.teacher_name_or_path, **hub_kwargs)
+        teacher = load_with_flag(
+            "--teacher_name_or_path",
+            model_args.teacher_name_or_path,
+            lambda: TeacherForPatchTargets.from_pretrained(model_args.teacher_name_or_path, **hub_kwargs),
+        )
     model = build_model(
         teacher,
         hub_kwargs,
@@ -298,7 +317,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     precision = resolve_frozen_model_precision(model_args.frozen_model_precision, args.mixed_precision, "teacher")
     teach = frozen_forward(teacher, accelerator, precision=precision, compile=args.torch_compile)
 
+    identity = run_identity(
+        model_config=accelerator.unwrap_model(model).config.to_dict(),
+        frozen_model={
+            "teacher (--teacher_name_or_path) class": type(teacher).__name__,
+            "teacher (--teacher_name_or_path) weights": weights_fingerprint(teacher),
+        },
+        fixed={"seed": args.seed},
+        changeable={
+            "per_device_train_batch_size": args.per_device_train_batch_size,
+            "gradient_accumulation_steps": args.gradient_accumulation_steps,
+            "mixed_precision": args.mixed_precision,
+            "frozen_model_precision": precision,
+        },
+        changeable_config_keys=PRETRAINED_SETTINGS,
+    )
     checkpoint = resolve_checkpoint(args.resume_from_checkpoint, args.output_dir)
+    # Refused differences leave the folder as it was: compared before prepare_output_dir sets anything aside.
+    resume_changes = check_run_identity(checkpoint, identity, allow_changes=args.resume_allow_changes)
     prepare_output_dir(accelerator, args.output_dir, checkpoint)
     state: dict[str, Any] = {"step": 0, "num_nonfinite_steps": 0}
     if checkpoint is not None:
@@ -306,6 +342,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             accelerator, checkpoint, model=model, optimizer=optimizer, scheduler=scheduler
         )
         state.update(loop_state)
+        record_resume_changes(accelerator, args.output_dir, state["step"], resume_changes)
         resume_dataloader(dataloader, dataloader_state)
     batches = iter(dataloader)  # draws from the torch RNG, so it comes before the saved RNG states are restored
     if checkpoint is not None:
@@ -375,36 +412,39 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 image_processor=processor,
                 save_total_limit=args.save_total_limit,
                 weights_are_finite=stop_reason != "nonfinite",
+                run_identity=identity,
             )
 
     progress.close()
     stop.restore()
-    if state["step"] == num_training_steps and stop_reason != "nonfinite":  # also when a signal came at the end
-        export_model(
-            accelerator,
-            model,
-            processor,
-            args.output_dir,
-            card_kind="vqkd",
-            card_fields={  # sizes, codebook and preset: from the saved config
-                "teacher": hub_reference(model_args.teacher_name_or_path),
-                "base_model": hub_reference(model_args.model_name_or_path),
-            },
-            dataset_name=data_args.dataset_name,
-            training_card={
-                "steps": num_training_steps,
-                "total_batch_size": total_batch,
-                "peak_learning_rate": learning_rate,
-                **args.card_settings(),
-            },
-            last_metrics=last_metrics,
-            license=args.license,
-            hub_model_id=args.hub_model_id,
-            repo_id=repo_id,
-            token=args.token,
-        )
-    del model, optimizer, scheduler, dataloader, batches, eval_dataloader, guard  # see end_training
-    end_training(accelerator)
+    try:  # a refused export (non-finite weights) still ends the trackers and the process group
+        if state["step"] == num_training_steps and stop_reason != "nonfinite":  # also when a signal came at the end
+            export_model(
+                accelerator,
+                model,
+                processor,
+                args.output_dir,
+                card_kind="vqkd",
+                card_fields={  # sizes, codebook and preset: from the saved config
+                    "teacher": hub_reference(model_args.teacher_name_or_path),
+                    "base_model": hub_reference(model_args.model_name_or_path),
+                },
+                dataset_name=data_args.dataset_name,
+                training_card={
+                    "steps": num_training_steps,
+                    "total_batch_size": total_batch,
+                    "peak_learning_rate": learning_rate,
+                    **args.card_settings(),
+                },
+                last_metrics=last_metrics,
+                license=args.license,
+                hub_model_id=args.hub_model_id,
+                repo_id=repo_id,
+                token=args.token,
+            )
+    finally:
+        del model, optimizer, scheduler, dataloader, batches, eval_dataloader, guard  # see end_training
+        end_training(accelerator)
     return final_state({**state, "last_metrics": last_metrics}, stop_reason, num_training_steps, args.output_dir)
 
 

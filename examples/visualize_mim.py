@@ -38,9 +38,9 @@ import PIL.Image
 import torch
 from transformers import AutoModel, HfArgumentParser
 
-from modeling_beitv2 import BeitV2ForMaskedImageModeling, DVAEModel, VQKDModel
+from modeling_beitv2 import BeitV2ForMaskedImageModeling, DVAEModel, VQKDModel, VQKDPixelDecoder
 from pretraining.data import decode_or_skip, load_image_stream, new_decode_counts
-from pretraining.loop import VisualTokenizer, load_visual_tokenizer
+from pretraining.loop import VisualTokenizer, load_visual_tokenizer, load_with_flag
 from pretraining.plots import image_grid
 from processing import BeitV2ImageProcessor
 
@@ -146,9 +146,20 @@ def load_renderer(tokenizer: VisualTokenizer, decoder_name_or_path: str | None) 
             "A VQ-KD tokenizer has no decoder to pixels: pass --decoder_name_or_path, a VQKDPixelDecoder trained for "
             "it with run_pixel_decoder.py."
         )
-    decoder = AutoModel.from_pretrained(decoder_name_or_path).eval().requires_grad_(False)
-    if not callable(getattr(decoder, "decode", None)):
-        raise ValueError(f"{decoder_name_or_path!r} is a {type(decoder).__name__}, which has no decode(codes).")
+    decoder = load_with_flag(
+        "--decoder_name_or_path", decoder_name_or_path, lambda: AutoModel.from_pretrained(decoder_name_or_path)
+    )
+    decoder = decoder.eval().requires_grad_(False)
+    if not isinstance(decoder, VQKDPixelDecoder):
+        tokenizer_note = (
+            " (a tokenizer: its decode() predicts teacher features, not pixels)"
+            if isinstance(decoder, (VQKDModel, DVAEModel))
+            else ""
+        )
+        raise ValueError(
+            f"--decoder_name_or_path {decoder_name_or_path} is a {type(decoder).__name__}{tokenizer_note}; pass a "
+            "VQKDPixelDecoder trained with run_pixel_decoder.py."
+        )
     if (decoder.codebook_size, tuple(decoder.patch_grid)) != (tokenizer.codebook_size, tuple(tokenizer.patch_grid)):
         raise ValueError(
             f"The decoder reads {decoder.codebook_size} codes on a {tuple(decoder.patch_grid)} grid but the tokenizer "
@@ -171,6 +182,26 @@ def load_processor(model_name_or_path: str, model: BeitV2ForMaskedImageModeling,
     if isinstance(tokenizer, DVAEModel):
         return BeitV2ImageProcessor.for_beit_v1(**settings)
     return BeitV2ImageProcessor(**settings)
+
+
+def check_processor_view(
+    processor: BeitV2ImageProcessor, tokenizer: VisualTokenizer, model_name_or_path: str, tokenizer_name_or_path: str
+) -> None:
+    """The saved processor feeds the tokenizer the view it was trained with: its size, and the dVAE's DALL-E view
+    exactly when the tokenizer is a dVAE."""
+    if processor.tokenizer_image_size != tokenizer.image_size:
+        raise ValueError(
+            f"The image processor saved with {model_name_or_path} feeds its tokenizer {processor.tokenizer_image_size} "
+            f"px views, but the tokenizer {tokenizer_name_or_path} reads {tokenizer.image_size} px images: not the "
+            "tokenizer this model was trained with (pass the one given to run_mim.py --tokenizer_name_or_path)."
+        )
+    dall_e_view = getattr(processor, "tokenizer_interpolation", None) == "lanczos"
+    if dall_e_view != isinstance(tokenizer, DVAEModel):
+        view = "the BEiT v1 (DALL-E) view" if dall_e_view else "the BEiT v2 view"
+        raise ValueError(
+            f"The image processor saved with {model_name_or_path} feeds its tokenizer {view}, but the tokenizer "
+            f"{tokenizer_name_or_path} is a {type(tokenizer).__name__}: not the tokenizer this model was trained with."
+        )
 
 
 def check_pairing(model: BeitV2ForMaskedImageModeling, tokenizer: VisualTokenizer) -> None:
@@ -275,6 +306,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     check_pairing(model, tokenizer)
     renderer = load_renderer(tokenizer, args.decoder_name_or_path).to(args.device)
     processor = load_processor(args.model_name_or_path, model, tokenizer)
+    check_processor_view(processor, tokenizer, args.model_name_or_path, args.tokenizer_name_or_path)
     if args.mask_ratio is not None:
         processor.mask_ratio, processor.num_masking_patches = args.mask_ratio, None
     images = read_images(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -43,14 +44,40 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"Checkpoint {str(path)!r} does not exist or is not a file.")
+    if path.stat().st_size == 0:
+        raise ValueError(f"{path} is not a checkpoint: the file is empty.")
     if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        checkpoint: Any = load_file(str(path))
+        try:
+            checkpoint: Any = load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as error:
+            raise ValueError(
+                f"{path} is not a safetensors checkpoint that can be read (cut short or corrupt: "
+                f"{str(error).splitlines()[0] if str(error) else type(error).__name__})."
+            ) from None
     else:
-        # Training checkpoints of the reference also pickle their argparse namespace; it only holds plain values.
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        with path.open("rb") as file:
+            magic = file.read(4)
+        if magic != b"PK\x03\x04" and magic[:1] != b"\x80":
+            raise ValueError(f"{path} is not a torch checkpoint: neither a zip-format torch file nor a pickle.")
+        try:
+            # Training checkpoints of the reference also pickle their argparse namespace; it only holds plain values.
+            with torch.serialization.safe_globals([argparse.Namespace]):
+                checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as error:
+            reason = (
+                "it holds Python objects other than tensors and plain values; convert it with the code that wrote it"
+                if "global" in str(error).lower()
+                else "the pickle is corrupt"
+            )
+            raise ValueError(f"{path} is not a checkpoint that can be read safely: {reason}.") from None
+        except (EOFError, IndexError, RuntimeError, ValueError, KeyError, AttributeError, TypeError) as error:
+            raise ValueError(
+                f"{path} is not a checkpoint that can be read: the file is cut short or corrupt "
+                f"({type(error).__name__})."
+            ) from None
     return unwrap_state_dict(checkpoint, source=str(path))
 
 

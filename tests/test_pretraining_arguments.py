@@ -73,7 +73,7 @@ def test_check_range_messages():
         (["--weight_decay", "-0.1"], r"--weight_decay must be >= 0"),
         (["--adam_beta2", "1.0"], r"--adam_beta2 must be in \[0, 1\)"),
         (["--adam_epsilon", "0"], r"--adam_epsilon must be > 0"),
-        (["--max_grad_norm", "0"], r"--max_grad_norm must be > 0, got 0\.0\. Leave it unset"),
+        (["--max_grad_norm", "-1"], r"--max_grad_norm must be >= 0, got -1\.0\. 0 disables clipping"),
         (["--max_steps", "0"], r"--max_steps must be >= 1, got 0\. Use -1 to train for --num_train_epochs"),
         (["--num_train_epochs", "0"], r"--num_train_epochs must be > 0"),
         (["--warmup_steps", "-0.1"], r"--warmup_steps must be >= 0"),

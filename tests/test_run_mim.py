@@ -218,6 +218,7 @@ def test_continuing_a_pretrained_model_applies_drop_path_and_refuses_architectur
     run_mim.main(mim_args(files, tokenizer, tmp_path / "first", "--max_steps", "1"))
     args = mim_args(files, tokenizer, tmp_path / "second", "--max_steps", "1", "--drop_path_rate", "0.25")
     args[args.index("--config_overrides") : args.index("--config_overrides") + 2] = []
+    args[args.index("--config_name") : args.index("--config_name") + 2] = []  # refused with --model_name_or_path
     implementations = []
     patch_model(monkeypatch, lambda model: implementations.append(model.config._attn_implementation))
     run_mim.main([*args, "--model_name_or_path", str(tmp_path / "first"), "--attn_implementation", "eager"])

@@ -102,7 +102,7 @@ def check_range(
 
     For the ``__post_init__`` of argument dataclasses: ``check_range("drop_path_rate", 0.1, low=0, high=1,
     high_inclusive=False)``. ``None`` (an optional argument left unset) is accepted. NaN, booleans and strings (a
-    YAML ``1e-4`` is a string) are rejected.
+    YAML ``1e-4`` is a string) are rejected, and so are infinities (``--learning_rate inf``): no flag takes one.
 
     Args:
         name (`str`): The argument's name, with or without the leading ``--``.
@@ -123,9 +123,19 @@ def check_range(
         raise ValueError(f"{flag} must be a number, got {value!r} of type {type(value).__name__}{hint}.")
     too_low = low is not None and (value < low if low_inclusive else value <= low)
     too_high = high is not None and (value > high if high_inclusive else value >= high)
-    if math.isnan(value) or too_low or too_high:
-        message = f"{flag} must be {_describe_range(low, high, low_inclusive, high_inclusive)}, got {value!r}."
+    if not math.isfinite(value) or too_low or too_high:
+        finite = "a finite number " if not math.isfinite(value) and not math.isnan(value) else ""
+        message = f"{flag} must be {finite}{_describe_range(low, high, low_inclusive, high_inclusive)}, got {value!r}."
         raise ValueError(f"{message} {note}." if note else message)
+
+
+def check_config_source(model_name_or_path: str | None, config_name: str | None) -> None:
+    """Refuse ``--config_name`` next to ``--model_name_or_path``: the saved config is used, so it would be ignored."""
+    if model_name_or_path and config_name is not None:
+        raise ValueError(
+            f"--config_name {config_name} is ignored with --model_name_or_path {model_name_or_path} (the saved config "
+            "is used): pass one of them; --config_overrides may still change drop path and dropout."
+        )
 
 
 def _describe_range(low: float | None, high: float | None, low_inclusive: bool, high_inclusive: bool) -> str:
@@ -318,7 +328,9 @@ class PretrainingArguments:
     adam_beta1: float = field(default=0.9)
     adam_beta2: float = field(default=0.98)
     adam_epsilon: float = field(default=1e-8)
-    max_grad_norm: float | None = field(default=None, metadata={"help": "Clip gradients to this norm (None: off)."})
+    max_grad_norm: float | None = field(
+        default=None, metadata={"help": "Clip gradients to this norm (0 or None: off)."}
+    )
     max_steps: int = field(default=-1, metadata={"help": "Optimizer steps; -1 trains for --num_train_epochs instead."})
     num_train_epochs: float = field(
         default=1.0, metadata={"help": "Epochs; needs a dataset of known size (else give --max_steps)."}
@@ -346,6 +358,14 @@ class PretrainingArguments:
     save_total_limit: int | None = field(default=None, metadata={"help": "Keep only the newest N checkpoints."})
     resume_from_checkpoint: str | None = field(
         default=None, metadata={"help": "'latest' (newest checkpoint in --output_dir) or a checkpoint folder."}
+    )
+    resume_allow_changes: bool = field(
+        default=False,
+        metadata={
+            "help": "On resume, accept changed batch size, accumulation, mask settings, precision and the model's "
+            "drop path / dropout / codebook EMA settings (logged and recorded in metrics.jsonl). The rest of the run "
+            "identity (model architecture, tokenizer or teacher, data, seed) never changes."
+        },
     )
     max_consecutive_nonfinite: int = field(
         default=10,
@@ -399,7 +419,10 @@ class PretrainingArguments:
         check_range("adam_beta2", self.adam_beta2, low=0, high=1, high_inclusive=False)
         check_range("adam_epsilon", self.adam_epsilon, low=0, low_inclusive=False)
         check_range(
-            "max_grad_norm", self.max_grad_norm, low=0, low_inclusive=False, note="Leave it unset for no clipping"
+            "max_grad_norm",
+            self.max_grad_norm,
+            low=0,
+            note="0 disables clipping (as in transformers' TrainingArguments)",
         )
         if self.max_steps != -1:
             check_range("max_steps", self.max_steps, low=1, note="Use -1 to train for --num_train_epochs")

@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import hashlib
 import importlib
 import json
 import logging
@@ -106,6 +107,7 @@ def save_checkpoint(
     image_processor: ImageProcessingMixin | None = None,
     save_total_limit: int | None = None,
     weights_are_finite: bool = True,
+    run_identity: dict[str, Any] | None = None,
 ) -> Path:
     """Save ``output_dir/checkpoint-{step}`` atomically, then rotate old checkpoints. Every rank calls it.
 
@@ -159,15 +161,15 @@ def save_checkpoint(
         if accelerator.is_main_process:
             _write_main_process_files(
                 accelerator, temporary, step, model, optimizer, scheduler, state_dict, image_processor,
-                weights_are_finite, uses_deepspeed,
+                weights_are_finite, uses_deepspeed, run_identity,
             )  # fmt: skip
 
     # Each rank catches its own failure and the ranks agree on the outcome: a rank raising alone would leave the
     # others waiting for it forever.
     error = _attempt(write_parts)
-    if not _on_any_rank(accelerator, error is not None) and accelerator.is_main_process:
+    if not on_any_rank(accelerator, error is not None) and accelerator.is_main_process:
         error = _attempt(lambda: _fsync_tree(temporary))  # every rank has written its part by now
-    if _on_any_rank(accelerator, error is not None):
+    if on_any_rank(accelerator, error is not None):
         if accelerator.is_main_process:
             shutil.rmtree(temporary, ignore_errors=True)
         accelerator.wait_for_everyone()
@@ -204,9 +206,11 @@ def _write_main_process_files(
     image_processor: ImageProcessingMixin | None,
     weights_are_finite: bool,
     uses_deepspeed: bool,
+    run_identity: dict[str, Any] | None,
 ) -> None:
-    """What exists once per checkpoint: weights, processor, optimizer, scheduler, grad scaler, then the info file."""
-    nonfinite = _nonfinite_tensors(state_dict)
+    """What exists once per checkpoint: weights, processor, optimizer, scheduler, grad scaler, the run identity, then
+    the info file."""
+    nonfinite = nonfinite_tensors(state_dict)
     unwrapped: PreTrainedModel = accelerator.unwrap_model(model)
     if not hasattr(unwrapped, "save_pretrained"):
         raise TypeError(f"The model must be a transformers PreTrainedModel, got {type(unwrapped).__name__}.")
@@ -220,6 +224,8 @@ def _write_main_process_files(
     write_state(folder, SCHEDULER_STATE, scheduler.state_dict())
     if accelerator.scaler is not None:
         write_state(folder, GRAD_SCALER_STATE, accelerator.scaler.state_dict())
+    if run_identity is not None:
+        (folder / RUN_IDENTITY_FILE).write_text(json.dumps(run_identity, indent=2, sort_keys=True) + "\n")
     info = {
         "format_version": FORMAT_VERSION,
         "step": step,
@@ -250,7 +256,7 @@ def _check_supported(accelerator: Accelerator) -> None:
         )
 
 
-def _nonfinite_tensors(state_dict: dict[str, torch.Tensor]) -> list[str]:
+def nonfinite_tensors(state_dict: dict[str, torch.Tensor]) -> list[str]:
     """Names of floating-point tensors holding NaN or inf; one device-to-host copy per device."""
     flags: dict[torch.device, list[tuple[str, torch.Tensor]]] = {}
     for name, tensor in state_dict.items():
@@ -263,7 +269,7 @@ def _nonfinite_tensors(state_dict: dict[str, torch.Tensor]) -> list[str]:
     return nonfinite
 
 
-def _on_any_rank(accelerator: Accelerator, flag: bool) -> bool:
+def on_any_rank(accelerator: Accelerator, flag: bool) -> bool:
     """Whether ``flag`` is true on at least one rank (a collective: every rank must call it)."""
     if accelerator.num_processes == 1:
         return flag
@@ -312,6 +318,205 @@ def _fsync_directory(directory: Path) -> None:
             os.fsync(descriptor)
         finally:
             os.close(descriptor)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Run identity: what defines the run, recorded in each checkpoint and compared on resume
+
+RUN_IDENTITY_FILE = "run_identity.json"
+# Config keys that describe the file or the attention kernel rather than what is trained.
+_VOLATILE_CONFIG_KEYS = frozenset(
+    {"transformers_version", "_name_or_path", "torch_dtype", "dtype", "architectures", "attn_implementation"}
+)
+
+
+def weights_fingerprint(module: torch.nn.Module) -> str:
+    """A hash of ``module``'s parameters and buffers (names, dtypes, shapes, bytes), whatever the file layout."""
+    digest = hashlib.blake2b(digest_size=16)
+    for name, tensor in sorted(module.state_dict().items()):
+        tensor = tensor.detach().to("cpu").contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
+        digest.update(tensor.view(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return f"blake2b:{digest.hexdigest()}"
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict):
+        flat: dict[str, Any] = {}
+        for key, item in value.items():
+            flat.update(_flatten(item, f"{prefix}{key}."))
+        return flat
+    return {prefix[:-1]: value}
+
+
+def run_identity(
+    *,
+    model_config: dict[str, Any],
+    frozen_model: dict[str, Any],
+    fixed: dict[str, Any],
+    changeable: dict[str, Any],
+    changeable_config_keys: frozenset[str],
+) -> dict[str, Any]:
+    """What defines a run, as recorded in ``run_identity.json``: ``fixed`` (never changes on resume) and
+    ``changeable`` (changes only with ``--resume_allow_changes``), flattened to ``name: JSON value``.
+
+    Args:
+        model_config: the trained model's ``config.to_dict()``; its keys whose last part is in
+            ``changeable_config_keys`` (drop path, dropout, ...) are changeable, the rest fixed.
+        frozen_model: the tokenizer or teacher: e.g. ``{"tokenizer": "/p", "tokenizer weights": fingerprint}``.
+        fixed, changeable: the run's other settings (seed; batch size, accumulation, mask settings, precision).
+    """
+    config = {
+        key: value
+        for key, value in _flatten(json.loads(json.dumps(model_config, default=str))).items()
+        if not key.split(".")[-1].startswith("_") and key.split(".")[-1] not in _VOLATILE_CONFIG_KEYS
+    }
+    identity: dict[str, dict[str, Any]] = {"fixed": {**frozen_model, **fixed}, "changeable": dict(changeable)}
+    for key, value in config.items():
+        part = "changeable" if key.split(".")[-1] in changeable_config_keys else "fixed"
+        identity[part][f"model config {key}"] = value
+    return {"format_version": 1, **json.loads(json.dumps(identity, default=str))}
+
+
+def check_run_identity(
+    checkpoint: Path | None, identity: dict[str, Any], *, allow_changes: bool
+) -> dict[str, dict[str, Any]]:
+    """Compare ``identity`` with the one recorded in ``checkpoint``, before anything changes. Returns the accepted
+    changes ``{name: {"saved": ..., "now": ...}}`` (only with ``allow_changes``).
+
+    Raises:
+        ValueError: a fixed setting differs, or a changeable one does without ``allow_changes``; one message naming
+            every difference.
+    """
+    if checkpoint is None:
+        return {}
+    path = Path(checkpoint) / RUN_IDENTITY_FILE
+    if not path.is_file():
+        logger.warning("Cannot check the run identity of %s (written before run identity was recorded).", checkpoint)
+        return {}
+    saved, problem = _read_json(path)
+    if problem or not isinstance(saved, dict):
+        raise CheckpointReadError(f"Cannot resume from {checkpoint}: {problem or f'{path} is not a JSON object'}.")
+
+    def differences(part: str) -> dict[str, dict[str, Any]]:
+        before, now = saved.get(part, {}), identity[part]
+        return {
+            key: {"saved": before.get(key), "now": now.get(key)}
+            for key in sorted(set(before) | set(now))
+            if before.get(key) != now.get(key)
+        }
+
+    fixed, changeable = differences("fixed"), differences("changeable")
+
+    def describe(changes: dict[str, dict[str, Any]]) -> str:
+        return "; ".join(f"{key} saved {value['saved']!r}, now {value['now']!r}" for key, value in changes.items())
+
+    parts = []
+    if fixed:
+        parts.append(f"Fixed (start a new run to change them): {describe(fixed)}.")
+    if changeable and not allow_changes:
+        parts.append(f"Changeable with --resume_allow_changes: {describe(changeable)}.")
+    if parts:
+        raise ValueError(f"Cannot resume from {checkpoint}: the run was different. {' '.join(parts)}")
+    if changeable:
+        logger.warning(
+            "Resuming from %s with deliberate changes (--resume_allow_changes): %s.", checkpoint, describe(changeable)
+        )
+    return changeable
+
+
+def record_resume_changes(
+    accelerator: Accelerator, output_dir: str | Path, step: int, changes: dict[str, dict[str, Any]]
+) -> None:
+    """Append ``{"step": step, "resume_changes": changes}`` to ``metrics.jsonl`` (main process), when any."""
+    if changes and accelerator.is_main_process:
+        with (Path(output_dir) / METRICS_FILE).open("a") as stream:
+            stream.write(json.dumps({"step": step, "resume_changes": changes}) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The final export: written aside, then moved into place
+
+EXPORT_TEMPORARY = ".tmp-export"
+EXPORT_PREVIOUS = ".old-export"
+# What save_pretrained of the model and its image processor and the model card write at the top of --output_dir.
+_EXPORT_PATTERNS = (
+    "config.json",
+    "generation_config.json",
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "model-*-of-*.safetensors",
+    "preprocessor_config.json",
+    "README.md",
+)
+
+
+class ExportWriteError(OSError):
+    """The final export could not be written; the previous export (if any) is untouched."""
+
+
+def export_files(output_dir: str | Path) -> list[Path]:
+    """The files of a final export at the top of ``output_dir`` (weights, configs, processor, model card)."""
+    output_dir = Path(output_dir)
+    found = {path for pattern in _EXPORT_PATTERNS for path in output_dir.glob(pattern) if path.is_file()}
+    return sorted(found)
+
+
+def write_export(output_dir: str | Path, write: Callable[[Path], None], final_checkpoint: Path | None) -> None:
+    """``write(folder)`` the export into ``output_dir/.tmp-export``, flush it, then swap it with the previous export
+    file by file (the previous one waits in ``.old-export`` until the new one is in place).
+
+    Raises:
+        ExportWriteError: the write failed (a full disk); it names the folder and its free space, the temporary
+            folder is removed and the previous export is untouched.
+    """
+    output_dir = Path(output_dir)
+    staging, previous = output_dir / EXPORT_TEMPORARY, output_dir / EXPORT_PREVIOUS
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        write(staging)
+        _fsync_tree(staging)
+    except (OSError, RuntimeError, SafetensorError) as error:
+        shutil.rmtree(staging, ignore_errors=True)
+        try:
+            free = _format_bytes(shutil.disk_usage(output_dir).free)
+        except OSError:
+            free = "an unknown amount of space"
+        remedy = (
+            f"the final checkpoint {final_checkpoint} holds the same weights: free some space and run again with "
+            "--resume_from_checkpoint latest to export it (nothing is retrained)"
+            if final_checkpoint is not None
+            else "free some space and run again"
+        )
+        raise ExportWriteError(
+            f"Could not write the final model to {output_dir} ({type(error).__name__}: {error}). The file system of "
+            f"{output_dir} has {free} free. The previous export in {output_dir}, if any, is untouched; {remedy}."
+        ) from error
+    shutil.rmtree(previous, ignore_errors=True)
+    previous.mkdir()
+    for path in export_files(output_dir):
+        os.replace(path, previous / path.name)
+    for path in sorted(staging.iterdir()):
+        os.replace(path, output_dir / path.name)
+    _fsync_directory(output_dir)
+    shutil.rmtree(previous, ignore_errors=True)
+    shutil.rmtree(staging, ignore_errors=True)
+
+
+def _recover_export(output_dir: Path) -> None:
+    """After a crash during :func:`write_export`'s swap: put back the previous export's files that are not in place."""
+    shutil.rmtree(output_dir / EXPORT_TEMPORARY, ignore_errors=True)
+    previous = output_dir / EXPORT_PREVIOUS
+    if previous.is_dir():
+        if (
+            not (output_dir / "model.safetensors").is_file()
+            and not (output_dir / "model.safetensors.index.json").is_file()
+        ):
+            for path in previous.iterdir():
+                if not (output_dir / path.name).exists():
+                    os.replace(path, output_dir / path.name)
+        shutil.rmtree(previous, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -416,7 +621,7 @@ def restore_rng_states(accelerator: Accelerator, checkpoint: Path) -> None:
     """
     state_name = RNG_STATE.format(rank=accelerator.process_index)
     if not (Path(checkpoint) / f"{state_name}.json").is_file():
-        raise ValueError(f"{checkpoint} has no {state_name}.json: it was written by fewer processes.")
+        raise CheckpointReadError(f"{Path(checkpoint) / state_name}.json is missing: the checkpoint is incomplete.")
     set_rng_states(read_state(Path(checkpoint), state_name))
 
 
@@ -468,6 +673,8 @@ def resolve_checkpoint(resume_from_checkpoint: str | None, output_dir: str | Pat
             return None
         return checkpoints[-1]
     path = Path(resume_from_checkpoint)
+    if (path / CHECKPOINT_INFO_FILE).is_file():
+        raise_unless_intact(path)  # names every bad file and the newest intact checkpoint
     read_checkpoint_info(path)  # raises a ValueError naming what is wrong with the folder
     return path
 
@@ -490,7 +697,12 @@ def read_checkpoint_info(checkpoint: Path) -> dict[str, Any]:
         if not Path(checkpoint).is_dir():
             raise ValueError(f"Checkpoint folder {checkpoint} does not exist.")
         raise ValueError(f"{checkpoint} is not a checkpoint folder: it has no {CHECKPOINT_INFO_FILE}.")
-    info = json.loads(info_file.read_text())
+    try:
+        info = json.loads(info_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise CheckpointReadError(f"{info_file} is not valid JSON ({error}).") from error
+    if not isinstance(info, dict):
+        raise CheckpointReadError(f"{info_file} holds a {type(info).__name__}, not a JSON object.")
     if info.get("format_version") != FORMAT_VERSION:
         raise ValueError(
             f"{checkpoint} has checkpoint format version {info.get('format_version')!r}; this code reads version "
@@ -503,9 +715,17 @@ def check_resumable(accelerator: Accelerator, checkpoint: Path) -> dict[str, Any
     """The checkpoint's info after checking it belongs to this process count and distributed setup.
 
     Raises:
+        CheckpointReadError: a file of the checkpoint is missing, cut short or malformed (see
+            :func:`validate_checkpoint`).
         ValueError: another process count, a missing per-rank state file, or DeepSpeed on one side only.
     """
-    info = read_checkpoint_info(checkpoint)
+    try:  # another process count first: a checkpoint of 2 ranks read by 1 lacks nothing, it belongs elsewhere
+        info = read_checkpoint_info(checkpoint)
+    except ValueError:
+        info = {}
+    if not (_has_type(info.get("num_processes"), int) and info["num_processes"] != accelerator.num_processes):
+        raise_unless_intact(checkpoint)
+        info = read_checkpoint_info(checkpoint)
     if info["num_processes"] != accelerator.num_processes:
         raise ValueError(
             f"{checkpoint} was written by {info['num_processes']} processes but {accelerator.num_processes} are "
@@ -562,6 +782,7 @@ def prepare_output_dir(accelerator: Accelerator, output_dir: str | Path, checkpo
     if accelerator.is_main_process:
         for interrupted in output_dir.glob(f"{TEMPORARY_PREFIX}{CHECKPOINT_PREFIX}*"):
             shutil.rmtree(interrupted, ignore_errors=True)
+        _recover_export(output_dir)
         _set_aside_abandoned(output_dir, resumed_step, checkpoint)
     accelerator.wait_for_everyone()  # no rank writes into the folder before it is ready
 
@@ -583,6 +804,11 @@ def _set_aside_abandoned(output_dir: Path, resumed_step: int | None, checkpoint:
     folder = _new_abandoned_folder(output_dir)
     for path in later:
         os.replace(path, folder / path.name)
+    # An export is written only at a run's last step, after its last checkpoint: with later checkpoints set aside,
+    # the export at the top belongs to the abandoned branch too.
+    exported = export_files(output_dir) if later else []
+    for path in exported:
+        os.replace(path, folder / path.name)
     if dropped:
         # The dropped lines are safe in the abandoned folder before metrics.jsonl is replaced.
         (folder / METRICS_FILE).write_text("".join(line + "\n" for line in dropped))
@@ -599,7 +825,10 @@ def _set_aside_abandoned(output_dir: Path, resumed_step: int | None, checkpoint:
             "Resuming from step %d abandons what was saved after it: moved %s and %d %s record(s) after step %d "
             "to %s.",
             resumed_step,
-            ", ".join(path.name for path in later) if later else "no checkpoint",
+            ", ".join(path.name for path in later)
+            + (f" and the final export ({', '.join(path.name for path in exported)})" if exported else "")
+            if later
+            else "no checkpoint",
             len(dropped),
             METRICS_FILE,
             resumed_step,
@@ -652,12 +881,243 @@ def rotate_checkpoints(output_dir: Path, save_total_limit: int | None, newest: P
             shutil.rmtree(old, ignore_errors=True)
 
 
+def last_finite_checkpoint(output_dir: str | Path) -> Path | None:
+    """The newest checkpoint in ``output_dir`` whose ``checkpoint.json`` vouches for finite weights, or None."""
+    finite = [path for path in list_checkpoints(output_dir) if has_finite_weights(path)]
+    return finite[-1] if finite else None
+
+
+def resume_advice(output_dir: str | Path) -> str:
+    """How to continue a run whose weights broke: resume from the last checkpoint with finite weights."""
+    finite = last_finite_checkpoint(output_dir)
+    if finite is None:
+        return f"no checkpoint in {output_dir} has finite weights: start again with a lower learning rate"
+    return (
+        "lower the learning rate, enable --max_grad_norm or switch fp16 to bf16, then resume from the last "
+        f"checkpoint with finite weights: --resume_from_checkpoint {finite}"
+    )
+
+
 def has_finite_weights(checkpoint: Path) -> bool:
     """Whether ``checkpoint.json`` vouches for finite weights (False for a folder that is not a checkpoint)."""
     try:
         return bool(read_checkpoint_info(checkpoint)["weights_are_finite"])
     except (ValueError, KeyError, OSError):  # not one of ours: nothing vouches for its weights
         return False
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Validation: every file a resume reads, checked before anything is loaded or the output folder changes
+
+
+class CheckpointReadError(ValueError):
+    """A checkpoint file is missing, cut short or malformed; the message names the file and what is wrong."""
+
+
+# The JSON types of checkpoint.json's fields (bool is checked apart from int: True is not a step count).
+_INFO_TYPES = {
+    "format_version": int,
+    "step": int,
+    "num_processes": int,
+    "distributed_type": str,
+    "deepspeed": bool,
+    "weights_are_finite": bool,
+    "reported_nonfinite_by_caller": bool,
+    "nonfinite_parameters": list,
+    "saved_at": str,
+}
+_SAFETENSORS_ITEMSIZE = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+    "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8,
+}  # fmt: skip
+
+
+def _has_type(value: Any, kind: type) -> bool:
+    return isinstance(value, bool) if kind is bool else isinstance(value, kind) and not isinstance(value, bool)
+
+
+def _safetensors_names(path: Path) -> tuple[set[str] | None, str | None]:
+    """The tensor names in a safetensors file's header, or the problem with the file (header only, no tensor read)."""
+    if not path.is_file():
+        return None, f"{path} is missing"
+    size = path.stat().st_size
+    if size == 0:
+        return None, f"{path} is empty"
+    with path.open("rb") as file:
+        head = file.read(8)
+        if len(head) < 8:
+            return None, f"{path} is truncated ({size} bytes, not even a safetensors header)"
+        length = int.from_bytes(head, "little")
+        if 8 + length > size:
+            return None, (
+                f"{path} is corrupt or truncated: not a safetensors file whose header fits (the header claims "
+                f"{length} bytes, the file has {size})"
+            )
+        raw = file.read(length)
+    try:
+        header = json.loads(raw)
+        if not isinstance(header, dict):
+            raise ValueError("not an object")
+        end = 0
+        for name, entry in header.items():
+            if name == "__metadata__":
+                continue
+            begin, stop = entry["data_offsets"]
+            count = 1
+            for dimension in entry["shape"]:
+                count *= dimension
+            if not 0 <= begin <= stop or stop - begin != count * _SAFETENSORS_ITEMSIZE[entry["dtype"]]:
+                raise ValueError(f"bad offsets for {name}")
+            end = max(end, stop)
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as error:
+        return None, f"{path} is corrupt: not a safetensors file (invalid header: {error})"
+    if end != size - 8 - length:
+        return (
+            None,
+            f"{path} is truncated or corrupt (its header describes {end} bytes of data, the file holds {size - 8 - length})",
+        )
+    return {name for name in header if name != "__metadata__"}, None
+
+
+def _read_json(path: Path) -> tuple[Any, str | None]:
+    if not path.is_file():
+        return None, f"{path} is missing"
+    try:
+        return json.loads(path.read_text()), None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        return None, f"{path} is not valid JSON ({error})"
+
+
+def _tensor_references(value: Any) -> set[str]:
+    if isinstance(value, list):
+        return set().union(*(_tensor_references(item) for item in value)) if value else set()
+    if isinstance(value, dict):
+        if len(value) == 1 and "__tensor__" in value:
+            return {str(value["__tensor__"])}
+        return set().union(*(_tensor_references(item) for item in value.values())) if value else set()
+    return set()
+
+
+def _state_problems(folder: Path, stem: str) -> tuple[Any, list[str]]:
+    """A :func:`write_state` pair: the JSON parses and every tensor it refers to is in the sibling safetensors."""
+    encoded, problem = _read_json(folder / f"{stem}.json")
+    if problem:
+        return None, [problem]
+    references = _tensor_references(encoded)
+    tensor_file = folder / f"{stem}.safetensors"
+    if not references:
+        return encoded, []
+    if not tensor_file.is_file():
+        return None, [f"{tensor_file} is missing ({stem}.json refers to {len(references)} tensors in it)"]
+    names, problem = _safetensors_names(tensor_file)
+    if problem:
+        return None, [problem]
+    if lacking := sorted(references - names):
+        return None, [
+            f"{tensor_file} lacks {len(lacking)} tensors that {stem}.json refers to ({', '.join(lacking[:3])})"
+        ]
+    return encoded, []
+
+
+def validate_checkpoint(checkpoint: str | Path) -> list[str]:
+    """Every problem with the files a resume from ``checkpoint`` reads, each "<file> <what is wrong>"; empty when it
+    is intact. Reads JSON and safetensors headers only (no tensor), applies nothing, and needs no collective: every
+    rank reaches the same verdict on the shared folder.
+
+    Checked: ``checkpoint.json`` (JSON, field types, its step equals the folder's), the weights (``model.safetensors``
+    or the index and its shards) unless DeepSpeed holds them, ``optimizer``, ``scheduler``, ``grad_scaler`` (when
+    saved), and ``training_state_rank{r}`` / ``rng_state_rank{r}`` of every rank the checkpoint was written by (the
+    loop step equals the folder's).
+    """
+    checkpoint = Path(checkpoint)
+    folder_step = checkpoint_step(checkpoint)
+    info_file = checkpoint / CHECKPOINT_INFO_FILE
+    info, problem = _read_json(info_file)
+    if problem:
+        return [problem]
+    if not isinstance(info, dict):
+        return [f"{info_file} holds a {type(info).__name__}, not a JSON object"]
+    problems = [
+        f"{info_file}: {key} is {info[key]!r} ({type(info[key]).__name__}), not {kind.__name__}"
+        for key, kind in _INFO_TYPES.items()
+        if key in info and not _has_type(info[key], kind)
+    ]
+    problems += [
+        f"{info_file}: {key} is missing"
+        for key in ("format_version", "step", "num_processes", "deepspeed")
+        if key not in info
+    ]
+    if problems:
+        return problems
+    if folder_step is not None and info["step"] != folder_step:
+        problems.append(f"{info_file}: step {info['step']} disagrees with the folder name {checkpoint.name}")
+    if not info["deepspeed"]:
+        index_file = checkpoint / "model.safetensors.index.json"
+        if (checkpoint / "model.safetensors").is_file() or not index_file.is_file():
+            problems += [p for p in [_safetensors_names(checkpoint / "model.safetensors")[1]] if p]
+        else:
+            index, problem = _read_json(index_file)
+            weight_map = index.get("weight_map") if isinstance(index, dict) else None
+            if problem or not isinstance(weight_map, dict):
+                problems.append(problem or f"{index_file} has no weight_map object")
+            else:
+                for name in sorted(set(map(str, weight_map.values()))):
+                    problems += [p for p in [_safetensors_names(checkpoint / name)[1]] if p]
+        problems += _state_problems(checkpoint, OPTIMIZER_STATE)[1]
+    scheduler, scheduler_problems = _state_problems(checkpoint, SCHEDULER_STATE)
+    problems += scheduler_problems
+    if scheduler is not None and not _has_type(
+        scheduler.get("last_epoch") if isinstance(scheduler, dict) else None, int
+    ):
+        problems.append(f"{checkpoint / SCHEDULER_STATE}.json: last_epoch is not an integer")
+    if (checkpoint / f"{GRAD_SCALER_STATE}.json").is_file():
+        problems += _state_problems(checkpoint, GRAD_SCALER_STATE)[1]
+    for rank in range(max(1, info["num_processes"])):
+        stem = TRAINING_STATE.format(rank=rank)
+        state, state_problems = _state_problems(checkpoint, stem)
+        problems += state_problems
+        if state is not None:
+            loop = state.get("loop") if isinstance(state, dict) else None
+            step = loop.get("step") if isinstance(loop, dict) else None
+            if not isinstance(loop, dict) or not isinstance(state.get("dataloader"), dict):
+                problems.append(f"{checkpoint / stem}.json lacks its loop or dataloader object")
+            elif not _has_type(step, int):
+                problems.append(f"{checkpoint / stem}.json: loop step is {step!r} ({type(step).__name__}), not int")
+            elif step != info["step"]:
+                problems.append(
+                    f"{checkpoint / stem}.json: loop step {step} disagrees with the folder name {checkpoint.name} "
+                    f"(and {CHECKPOINT_INFO_FILE} step {info['step']})"
+                )
+        problems += _state_problems(checkpoint, RNG_STATE.format(rank=rank))[1]
+    return problems
+
+
+def newest_intact_checkpoint(output_dir: str | Path, *, exclude: Path | None = None) -> Path | None:
+    """The newest checkpoint in ``output_dir`` (other than ``exclude``) that :func:`validate_checkpoint` accepts."""
+    for candidate in reversed(list_checkpoints(output_dir)):
+        if (exclude is None or candidate.resolve() != Path(exclude).resolve()) and not validate_checkpoint(candidate):
+            return candidate
+    return None
+
+
+def raise_unless_intact(checkpoint: str | Path) -> None:
+    """Raise one :class:`CheckpointReadError` naming every bad file of ``checkpoint`` and the newest intact checkpoint
+    beside it, when :func:`validate_checkpoint` finds a problem.
+    """
+    checkpoint = Path(checkpoint)
+    problems = validate_checkpoint(checkpoint)
+    if not problems:
+        return
+    intact = newest_intact_checkpoint(checkpoint.parent, exclude=checkpoint)
+    if intact is None:
+        advice = f"No intact checkpoint in {checkpoint.parent}."
+    else:
+        finite = "" if has_finite_weights(intact) else " (its weights are not finite)"
+        advice = (
+            f"The newest intact checkpoint is {intact}{finite}: pass --resume_from_checkpoint {intact} (what was "
+            f"trained after it is set aside), or delete {checkpoint.name}."
+        )
+    raise CheckpointReadError(f"Cannot resume from {checkpoint}: {'; '.join(problems)}. {advice}")
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -611,7 +611,13 @@ def _list_digest(files: list[str]) -> str:
 def _image_column(features: Features | None, image_column_name: str | None) -> str:
     if image_column_name is not None:
         if features is not None and image_column_name not in features:
-            raise ValueError(f"Image column {image_column_name!r} not found; columns are {list(features)}.")
+            raise ValueError(f"--image_column_name {image_column_name} not found; columns are {list(features)}.")
+        if features is not None and not isinstance(features[image_column_name], Image):
+            images = [name for name, feature in features.items() if isinstance(feature, Image)]
+            raise ValueError(
+                f"--image_column_name {image_column_name} is not an image column (its feature is "
+                f"{type(features[image_column_name]).__name__}); image columns: {images}."
+            )
         return image_column_name
     for name, feature in (features or {}).items():
         if isinstance(feature, Image):

@@ -16,6 +16,7 @@ import gc
 import json
 import logging
 import math
+import os
 import re
 import signal
 import time
@@ -29,7 +30,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
 from huggingface_hub import HfApi
 from torch import nn
-from transformers import AutoModel, get_scheduler
+from transformers import AutoModel, PretrainedConfig, get_scheduler
 from transformers.integrations import is_deepspeed_zero3_enabled, unset_hf_deepspeed_config
 
 from modeling_beitv2 import DVAEModel, VQKDModel
@@ -40,7 +41,18 @@ from pretraining.arguments import (
     check_range,
     check_report_to,
 )
-from pretraining.checkpoints import CHECKPOINT_PREFIX, METRICS_FILE
+from pretraining.checkpoints import (
+    CHECKPOINT_PREFIX,
+    EXPORT_PREVIOUS,
+    EXPORT_TEMPORARY,
+    METRICS_FILE,
+    ExportWriteError,
+    list_checkpoints,
+    nonfinite_tensors,
+    on_any_rank,
+    resume_advice,
+    write_export,
+)
 from pretraining.model_cards import write_model_card
 
 logger = logging.getLogger(__name__)
@@ -159,8 +171,9 @@ def gradient_norm(
     accelerator: Accelerator, model: torch.nn.Module, max_grad_norm: float | None
 ) -> torch.Tensor | None:
     """The total norm of the (already all-reduced, so the same on every rank) gradients as a device tensor, clipped
-    to `max_grad_norm` when it is set. None under DeepSpeed without clipping (its engine owns the gradients)."""
-    if max_grad_norm is not None:
+    to `max_grad_norm` when it is set and not 0 (0 disables clipping, as in transformers' TrainingArguments). None
+    under DeepSpeed without clipping (its engine owns the gradients)."""
+    if max_grad_norm:
         norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
         return None if norm is None else torch.as_tensor(norm, device=accelerator.device)
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
@@ -177,6 +190,10 @@ def tracker_config(*settings: Mapping[str, Any], **extra: Any) -> dict[str, Any]
         key: value if isinstance(value, int | float | str | bool) else str(value)
         for key, value in {**config, **extra}.items()
     }
+
+
+class NonFiniteWeightsError(RuntimeError):
+    """The run reached its end with weights holding NaN or inf: nothing is exported and the script exits 1."""
 
 
 def export_model(
@@ -198,33 +215,63 @@ def export_model(
     """`save_pretrained` of the model and its image processor in `output_dir`, a model card (`card_fields`, the
     training settings of `training_card` and the evaluation metrics of `last_metrics`), and the Hub upload to
     `repo_id` (what `check_hub_access` returned; None: no upload). Every rank calls it: under ZeRO-3 the weights are
-    gathered first."""
+    gathered first.
+
+    Raises:
+        NonFiniteWeightsError: the weights hold NaN or inf; nothing is written (a previous export stays as it was).
+    """
     accelerator.wait_for_everyone()
     state_dict = accelerator.get_state_dict(model)
-    if accelerator.is_main_process:
-        accelerator.unwrap_model(model).save_pretrained(output_dir, state_dict=state_dict)
-        image_processor.save_pretrained(output_dir)
-        fields = {
-            **card_fields,
-            "datasets": [dataset_name] if dataset_name else [],
-            "training_args": training_card,
-            "metrics": {key: value for key, value in last_metrics.items() if key != "step"},
-        }
+    nonfinite = nonfinite_tensors(state_dict)  # every rank gets the same gathered weights, so the same verdict
+    if nonfinite:
+        shown = ", ".join(nonfinite[:5]) + (", ..." if len(nonfinite) > 5 else "")
+        raise NonFiniteWeightsError(
+            f"The final weights are not finite ({len(nonfinite)} tensors hold NaN/inf: {shown}); the model was not "
+            f"exported (a previous export in {output_dir}, if any, is untouched); {resume_advice(output_dir)}."
+        )
+    card_id = repo_id or hub_model_id  # the id it will be uploaded to (or was named for later upload)
+    fields = {
+        **card_fields,
+        "model_name": card_id.split("/")[-1] if card_id else Path(output_dir).resolve().name,  # not the staging folder
+        "datasets": [dataset_name] if dataset_name else [],
+        "training_args": training_card,
+        "metrics": {key: value for key, value in last_metrics.items() if key != "step"},
+    }
+
+    def write(folder: Path) -> None:
+        accelerator.unwrap_model(model).save_pretrained(folder, state_dict=state_dict)
+        image_processor.save_pretrained(folder)
         write_model_card(
-            output_dir,
+            folder,
             card_kind,
             config=accelerator.unwrap_model(model).config,
-            # The id it will be uploaded to (or was named for later upload); never the local folder.
-            hub_model_id=repo_id or hub_model_id,
+            hub_model_id=card_id,  # never the local folder
             license=license,
             **fields,
         )
+
+    failure = None
+    if accelerator.is_main_process:
+        checkpoints = list_checkpoints(output_dir)
+        try:
+            write_export(output_dir, write, checkpoints[-1] if checkpoints else None)
+        except ExportWriteError as error:
+            failure = error
+    if on_any_rank(accelerator, failure is not None):  # every rank raises, none waits for the others
+        raise failure or ExportWriteError(f"The main process could not write the final model to {output_dir}.")
+    if accelerator.is_main_process:
         logger.info("Saved the model and its image processor in %s", output_dir)
         if repo_id is not None:
             HfApi(token=token).upload_folder(
                 repo_id=repo_id,
                 folder_path=output_dir,
-                ignore_patterns=[f"{CHECKPOINT_PREFIX}*", f".tmp-{CHECKPOINT_PREFIX}*", "abandoned-*"],
+                ignore_patterns=[
+                    f"{CHECKPOINT_PREFIX}*",
+                    f".tmp-{CHECKPOINT_PREFIX}*",
+                    "abandoned-*",
+                    EXPORT_TEMPORARY,
+                    EXPORT_PREVIOUS,
+                ],
                 commit_message="Upload model trained with beitv2-hf",
             )
             logger.info("Pushed %s to the Hub as %s", output_dir, repo_id)
@@ -237,8 +284,8 @@ def final_state(state: dict[str, Any], stop_reason: str | None, num_training_ste
     if stop_reason == "nonfinite":
         raise RuntimeError(
             f"Stopped at step {state['step']}: {state['consecutive_nonfinite']} consecutive steps had a non-finite "
-            f"loss or gradient ({state['num_nonfinite_steps']} in all). A checkpoint was saved in {output_dir}; lower "
-            "the learning rate, enable --max_grad_norm or switch fp16 to bf16, then --resume_from_checkpoint latest."
+            f"loss or gradient ({state['num_nonfinite_steps']} in all). A checkpoint was saved in {output_dir}; "
+            f"{resume_advice(output_dir)}."
         )
     preempted = stop_reason is not None and state["step"] < num_training_steps
     if stop_reason is not None:
@@ -279,17 +326,59 @@ def _prepared_models(accelerator: Accelerator) -> list[torch.nn.Module]:
 VisualTokenizer = VQKDModel | DVAEModel
 
 
+def check_model_location(flag: str, name_or_path: str) -> None:
+    """Refuse a value of ``flag`` that looks like a local path but is no folder: transformers would read it as a Hub
+    repo id and answer with a message about repo ids."""
+    expanded = os.path.expanduser(name_or_path)
+    looks_local = (
+        os.path.isabs(name_or_path) or name_or_path.startswith((".", "~")) or name_or_path.count("/") > 1
+    ) or os.path.exists(expanded)
+    if looks_local and not os.path.isdir(expanded):
+        what = (
+            "is a file, not a model folder" if os.path.exists(expanded) else "no such folder (and not a Hub repo id)"
+        )
+        raise ValueError(f"{flag} {name_or_path}: {what}.")
+
+
+def load_with_flag(flag: str, name_or_path: str, load: Callable[[], Any]) -> Any:
+    """``load()`` of the model ``flag`` names; a location that does not exist or cannot be read is one line naming
+    the flag and the value (not a Hub repo-id traceback)."""
+    check_model_location(flag, name_or_path)
+    try:
+        return load()
+    except OSError as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(f"{flag} {name_or_path}: {first_line}") from error
+
+
+def check_model_type(
+    flag: str, name_or_path: str, expected_model_type: str, script: str, hint: str, hub_kwargs: dict[str, Any]
+) -> None:
+    """Refuse a ``flag`` (``--model_name_or_path``) whose saved config is of another model type before anything is
+    built: transformers only logs a warning and fills the missing keys with this model's defaults."""
+    hub = {key: hub_kwargs[key] for key in ("revision", "token") if key in hub_kwargs}
+    config_dict, _ = load_with_flag(flag, name_or_path, lambda: PretrainedConfig.get_config_dict(name_or_path, **hub))
+    model_type = config_dict.get("model_type")
+    if model_type != expected_model_type:
+        raise ValueError(
+            f"{flag} {name_or_path} is a {model_type!r} model; {script} continues a {hint} "
+            f"(model type {expected_model_type!r})."
+        )
+
+
 def load_visual_tokenizer(
     name_or_path: str,
     expected: tuple[type, ...] = (VQKDModel, DVAEModel),
     hint: str = "",
+    flag: str = "--tokenizer_name_or_path",
     **hub_kwargs: Any,
 ) -> VisualTokenizer:
     """The tokenizer at `name_or_path` in eval mode without gradients; a model of another class raises, with `hint`.
 
-    `hub_kwargs` (`revision`, `token`, `trust_remote_code`) go to `AutoModel.from_pretrained`.
+    `hub_kwargs` (`revision`, `token`, `trust_remote_code`) go to `AutoModel.from_pretrained`; a location that does
+    not exist or cannot be read raises a ValueError naming `flag`.
     """
-    tokenizer = AutoModel.from_pretrained(name_or_path, **hub_kwargs)
+    tokenizer = load_with_flag(flag, name_or_path, lambda: AutoModel.from_pretrained(name_or_path, **hub_kwargs))
     if not isinstance(tokenizer, expected):
         names = " or ".join(kind.__name__ for kind in expected)
         raise ValueError(

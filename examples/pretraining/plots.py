@@ -13,9 +13,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
+
+try:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+except ModuleNotFoundError as error:  # an optional dependency: name the extra that installs it
+    raise ModuleNotFoundError(
+        'The figures need matplotlib: pip install -e ".[plots]" (or pip install matplotlib).', name="matplotlib"
+    ) from error
 
 DPI = 100
 FONT_SIZE = 10
