@@ -12,6 +12,8 @@ One checkpoint is a folder ``output_dir/checkpoint-{step}``::
     grad_scaler.json                     fp16 only: the loss scale and its growth tracker
     rng_state_rank{N}.json, .safetensors rank N's python ``random``, numpy and torch (CPU, every CUDA device) states
     training_state_rank{N}.json          rank N's loop state and data-loader state, as the loop gives them
+    run_identity.json                    what defines the run (model config, tokenizer/teacher fingerprint, seed,
+                                         batch, accumulation, mask, precision), compared on resume
     checkpoint.json                      step, process count, whether the weights are finite, when it was saved
     deepspeed/                           DeepSpeed only: the engine's own checkpoint (see below)
 
@@ -44,7 +46,9 @@ Megatron-LM are refused.
 
 Sections, top-down: saving and loading one checkpoint (:func:`save_checkpoint`, :func:`load_checkpoint`,
 :func:`restore_rng_states`); the output folder (:func:`resolve_checkpoint`, :func:`prepare_output_dir`, rotation);
-the pickle-free state files (:func:`write_state`, :func:`read_state`); random states; DeepSpeed engine files.
+validation before a resume (:func:`validate_checkpoint`, :func:`raise_unless_intact`); the run identity
+(:func:`run_identity`, :func:`check_run_identity`); the final export (:func:`write_export`); the pickle-free state
+files (:func:`write_state`, :func:`read_state`); random states; DeepSpeed engine files.
 """
 
 from __future__ import annotations
