@@ -71,6 +71,7 @@ from pretraining.loop import (
     build_lr_scheduler,
     build_optimizer,
     end_training,
+    export_feature_extractor,
     export_model,
     final_state,
     frozen_forward,
@@ -468,6 +469,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             repo_id=repo_id,
             token=args.token,
         )
+        if accelerator.is_main_process:
+            export_feature_extractor(args.output_dir, processor, hub_model_id=args.hub_model_id, license=args.license)
     del model, optimizer, scheduler, dataloader, batches, eval_dataloader, guard  # see end_training
     end_training(accelerator)
     return final_state({**state, "last_metrics": last_metrics}, stop_reason, num_training_steps, args.output_dir)
