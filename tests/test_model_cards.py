@@ -378,7 +378,7 @@ def test_feature_extractor_snippet_runs_without_custom_code(tmp_path, monkeypatc
     processor = BeitV2ImageProcessor(image_size=32, patch_size=8, tokenizer_image_size=32)
     folder = export_feature_extractor(mim_dir, processor, hub_model_id=HUB_ID, license="mit")
     card = (folder / "README.md").read_text()
-    assert f"model=\"{HUB_ID}-feature-extraction\"" in card and f"base_model: {HUB_ID}" in card
+    assert f'model="{HUB_ID}-feature-extraction"' in card and f"base_model: {HUB_ID}" in card
     namespace = _exec_snippet(card, {f"{HUB_ID}-feature-extraction": folder}, tmp_path, monkeypatch)
     assert len(namespace["tokens"][0]) == 17 and len(namespace["embedding"][0]) == 32
 
