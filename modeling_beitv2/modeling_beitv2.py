@@ -10,8 +10,6 @@ Attention implementations (`attn_implementation=` in `from_pretrained` / `_from_
 `attention.py`). transformers' `"flex_attention"` is refused: it would apply head 0's position bias to all heads.
 """
 
-from __future__ import annotations
-
 from dataclasses import dataclass
 
 import torch
@@ -27,7 +25,8 @@ from transformers.models.beit.modeling_beit import (
     BeitPreTrainedModel,
     BeitRelativePositionBias,
 )
-from transformers.utils import ModelOutput
+from transformers.processing_utils import Unpack
+from transformers.utils import ModelOutput, TransformersKwargs
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
@@ -240,7 +239,7 @@ class BeitV2Model(BeitV2PreTrainedModel, BeitModel):
         bool_masked_pos: torch.BoolTensor | None = None,
         interpolate_pos_encoding: bool = False,
         attention_mask: torch.Tensor | None = None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> BeitModelOutputWithPooling:
         r"""
         Same inputs as [`BeitModel.forward`]; `output_hidden_states` (a flag, or the indices of the hidden states to
@@ -438,7 +437,7 @@ class BeitV2ForMaskedImageModeling(BeitV2PreTrainedModel):
         bool_masked_pos: torch.Tensor,
         labels: torch.Tensor | None = None,
         num_masked_patches: int | None = None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> BeitV2MaskedImageModelingOutput | tuple:
         r"""
         Args:

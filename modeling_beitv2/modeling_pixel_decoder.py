@@ -10,8 +10,6 @@ State-dict layout: `embeddings.codebook` (frozen buffer, `(codebook_size, code_d
 mlp.fc1, mlp.fc2}`, `layernorm`, `head`, `refiner.{conv_in, conv_mid, conv_out}`.
 """
 
-from __future__ import annotations
-
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,7 +21,8 @@ from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.beit.modeling_beit import eager_attention_forward
-from transformers.utils import ModelOutput
+from transformers.processing_utils import Unpack
+from transformers.utils import ModelOutput, TransformersKwargs
 from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_pixel_decoder import VQKDPixelDecoderConfig
@@ -237,7 +236,7 @@ class VQKDPixelDecoder(VQKDPixelDecoderPreTrainedModel):
         self.post_init()
 
     @classmethod
-    def from_tokenizer(cls, tokenizer: Any, **config_overrides: Any) -> VQKDPixelDecoder:
+    def from_tokenizer(cls, tokenizer: Any, **config_overrides: Any) -> "VQKDPixelDecoder":
         """
         A new decoder for `tokenizer` (a `VQKDModel`): its codebook size, code dimension, image and patch size, and
         a copy of its l2-normalised codebook (a frozen buffer saved with the decoder, so that neither the tokenizer
@@ -351,7 +350,10 @@ class VQKDPixelDecoder(VQKDPixelDecoderPreTrainedModel):
 
     @capture_outputs
     def forward(
-        self, input_ids: torch.LongTensor, pixel_values: torch.FloatTensor | None = None, **kwargs: Any
+        self,
+        input_ids: torch.LongTensor,
+        pixel_values: torch.FloatTensor | None = None,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> VQKDPixelDecoderOutput:
         r"""
         Args:
