@@ -470,7 +470,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             token=args.token,
         )
         if accelerator.is_main_process:
-            export_feature_extractor(args.output_dir, processor, hub_model_id=args.hub_model_id, license=args.license)
+            with outside_zero3(accelerator):  # read back whole, not partitioned across ranks
+                export_feature_extractor(
+                    args.output_dir, processor, hub_model_id=args.hub_model_id, license=args.license
+                )
     del model, optimizer, scheduler, dataloader, batches, eval_dataloader, guard  # see end_training
     end_training(accelerator)
     return final_state({**state, "last_metrics": last_metrics}, stop_reason, num_training_steps, args.output_dir)
