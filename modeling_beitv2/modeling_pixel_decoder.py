@@ -13,7 +13,7 @@ mlp.fc1, mlp.fc2}`, `layernorm`, `head`, `refiner.{conv_in, conv_mid, conv_out}`
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -43,16 +43,16 @@ class VQKDPixelDecoderOutput(ModelOutput):
             are given.
         reconstruction (`torch.FloatTensor` of shape `(batch_size, num_channels, image_size, image_size)`):
             The painted images, clamped to [0, 1] (what [`VQKDPixelDecoder.decode`] returns).
-        hidden_states (`tuple(torch.FloatTensor)`, *optional*, returned with `output_hidden_states`):
+        hidden_states (`tuple(torch.Tensor)`, *optional*, returned with `output_hidden_states`):
             The token embeddings, then each block's output, each `(batch_size, num_patches, hidden_size)`.
-        attentions (`tuple(torch.FloatTensor)`, *optional*, returned with `output_attentions=True`):
+        attentions (`tuple(torch.Tensor)`, *optional*, returned with `output_attentions=True`):
             Each block's attention weights `(batch_size, num_heads, num_patches, num_patches)` (eager attention).
     """
 
-    loss: torch.FloatTensor | None = None
-    reconstruction: torch.FloatTensor | None = None
-    hidden_states: tuple[torch.FloatTensor, ...] | None = None
-    attentions: tuple[torch.FloatTensor, ...] | None = None
+    loss: torch.Tensor | None = None
+    reconstruction: torch.Tensor | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
 
 
 def random_unit_codes(like: torch.Tensor) -> torch.Tensor:
@@ -64,6 +64,8 @@ class VQKDPixelDecoderEmbeddings(nn.Module):
     """Codes -> tokens: look the codes up in the frozen codebook, project them to the decoder's width, add learned
     position embeddings. `(batch, num_patches)` int64 -> `(batch, num_patches, hidden_size)`."""
 
+    codebook: torch.Tensor  # a buffer (registered in `__init__`)
+
     def __init__(self, config: VQKDPixelDecoderConfig) -> None:
         super().__init__()
         # A buffer, not a parameter: the optimizer never sees it and it is saved with the decoder. Drawn here as in
@@ -72,7 +74,7 @@ class VQKDPixelDecoderEmbeddings(nn.Module):
         self.projection = nn.Linear(config.code_dim, config.hidden_size)
         self.position_embeddings = nn.Parameter(torch.empty(1, config.num_patches, config.hidden_size))
 
-    def forward(self, indices: torch.LongTensor) -> torch.Tensor:
+    def forward(self, indices: torch.Tensor) -> torch.Tensor:
         codes = self.codebook[indices].to(self.projection.weight.dtype)
         return self.projection(codes) + self.position_embeddings
 
@@ -151,10 +153,11 @@ class VQKDPixelPatchHead(nn.Linear):
 
 
 class VQKDPixelDecoderPreTrainedModel(PreTrainedModel):
+    config: VQKDPixelDecoderConfig
     config_class = VQKDPixelDecoderConfig
     base_model_prefix = "pixel_decoder"
     main_input_name = "input_ids"
-    input_modalities = ("image",)
+    input_modalities = ("image",)  # type: ignore[assignment]  # transformers annotates str | list[str]; its own models use tuples
     _no_split_modules = ["VQKDPixelDecoderLayer"]
     _supports_sdpa = True
     supports_gradient_checkpointing = True
@@ -184,7 +187,7 @@ class VQKDPixelDecoderPreTrainedModel(PreTrainedModel):
                 init.zeros_(module.weight)
             else:
                 init.kaiming_normal_(module.weight, nonlinearity="relu")
-            init.zeros_(module.bias)
+            init.zeros_(cast(torch.Tensor, module.bias))  # the refiner's convolutions have biases
 
 
 class VQKDPixelDecoder(VQKDPixelDecoderPreTrainedModel):
@@ -261,7 +264,7 @@ class VQKDPixelDecoder(VQKDPixelDecoderPreTrainedModel):
             "codebook_size": tokenizer.codebook_size,
             "code_dim": tokenizer.config.code_dim,
             "image_size": tokenizer.image_size,
-            "patch_size": tokenizer.config.encoder_config.patch_size,
+            "patch_size": tokenizer.config.encoder_vit.patch_size,
         }
         clashes = [f"{k}={v!r} (tokenizer: {settings[k]!r})" for k, v in config_overrides.items()
                    if k in settings and v != settings[k]]  # fmt: skip
@@ -294,7 +297,7 @@ class VQKDPixelDecoder(VQKDPixelDecoderPreTrainedModel):
         """(rows, columns) of the code grid of one image."""
         return self.config.patch_grid
 
-    def _flat_indices(self, indices: torch.Tensor) -> torch.LongTensor:
+    def _flat_indices(self, indices: torch.Tensor) -> torch.Tensor:
         """Check codes of shape `(batch, rows, cols)` or `(batch, rows * cols)` and flatten them to the latter."""
         rows, cols = self.patch_grid
         if indices.dtype.is_floating_point or indices.dtype.is_complex or indices.dtype == torch.bool:
@@ -318,7 +321,7 @@ class VQKDPixelDecoder(VQKDPixelDecoderPreTrainedModel):
             )
         return indices.reshape(indices.shape[0], rows * cols).long()
 
-    def _paint(self, indices: torch.LongTensor, **kwargs: Any) -> torch.Tensor:
+    def _paint(self, indices: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         """Checked codes `(batch, num_patches)` -> unclamped pixels `(batch, num_channels, image_size, image_size)`."""
         (rows, cols), patch, channels = self.patch_grid, self.config.patch_size, self.config.num_channels
         if indices.shape[0] == 0:
@@ -332,7 +335,7 @@ class VQKDPixelDecoder(VQKDPixelDecoderPreTrainedModel):
         pixels = pixels.reshape(-1, channels, rows * patch, cols * patch)
         return pixels if self.refiner is None else self.refiner(pixels)
 
-    def decode(self, indices: torch.LongTensor) -> torch.FloatTensor:
+    def decode(self, indices: torch.Tensor) -> torch.Tensor:
         """
         Paint the images of a batch of code grids.
 
@@ -351,7 +354,7 @@ class VQKDPixelDecoder(VQKDPixelDecoderPreTrainedModel):
 
     @capture_outputs
     def forward(
-        self, input_ids: torch.LongTensor, pixel_values: torch.FloatTensor | None = None, **kwargs: Any
+        self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None, **kwargs: Any
     ) -> VQKDPixelDecoderOutput:
         r"""
         Args:
