@@ -62,11 +62,11 @@ class BeitV2MaskedImageModelingOutput(ModelOutput):
             Fraction of masked positions whose main-branch argmax equals the label (`mlm_acc_1`).
         aggregation_accuracy (`torch.FloatTensor` of shape `()`, *optional*):
             The same for the aggregation head (`mlm_acc_2`).
-        hidden_states (`tuple(torch.Tensor)`, *optional*, returned with `output_hidden_states`):
+        hidden_states (`tuple(torch.FloatTensor)`, *optional*, returned with `output_hidden_states`):
             Backbone hidden states, each `(batch, 1 + num_patches, hidden_size)`: the embeddings, then each block's
             output (the last one before the final LayerNorm); `None` in the places a selection of indices leaves out.
             The patch-aggregation head's blocks are not included.
-        attentions (`tuple(torch.Tensor)`, *optional*, returned with `output_attentions=True`):
+        attentions (`tuple(torch.FloatTensor)`, *optional*, returned with `output_attentions=True`):
             Attention weights of each backbone block, `(batch, num_heads, 1 + num_patches, 1 + num_patches)`
             (eager attention only: the fused implementations never materialise them).
     """

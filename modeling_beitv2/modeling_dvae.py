@@ -37,7 +37,7 @@ class DVAEOutput(ModelOutput):
         logits (`torch.FloatTensor` of shape `(batch_size, codebook_size, rows, cols)`): encoder logits over the codes.
         codebook_indices (`torch.LongTensor` of shape `(batch_size, rows * cols)`): argmax codes.
         reconstruction (`torch.FloatTensor` of shape `(batch_size, 3, height, width)`): decoded pixels in [0, 1].
-        hidden_states (`tuple(torch.Tensor)`, *optional*, returned with `output_hidden_states`):
+        hidden_states (`tuple(torch.FloatTensor)`, *optional*, returned with `output_hidden_states`):
             The encoder's feature maps: the input convolution's output `(batch_size, hidden_size, H, W)`, then each
             of the 4 groups' output (`(batch_size, 8 * hidden_size, H / 8, W / 8)` for the last), as transformers'
             convolutional models (ResNet) return them.

@@ -43,9 +43,9 @@ class VQKDPixelDecoderOutput(ModelOutput):
             are given.
         reconstruction (`torch.FloatTensor` of shape `(batch_size, num_channels, image_size, image_size)`):
             The painted images, clamped to [0, 1] (what [`VQKDPixelDecoder.decode`] returns).
-        hidden_states (`tuple(torch.Tensor)`, *optional*, returned with `output_hidden_states`):
+        hidden_states (`tuple(torch.FloatTensor)`, *optional*, returned with `output_hidden_states`):
             The token embeddings, then each block's output, each `(batch_size, num_patches, hidden_size)`.
-        attentions (`tuple(torch.Tensor)`, *optional*, returned with `output_attentions=True`):
+        attentions (`tuple(torch.FloatTensor)`, *optional*, returned with `output_attentions=True`):
             Each block's attention weights `(batch_size, num_heads, num_patches, num_patches)` (eager attention).
     """
 

@@ -66,10 +66,10 @@ class VQKDOutput(ModelOutput):
             Fraction of the codebook chosen at least once in this step's batch (all ranks).
         num_dead_codes (`torch.LongTensor` of shape `()`):
             See [`QuantizerOutput`].
-        hidden_states (`tuple(torch.Tensor)`, *optional*, returned with `output_hidden_states`):
+        hidden_states (`tuple(torch.FloatTensor)`, *optional*, returned with `output_hidden_states`):
             The encoder's hidden states, each `(batch_size, 1 + num_patches, encoder_hidden_size)`: the embeddings,
             then each block's output (the last one before the final LayerNorm).
-        attentions (`tuple(torch.Tensor)`, *optional*, returned with `output_attentions=True`):
+        attentions (`tuple(torch.FloatTensor)`, *optional*, returned with `output_attentions=True`):
             The encoder's attention weights, each `(batch_size, num_heads, 1 + num_patches, 1 + num_patches)` (eager
             attention only). The decoder's are not returned: it reads quantized codes, so it is not part of what
             the tokenizer computes from an image.
