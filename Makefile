@@ -1,6 +1,6 @@
 # Two entry points, each installing what it needs into ./.venv first:
 #   make demo   -- the whole BEiT v2 pipeline at small scale, offline
-#   make test   -- lint + the whole test suite
+#   make test   -- lint (ruff, mypy) + the whole test suite
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -26,11 +26,13 @@ test: $(STAMP)
 	$(BIN)/python tests/fetch_transformers_tests.py
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 	$(BIN)/python -m pytest --numprocesses auto --maxprocesses 4
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 format: $(STAMP)
 	$(BIN)/ruff check --fix .

@@ -29,7 +29,15 @@ setup(
         "torchdata>=0.9",
     ],
     extras_require={
-        "dev": ["parameterized>=0.9", "pytest>=8", "pytest-timeout>=2.1", "pytest-xdist>=3.5", "ruff>=0.6"],
+        "dev": [
+            "mypy>=1.10",
+            "parameterized>=0.9",
+            "pytest>=8",
+            "pytest-timeout>=2.1",
+            "pytest-xdist>=3.5",
+            "ruff>=0.6",
+            "types-PyYAML",
+        ],
         "deepspeed": ["deepspeed>=0.15"],
         "tensorboard": ["tensorboard>=2.10"],
         # The demo's and the visualisation scripts' figures (examples/plots.py, visualize_mim.py).

@@ -78,6 +78,7 @@ from pretraining.loop import (
     build_optimizer,
     check_model_type,
     end_training,
+    export_feature_extractor,
     export_model,
     final_state,
     frozen_forward,
@@ -511,6 +512,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 repo_id=repo_id,
                 token=args.token,
             )
+            if accelerator.is_main_process:
+                with outside_zero3(accelerator):  # read back whole, not partitioned across ranks
+                    export_feature_extractor(
+                        args.output_dir, processor, hub_model_id=args.hub_model_id, license=args.license
+                    )
     finally:
         del model, optimizer, scheduler, dataloader, batches, eval_dataloader, guard  # see end_training
         end_training(accelerator)

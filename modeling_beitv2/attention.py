@@ -215,6 +215,8 @@ class BeitV2RelativePositionBias(BeitRelativePositionBias):
     gather from the table. Other grids, and `interpolate_pos_encoding=True`, take transformers' path unchanged.
     """
 
+    relative_position_index: torch.Tensor  # a buffer (registered in `__init__`)
+
     def __init__(self, config: BeitConfig) -> None:
         super().__init__(config)
         self.register_buffer("relative_position_index", relative_position_index(self.window_size), persistent=False)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import pickle
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -119,7 +120,9 @@ def load_dalle_pickle(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"DALL-E pickle {str(path)!r} does not exist or is not a file.")
-    stand_ins = [(_PickledModule, name) for name in _DALLE_PICKLED_CLASSES]
+    stand_ins: list[Callable[..., Any] | tuple[Callable[..., Any], str]] = [
+        (_PickledModule, name) for name in _DALLE_PICKLED_CLASSES
+    ]
     try:
         with torch.serialization.safe_globals(stand_ins):
             root = torch.load(path, map_location="cpu", weights_only=True)

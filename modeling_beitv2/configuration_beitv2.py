@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 from huggingface_hub.dataclasses import strict
 from transformers import BeitConfig
@@ -28,7 +28,7 @@ BEITV2_PRESETS: dict[str, dict[str, Any]] = {
 
 
 def _as_pair(value: int | list[int] | tuple[int, int]) -> tuple[int, int]:
-    return tuple(value) if isinstance(value, (list, tuple)) else (value, value)
+    return cast(tuple[int, int], tuple(value)) if isinstance(value, (list, tuple)) else (value, value)
 
 
 @strict

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 from huggingface_hub.dataclasses import strict
 from transformers import BeitConfig, PreTrainedConfig
@@ -124,7 +124,8 @@ class VQKDConfig(PreTrainedConfig):
     ```"""
 
     model_type = "beitv2_vqkd"
-    sub_configs_defaults = {"encoder_config": VQKDEncoderConfig, "decoder_config": VQKDDecoderConfig}
+    # transformers resolves bare config classes to `SubConfigSpec`s when the class is defined (`__init_subclass__`).
+    sub_configs_defaults = {"encoder_config": VQKDEncoderConfig, "decoder_config": VQKDDecoderConfig}  # type: ignore[dict-item]
 
     encoder_config: dict | BeitConfig | None = None
     decoder_config: dict | BeitConfig | None = None
@@ -159,27 +160,40 @@ class VQKDConfig(PreTrainedConfig):
         if self.dead_code_threshold < 0:
             raise ValueError(f"dead_code_threshold must be >= 0, got {self.dead_code_threshold}.")
         super().__post_init__(**kwargs)
-        encoder, decoder = self.encoder_config, self.decoder_config
+        # `super().__post_init__` made both sub-configs config objects (`sub_configs_defaults`); the tokenizer's
+        # ViTs have square int sizes.
+        encoder, decoder = self.encoder_vit, self.decoder_vit
+        image_size, patch_size = cast(int, encoder.image_size), cast(int, encoder.patch_size)
         if decoder.num_channels != self.code_dim:
             raise ValueError(
                 f"decoder_config.num_channels ({decoder.num_channels}) must equal code_dim ({self.code_dim}): "
                 "the decoder reads the grid of codes."
             )
-        if decoder.patch_size != 1 or decoder.image_size != encoder.image_size // encoder.patch_size:
+        if decoder.patch_size != 1 or decoder.image_size != image_size // patch_size:
             raise ValueError(
                 f"The decoder must use patch_size 1 over the encoder's patch grid "
-                f"({encoder.image_size // encoder.patch_size}), got patch_size {decoder.patch_size} and "
+                f"({image_size // patch_size}), got patch_size {decoder.patch_size} and "
                 f"image_size {decoder.image_size}."
             )
-        if encoder.image_size % encoder.patch_size:
-            raise ValueError(
-                f"encoder image_size {encoder.image_size} is not divisible by patch_size {encoder.patch_size}."
-            )
+        if image_size % patch_size:
+            raise ValueError(f"encoder image_size {image_size} is not divisible by patch_size {patch_size}.")
+
+    # Typed views of the two sub-configs: after `__post_init__` both are `BeitConfig`s (the field annotations also
+    # admit the dicts and `None` that the constructor takes).
+    @property
+    def encoder_vit(self) -> BeitConfig:
+        """The encoder ViT's config (`encoder_config`)."""
+        return cast(BeitConfig, self.encoder_config)
+
+    @property
+    def decoder_vit(self) -> BeitConfig:
+        """The decoder ViT's config (`decoder_config`)."""
+        return cast(BeitConfig, self.decoder_config)
 
     @property
     def patch_grid(self) -> tuple[int, int]:
         """(rows, columns) of the code grid."""
-        side = self.encoder_config.image_size // self.encoder_config.patch_size
+        side = cast(int, self.encoder_vit.image_size) // cast(int, self.encoder_vit.patch_size)
         return side, side
 
     @property

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from transformers import BeitConfig, BeitForImageClassification
 
@@ -50,12 +52,15 @@ def convert_classifier(
     mean_pooling = "fc_norm.weight" in state_dict
     if id2label is not None and len(id2label) != num_labels:
         raise ValueError(f"id2label has {len(id2label)} labels but the head predicts {num_labels} classes.")
+    labels: dict[str, Any] = (
+        {"id2label": id2label, "label2id": {v: k for k, v in id2label.items()}} if id2label else {}
+    )
     config = BeitConfig(
         **backbone_config_kwargs(shapes, preset, heads, size),
         use_mask_token=False,
         use_mean_pooling=mean_pooling,
-        num_labels=num_labels,
-        **({"id2label": id2label, "label2id": {v: k for k, v in id2label.items()}} if id2label else {}),
+        num_labels=num_labels,  # type: ignore[call-arg]  # a `PreTrainedConfig` keyword the dataclass stub omits
+        **labels,
     )
 
     accountant = KeyAccountant(state_dict, DERIVED_KEYS, source=f"{kind} checkpoint")

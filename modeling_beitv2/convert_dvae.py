@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from .configuration_dvae import DVAEConfig
@@ -36,13 +38,14 @@ def convert_dalle_dvae(
             "encoder.pkl and decoder.pkl are not a pair."
         )
     blocks_per_group = len({k.split(".")[2] for k in encoder_state_dict if k.startswith("blocks.group_1.block_")})
+    size: dict[str, Any] = {"image_size": image_size} if image_size is not None else {}
     config = DVAEConfig(
         codebook_size=codebook_size,
         hidden_size=encoder_input.shape[0],
         num_blocks_per_group=blocks_per_group,
         num_channels=encoder_input.shape[1],
         decoder_init_channels=decoder_input.shape[0],
-        **({"image_size": image_size} if image_size is not None else {}),
+        **size,
     )
 
     out = {}

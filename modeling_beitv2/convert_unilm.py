@@ -31,7 +31,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from transformers import PreTrainedModel
 
@@ -109,19 +109,24 @@ def convert_checkpoint(
         raise ValueError(f"id2label only applies to classifiers {list(CLASSIFIER_KINDS)}, not {kind!r}.")
     if kind == "dalle_dvae" and num_attention_heads is not None:
         raise ValueError("num_attention_heads does not apply to dalle_dvae (a convolutional network).")
-    shared = {"name": str(checkpoint), "num_attention_heads": num_attention_heads, "image_size": image_size}
+    shared: dict[str, Any] = {
+        "name": str(checkpoint),
+        "num_attention_heads": num_attention_heads,
+        "image_size": image_size,
+    }
 
+    model: PreTrainedModel
     if kind in CLASSIFIER_KINDS:
         model = convert_classifier(load_state_dict(checkpoint), kind, **shared, id2label=id2label)
         family = preset.family or "beitv2"
-        size = model.config.image_size
+        size = cast(int, model.config.image_size)  # converted configs hold one int side
         crop_pct = _REFERENCE_CROP_PCT_AT_224 if size == 224 else 1.0
         preprocessing = EvaluationPreprocessing(size, family, crop_pct)
         notes: dict[str, Any] = {"family": family, "size": preset.size}
     elif kind in MIM_KINDS:
         model = convert_mim(load_state_dict(checkpoint), kind, **shared, early_layers=early_layers)
         family = "beitv2" if kind == "beitv2_pretrain" else "beit"
-        preprocessing = EvaluationPreprocessing(model.config.image_size, family, crop_pct=None)
+        preprocessing = EvaluationPreprocessing(cast(int, model.config.image_size), family, crop_pct=None)
         notes = {"family": family, "size": preset.size}
         if kind == "beitv2_pretrain":
             notes["early_layers"] = model.config.early_layers
@@ -147,7 +152,11 @@ def save_conversion(result: ConversionResult, output_dir: str | os.PathLike) -> 
     """
     output_dir = Path(output_dir)
     result.model.save_pretrained(output_dir)
-    reloaded, info = type(result.model).from_pretrained(output_dir, output_loading_info=True)
+    # transformers annotates `from_pretrained` as returning the model only, not the (model, info) pair asked for.
+    reloaded, info = cast(
+        tuple[PreTrainedModel, dict[str, Any]],
+        type(result.model).from_pretrained(output_dir, output_loading_info=True),
+    )
     problems = {k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
     if problems:
         raise ValueError(f"The saved model in {output_dir} does not reload cleanly: {problems}")

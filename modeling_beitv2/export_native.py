@@ -15,6 +15,7 @@ This module is not needed to load a saved BEiT v2 model: `modeling_beitv2.py` do
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 from torch import nn
@@ -31,7 +32,7 @@ _MIM_ONLY_CONFIG_KEYS = ("use_patch_aggregation", "early_layers", "head_layers",
 
 
 def convert_mim_to_native_beit(
-    model: BeitV2ForMaskedImageModeling | BeitV2Model,
+    model: BeitV2ForMaskedImageModeling | BeitModel,
     model_class: type[PreTrainedModel] = BeitModel,
     image_size: int | None = None,
     **config_overrides,
@@ -79,7 +80,7 @@ def convert_mim_to_native_beit(
 
     source_state = backbone.state_dict()
     target_prefix = "beit." if hasattr(native, "beit") else ""
-    native_backbone = native.beit if hasattr(native, "beit") else native
+    native_backbone = cast(BeitModel, native.beit if hasattr(native, "beit") else native)
     if isinstance(native_backbone.layernorm, nn.LayerNorm):
         # A standalone BeitV2Model owns the final LayerNorm; inside the MIM model it is the MIM model's own.
         final_norm = model.layernorm if isinstance(model, BeitV2ForMaskedImageModeling) else backbone.layernorm
@@ -88,7 +89,7 @@ def convert_mim_to_native_beit(
         source_state = {key: value for key, value in source_state.items() if not key.startswith("layernorm.")}
         source_state.update({f"layernorm.{key}": value for key, value in final_norm.state_dict().items()})
     source_window = _patch_grid(source_config)
-    target_window = _patch_grid(native.config)
+    target_window = _patch_grid(cast(BeitConfig, native.config))  # built from a `BeitConfig` above
     new_state = {}
     for name, tensor in source_state.items():
         if name == "embeddings.mask_token" or name.startswith("pooler."):

@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from typing import cast
 
 import torch
 from torch import nn
 from transformers import initialization as init
+from transformers.models.beit.modeling_beit import BeitLayer
 
 _LAYER_NUMBER_ATTR = "_residual_layer_number"
 _TORCH_DEFAULT_ATTR = "_keeps_torch_default_init"
@@ -39,7 +41,8 @@ def mark_residual_branches(
     these layers keeps PyTorch's own init instead of the truncated normal (the reference builds its
     aggregation head after its init pass).
     """
-    for offset, layer in enumerate(layers):
+    for offset, block in enumerate(layers):
+        layer = cast(BeitLayer, block)
         for linear in (layer.attention.o_proj, layer.mlp.fc2):
             setattr(linear, _LAYER_NUMBER_ATTR, first_layer_number + offset)
         if keep_torch_default_init:

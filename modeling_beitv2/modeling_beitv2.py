@@ -10,9 +10,8 @@ Attention implementations (`attn_implementation=` in `from_pretrained` / `_from_
 `attention.py`). transformers' `"flex_attention"` is refused: it would apply head 0's position bias to all heads.
 """
 
-from __future__ import annotations
-
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import nn
@@ -27,7 +26,8 @@ from transformers.models.beit.modeling_beit import (
     BeitPreTrainedModel,
     BeitRelativePositionBias,
 )
-from transformers.utils import ModelOutput
+from transformers.processing_utils import Unpack
+from transformers.utils import ModelOutput, TransformersKwargs
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
@@ -70,15 +70,15 @@ class BeitV2MaskedImageModelingOutput(ModelOutput):
             (eager attention only: the fused implementations never materialise them).
     """
 
-    loss: torch.FloatTensor | None = None
-    loss_mim: torch.FloatTensor | None = None
-    loss_aggregation: torch.FloatTensor | None = None
-    logits: torch.FloatTensor | None = None
-    aggregation_logits: torch.FloatTensor | None = None
-    mim_accuracy: torch.FloatTensor | None = None
-    aggregation_accuracy: torch.FloatTensor | None = None
-    hidden_states: tuple[torch.FloatTensor, ...] | None = None
-    attentions: tuple[torch.FloatTensor, ...] | None = None
+    loss: torch.Tensor | None = None
+    loss_mim: torch.Tensor | None = None
+    loss_aggregation: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    aggregation_logits: torch.Tensor | None = None
+    mim_accuracy: torch.Tensor | None = None
+    aggregation_accuracy: torch.Tensor | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
 
 
 class BeitV2PatchAggregationHead(nn.Module):
@@ -159,7 +159,7 @@ class BeitV2PreTrainedModel(BeitPreTrainedModel):
         elif isinstance(module, BeitLayer):
             if isinstance(module.lambda_1, nn.Parameter):
                 init.constant_(module.lambda_1, self.config.layer_scale_init_value)
-                init.constant_(module.lambda_2, self.config.layer_scale_init_value)
+                init.constant_(cast(nn.Parameter, module.lambda_2), self.config.layer_scale_init_value)  # as lambda_1
 
 
 class BeitV2Pooler(nn.Module):
@@ -215,19 +215,20 @@ class BeitV2Model(BeitV2PreTrainedModel, BeitModel):
         if self._add_final_layernorm:
             self.layernorm = nn.LayerNorm(self.config.hidden_size, eps=self.config.layer_norm_eps)
         if self.pooler is not None:
-            self.pooler = BeitV2Pooler(self.config)
+            self.pooler = BeitV2Pooler(self.config)  # type: ignore[assignment]  # in place of BeitModel's BeitPooler
         mark_residual_branches(self.layers, first_layer_number=1)
         super().post_init()
 
     def compute_shared_position_bias(
-        self, resolution: tuple[int, int], interpolate_pos_encoding: bool = False
+        self, resolution: tuple[int, ...], interpolate_pos_encoding: bool = False
     ) -> torch.Tensor | None:
         """The shared relative position bias `(1, num_heads, 1 + num_patches, 1 + num_patches)` for images of
         `resolution = (height, width)` pixels, or `None` when the config has no shared bias."""
         if self.shared_position_bias is None:
             return None
         height, width = resolution
-        window = (height // self.config.patch_size, width // self.config.patch_size)
+        patch_size = cast(int, self.config.patch_size)  # BEiT v2 patches are square
+        window = (height // patch_size, width // patch_size)
         return self.shared_position_bias(
             window, interpolate_pos_encoding=interpolate_pos_encoding, dim_size=1 + window[0] * window[1]
         )
@@ -237,10 +238,10 @@ class BeitV2Model(BeitV2PreTrainedModel, BeitModel):
     def forward(
         self,
         pixel_values: torch.Tensor,
-        bool_masked_pos: torch.BoolTensor | None = None,
+        bool_masked_pos: torch.Tensor | None = None,
         interpolate_pos_encoding: bool = False,
         attention_mask: torch.Tensor | None = None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> BeitModelOutputWithPooling:
         r"""
         Same inputs as [`BeitModel.forward`]; `output_hidden_states` (a flag, or the indices of the hidden states to
@@ -260,7 +261,7 @@ class BeitV2Model(BeitV2PreTrainedModel, BeitModel):
     def encode(
         self,
         pixel_values: torch.Tensor,
-        bool_masked_pos: torch.BoolTensor | None = None,
+        bool_masked_pos: torch.Tensor | None = None,
         shared_position_bias: torch.Tensor | None = None,
         interpolate_pos_encoding: bool = False,
         attention_mask: torch.Tensor | None = None,
@@ -283,8 +284,12 @@ class BeitV2Model(BeitV2PreTrainedModel, BeitModel):
             kwargs.pop(flag, None)  # recorded by hooks, not passed down
         embedding_output = self.embeddings(pixel_values, bool_masked_pos=bool_masked_pos)
         resolution = pixel_values.shape[2:]
-        attention_mask = create_bidirectional_mask(
-            config=self.config, inputs_embeds=embedding_output, attention_mask=attention_mask
+        # A tensor or None, never a flex `BlockMask`: BEiT's flex attention takes the eager mask (see `attention.py`).
+        attention_mask = cast(
+            "torch.Tensor | None",
+            create_bidirectional_mask(
+                config=self.config, inputs_embeds=embedding_output, attention_mask=attention_mask
+            ),
         )
         if attention_mask is not None:
             # SDPA's padding masks are boolean; `BeitModel` adds them to the float bias as they are (+1 where tokens
@@ -314,7 +319,7 @@ class BeitV2Model(BeitV2PreTrainedModel, BeitModel):
         return hidden_states, kept
 
 
-def _num_patches_for(pixel_values: torch.Tensor, patch_size: int | tuple[int, int]) -> tuple[int, int]:
+def _num_patches_for(pixel_values: torch.Tensor, patch_size: int | list[int] | tuple[int, int]) -> tuple[int, int]:
     patch_h, patch_w = patch_size if isinstance(patch_size, (tuple, list)) else (patch_size, patch_size)
     height, width = pixel_values.shape[-2:]
     if height % patch_h or width % patch_w:
@@ -422,7 +427,11 @@ class BeitV2ForMaskedImageModeling(BeitV2PreTrainedModel):
                 labels = _select_masked(labels, bool_masked_pos, masked_index)
             else:
                 # The dynamic path needs the count to check the shape; the static path knows it.
-                num_masked = int(bool_masked_pos.sum()) if masked_index is None else batch_size * num_masked_patches
+                num_masked = (
+                    int(bool_masked_pos.sum())
+                    if masked_index is None
+                    else batch_size * cast(int, num_masked_patches)  # masked_index is set only with it
+                )
                 if labels.ndim != 1 or labels.shape[0] != num_masked:
                     raise ValueError(
                         f"labels has shape {tuple(labels.shape)}; expected the full code grid ({batch_size}, "
@@ -438,7 +447,7 @@ class BeitV2ForMaskedImageModeling(BeitV2PreTrainedModel):
         bool_masked_pos: torch.Tensor,
         labels: torch.Tensor | None = None,
         num_masked_patches: int | None = None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> BeitV2MaskedImageModelingOutput | tuple:
         r"""
         Args:
@@ -482,10 +491,10 @@ class BeitV2ForMaskedImageModeling(BeitV2PreTrainedModel):
         logits = self.lm_head(self.layernorm(masked_output))
 
         aggregation_logits = None
-        if use_aggregation:
+        if self.aggregation_head is not None:  # use_aggregation
             head_output = self.aggregation_head(
                 sequence_output[:, :1],
-                early_output[:, 1:],
+                cast(torch.Tensor, early_output)[:, 1:],  # kept: `keep_hidden_state` was given
                 shared_position_bias,
                 resolution,
             )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import nn
@@ -42,10 +43,10 @@ class DVAEOutput(ModelOutput):
             convolutional models (ResNet) return them.
     """
 
-    logits: torch.FloatTensor | None = None
-    codebook_indices: torch.LongTensor | None = None
-    reconstruction: torch.FloatTensor | None = None
-    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    logits: torch.Tensor | None = None
+    codebook_indices: torch.Tensor | None = None
+    reconstruction: torch.Tensor | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
 
 
 class DVAEConv2d(nn.Conv2d):
@@ -68,7 +69,7 @@ class DVAEBlock(nn.Module):
         for index, kernel_size in enumerate(kernel_sizes):
             layers += [
                 (f"relu_{index + 1}", nn.ReLU()),
-                (f"conv_{index + 1}", DVAEConv2d(*widths[index : index + 2], kernel_size)),
+                (f"conv_{index + 1}", DVAEConv2d(widths[index], widths[index + 1], kernel_size)),
             ]
         self.res_path = nn.Sequential(OrderedDict(layers))
 
@@ -90,7 +91,7 @@ class DVAEEncoder(nn.Module):
         widths = [n_hid, n_hid, 2 * n_hid, 4 * n_hid, 8 * n_hid]
         groups: list[tuple[str, nn.Module]] = [("input", DVAEConv2d(config.num_channels, n_hid, 7))]
         for g in range(_GROUP_COUNT):
-            blocks = [
+            blocks: list[tuple[str, nn.Module]] = [
                 (
                     f"block_{b + 1}",
                     DVAEBlock(widths[g] if b == 0 else widths[g + 1], widths[g + 1], num_layers, (3, 3, 3, 1)),
@@ -134,7 +135,7 @@ class DVAEDecoder(nn.Module):
             ("input", DVAEConv2d(config.codebook_size, config.decoder_init_channels, 1))
         ]
         for g in range(_GROUP_COUNT):
-            blocks = [
+            blocks: list[tuple[str, nn.Module]] = [
                 (
                     f"block_{b + 1}",
                     DVAEBlock(widths[g] if b == 0 else widths[g + 1], widths[g + 1], num_layers, (1, 3, 3, 3)),
@@ -158,17 +159,18 @@ class DVAEDecoder(nn.Module):
 
 
 class DVAEPreTrainedModel(PreTrainedModel):
+    config: DVAEConfig
     config_class = DVAEConfig
     base_model_prefix = "dvae"
     main_input_name = "pixel_values"
-    input_modalities = ("image",)
+    input_modalities = ("image",)  # type: ignore[assignment]  # transformers annotates str | list[str]; its own models use tuples
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         # DALL-E's init: normal with std 1 / sqrt(fan_in), zero bias.
         if isinstance(module, nn.Conv2d):
             init.normal_(module.weight, mean=0.0, std=module.weight[0].numel() ** -0.5)
-            init.zeros_(module.bias)
+            init.zeros_(cast(torch.Tensor, module.bias))  # every convolution of the dVAE has a bias
 
 
 class DVAEModel(DVAEPreTrainedModel):
@@ -198,7 +200,7 @@ class DVAEModel(DVAEPreTrainedModel):
 
     def get_input_embeddings(self) -> nn.Module:
         """The encoder's input convolution (a convolutional model has no token embedding table)."""
-        return self.encoder.blocks.input
+        return cast(nn.Module, self.encoder.blocks.input)
 
     @property
     def codebook_size(self) -> int:
@@ -227,7 +229,7 @@ class DVAEModel(DVAEPreTrainedModel):
 
     def _encode(
         self, pixel_values: torch.Tensor, output_hidden_states: bool = False
-    ) -> tuple[torch.FloatTensor, tuple[torch.FloatTensor, ...] | None]:
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
         if pixel_values.ndim != 4 or pixel_values.shape[1] != self.config.num_channels:
             raise ValueError(
                 f"Expected pixel_values of shape (batch, {self.config.num_channels}, height, width), "
@@ -235,12 +237,12 @@ class DVAEModel(DVAEPreTrainedModel):
             )
         return self.encoder(self.map_pixels(pixel_values), output_hidden_states=output_hidden_states)
 
-    def encode(self, pixel_values: torch.Tensor) -> torch.FloatTensor:
+    def encode(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """[0, 1] pixels `(batch, 3, H, W)` -> code logits `(batch, codebook_size, H / 8, W / 8)`."""
         return self._encode(pixel_values)[0]
 
     @torch.no_grad()
-    def get_codebook_indices(self, pixel_values: torch.Tensor) -> torch.LongTensor:
+    def get_codebook_indices(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """[0, 1] pixels `(batch, 3, H, W)` -> argmax codes `(batch, (H / 8) * (W / 8))`, int64.
 
         Raises:
@@ -250,7 +252,7 @@ class DVAEModel(DVAEPreTrainedModel):
         torch._assert_async(torch.isfinite(pixel_values).all(), NON_FINITE_PIXELS_MESSAGE)
         return self.encode(pixel_values).argmax(dim=1).flatten(1)
 
-    def decode(self, indices: torch.LongTensor) -> torch.FloatTensor:
+    def decode(self, indices: torch.Tensor) -> torch.Tensor:
         """
         Codes `(batch, rows * cols)` (a square grid) -> pixels `(batch, 3, 8 rows, 8 cols)` in [0, 1]: the sigmoid of
         the decoder's first 3 output channels (the means of its logit-Laplace distribution), unmapped.
@@ -260,7 +262,9 @@ class DVAEModel(DVAEPreTrainedModel):
         if side * side != num_positions:
             raise ValueError(f"decode expects a square grid of codes per image, got {num_positions}.")
         one_hot = nn.functional.one_hot(indices.view(batch_size, side, side), self.config.codebook_size)
-        statistics = self.decoder(one_hot.permute(0, 3, 1, 2).to(self.decoder.blocks.input.weight.dtype))
+        statistics = self.decoder(
+            one_hot.permute(0, 3, 1, 2).to(cast(nn.Conv2d, self.decoder.blocks.input).weight.dtype)
+        )
         return self.unmap_pixels(torch.sigmoid(statistics[:, : self.config.num_channels]))
 
     @can_return_tuple

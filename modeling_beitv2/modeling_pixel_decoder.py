@@ -10,10 +10,8 @@ State-dict layout: `embeddings.codebook` (frozen buffer, `(codebook_size, code_d
 mlp.fc1, mlp.fc2}`, `layernorm`, `head`, `refiner.{conv_in, conv_mid, conv_out}`.
 """
 
-from __future__ import annotations
-
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -23,7 +21,8 @@ from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.beit.modeling_beit import eager_attention_forward
-from transformers.utils import ModelOutput
+from transformers.processing_utils import Unpack
+from transformers.utils import ModelOutput, TransformersKwargs
 from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_pixel_decoder import VQKDPixelDecoderConfig
@@ -49,10 +48,10 @@ class VQKDPixelDecoderOutput(ModelOutput):
             Each block's attention weights `(batch_size, num_heads, num_patches, num_patches)` (eager attention).
     """
 
-    loss: torch.FloatTensor | None = None
-    reconstruction: torch.FloatTensor | None = None
-    hidden_states: tuple[torch.FloatTensor, ...] | None = None
-    attentions: tuple[torch.FloatTensor, ...] | None = None
+    loss: torch.Tensor | None = None
+    reconstruction: torch.Tensor | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
 
 
 def random_unit_codes(like: torch.Tensor) -> torch.Tensor:
@@ -64,6 +63,8 @@ class VQKDPixelDecoderEmbeddings(nn.Module):
     """Codes -> tokens: look the codes up in the frozen codebook, project them to the decoder's width, add learned
     position embeddings. `(batch, num_patches)` int64 -> `(batch, num_patches, hidden_size)`."""
 
+    codebook: torch.Tensor  # a buffer (registered in `__init__`)
+
     def __init__(self, config: VQKDPixelDecoderConfig) -> None:
         super().__init__()
         # A buffer, not a parameter: the optimizer never sees it and it is saved with the decoder. Drawn here as in
@@ -72,7 +73,7 @@ class VQKDPixelDecoderEmbeddings(nn.Module):
         self.projection = nn.Linear(config.code_dim, config.hidden_size)
         self.position_embeddings = nn.Parameter(torch.empty(1, config.num_patches, config.hidden_size))
 
-    def forward(self, indices: torch.LongTensor) -> torch.Tensor:
+    def forward(self, indices: torch.Tensor) -> torch.Tensor:
         codes = self.codebook[indices].to(self.projection.weight.dtype)
         return self.projection(codes) + self.position_embeddings
 
@@ -151,10 +152,11 @@ class VQKDPixelPatchHead(nn.Linear):
 
 
 class VQKDPixelDecoderPreTrainedModel(PreTrainedModel):
+    config: VQKDPixelDecoderConfig
     config_class = VQKDPixelDecoderConfig
     base_model_prefix = "pixel_decoder"
     main_input_name = "input_ids"
-    input_modalities = ("image",)
+    input_modalities = ("image",)  # type: ignore[assignment]  # transformers annotates str | list[str]; its own models use tuples
     _no_split_modules = ["VQKDPixelDecoderLayer"]
     _supports_sdpa = True
     supports_gradient_checkpointing = True
@@ -184,7 +186,7 @@ class VQKDPixelDecoderPreTrainedModel(PreTrainedModel):
                 init.zeros_(module.weight)
             else:
                 init.kaiming_normal_(module.weight, nonlinearity="relu")
-            init.zeros_(module.bias)
+            init.zeros_(cast(torch.Tensor, module.bias))  # the refiner's convolutions have biases
 
 
 class VQKDPixelDecoder(VQKDPixelDecoderPreTrainedModel):
@@ -237,7 +239,7 @@ class VQKDPixelDecoder(VQKDPixelDecoderPreTrainedModel):
         self.post_init()
 
     @classmethod
-    def from_tokenizer(cls, tokenizer: Any, **config_overrides: Any) -> VQKDPixelDecoder:
+    def from_tokenizer(cls, tokenizer: Any, **config_overrides: Any) -> "VQKDPixelDecoder":
         """
         A new decoder for `tokenizer` (a `VQKDModel`): its codebook size, code dimension, image and patch size, and
         a copy of its l2-normalised codebook (a frozen buffer saved with the decoder, so that neither the tokenizer
@@ -261,7 +263,7 @@ class VQKDPixelDecoder(VQKDPixelDecoderPreTrainedModel):
             "codebook_size": tokenizer.codebook_size,
             "code_dim": tokenizer.config.code_dim,
             "image_size": tokenizer.image_size,
-            "patch_size": tokenizer.config.encoder_config.patch_size,
+            "patch_size": tokenizer.config.encoder_vit.patch_size,
         }
         clashes = [f"{k}={v!r} (tokenizer: {settings[k]!r})" for k, v in config_overrides.items()
                    if k in settings and v != settings[k]]  # fmt: skip
@@ -294,7 +296,7 @@ class VQKDPixelDecoder(VQKDPixelDecoderPreTrainedModel):
         """(rows, columns) of the code grid of one image."""
         return self.config.patch_grid
 
-    def _flat_indices(self, indices: torch.Tensor) -> torch.LongTensor:
+    def _flat_indices(self, indices: torch.Tensor) -> torch.Tensor:
         """Check codes of shape `(batch, rows, cols)` or `(batch, rows * cols)` and flatten them to the latter."""
         rows, cols = self.patch_grid
         if indices.dtype.is_floating_point or indices.dtype.is_complex or indices.dtype == torch.bool:
@@ -318,7 +320,7 @@ class VQKDPixelDecoder(VQKDPixelDecoderPreTrainedModel):
             )
         return indices.reshape(indices.shape[0], rows * cols).long()
 
-    def _paint(self, indices: torch.LongTensor, **kwargs: Any) -> torch.Tensor:
+    def _paint(self, indices: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         """Checked codes `(batch, num_patches)` -> unclamped pixels `(batch, num_channels, image_size, image_size)`."""
         (rows, cols), patch, channels = self.patch_grid, self.config.patch_size, self.config.num_channels
         if indices.shape[0] == 0:
@@ -332,7 +334,7 @@ class VQKDPixelDecoder(VQKDPixelDecoderPreTrainedModel):
         pixels = pixels.reshape(-1, channels, rows * patch, cols * patch)
         return pixels if self.refiner is None else self.refiner(pixels)
 
-    def decode(self, indices: torch.LongTensor) -> torch.FloatTensor:
+    def decode(self, indices: torch.Tensor) -> torch.Tensor:
         """
         Paint the images of a batch of code grids.
 
@@ -351,7 +353,10 @@ class VQKDPixelDecoder(VQKDPixelDecoderPreTrainedModel):
 
     @capture_outputs
     def forward(
-        self, input_ids: torch.LongTensor, pixel_values: torch.FloatTensor | None = None, **kwargs: Any
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> VQKDPixelDecoderOutput:
         r"""
         Args:
@@ -367,8 +372,9 @@ class VQKDPixelDecoder(VQKDPixelDecoderPreTrainedModel):
             return_dict (`bool`, *optional*, defaults to `config.return_dict`):
                 Return a [`VQKDPixelDecoderOutput`] rather than a tuple.
         """
-        for flag in ("output_hidden_states", "output_attentions"):
-            kwargs.pop(flag, None)  # recorded by transformers' output capturing
+        # Recorded by transformers' output capturing, not passed down.
+        kwargs.pop("output_hidden_states", None)
+        kwargs.pop("output_attentions", None)
         indices = self._flat_indices(input_ids)
         prediction = self._paint(indices, **kwargs)
         loss = None

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import nn
@@ -74,16 +75,16 @@ class VQKDOutput(ModelOutput):
             the tokenizer computes from an image.
     """
 
-    loss: torch.FloatTensor | None = None
-    reconstruction_loss: torch.FloatTensor | None = None
-    quantization_loss: torch.FloatTensor | None = None
-    codebook_indices: torch.LongTensor | None = None
-    reconstruction: torch.FloatTensor | None = None
-    perplexity: torch.FloatTensor | None = None
-    codebook_usage: torch.FloatTensor | None = None
-    num_dead_codes: torch.LongTensor | None = None
-    hidden_states: tuple[torch.FloatTensor, ...] | None = None
-    attentions: tuple[torch.FloatTensor, ...] | None = None
+    loss: torch.Tensor | None = None
+    reconstruction_loss: torch.Tensor | None = None
+    quantization_loss: torch.Tensor | None = None
+    codebook_indices: torch.Tensor | None = None
+    reconstruction: torch.Tensor | None = None
+    perplexity: torch.Tensor | None = None
+    codebook_usage: torch.Tensor | None = None
+    num_dead_codes: torch.Tensor | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
 
 
 NON_FINITE_PIXELS_MESSAGE = (
@@ -143,10 +144,11 @@ class VQKDViT(BeitModel):
 
 
 class VQKDPreTrainedModel(PreTrainedModel):
+    config: VQKDConfig
     config_class = VQKDConfig
     base_model_prefix = "vqkd"
     main_input_name = "pixel_values"
-    input_modalities = ("image",)
+    input_modalities = ("image",)  # type: ignore[assignment]  # transformers annotates str | list[str]; its own models use tuples
     supports_gradient_checkpointing = True
     _no_split_modules = ["BeitLayer"]
     _supports_sdpa = True
@@ -188,8 +190,8 @@ class VQKDModel(VQKDPreTrainedModel):
 
     def __init__(self, config: VQKDConfig) -> None:
         super().__init__(config)
-        encoder_width, decoder_width = config.encoder_config.hidden_size, config.decoder_config.hidden_size
-        self.encoder = VQKDViT(config.encoder_config)
+        encoder_width, decoder_width = config.encoder_vit.hidden_size, config.decoder_vit.hidden_size
+        self.encoder = VQKDViT(config.encoder_vit)
         # Built in fp32 whatever the default dtype (`_from_config(config, dtype=torch.float16)` builds under an fp16
         # default): `_keep_in_fp32_modules_strict` only acts when weights are loaded.
         fp32 = torch.float32
@@ -207,7 +209,7 @@ class VQKDModel(VQKDPreTrainedModel):
             dead_code_threshold=config.dead_code_threshold,
             dtype=fp32,
         )
-        self.decoder = VQKDViT(config.decoder_config)
+        self.decoder = VQKDViT(config.decoder_vit)
         self.decode_task_layer = nn.Sequential(
             nn.Linear(decoder_width, decoder_width), nn.Tanh(), nn.Linear(decoder_width, config.teacher_dim)
         )
@@ -225,7 +227,7 @@ class VQKDModel(VQKDPreTrainedModel):
     @property
     def image_size(self) -> int:
         """Side of the square images the encoder reads."""
-        return self.config.encoder_config.image_size
+        return cast(int, self.config.encoder_vit.image_size)
 
     @property
     def patch_grid(self) -> tuple[int, int]:
@@ -235,8 +237,8 @@ class VQKDModel(VQKDPreTrainedModel):
     def _encode_to_code_space(
         self,
         pixel_values: torch.Tensor,
-        output_hidden_states: bool | list[int] = False,
-        output_attentions: bool = False,
+        output_hidden_states: bool | list[int] | None = False,
+        output_attentions: bool | None = False,
     ) -> tuple[torch.Tensor, BaseModelOutputWithPooling]:
         """Images -> the encode task layer's output `(batch, num_patches, code_dim)`, with the encoder's output."""
         # Pixels follow the encoder's dtype (a tokenizer loaded in bf16 keeps only the task layer and the quantizer
@@ -269,7 +271,7 @@ class VQKDModel(VQKDPreTrainedModel):
         return self.quantizer(self._features_to_code_space(pixel_values))
 
     @torch.no_grad()
-    def get_codebook_indices(self, pixel_values: torch.Tensor) -> torch.LongTensor:
+    def get_codebook_indices(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """
         Visual tokens of `pixel_values` (`(batch_size, 3, height, width)`, in [0, 1]) as a `(batch_size, num_patches)`
         int64 tensor. Touches no statistic of the quantizer, whatever the mode.
@@ -281,9 +283,7 @@ class VQKDModel(VQKDPreTrainedModel):
         torch._assert_async(torch.isfinite(pixel_values).all(), NON_FINITE_PIXELS_MESSAGE)
         return self.quantizer.lookup(self._features_to_code_space(pixel_values))
 
-    def decode(
-        self, indices: torch.LongTensor | None = None, quantized: torch.Tensor | None = None
-    ) -> torch.FloatTensor:
+    def decode(self, indices: torch.Tensor | None = None, quantized: torch.Tensor | None = None) -> torch.Tensor:
         """
         Predict teacher features from codes: give either `indices` `(batch_size, num_patches)` or `quantized`
         `(batch_size, num_patches, code_dim)`.

@@ -48,12 +48,12 @@ class QuantizerOutput(ModelOutput):
             "unused codes").
     """
 
-    quantized: torch.FloatTensor | None = None
-    indices: torch.LongTensor | None = None
-    loss: torch.FloatTensor | None = None
-    perplexity: torch.FloatTensor | None = None
-    codebook_usage: torch.FloatTensor | None = None
-    num_dead_codes: torch.LongTensor | None = None
+    quantized: torch.Tensor | None = None
+    indices: torch.Tensor | None = None
+    loss: torch.Tensor | None = None
+    perplexity: torch.Tensor | None = None
+    codebook_usage: torch.Tensor | None = None
+    num_dead_codes: torch.Tensor | None = None
 
 
 def _distributed_world_size() -> int:
@@ -66,9 +66,9 @@ def _all_gather_rows(rows: torch.Tensor) -> torch.Tensor:
     if world_size == 1:
         return rows
     local_count = torch.tensor([rows.shape[0]], device=rows.device)
-    counts = [torch.zeros_like(local_count) for _ in range(world_size)]
-    dist.all_gather(counts, local_count)
-    counts = [int(count) for count in counts]
+    gathered_counts = [torch.zeros_like(local_count) for _ in range(world_size)]
+    dist.all_gather(gathered_counts, local_count)
+    counts = [int(count) for count in gathered_counts]
     padded = rows.new_zeros(max(counts), rows.shape[1])
     padded[: rows.shape[0]] = rows
     gathered = [torch.zeros_like(padded) for _ in range(world_size)]
@@ -84,7 +84,7 @@ def _broadcast_from_rank0(tensor: torch.Tensor) -> torch.Tensor:
 
 def nearest_code_indices(
     vectors: torch.Tensor, codebook: torch.Tensor, chunk_size: int = DEFAULT_CHUNK_SIZE
-) -> torch.LongTensor:
+) -> torch.Tensor:
     """Index of the most cosine-similar row of `codebook` for each row of `vectors`.
 
     Both inputs are l2-normalised, so this is also the Euclidean nearest code (the reference's criterion). The
@@ -172,6 +172,11 @@ class NormEMAVectorQuantizer(nn.Module):
             tokenizer asks for fp32, whatever the default.
     """
 
+    # Buffers (registered in `__init__`).
+    codebook: torch.Tensor
+    cluster_size: torch.Tensor
+    initted: torch.Tensor
+
     def __init__(
         self,
         codebook_size: int = 8192,
@@ -239,7 +244,7 @@ class NormEMAVectorQuantizer(nn.Module):
             )
 
     @torch.no_grad()
-    def lookup(self, z: torch.Tensor) -> torch.LongTensor:
+    def lookup(self, z: torch.Tensor) -> torch.Tensor:
         """Nearest code indices for `z` of shape `(..., code_dim)`, without touching any statistic."""
         self._check_initialised()
         with torch.autocast(device_type=z.device.type, enabled=False):

@@ -15,6 +15,7 @@ interpolates its position embeddings, so the tokenizer may train at another reso
 from __future__ import annotations
 
 import inspect
+from typing import cast
 
 import torch
 from torch import nn
@@ -38,6 +39,10 @@ class TeacherForPatchTargets(nn.Module):
         image_mean, image_std (`tuple[float, float, float]`): the teacher's input normalisation.
     """
 
+    # Buffers (registered in `__init__`).
+    image_mean: torch.Tensor
+    image_std: torch.Tensor
+
     def __init__(self, model: PreTrainedModel, image_mean: tuple[float, ...], image_std: tuple[float, ...]) -> None:
         super().__init__()
         self.model = model.eval().requires_grad_(False)
@@ -50,7 +55,7 @@ class TeacherForPatchTargets(nn.Module):
         self.register_buffer("image_std", torch.tensor(image_std).view(1, -1, 1, 1), persistent=False)
         # CLIP and ViT refuse inputs of another size than their config's unless asked to interpolate; DINOv2
         # always interpolates and has no such argument.
-        backbone = model.vision_model if self.is_clip else model
+        backbone = cast(nn.Module, model.vision_model) if self.is_clip else model
         accepts_flag = "interpolate_pos_encoding" in inspect.signature(backbone.forward).parameters
         self.backbone_kwargs = {"interpolate_pos_encoding": True} if accepts_flag else {}
 
@@ -108,7 +113,7 @@ class TeacherForPatchTargets(nn.Module):
             )
 
     @torch.no_grad()
-    def forward(self, pixel_values: torch.Tensor) -> torch.FloatTensor:
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """
         Args:
             pixel_values (`torch.FloatTensor` of shape `(batch_size, 3, height, width)`): images in [0, 1].

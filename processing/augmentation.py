@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import PIL.Image
@@ -59,7 +59,18 @@ def _set(instance: object, **values: object) -> None:
         object.__setattr__(instance, name, value)
 
 
-def _normalise_crop_settings(augmentation: object) -> None:
+class _CropSettings(Protocol):
+    """The random-resized-crop settings of an augmentation (read-only: the dataclasses are frozen)."""
+
+    @property
+    def image_size(self) -> int: ...
+    @property
+    def crop_scale(self) -> tuple[float, float]: ...
+    @property
+    def crop_ratio(self) -> tuple[float, float]: ...
+
+
+def _normalise_crop_settings(augmentation: _CropSettings) -> None:
     """Check and normalise the settings of every random-resized-crop augmentation: `image_size`, `crop_scale`,
     `crop_ratio`."""
     _set(

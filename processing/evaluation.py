@@ -14,6 +14,7 @@ exactly the pixels the evaluation here saw (the two backends resample slightly d
 from __future__ import annotations
 
 import math
+from typing import Any
 
 from transformers.image_processing_base import ImageProcessingMixin
 from transformers.image_utils import (
@@ -89,6 +90,7 @@ def evaluation_image_processor(
         raise ValueError(f"image_size must be >= 1, got {image_size}.")
     if resample not in _RESAMPLE_CHOICES:
         raise ValueError(f"resample must be one of {sorted(_RESAMPLE_CHOICES)}, got {resample!r}.")
+    geometry: dict[str, Any]
     if crop_pct is None:
         geometry = {"size": {"height": image_size, "width": image_size}, "do_center_crop": False}
     else:

@@ -4,6 +4,7 @@ modeling inputs of pretraining (two views of one crop plus a patch mask)."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from transformers.feature_extraction_utils import BatchFeature
@@ -205,7 +206,7 @@ class BeitV2ImageProcessor(BaseImageProcessor):
         BEiT v1 settings: backbone view normalised with mean = std = 0.5, tokenizer view for the DALL-E dVAE
         (112 px, lanczos), crop scale (0.08, 1) as in BEiT v1's pretraining script. `kwargs` override.
         """
-        settings = {
+        settings: dict[str, Any] = {
             "image_mean": (0.5, 0.5, 0.5),
             "image_std": (0.5, 0.5, 0.5),
             "tokenizer_image_size": 112,
@@ -263,14 +264,15 @@ class BeitV2ImageProcessor(BaseImageProcessor):
         current = {name: settings.get(name, getattr(self, name)) for name in _EVALUATION_SETTINGS}
         do_convert_rgb = self.do_convert_rgb if do_convert_rgb is None else do_convert_rgb
         size, resample = int(current["image_size"]), resample_filter(current["interpolation"])
-        pixel_values = []
+        pixel_values: list[np.ndarray] = []
         for image in read_images(images, do_convert_rgb, input_data_format):
             mean, std = normalisation(current["image_mean"], current["image_std"], num_channels(image))
             view = apply_view(lambda plane: _central_square(plane, size, resample), image)
             pixel_values.append((to_float_array(view) - mean) / std)
+        batch: list[np.ndarray] | np.ndarray = pixel_values
         if return_tensors is not None:
-            pixel_values = np.stack(pixel_values)
-        return BatchFeature(data={"pixel_values": pixel_values}, tensor_type=return_tensors)
+            batch = np.stack(pixel_values)
+        return BatchFeature(data={"pixel_values": batch}, tensor_type=return_tensors)
 
     def pretraining_inputs(
         self,
@@ -313,8 +315,9 @@ class BeitV2ImageProcessor(BaseImageProcessor):
             "tokenizer": resample_filter(current["tokenizer_interpolation"]),
         }
         rng = resolve_rng(rng)
-        outputs = {name: [] for name in self.pretraining_input_names}
+        outputs: dict[str, list[np.ndarray]] = {name: [] for name in self.pretraining_input_names}
         for image in read_images(images, True, input_data_format):
+            views: Sequence[Any]
             if augmentation is None:
                 views = [_central_square(image, sizes[view], resample[view]) for view in sizes]
             else:
@@ -322,9 +325,10 @@ class BeitV2ImageProcessor(BaseImageProcessor):
             outputs["pixel_values"].append((to_float_array(views[0]) - mean) / std)
             outputs["tokenizer_pixel_values"].append(to_float_array(views[1]))
             outputs["bool_masked_pos"].append(mask_generator(rng).reshape(-1))
+        data: dict[str, list[np.ndarray]] | dict[str, np.ndarray] = outputs
         if return_tensors is not None:
-            outputs = {name: np.stack(values) for name, values in outputs.items()}
-        return BatchFeature(data=outputs, tensor_type=return_tensors)
+            data = {name: np.stack(values) for name, values in outputs.items()}
+        return BatchFeature(data=data, tensor_type=return_tensors)
 
 
 def _central_square(image, size: int, resample):
@@ -333,7 +337,7 @@ def _central_square(image, size: int, resample):
     return RandomResizedCrop.resized_crop(image, center_square_box(*image.size), (size, size), resample)
 
 
-def _checked_views(views, sizes: dict[str, int]) -> tuple:
+def _checked_views(views, sizes: dict[str, int]) -> Sequence[Any]:
     """The augmentation's two views, checked against the sizes the mask grid and the models expect."""
     if not isinstance(views, (tuple, list)) or len(views) != 2:
         raise ValueError(

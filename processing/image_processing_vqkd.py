@@ -157,13 +157,14 @@ class VQKDImageProcessor(BaseImageProcessor):
         current = {name: settings.get(name, getattr(self, name)) for name in _CALL_SETTINGS}
         do_convert_rgb = self.do_convert_rgb if do_convert_rgb is None else do_convert_rgb
         view = _evaluation_view(int(current["image_size"]), current["interpolation"], current["crop_pct"])
-        pixel_values = []
+        pixel_values: list[np.ndarray] = []
         for image in read_images(images, do_convert_rgb, input_data_format):
             mean, std = normalisation(current["image_mean"], current["image_std"], num_channels(image))
             pixel_values.append((to_float_array(apply_view(view, image)) - mean) / std)
+        batch: list[np.ndarray] | np.ndarray = pixel_values
         if return_tensors is not None:
-            pixel_values = np.stack(pixel_values)
-        return BatchFeature(data={"pixel_values": pixel_values}, tensor_type=return_tensors)
+            batch = np.stack(pixel_values)
+        return BatchFeature(data={"pixel_values": batch}, tensor_type=return_tensors)
 
     def pretraining_inputs(
         self,
@@ -198,7 +199,7 @@ class VQKDImageProcessor(BaseImageProcessor):
         size = int(current["image_size"])
         view = _evaluation_view(size, current["interpolation"], current["crop_pct"])
         rng = resolve_rng(rng)
-        pixel_values = []
+        pixel_values: list[np.ndarray] = []
         for image in read_images(images, True, input_data_format):
             if augmentation is None:
                 image = view(image)
@@ -206,9 +207,10 @@ class VQKDImageProcessor(BaseImageProcessor):
                 image = augmentation(image, rng)
                 check_view_size(image, size, "view", "image_size")
             pixel_values.append((to_float_array(image) - mean) / std)
+        batch: list[np.ndarray] | np.ndarray = pixel_values
         if return_tensors is not None:
-            pixel_values = np.stack(pixel_values)
-        return BatchFeature(data={"pixel_values": pixel_values}, tensor_type=return_tensors)
+            batch = np.stack(pixel_values)
+        return BatchFeature(data={"pixel_values": batch}, tensor_type=return_tensors)
 
 
 def _evaluation_view(image_size: int, interpolation: str, crop_pct: float | None) -> Compose:

@@ -148,7 +148,7 @@ class BlockwiseMaskGenerator(_MaskGenerator):
                 f"min_num_patches ({self.min_num_patches}) must not exceed max_num_patches ({self.max_num_patches})"
             )
         max_aspect = 1 / min_aspect if max_aspect is None and min_aspect > 0 else max_aspect
-        if min_aspect <= 0 or max_aspect <= 0:
+        if min_aspect <= 0 or max_aspect is None or max_aspect <= 0:  # None only when min_aspect <= 0
             raise ValueError(f"Aspect ratios must be positive, got min_aspect={min_aspect}, max_aspect={max_aspect}")
         self.min_aspect, self.max_aspect = float(min_aspect), float(max_aspect)
         self._log_aspect = (math.log(self.min_aspect), math.log(self.max_aspect))

@@ -41,8 +41,8 @@ def normalisation(
     """`image_mean` and `image_std` as float32 `(channels, 1, 1)` arrays, checked against the images' channels (a
     single float applies to every channel, as in transformers)."""
     arrays = []
-    for name, values in (("image_mean", image_mean), ("image_std", image_std)):
-        values = np.atleast_1d(np.asarray(values, dtype=np.float32))
+    for name, given in (("image_mean", image_mean), ("image_std", image_std)):
+        values = np.atleast_1d(np.asarray(given, dtype=np.float32))
         if values.ndim != 1 or len(values) not in (1, channels):
             raise ValueError(
                 f"{name} has {values.size} values but the images have {channels} channels (with "

@@ -107,7 +107,7 @@ class RandAugment:
         if operation == "Posterize":
             return PIL.ImageOps.posterize(image, int(value))
         if operation == "Solarize":
-            return PIL.ImageOps.solarize(image, value)
+            return PIL.ImageOps.solarize(image, value)  # type: ignore[arg-type]  # PIL compares any number with it
         if operation == "AutoContrast":
             return PIL.ImageOps.autocontrast(image)
         if operation == "Equalize":

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import cast
 
 import numpy as np
 import PIL.Image
@@ -326,7 +327,7 @@ class TwoViewRandomResizedCrop(RandomResizedCrop):
         self.second_interpolation = second_interpolation
         self._second_resample = resample_filter(second_interpolation)
 
-    def apply_box(
+    def apply_box(  # type: ignore[override]  # both views: `__call__` hands back whatever this returns
         self, image: PIL.Image.Image, box: tuple[int, int, int, int]
     ) -> tuple[PIL.Image.Image, PIL.Image.Image]:
         """Resamples one box `(top, left, height, width)` to both views."""
@@ -428,10 +429,11 @@ class RandomErasing:
             top = int(rng.integers(0, height - box_h + 1))
             left = int(rng.integers(0, width - box_w + 1))
             erased = pixel_values.copy()
+            fill: np.ndarray | float
             if self.value == "random":
                 fill = rng.standard_normal((channels, box_h, box_w))
             else:
-                fill = self.value
+                fill = cast(float, self.value)  # a number: `__init__` admits no other string
             erased[:, top : top + box_h, left : left + box_w] = fill
             return erased
         return pixel_values

@@ -44,6 +44,7 @@ TRAINING_NOISE = {
 }
 # kind -> (evaluation metrics the run measured, their (task type, metric type) in model-index)
 MEASURED = {
+    "feature_extractor": ({}, {}),
     "classifier": (
         {"eval_accuracy": 0.8123, "eval_top5_accuracy": 0.9641},
         {
@@ -82,6 +83,17 @@ MEASURED = {
         {"eval_psnr": ("image-to-image", "psnr")},
     ),
 }
+# The widget each kind gets: the pipeline task that runs on its folder (tests/test_hub_widgets.py runs them). The
+# tokenizers give code ids and the pixel decoder takes them: no pipeline task fits, so no tag (and no widget).
+PIPELINE_TAGS = {
+    "mim": "image-feature-extraction",
+    "feature_extractor": "image-feature-extraction",
+    "classifier": "image-classification",
+    "segmentation": "image-segmentation",
+    "vqkd": None,
+    "dvae": None,
+    "pixel_decoder": None,
+}
 _WIDTH = dict(hidden_size=32, num_attention_heads=2, intermediate_size=64)
 BEIT_BASE = dict(
     hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072, patch_size=16
@@ -108,6 +120,8 @@ def tiny_config(kind: str):
         return BeitV2Config(**_WIDTH, num_hidden_layers=4, early_layers=2, image_size=32, patch_size=8, vocab_size=16)
     if kind == "classifier":
         return tiny_beit(num_labels=3, use_mean_pooling=True, use_relative_position_bias=True)
+    if kind == "feature_extractor":
+        return tiny_beit(use_mean_pooling=False, use_relative_position_bias=True)
     if kind == "segmentation":
         return UperNetConfig(backbone_config=tiny_beit(num_hidden_layers=4, out_indices=[0, 1, 2, 3]), num_labels=5)
     if kind == "dvae":
@@ -140,7 +154,8 @@ def test_every_kind_parses_with_its_measured_metrics_only(kind, tmp_path):
     )
     card = ModelCard.load(path)
     data = card.data
-    assert data.library_name == "transformers" and data.pipeline_tag and data.license == "apache-2.0"
+    assert data.library_name == "transformers" and data.license == "apache-2.0"
+    assert data.pipeline_tag == PIPELINE_TAGS[kind]
     assert data.datasets == ["someone/tiny-images"] and data.base_model == "someone/beitv2-tiny-base"
     assert "demo" in data.tags and {"beit", "beitv2"} & set(data.tags)
     assert "${" not in card.text and "$" not in card.text.replace("$ ", "")  # every placeholder filled
@@ -351,7 +366,21 @@ def test_mim_snippet_runs(tmp_path, monkeypatch, tiny_beitv2_kwargs, saved_by):
     card = build_model_card("mim", config=config, model_name="m", hub_model_id=HUB_ID).text
     namespace = _exec_snippet(card, {HUB_ID: model_dir}, tmp_path, monkeypatch)
     assert namespace["predicted_tokens"].shape == (8,)  # half of the 16 patches masked
-    assert namespace["features"].shape == (1, 17, 32)
+    assert len(namespace["embedding"][0]) == 32  # the pipeline's pooled features: hidden_size
+
+
+def test_feature_extractor_snippet_runs_without_custom_code(tmp_path, monkeypatch, tiny_beitv2_kwargs):
+    from modeling_beitv2 import BeitV2ForMaskedImageModeling
+    from pretraining.loop import export_feature_extractor
+
+    mim_dir = tmp_path / "mim"
+    BeitV2ForMaskedImageModeling(BeitV2Config(**tiny_beitv2_kwargs)).save_pretrained(mim_dir)
+    processor = BeitV2ImageProcessor(image_size=32, patch_size=8, tokenizer_image_size=32)
+    folder = export_feature_extractor(mim_dir, processor, hub_model_id=HUB_ID, license="mit")
+    card = (folder / "README.md").read_text()
+    assert f'model="{HUB_ID}-feature-extraction"' in card and f"base_model: {HUB_ID}" in card
+    namespace = _exec_snippet(card, {f"{HUB_ID}-feature-extraction": folder}, tmp_path, monkeypatch)
+    assert len(namespace["tokens"][0]) == 17 and len(namespace["embedding"][0]) == 32
 
 
 def test_vqkd_and_pixel_decoder_snippets_run(tmp_path, monkeypatch):

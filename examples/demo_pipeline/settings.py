@@ -13,10 +13,11 @@ from __future__ import annotations
 import shutil
 from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Any
 
 IMAGE_SIZE, PATCH_SIZE = 32, 8
 # One tiny ViT width for every network of the demo.
-WIDTH = dict(hidden_size=64, num_attention_heads=4, intermediate_size=128)
+WIDTH: dict[str, Any] = dict(hidden_size=64, num_attention_heads=4, intermediate_size=128)
 NUM_CODES = 64
 BATCH_SIZE = 32
 

@@ -9,7 +9,7 @@ import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, cast
 
 import evaluate
 import numpy as np
@@ -141,7 +141,8 @@ class LayerDecayTrainer(Trainer):
         if model_card is not None:
             check_hub_model_id(self.args.hub_model_id)  # the card's usage snippet loads it: fail before training
 
-    def create_model_card(self, **unused) -> None:
+    # Keywords only, as `Trainer` calls it: `**unused` stands for the superclass's keyword parameters.
+    def create_model_card(self, **unused: Any) -> None:  # type: ignore[override]
         if self.model_card is None:
             return super().create_model_card(**unused)
         if not self.is_world_process_zero():
@@ -150,9 +151,9 @@ class LayerDecayTrainer(Trainer):
         for entry in self.state.log_history:
             measured.update({key: round(value, 4) for key, value in entry.items() if key.startswith("eval_")})
         write_model_card(
-            self.args.output_dir,
+            cast(str, self.args.output_dir),  # `TrainingArguments` fills in a default folder
             **self.model_card,
-            config=self.model.config,
+            config=cast(PreTrainedModel, self.model).config,
             # `init_hf_repo` resolves the full repo id of --push_to_hub; else the id the user named, if any.
             hub_model_id=getattr(self, "hub_model_id", None) or self.args.hub_model_id,
             metrics=measured,
@@ -161,7 +162,7 @@ class LayerDecayTrainer(Trainer):
 
     def create_optimizer(self, model=None) -> torch.optim.Optimizer:
         if self.optimizer is None:
-            opt_model = self.model if model is None else model
+            opt_model = cast(PreTrainedModel, self.model if model is None else model)
             groups = build_param_groups(
                 opt_model,
                 weight_decay=self.args.weight_decay,
@@ -312,7 +313,9 @@ def train_evaluate_and_save(trainer: Trainer) -> None:
     training_args = trainer.args
     if training_args.do_train:
         last_checkpoint = (
-            get_last_checkpoint(training_args.output_dir) if os.path.isdir(training_args.output_dir) else None
+            get_last_checkpoint(training_args.output_dir)
+            if os.path.isdir(cast(str, training_args.output_dir))
+            else None
         )
         if last_checkpoint is not None and training_args.resume_from_checkpoint is None:
             logger.info(f"Resuming from {last_checkpoint}.")
@@ -348,6 +351,7 @@ def load_native_beit(
     (`num_labels`, `id2label`, `drop_path_rate`, `out_indices`...).
     """
     config = AutoConfig.from_pretrained(model_name_or_path)
+    source: modeling_beitv2.BeitV2ForMaskedImageModeling | BeitModel
     if config.model_type == "beitv2":
         source = modeling_beitv2.BeitV2ForMaskedImageModeling.from_pretrained(model_name_or_path)
     elif config.model_type == "beit":

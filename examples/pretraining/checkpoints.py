@@ -455,14 +455,21 @@ _EXPORT_PATTERNS = (
 )
 
 
+# The native feature-extraction export run_mim.py writes beside its model (`loop.export_feature_extractor`).
+FEATURE_EXTRACTOR_DIR = "feature-extraction"
+
+
 class ExportWriteError(OSError):
     """The final export could not be written; the previous export (if any) is untouched."""
 
 
 def export_files(output_dir: str | Path) -> list[Path]:
-    """The files of a final export at the top of ``output_dir`` (weights, configs, processor, model card)."""
+    """The files of a final export at the top of ``output_dir`` (weights, configs, processor, model card), and its
+    native feature-extraction folder."""
     output_dir = Path(output_dir)
     found = {path for pattern in _EXPORT_PATTERNS for path in output_dir.glob(pattern) if path.is_file()}
+    if (output_dir / FEATURE_EXTRACTOR_DIR).is_dir():
+        found.add(output_dir / FEATURE_EXTRACTOR_DIR)
     return sorted(found)
 
 

@@ -18,6 +18,7 @@ import logging
 import math
 import os
 import re
+import shutil
 import signal
 import time
 import weakref
@@ -33,7 +34,12 @@ from torch import nn
 from transformers import AutoModel, PretrainedConfig, get_scheduler
 from transformers.integrations import is_deepspeed_zero3_enabled, unset_hf_deepspeed_config
 
-from modeling_beitv2 import DVAEModel, VQKDModel
+from modeling_beitv2 import (
+    BeitV2ForMaskedImageModeling,
+    DVAEModel,
+    VQKDModel,
+    convert_to_native_feature_extractor,
+)
 from pretraining.arguments import (
     LR_SCHEDULER_CHOICES,
     MIN_LR_SCHEDULERS,
@@ -45,6 +51,7 @@ from pretraining.checkpoints import (
     CHECKPOINT_PREFIX,
     EXPORT_PREVIOUS,
     EXPORT_TEMPORARY,
+    FEATURE_EXTRACTOR_DIR,
     METRICS_FILE,
     ExportWriteError,
     list_checkpoints,
@@ -54,6 +61,7 @@ from pretraining.checkpoints import (
     write_export,
 )
 from pretraining.model_cards import write_model_card
+from processing.evaluation import evaluation_image_processor
 
 logger = logging.getLogger(__name__)
 
@@ -265,17 +273,57 @@ def export_model(
             HfApi(token=token).upload_folder(
                 repo_id=repo_id,
                 folder_path=output_dir,
+                # The native feature extractor is a repo of its own (widgets read a repo's root).
                 ignore_patterns=[
                     f"{CHECKPOINT_PREFIX}*",
                     f".tmp-{CHECKPOINT_PREFIX}*",
                     "abandoned-*",
                     EXPORT_TEMPORARY,
                     EXPORT_PREVIOUS,
+                    f"{EXPORT_TEMPORARY}-{FEATURE_EXTRACTOR_DIR}/*",
+                    f"{FEATURE_EXTRACTOR_DIR}/*",
                 ],
                 commit_message="Upload model trained with beitv2-hf",
             )
             logger.info("Pushed %s to the Hub as %s", output_dir, repo_id)
     accelerator.wait_for_everyone()
+
+
+def export_feature_extractor(
+    output_dir: str | Path, image_processor: Any, *, hub_model_id: str | None, license: str | None
+) -> Path:
+    """Save the backbone of the MIM model saved in `output_dir` (read back from there, so that weights partitioned by
+    ZeRO-3 arrive whole) as a native transformers `BeitModel` in `output_dir/feature-extraction/`, with a native
+    `BeitImageProcessor` of the same evaluation view (shorter side to `image_size`, centre crop, the processor's
+    mean/std) and a model card.
+
+    Hosted inference widgets run no custom code; this folder needs none, so `pipeline("image-feature-extraction")`
+    works on it, on the Hub too (upload it as its own repo). Its `pooler_output` (`pool=True`) is the linear probe's
+    representation when the model has the patch-aggregation head ([CLS] after the final LayerNorm); without the head
+    native `beit` has no matching pooler and `pool=True` gives [CLS] (a warning says so). Returns the folder."""
+    folder = Path(output_dir) / FEATURE_EXTRACTOR_DIR
+    # Written aside and moved into place, so a failed write never leaves half a folder where a good one was.
+    staging = Path(output_dir) / f"{EXPORT_TEMPORARY}-{FEATURE_EXTRACTOR_DIR}"
+    shutil.rmtree(staging, ignore_errors=True)
+    model = BeitV2ForMaskedImageModeling.from_pretrained(output_dir)
+    native = convert_to_native_feature_extractor(model)
+    native.save_pretrained(staging)
+    evaluation_image_processor(
+        image_processor.image_size, tuple(image_processor.image_mean), tuple(image_processor.image_std), crop_pct=1.0
+    ).save_pretrained(staging)
+    write_model_card(
+        staging,
+        "feature_extractor",
+        config=native.config,
+        hub_model_id=f"{hub_model_id}-{FEATURE_EXTRACTOR_DIR}" if hub_model_id else None,
+        license=license,
+        base_model=hub_model_id,
+        family="beitv2" if model.config.use_patch_aggregation else "beit",
+    )
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(staging, folder)
+    logger.info("Saved the backbone as a native transformers BeitModel for feature extraction in %s", folder)
+    return folder
 
 
 def final_state(state: dict[str, Any], stop_reason: str | None, num_training_steps: int, output_dir: str) -> dict:

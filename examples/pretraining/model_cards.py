@@ -52,12 +52,13 @@ from modeling_beitv2.configuration_vqkd import vqkd_encoder_config
 logger = logging.getLogger(__name__)
 
 TEMPLATES_DIR = Path(__file__).resolve().parents[2] / "model_cards"
-CARD_KINDS = ("vqkd", "mim", "classifier", "segmentation", "dvae", "pixel_decoder")
-CardKind = Literal["vqkd", "mim", "classifier", "segmentation", "dvae", "pixel_decoder"]
+CARD_KINDS = ("vqkd", "mim", "feature_extractor", "classifier", "segmentation", "dvae", "pixel_decoder")
+CardKind = Literal["vqkd", "mim", "feature_extractor", "classifier", "segmentation", "dvae", "pixel_decoder"]
 # The config `model_type` each kind of card describes: a card is never written for another kind of model.
 CARD_MODEL_TYPES = {
     "vqkd": "beitv2_vqkd",
     "mim": "beitv2",
+    "feature_extractor": "beit",
     "classifier": "beit",
     "segmentation": "upernet",
     "dvae": "beit_dvae",
@@ -476,6 +477,7 @@ PAPER_CODEBOOK = (8192, 32)
 # Which paper rows describe a model of each kind (the MIM model is described by what it fine-tunes to).
 _PAPER_ROWS_FOR_KIND = {
     "classifier": ("ImageNet-1k fine-tuning", "ImageNet-1k linear probe"),
+    "feature_extractor": ("ImageNet-1k linear probe",),
     "segmentation": ("ADE20K",),
     "mim": ("ImageNet-1k", "ADE20K"),
 }
