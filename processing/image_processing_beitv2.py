@@ -15,12 +15,11 @@ from transformers.processing_utils import ImagesKwargs
 from .augmentation import TwoViewAugmentation
 from .masking import BlockwiseMaskGenerator, RandomMaskGenerator
 from .processor_settings import (
-    apply_view,
     check_augmentation_overrides,
     check_settings,
     check_view_size,
+    evaluation_batch,
     normalisation,
-    num_channels,
     read_images,
     resolve_rng,
 )
@@ -264,15 +263,15 @@ class BeitV2ImageProcessor(BaseImageProcessor):
         current = {name: settings.get(name, getattr(self, name)) for name in _EVALUATION_SETTINGS}
         do_convert_rgb = self.do_convert_rgb if do_convert_rgb is None else do_convert_rgb
         size, resample = int(current["image_size"]), resample_filter(current["interpolation"])
-        pixel_values: list[np.ndarray] = []
-        for image in read_images(images, do_convert_rgb, input_data_format):
-            mean, std = normalisation(current["image_mean"], current["image_std"], num_channels(image))
-            view = apply_view(lambda plane: _central_square(plane, size, resample), image)
-            pixel_values.append((to_float_array(view) - mean) / std)
-        batch: list[np.ndarray] | np.ndarray = pixel_values
-        if return_tensors is not None:
-            batch = np.stack(pixel_values)
-        return BatchFeature(data={"pixel_values": batch}, tensor_type=return_tensors)
+        return evaluation_batch(
+            images,
+            lambda plane: _central_square(plane, size, resample),
+            current["image_mean"],
+            current["image_std"],
+            do_convert_rgb,
+            input_data_format,
+            return_tensors,
+        )
 
     def pretraining_inputs(
         self,

@@ -3,13 +3,14 @@ generator of a call."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import PIL.Image
+from transformers.feature_extraction_utils import BatchFeature
 
-from .transforms import make_image_list, to_channel_images, to_pil_image
+from .transforms import make_image_list, to_channel_images, to_float_array, to_pil_image
 
 
 def read_images(
@@ -52,6 +53,27 @@ def normalisation(
     if (arrays[1] == 0).any():
         raise ValueError(f"image_std must not be 0, got {image_std}")
     return arrays[0], arrays[1]
+
+
+def evaluation_batch(
+    images,
+    view: Callable[[PIL.Image.Image], PIL.Image.Image],
+    image_mean: Sequence[float],
+    image_std: Sequence[float],
+    do_convert_rgb: bool,
+    input_data_format: str | None,
+    return_tensors: str | None,
+) -> BatchFeature:
+    """`{"pixel_values": ...}` of each image's deterministic `view` (applied per channel plane), normalised: the
+    evaluation call both processors share. `return_tensors=None` gives a list per image, else a stacked batch."""
+    pixel_values: list[np.ndarray] = []
+    for image in read_images(images, do_convert_rgb, input_data_format):
+        mean, std = normalisation(image_mean, image_std, num_channels(image))
+        pixel_values.append((to_float_array(apply_view(view, image)) - mean) / std)
+    batch: list[np.ndarray] | np.ndarray = pixel_values
+    if return_tensors is not None:
+        batch = np.stack(pixel_values)
+    return BatchFeature(data={"pixel_values": batch}, tensor_type=return_tensors)
 
 
 def check_view_size(view: PIL.Image.Image, size: int, view_name: str, setting_name: str) -> None:
