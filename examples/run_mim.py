@@ -36,14 +36,16 @@ from pretraining.arguments import (
     DataArguments,
     PretrainingArguments,
     check_choice,
-    check_config_source,
     check_hub_access,
     check_range,
     frozen_model_precision_field,
     image_size_field,
-    mim_config,
+    merge_fixed,
+    named_config,
     parse_arguments,
+    parse_config_overrides,
     pretrained_config_updates,
+    rebuild_config,
     resolve_frozen_model_precision,
 )
 from pretraining.checkpoints import (
@@ -141,7 +143,11 @@ class MIMModelArguments:
     frozen_model_precision: str = frozen_model_precision_field("tokenizer")
 
     def __post_init__(self):
-        check_config_source(self.model_name_or_path, self.config_name)
+        if self.model_name_or_path and self.config_name is not None:
+            raise ValueError(
+                f"--config_name {self.config_name} is ignored with --model_name_or_path {self.model_name_or_path} (the "
+                "saved config is used): pass one of them; --config_overrides may still change drop path and dropout."
+            )
         check_range("mask_ratio", self.mask_ratio, low=0, high=1, low_inclusive=False, high_inclusive=False)
         # --num_masking_patches is checked once, by the mask generator, against the patch grid it must fit in.
         check_range("drop_path_rate", self.drop_path_rate, low=0, high=1, high_inclusive=False)
@@ -167,6 +173,36 @@ def load_tokenizer(name_or_path: str, beit_v1: bool, hub_kwargs: dict[str, Any])
         return load_visual_tokenizer(name_or_path, (DVAEModel,), "--beit_v1 needs a DVAEModel", **hub_kwargs)
     hint = "BEiT v2 needs a VQKDModel, or pass --beit_v1"
     return load_visual_tokenizer(name_or_path, (VQKDModel,), hint, **hub_kwargs)
+
+
+def mim_config(
+    config_name: str,
+    *,
+    image_size: int,
+    vocab_size: int,
+    overrides: str | None,
+    drop_path_rate: float | None,
+    beit_v1: bool,
+    hub_kwargs: dict[str, Any],
+) -> BeitV2Config:
+    """The `BeitV2Config` of a new model: the `BEITV2_PRESETS` preset or the `beitv2` config (Hub id or folder)
+    `config_name` names, with `overrides` (`--config_overrides`) applied and the settings the other arguments decide
+    (the tokenizer's codebook size as `vocab_size`, no patch aggregation for `beit_v1`) fixed.
+
+    Raises:
+        ValueError: an unknown `config_name` or a config of another model type, a bad override or one that
+            contradicts the other arguments, or a config that fails `BeitV2Config`'s checks.
+    """
+    base = named_config(config_name, BeitV2Config, BEITV2_PRESETS, {}, hub_kwargs)
+    fixed: dict[str, Any] = {
+        "image_size": (image_size, "--image_size"),
+        "vocab_size": (vocab_size, "the tokenizer's codebook size"),
+    }
+    if beit_v1:
+        fixed["use_patch_aggregation"] = (False, "--beit_v1")
+    if drop_path_rate is not None:
+        fixed["drop_path_rate"] = (float(drop_path_rate), "--drop_path_rate")
+    return rebuild_config(base, merge_fixed(parse_config_overrides(overrides, base), fixed))
 
 
 def build_model(

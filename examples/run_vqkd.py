@@ -31,7 +31,6 @@ from pretraining.arguments import (
     DEFAULT_IMAGE_SIZE,
     FROZEN_MODEL_PRECISIONS,
     PRETRAINED_SETTINGS,
-    VQKD_CONFIG_ALIASES,
     DataArguments,
     PretrainingArguments,
     check_choice,
@@ -39,10 +38,13 @@ from pretraining.arguments import (
     check_range,
     frozen_model_precision_field,
     image_size_field,
+    merge_fixed,
+    named_config,
     parse_arguments,
+    parse_config_overrides,
     pretrained_config_updates,
+    rebuild_config,
     resolve_frozen_model_precision,
-    vqkd_config,
 )
 from pretraining.checkpoints import (
     check_run_identity,
@@ -94,6 +96,8 @@ from processing import VQKDImageProcessor
 logger = logging.getLogger(__name__)
 
 PAPER_LEARNING_RATE, PAPER_BATCH_SIZE = 2e-4, 512
+# Short names accepted by --config_name, like run_mim.py's "tiny" / "base".
+VQKD_CONFIG_ALIASES: dict[str, str] = {"tiny": "tiny-decoder1", "base": "base-decoder3"}
 VQKD_METRICS = {  # logged name -> VQKDOutput field
     "loss": "loss",
     "loss_reconstruction": "reconstruction_loss",
@@ -142,6 +146,63 @@ class VQKDTrainingArguments(PretrainingArguments):
     weight_decay: float = field(default=1e-4)
     adam_beta2: float = field(default=0.99)
     warmup_steps: float = field(default=0.05, metadata={"help": "Steps, or a fraction (paper: 5 of 100 epochs)."})
+
+
+def vqkd_config(
+    config_name: str,
+    *,
+    image_size: int,
+    teacher_patch_size: int,
+    teacher_dim: int,
+    overrides: str | None,
+    hub_kwargs: dict[str, Any],
+) -> VQKDConfig:
+    """The `VQKDConfig` of a new tokenizer (without --model_name_or_path), fitted to its teacher.
+
+    The encoder takes the teacher's patch size at `image_size`, the decoder covers the resulting grid of codes
+    (patch size 1, `num_channels == code_dim`) and `teacher_dim` is the teacher's feature size. A preset is built
+    at that resolution and patch size by `VQKDConfig.from_preset`; a loaded config is refitted to them.
+
+    Args:
+        config_name: a `VQKD_PRESETS` name, an alias of `VQKD_CONFIG_ALIASES`, or a `beitv2_vqkd` config's Hub id
+            or folder (its encoder / decoder sizes and codebook are kept, the teacher-dependent keys are refitted).
+        image_size: training resolution; a multiple of `teacher_patch_size`.
+        teacher_patch_size: the teacher's patch size, which the encoder must share so that the patches align.
+        teacher_dim: the teacher's feature size, which the decoder regresses.
+        overrides: `--config_overrides`. Tokenizer keys (`codebook_size`, `code_dim`, `decay`, `beta`, `kmeans_init`,
+            `dead_code_threshold`, ...) apply to the tokenizer, `encoder.` / `decoder.` prefixed keys to one ViT,
+            other keys to both ViTs.
+        hub_kwargs: `revision` / `token` / `trust_remote_code` for loading `config_name`.
+
+    Raises:
+        ValueError: an unknown `config_name` or a config of another model type, a bad override or one that
+            contradicts the teacher, or an `image_size` that is not a multiple of `teacher_patch_size`.
+    """
+    if image_size % teacher_patch_size:
+        raise ValueError(
+            f"--image_size {image_size} is not a multiple of the teacher's patch size {teacher_patch_size}."
+        )
+    preset_kwargs = {"image_size": image_size, "patch_size": teacher_patch_size}
+    base = named_config(config_name, VQKDConfig, VQKD_PRESETS, VQKD_CONFIG_ALIASES, hub_kwargs, preset_kwargs)
+    grid = image_size // teacher_patch_size
+    parsed = parse_config_overrides(overrides, base)
+    code_dim = parsed.get("code_dim", base.code_dim)
+    # For a preset these only restate what `from_preset` built; they refit a loaded config, and refuse overrides
+    # that contradict the teacher.
+    fixed = {
+        "teacher_dim": (teacher_dim, "the teacher's feature size"),
+        "encoder_config": {
+            "image_size": (image_size, "--image_size"),
+            "patch_size": (teacher_patch_size, "the teacher's patch size"),
+        },
+        "decoder_config": {
+            # The decoder reads the grid of codes: one position per patch, `code_dim` channels each.
+            "image_size": (grid, "--image_size / the teacher's patch size"),
+            "patch_size": (1, "the decoder's design (one code per position)"),
+            "num_channels": (code_dim, "code_dim"),
+        },
+    }
+    return rebuild_config(base, merge_fixed(parsed, fixed))
 
 
 def build_model(

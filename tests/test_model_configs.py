@@ -1,5 +1,6 @@
-"""Configs from the command line (examples/pretraining/arguments.py): typed, validated overrides, presets or loadable config
-names, and what --model_name_or_path may change."""
+"""Configs from the command line (examples/pretraining/arguments.py, with run_mim.py's `mim_config` and run_vqkd.py's
+`vqkd_config`): typed, validated overrides, presets or loadable config names, and what --model_name_or_path may
+change."""
 
 from __future__ import annotations
 
@@ -7,16 +8,12 @@ import re
 
 import pytest
 import torch
+from run_mim import mim_config
+from run_vqkd import vqkd_config
 from transformers import AutoConfig
 
 from modeling_beitv2 import BEITV2_PRESETS, BeitV2Config, BeitV2ForMaskedImageModeling, VQKDConfig, VQKDModel
-from pretraining.arguments import (
-    apply_config_overrides,
-    mim_config,
-    parse_config_overrides,
-    pretrained_config_updates,
-    vqkd_config,
-)
+from pretraining.arguments import parse_config_overrides, pretrained_config_updates, rebuild_config
 
 TINY_MIM = "hidden_size=32,num_hidden_layers=4,num_attention_heads=4,intermediate_size=64,patch_size=8,early_layers=2"
 TINY_VQKD = "hidden_size=32,num_hidden_layers=1,num_attention_heads=2,intermediate_size=64,codebook_size=16,code_dim=8"
@@ -110,18 +107,18 @@ def test_overrides_rebuild_the_config_so_that_its_checks_run():
     config = BeitV2Config.from_preset("tiny")
     # `update_from_string` would set num_hidden_layers=2 and keep early_layers=9: a model that cannot be built.
     with pytest.raises(ValueError, match=r"early_layers must lie in \[1, num_hidden_layers - 1\] = \[1, 1\]"):
-        apply_config_overrides(config, "num_hidden_layers=2")
-    deeper = apply_config_overrides(config, "num_hidden_layers=6,early_layers=3")
+        rebuild_config(config, parse_config_overrides("num_hidden_layers=2", config))
+    deeper = rebuild_config(config, parse_config_overrides("num_hidden_layers=6,early_layers=3", config))
     assert (deeper.num_hidden_layers, deeper.early_layers) == (6, 3)
     # The backbone outputs follow the new depth instead of keeping the old default (`stage12`).
     assert deeper.out_indices == [6] and deeper.stage_names[-1] == "stage6"
     assert (config.num_hidden_layers, config.early_layers) == (12, 9)
-    assert apply_config_overrides(config, None) is config
+    assert parse_config_overrides(None, config) == {}
 
 
 def test_a_chosen_backbone_output_survives_a_rebuild():
     config = BeitV2Config.from_preset("tiny", out_indices=[3, 6])
-    assert apply_config_overrides(config, "hidden_dropout_prob=0.1").out_indices == [3, 6]
+    assert rebuild_config(config, parse_config_overrides("hidden_dropout_prob=0.1", config)).out_indices == [3, 6]
 
 
 # --- mim_config ------------------------------------------------------------------------------------------------------

@@ -1,32 +1,9 @@
 """Command-line arguments of the pretraining scripts (`run_vqkd.py`, `run_mim.py`, `run_pixel_decoder.py`): the
 dataclasses and their checks, the model configs built from flags, and the outside services checked before training.
 
-The dataclasses are parsed by `HfArgumentParser` (or from a single ``.json`` / ``.yaml`` file) and check their values
-in ``__post_init__``, so a bad value stops the run at parse time with the valid range rather than hours later.
-Conventions follow `transformers.TrainingArguments`: ``--bf16`` / ``--fp16``, ``--warmup_steps`` as a step count or
-a fraction of the training steps (below 1), ``--lr_scheduler_type`` with transformers' scheduler names,
-``--report_to``, ``--token``, ``--trust_remote_code``, ``--model_revision``, ``--torch_compile``.
-
-Model configs from flags, strictly: `--config_name`, `--config_overrides`, `--image_size` and `--drop_path_rate`
-become a validated `PreTrainedConfig`, or are refused with a clear error; nothing is dropped silently.
-
-- `--config_name` is a preset of `modeling_beitv2` (`BEITV2_PRESETS`, `VQKD_PRESETS` and the short VQ-KD names of
-  `VQKD_CONFIG_ALIASES`) or anything `AutoConfig.from_pretrained` loads (a Hub id or a folder), with `revision`,
-  `token` and `trust_remote_code` passed through. A preset name wins over a folder of the same name.
-- `--config_overrides "key=value,key=value"` parses like transformers' `PretrainedConfig.update_from_string`: the
-  value takes the type of the attribute it replaces (bool: true/false/1/0, int, float, str) and a key the config
-  does not have is an error, which names the closest valid keys. A config with sub-configs (VQ-KD's
-  `encoder_config` / `decoder_config`) takes `encoder.` / `decoder.` prefixes for one of them, and sends a key that
-  only the sub-configs have to all of them. Unlike `update_from_string`, the config is then rebuilt through its
-  constructor, so that its checks run (e.g. `BeitV2Config`'s on `early_layers`).
-- A setting that another argument decides (`--image_size`, the tokenizer's codebook size, the teacher's patch and
-  feature size...) may appear in `--config_overrides` only with that same value.
-- With `--model_name_or_path`, what does not change the architecture (drop path, dropout, the codebook's EMA
-  hyperparameters) is applied to the pretrained model; anything else is refused by name.
-
-Before training, :func:`check_report_to` turns ``--report_to`` into the trackers to log with (refusing one that is not
-installed) and :func:`check_hub_access` checks the token and creates the Hub repo for ``--push_to_hub``: both fail at
-start with a one-line message.
+The dataclasses check their values in ``__post_init__``, so a bad value stops the run at parse time with the valid
+range rather than hours later. docs/pretraining.md describes the flags and how ``--config_name`` /
+``--config_overrides`` become a validated config.
 """
 
 from __future__ import annotations
@@ -43,12 +20,12 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from accelerate.utils import is_tensorboard_available, is_wandb_available
 from transformers import AutoConfig, HfArgumentParser, PreTrainedConfig
 
-from modeling_beitv2 import BEITV2_PRESETS, VQKD_PRESETS, BeitV2Config, VQKDConfig
+from modeling_beitv2 import BeitV2Config, VQKDConfig
 from pretraining.data import ImageSources
 from pretraining.model_cards import LICENSE_HELP, check_hub_model_id, check_license
 
@@ -100,16 +77,9 @@ def check_range(
 ) -> None:
     """Raise a `ValueError` naming ``--name``, the valid range and the value when ``value`` is outside the range.
 
-    For the ``__post_init__`` of argument dataclasses: ``check_range("drop_path_rate", 0.1, low=0, high=1,
-    high_inclusive=False)``. ``None`` (an optional argument left unset) is accepted. NaN, booleans and strings (a
-    YAML ``1e-4`` is a string) are rejected, and so are infinities (``--learning_rate inf``): no flag takes one.
-
-    Args:
-        name (`str`): The argument's name, with or without the leading ``--``.
-        value (`int`, `float` or `None`): The parsed value.
-        low, high (`float`, *optional*): The bounds; ``None`` means unbounded on that side.
-        low_inclusive, high_inclusive (`bool`): Whether each bound itself is valid.
-        note (`str`, *optional*): Appended to the message, e.g. ``"0 disables saving"``.
+    ``None`` (an optional argument left unset) is accepted; a ``None`` bound is no bound. NaN, booleans and strings
+    (a YAML ``1e-4`` is a string) are rejected, and so are infinities (``--learning_rate inf``): no flag takes one.
+    ``note`` is appended to the message, e.g. ``"0 disables saving"``.
     """
     if value is None:
         return
@@ -127,15 +97,6 @@ def check_range(
         finite = "a finite number " if not math.isfinite(value) and not math.isnan(value) else ""
         message = f"{flag} must be {finite}{_describe_range(low, high, low_inclusive, high_inclusive)}, got {value!r}."
         raise ValueError(f"{message} {note}." if note else message)
-
-
-def check_config_source(model_name_or_path: str | None, config_name: str | None) -> None:
-    """Refuse ``--config_name`` next to ``--model_name_or_path``: the saved config is used, so it would be ignored."""
-    if model_name_or_path and config_name is not None:
-        raise ValueError(
-            f"--config_name {config_name} is ignored with --model_name_or_path {model_name_or_path} (the saved config "
-            "is used): pass one of them; --config_overrides may still change drop path and dropout."
-        )
 
 
 def _describe_range(low: float | None, high: float | None, low_inclusive: bool, high_inclusive: bool) -> str:
@@ -175,11 +136,9 @@ def resolve_frozen_model_precision(
     """The autocast ("fp32", "fp16" or "bf16") of a frozen model for ``--frozen_model_precision`` (``requested``)
     under the run's ``mixed_precision``; an explicit choice wins over "auto".
 
-    A tokenizer's outputs are discrete codes, so agreement with fp32 is what counts: with fp16's 10-bit mantissa the
-    codes of a base-size VQ-KD tokenizer equal fp32's on 99.9% of patches, with bf16's 7 bits on 98.5%
-    (`benchmarks/bench_tokenizer_precision.py`), at the same speed; the official engine tokenizes under fp16 autocast
-    too. So "auto" is fp16 under any mixed precision. A teacher's targets are continuous and large teachers overflow
-    fp16, so "auto" follows the run's mixed precision. Without mixed precision "auto" is fp32 for both.
+    "auto" is fp32 without mixed precision. Under mixed precision it is fp16 for a tokenizer (its codes are discrete:
+    fp16's longer mantissa keeps them closest to fp32's) and the run's precision for a teacher (its targets are
+    continuous, and large teachers overflow fp16); docs/pretraining.md has the measurements.
     """
     check_choice("frozen_model_precision", requested, FROZEN_MODEL_PRECISIONS)
     if requested != "auto":
@@ -501,7 +460,8 @@ def parse_arguments(dataclass_types: tuple[type, ...], args: list[str] | None = 
     Returns:
         One instance per class in ``dataclass_types``, in that order.
     """
-    parser = HfArgumentParser(dataclass_types)
+    # transformers annotates dataclass_types with a NewType that no plain dataclass matches.
+    parser = HfArgumentParser(dataclass_types)  # type: ignore[arg-type]
     args = sys.argv[1:] if args is None else list(args)
     if len(args) == 1 and args[0].endswith((".json", ".yaml", ".yml")):
         path = Path(args[0]).absolute()
@@ -529,8 +489,6 @@ def parse_arguments(dataclass_types: tuple[type, ...], args: list[str] | None = 
 # ---------------------------------------------------------------------------------------------------------------------
 # Model configs from the command line
 
-# Short names accepted by run_vqkd.py's --config_name, like run_mim.py's "tiny" / "base".
-VQKD_CONFIG_ALIASES: dict[str, str] = {"tiny": "tiny-decoder1", "base": "base-decoder3"}
 # The keyword arguments of `from_pretrained` that --config_name passes through to the Hub.
 HUB_KWARGS: tuple[str, ...] = ("revision", "token", "trust_remote_code")
 # What may change on a pretrained model: regularisation and the codebook's training hyperparameters. None of them
@@ -543,14 +501,54 @@ PRETRAINED_SETTINGS: frozenset[str] = frozenset(
 # config derives itself (`stage_names` from the depth of a backbone config).
 _NOT_SETTABLE = frozenset({"transformers_version", "model_type", "_name_or_path", "auto_map", "stage_names"})
 _TRUE, _FALSE = ("true", "1"), ("false", "0")
+_ConfigT = TypeVar("_ConfigT", bound=PreTrainedConfig)
+_PresetConfigT = TypeVar("_PresetConfigT", BeitV2Config, VQKDConfig)  # the config classes with presets
+
+
+def named_config(
+    config_name: str,
+    config_class: type[_PresetConfigT],
+    presets: Mapping[str, Any],
+    aliases: Mapping[str, str],
+    hub_kwargs: Mapping[str, Any],
+    preset_kwargs: Mapping[str, Any] | None = None,
+) -> _PresetConfigT:
+    """The config ``--config_name`` names: a preset (or alias) of `config_class`, built by its `from_preset` with
+    `preset_kwargs`, else the `config_class` config that `AutoConfig` loads with `hub_kwargs` (see `HUB_KWARGS`).
+
+    Raises:
+        ValueError: an unknown name, a config of another model type, or an unsupported `hub_kwargs` key.
+    """
+    name = aliases.get(config_name, config_name)
+    if name in presets:
+        return config_class.from_preset(name, **(preset_kwargs or {}))
+    choices = sorted(presets) + (sorted(aliases) if aliases else [])
+    unknown = sorted(set(hub_kwargs) - set(HUB_KWARGS))
+    if unknown:
+        raise ValueError(f"hub_kwargs {unknown} are not supported; choose from {list(HUB_KWARGS)}.")
+    # `None` means "not given": from_pretrained then uses its own defaults.
+    given = {key: value for key, value in hub_kwargs.items() if value is not None}
+    try:
+        loaded = AutoConfig.from_pretrained(config_name, **given)
+    except (OSError, ValueError) as error:
+        raise ValueError(
+            f"--config_name {config_name!r} is neither a preset {choices} nor a config AutoConfig can load: {error}"
+        ) from error
+    if loaded.model_type != config_class.model_type:
+        raise ValueError(
+            f"--config_name {config_name!r} is a {loaded.model_type!r} config; this script needs a "
+            f"{config_class.model_type!r} config or a preset {choices}."
+        )
+    if type(loaded) is config_class:
+        return loaded
+    # With trust_remote_code the Hub's copy of the class is loaded: rebuild it as this package's, so that its checks
+    # run and the model classes here accept it.
+    return config_class(**_constructor_kwargs(loaded))
 
 
 def parse_config_overrides(text: str | None, config: PreTrainedConfig) -> dict[str, Any]:
-    """Parse `"key=value,key=value"` into values typed like `config`'s current attributes.
-
-    Args:
-        text: the `--config_overrides` string; `None` or blank gives `{}`.
-        config: the config the overrides will apply to; it decides which keys exist and their types.
+    """Parse ``--config_overrides`` (``"key=value,key=value"``; `None` or blank gives `{}`) into values typed like
+    `config`'s current attributes.
 
     Returns:
         `{key: value}`; for a config with sub-configs, the keys of a sub-config are gathered in a dict under the
@@ -571,7 +569,7 @@ def parse_config_overrides(text: str | None, config: PreTrainedConfig) -> dict[s
         if dot and f"{prefix}_config" in sub_configs:
             sub = sub_configs[f"{prefix}_config"]
             if rest not in _settable_keys(sub):
-                raise _unknown_key_error(key, sorted(f"{prefix}.{name}" for name in _settable_keys(sub)), config)
+                raise _unknown_key_error(key, sorted(_override_keys(sub, f"{prefix}.")), config)
             specific.setdefault(f"{prefix}_config", {})[rest] = _typed_value(key, raw, sub, rest)
         elif key in top_keys:
             parsed[key] = _typed_value(key, raw, config, key)
@@ -579,135 +577,50 @@ def parse_config_overrides(text: str | None, config: PreTrainedConfig) -> dict[s
             for name, sub in sub_configs.items():
                 parsed.setdefault(name, {})[key] = _typed_value(key, raw, sub, key)
         else:
-            prefixed = {
-                f"{name.removesuffix('_config')}.{k}" for name, sub in sub_configs.items() for k in _settable_keys(sub)
-            }
-            raise _unknown_key_error(key, sorted(top_keys | shared_keys | prefixed), config)
+            raise _unknown_key_error(key, sorted(shared_keys.union(_override_keys(config))), config)
     for name, values in specific.items():
         parsed[name] = {**parsed.get(name, {}), **values}
     return parsed
 
 
-def apply_config_overrides(config: PreTrainedConfig, text: str | None) -> PreTrainedConfig:
-    """`config` with `--config_overrides` applied, rebuilt through its constructor so that its checks run.
-
-    `config` itself is left unchanged; without overrides it is returned as is.
-    """
-    updates = parse_config_overrides(text, config)
-    return _rebuild(config, updates) if updates else config
-
-
-def mim_config(
-    config_name: str,
-    *,
-    image_size: int,
-    vocab_size: int,
-    overrides: str | None,
-    drop_path_rate: float | None,
-    beit_v1: bool,
-    hub_kwargs: Mapping[str, Any],
-) -> BeitV2Config:
-    """The `BeitV2Config` of a new masked-image-modeling model (run_mim.py without --model_name_or_path).
-
-    Args:
-        config_name: a `BEITV2_PRESETS` name, or a `beitv2` config's Hub id or folder.
-        image_size: training resolution (`--image_size`).
-        vocab_size: the tokenizer's codebook size, which the model predicts.
-        overrides: `--config_overrides`, applied to the preset or loaded config.
-        drop_path_rate: `--drop_path_rate`; `None` keeps the config's.
-        beit_v1: BEiT v1 masked image modeling: no patch aggregation.
-        hub_kwargs: `revision` / `token` / `trust_remote_code` for loading `config_name`.
-
-    Raises:
-        ValueError: unknown `config_name`, a loaded config that is not a `beitv2` one, a bad override, an override
-            that contradicts one of the other arguments, or a config that fails `BeitV2Config`'s checks.
-    """
-    base = _named_config(config_name, BeitV2Config, BEITV2_PRESETS, {}, hub_kwargs)
-    fixed: dict[str, Any] = {
-        "image_size": (image_size, "--image_size"),
-        "vocab_size": (vocab_size, "the tokenizer's codebook size"),
-    }
-    if beit_v1:
-        fixed["use_patch_aggregation"] = (False, "--beit_v1")
-    if drop_path_rate is not None:
-        fixed["drop_path_rate"] = (float(drop_path_rate), "--drop_path_rate")
-    updates = _merge_fixed(parse_config_overrides(overrides, base), fixed)
-    return _rebuild(base, updates)
+def merge_fixed(parsed: Mapping[str, Any], fixed: Mapping[str, Any], scope: str = "") -> dict[str, Any]:
+    """`parsed` overrides plus the settings other arguments decide (`fixed`: `{key: (value, source)}`, nested like
+    `parsed` for sub-configs); an override that contradicts one of them is refused, naming its `source`."""
+    merged = dict(parsed)
+    for key, spec in fixed.items():
+        if isinstance(spec, Mapping):
+            merged[key] = merge_fixed(parsed.get(key, {}), spec, scope=f"{scope}{key.removesuffix('_config')}.")
+            continue
+        value, source = spec
+        if key in parsed and parsed[key] != value:
+            raise ValueError(
+                f"--config_overrides sets {scope}{key}={parsed[key]!r}, but {source} decides it ({value!r}); "
+                f"leave {scope}{key} out of --config_overrides."
+            )
+        merged[key] = value
+    return merged
 
 
-def vqkd_config(
-    config_name: str,
-    *,
-    image_size: int,
-    teacher_patch_size: int,
-    teacher_dim: int,
-    overrides: str | None,
-    hub_kwargs: Mapping[str, Any],
-) -> VQKDConfig:
-    """The `VQKDConfig` of a new tokenizer (run_vqkd.py without --model_name_or_path), fitted to its teacher.
-
-    The encoder takes the teacher's patch size at `image_size`, the decoder covers the resulting grid of codes
-    (patch size 1, `num_channels == code_dim`) and `teacher_dim` is the teacher's feature size. A preset is built
-    at that resolution and patch size by `VQKDConfig.from_preset`; a loaded config is refitted to them.
-
-    Args:
-        config_name: a `VQKD_PRESETS` name, an alias of `VQKD_CONFIG_ALIASES`, or a `beitv2_vqkd` config's Hub id
-            or folder (its encoder / decoder sizes and codebook are kept, the teacher-dependent keys are refitted).
-        image_size: training resolution; a multiple of `teacher_patch_size`.
-        teacher_patch_size: the teacher's patch size, which the encoder must share so that the patches align.
-        teacher_dim: the teacher's feature size, which the decoder regresses.
-        overrides: `--config_overrides`. Tokenizer keys (`codebook_size`, `code_dim`, `decay`, `beta`, `kmeans_init`,
-            `dead_code_threshold`, ...) apply to the tokenizer, `encoder.` / `decoder.` prefixed keys to one ViT,
-            other keys to both ViTs.
-        hub_kwargs: `revision` / `token` / `trust_remote_code` for loading `config_name`.
-
-    Raises:
-        ValueError: as `mim_config`, or an `image_size` that is not a multiple of `teacher_patch_size`.
-    """
-    if image_size % teacher_patch_size:
-        raise ValueError(
-            f"--image_size {image_size} is not a multiple of the teacher's patch size {teacher_patch_size}."
-        )
-    preset_kwargs = {"image_size": image_size, "patch_size": teacher_patch_size}
-    base = _named_config(config_name, VQKDConfig, VQKD_PRESETS, VQKD_CONFIG_ALIASES, hub_kwargs, preset_kwargs)
-    grid = image_size // teacher_patch_size
-    parsed = parse_config_overrides(overrides, base)
-    code_dim = parsed.get("code_dim", base.code_dim)
-    # For a preset these only restate what `from_preset` built; they refit a loaded config, and refuse overrides
-    # that contradict the teacher.
-    fixed = {
-        "teacher_dim": (teacher_dim, "the teacher's feature size"),
-        "encoder_config": {
-            "image_size": (image_size, "--image_size"),
-            "patch_size": (teacher_patch_size, "the teacher's patch size"),
-        },
-        "decoder_config": {
-            # The decoder reads the grid of codes: one position per patch, `code_dim` channels each.
-            "image_size": (grid, "--image_size / the teacher's patch size"),
-            "patch_size": (1, "the decoder's design (one code per position)"),
-            "num_channels": (code_dim, "code_dim"),
-        },
-    }
-    return _rebuild(base, _merge_fixed(parsed, fixed))
+def rebuild_config(config: _ConfigT, updates: Mapping[str, Any]) -> _ConfigT:
+    """A new `type(config)` from `config`'s values with `updates` on top (sub-config dicts merged key by key), built
+    through its constructor so that its checks run."""
+    kwargs = _constructor_kwargs(config)
+    for key, value in updates.items():
+        if isinstance(value, Mapping) and isinstance(getattr(config, key, None), PreTrainedConfig):
+            kwargs[key] = {**kwargs[key], **value}
+        else:
+            kwargs[key] = value
+    return type(config)(**kwargs)
 
 
 def pretrained_config_updates(
     config: PreTrainedConfig, *, image_size: int | None, drop_path_rate: float | None, overrides: str | None
 ) -> dict[str, Any]:
     """What to pass to `from_pretrained(name, **updates)` to honour `--image_size`, `--drop_path_rate` and
-    `--config_overrides` with `--model_name_or_path`.
+    `--config_overrides` with `--model_name_or_path`: `{}` when nothing changes, else `{"config": new_config}`.
 
-    Only `PRETRAINED_SETTINGS` (drop path, dropout, the codebook's EMA hyperparameters) can change: they leave the
-    architecture alone. `drop_path_rate` goes to every sub-config that has one (both ViTs of a VQ-KD tokenizer).
-
-    Args:
-        config: the pretrained model's config, as `AutoConfig.from_pretrained` loads it.
-        image_size: `--image_size`; `None` or the saved resolution are accepted, anything else is refused.
-        drop_path_rate: `--drop_path_rate`; `None` keeps the saved one.
-        overrides: `--config_overrides`, parsed against `config`.
-
-    Returns:
-        `{}` when nothing changes, else `{"config": new_config}` with `new_config` rebuilt through its constructor.
+    Only `PRETRAINED_SETTINGS` can change: they leave the architecture alone. `image_size` may only repeat the saved
+    resolution. `drop_path_rate` goes to every sub-config that has one (both ViTs of a VQ-KD tokenizer).
 
     Raises:
         ValueError: an unknown or malformed override, or a change to anything but `PRETRAINED_SETTINGS`, naming the
@@ -715,11 +628,15 @@ def pretrained_config_updates(
     """
     updates = parse_config_overrides(overrides, config)
     if drop_path_rate is not None:
-        updates = _merge_fixed(
+        updates = merge_fixed(
             updates, _wherever(config, "drop_path_rate", (float(drop_path_rate), "--drop_path_rate"))
         )
     if image_size is not None:
-        saved = _saved_image_size(config)
+        # A tokenizer's resolution is its encoder's (the decoder's image_size is the grid of codes).
+        owner = config if hasattr(config, "image_size") else getattr(config, "encoder_config", None)
+        if owner is None or not hasattr(owner, "image_size"):
+            raise ValueError(f"{type(config).__name__} has no image_size to compare --image_size with.")
+        saved = owner.image_size
         if _as_pair(image_size) != _as_pair(saved):
             raise ValueError(
                 f"--image_size {image_size} differs from the pretrained model's image_size {saved}: its position "
@@ -729,15 +646,13 @@ def pretrained_config_updates(
     changes = _changes(config, updates)
     refused = sorted(key for key in _flat_keys(changes) if key.rpartition(".")[2] not in PRETRAINED_SETTINGS)
     if refused:
-        allowed = sorted(
-            key for key in _flat_keys(_all_settable(config)) if key.rpartition(".")[2] in PRETRAINED_SETTINGS
-        )
+        allowed = sorted(key for key in _override_keys(config) if key.rpartition(".")[2] in PRETRAINED_SETTINGS)
         raise ValueError(
             f"--config_overrides cannot change {refused} of a pretrained {type(config).__name__}: they change the "
             f"architecture or what the saved weights mean. With --model_name_or_path only {allowed} can change; "
             "start from --config_name to build a different model."
         )
-    return {"config": _rebuild(config, changes)} if changes else {}
+    return {"config": rebuild_config(config, changes)} if changes else {}
 
 
 def _split_items(text: str | None) -> list[tuple[str, str]]:
@@ -766,17 +681,18 @@ def _sub_configs(config: PreTrainedConfig) -> dict[str, PreTrainedConfig]:
     }
 
 
-def _all_settable(config: PreTrainedConfig) -> dict[str, Any]:
-    """Every settable key of `config` as `{key: None}`, sub-configs nested, for listing valid keys."""
+def _override_keys(config: PreTrainedConfig, prefix: str = "") -> list[str]:
+    """Every key of `config` as --config_overrides spells it: a sub-config's keys prefixed (`encoder.hidden_size`)."""
     sub_configs = _sub_configs(config)
-    keys: dict[str, Any] = dict.fromkeys(_settable_keys(config) - set(sub_configs))
-    keys.update({name: _all_settable(sub) for name, sub in sub_configs.items()})
+    keys = [prefix + key for key in _settable_keys(config) - set(sub_configs)]
+    for name, sub in sub_configs.items():
+        keys += _override_keys(sub, f"{prefix}{name.removesuffix('_config')}.")
     return keys
 
 
 def _flat_keys(nested: Mapping[str, Any]) -> list[str]:
     """`{"a": 1, "encoder_config": {"b": 2}}` -> `["a", "encoder.b"]`, the way --config_overrides spells them."""
-    keys = []
+    keys: list[str] = []
     for key, value in nested.items():
         if isinstance(value, Mapping):
             keys.extend(f"{key.removesuffix('_config')}.{name}" for name in _flat_keys(value))
@@ -825,10 +741,7 @@ def _bad_value(spelled: str, raw: str, current: Any, expected: str) -> ValueErro
 
 def _unknown_key_error(key: str, valid: list[str], config: PreTrainedConfig) -> ValueError:
     closest = difflib.get_close_matches(key, valid, n=3, cutoff=0.6)
-    if closest:
-        hint = f"did you mean {' or '.join(closest)}?"
-    else:
-        hint = f"valid keys are {valid}."
+    hint = f"did you mean {' or '.join(closest)}?" if closest else f"valid keys are {valid}."
     return ValueError(f"--config_overrides: {type(config).__name__} has no {key!r}; {hint}")
 
 
@@ -845,35 +758,6 @@ def _constructor_kwargs(config: PreTrainedConfig) -> dict[str, Any]:
         if isinstance(getattr(config, key, None), PreTrainedConfig):
             kwargs[key] = _constructor_kwargs(getattr(config, key)) if value is not None else value
     return kwargs
-
-
-def _rebuild(config: PreTrainedConfig, updates: Mapping[str, Any]) -> PreTrainedConfig:
-    """A new `type(config)` from `config`'s values with `updates` on top (sub-config dicts merged key by key)."""
-    kwargs = _constructor_kwargs(config)
-    for key, value in updates.items():
-        if isinstance(value, Mapping) and isinstance(getattr(config, key, None), PreTrainedConfig):
-            kwargs[key] = {**kwargs[key], **value}
-        else:
-            kwargs[key] = value
-    return type(config)(**kwargs)
-
-
-def _merge_fixed(parsed: Mapping[str, Any], fixed: Mapping[str, Any], scope: str = "") -> dict[str, Any]:
-    """`parsed` plus the settings other arguments decide (`fixed`: `{key: (value, source)}`, nested for
-    sub-configs); an override that contradicts one of them is refused."""
-    merged = dict(parsed)
-    for key, spec in fixed.items():
-        if isinstance(spec, Mapping):
-            merged[key] = _merge_fixed(parsed.get(key, {}), spec, scope=f"{scope}{key.removesuffix('_config')}.")
-            continue
-        value, source = spec
-        if key in parsed and parsed[key] != value:
-            raise ValueError(
-                f"--config_overrides sets {scope}{key}={parsed[key]!r}, but {source} decides it ({value!r}); "
-                f"leave {scope}{key} out of --config_overrides."
-            )
-        merged[key] = value
-    return merged
 
 
 def _wherever(config: PreTrainedConfig, key: str, spec: tuple[Any, str]) -> dict[str, Any]:
@@ -900,62 +784,12 @@ def _changes(config: PreTrainedConfig, updates: Mapping[str, Any]) -> dict[str, 
     return changes
 
 
-def _saved_image_size(config: PreTrainedConfig) -> int | list[int] | tuple[int, int]:
-    # A tokenizer's resolution is its encoder's (the decoder's image_size is the grid of codes).
-    owner = config if hasattr(config, "image_size") else getattr(config, "encoder_config", None)
-    if owner is None or not hasattr(owner, "image_size"):
-        raise ValueError(f"{type(config).__name__} has no image_size to compare --image_size with.")
-    return owner.image_size
-
-
-def _as_pair(value: int | list[int] | tuple[int, int]) -> tuple[int, int]:
+def _as_pair(value: int | list[int] | tuple[int, int]) -> tuple[int, ...]:
     return tuple(value) if isinstance(value, (list, tuple)) else (value, value)
-
-
-def _hub_kwargs(hub_kwargs: Mapping[str, Any]) -> dict[str, Any]:
-    unknown = sorted(set(hub_kwargs) - set(HUB_KWARGS))
-    if unknown:
-        raise ValueError(f"hub_kwargs {unknown} are not supported; choose from {list(HUB_KWARGS)}.")
-    # `None` means "not given": from_pretrained then uses its own defaults.
-    return {key: value for key, value in hub_kwargs.items() if value is not None}
-
-
-def _named_config(
-    config_name: str,
-    config_class: type[PreTrainedConfig],
-    presets: Mapping[str, Any],
-    aliases: Mapping[str, str],
-    hub_kwargs: Mapping[str, Any],
-    preset_kwargs: Mapping[str, Any] | None = None,
-) -> PreTrainedConfig:
-    """A preset (or alias) of `config_class`, built by its `from_preset` with `preset_kwargs`, else the
-    `config_class` config that `AutoConfig` loads."""
-    name = aliases.get(config_name, config_name)
-    if name in presets:
-        return config_class.from_preset(name, **(preset_kwargs or {}))
-    choices = sorted(presets) + (sorted(aliases) if aliases else [])
-    try:
-        loaded = AutoConfig.from_pretrained(config_name, **_hub_kwargs(hub_kwargs))
-    except (OSError, ValueError) as error:
-        raise ValueError(
-            f"--config_name {config_name!r} is neither a preset {choices} nor a config AutoConfig can load: {error}"
-        ) from error
-    if loaded.model_type != config_class.model_type:
-        raise ValueError(
-            f"--config_name {config_name!r} is a {loaded.model_type!r} config; this script needs a "
-            f"{config_class.model_type!r} config or a preset {choices}."
-        )
-    if type(loaded) is not config_class:
-        # With trust_remote_code the Hub's copy of the class is loaded: rebuild it as this package's, so that its
-        # checks run and the model classes here accept it.
-        loaded = config_class(**_constructor_kwargs(loaded))
-    return loaded
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Trackers and the Hub, checked before training
-
-logger = logging.getLogger(__name__)
 
 TRACKERS = ("tensorboard", "wandb")  # what `--report_to all` may select
 # How to install each tracker transformers' Trainer can report to (the pretraining scripts offer tensorboard and
