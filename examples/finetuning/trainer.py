@@ -53,6 +53,10 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+# How to install each tracker `Trainer` can report to; the pretraining scripts' own (tensorboard, wandb) included.
+_PIP_TRACKERS = ("clearml", "codecarbon", "comet_ml", "dagshub", "dvclive", "mlflow", "neptune", "swanlab", "trackio")
+INSTALL_COMMANDS = {**{name: f"pip install {name}" for name in _PIP_TRACKERS}, **TRACKER_INSTALL_COMMANDS}
+
 # The `evaluate` metrics of the scripts, kept in this repository so that an evaluation needs no Hub access.
 METRICS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "metrics")
 
@@ -279,10 +283,10 @@ def check_trainer_start(
     """
     available = set(get_available_reporting_integrations())
     for name in report_to or []:
-        if name in TRACKER_INSTALL_COMMANDS and name not in available:
+        if name in INSTALL_COMMANDS and name not in available:
             raise SystemExit(
                 f"--report_to {name}: the {name} package is not installed. Install it with "
-                f"{TRACKER_INSTALL_COMMANDS[name]}, or pass --report_to none."
+                f"{INSTALL_COMMANDS[name]}, or pass --report_to none."
             )
     check_hub_access(push_to_hub, hub_model_id, output_dir, token)
 

@@ -197,8 +197,7 @@ class DataArguments:
     cache_dir: str | None = field(default=None, metadata={"help": "Cache for downloaded datasets."})
 
     def __post_init__(self):
-        sources = {"dataset_name": self.dataset_name, "train_dir": self.train_dir, "data_files": self.data_files}
-        given = [f"--{name}" for name, value in sources.items() if value]
+        given = [f"--{name}" for name in ("dataset_name", "train_dir", "data_files") if getattr(self, name)]
         if len(given) != 1:
             raise ValueError(
                 f"Give exactly one training source: --dataset_name, --train_dir or --data_files; got "
@@ -223,28 +222,12 @@ class DataArguments:
 
     def sources(self) -> ImageSources:
         """Where :func:`pretraining.data.load_datasets` reads, as its settings object."""
-        return ImageSources(
-            dataset_name=self.dataset_name,
-            dataset_config_name=self.dataset_config_name,
-            train_dir=self.train_dir,
-            data_files=self.data_files,
-            dataset_split=self.dataset_split,
-            validation_dir=self.validation_dir,
-            validation_split=self.validation_split,
-            train_val_split=self.train_val_split,
-            image_column_name=self.image_column_name,
-            streaming=self.streaming,
-            cache_dir=self.cache_dir,
-        )
+        return ImageSources(**{item.name: getattr(self, item.name) for item in dataclasses.fields(ImageSources)})
 
     def validation_sources(self) -> list[str]:
         """The validation options given, as flags (``["--validation_dir"]``); empty when none is."""
-        sources = {
-            "validation_dir": self.validation_dir,
-            "validation_split": self.validation_split,
-            "train_val_split": self.train_val_split,
-        }
-        return [f"--{name}" for name, value in sources.items() if value is not None]
+        names = ("validation_dir", "validation_split", "train_val_split")
+        return [f"--{name}" for name in names if getattr(self, name) is not None]
 
 
 @dataclass
@@ -428,37 +411,12 @@ class PretrainingArguments:
         return from_launcher
 
 
-def check_evaluation_arguments(
-    do_eval: bool, validation_sources: list[str], eval_steps: int | None, max_eval_samples: int | None
-) -> None:
-    """Checks that span both dataclasses: ``--do_eval`` needs a validation source (``validation_sources``, the flags
-    given, as ``DataArguments.validation_sources()`` lists them); eval options without it warn.
-
-    :func:`parse_arguments` calls it; call it yourself when building the dataclasses in code.
-    """
-    if do_eval and not validation_sources:
-        raise ValueError(
-            "--do_eval needs validation data: give --validation_dir (a folder of images), --validation_split (a "
-            "split of --dataset_name) or --train_val_split (a fraction of the training data held out)."
-        )
-    if not do_eval:
-        unused = validation_sources + [
-            f"--{name}"
-            for name, value in (("eval_steps", eval_steps), ("max_eval_samples", max_eval_samples))
-            if value is not None
-        ]
-        if unused:
-            logger.warning("%s given without --do_eval: no evaluation will run.", ", ".join(unused))
-
-
 def parse_arguments(dataclass_types: tuple[type, ...], args: list[str] | None = None) -> tuple:
-    """Parse the command line, or a single ``.json`` / ``.yaml`` / ``.yml`` file given as the only argument.
+    """Parse the command line, or a single ``.json`` / ``.yaml`` / ``.yml`` file given as the only argument, into one
+    instance per class in ``dataclass_types``, in that order.
 
-    Each dataclass checks its own values; when both a :class:`DataArguments` and a :class:`PretrainingArguments`
-    are parsed, :func:`check_evaluation_arguments` checks them together.
-
-    Returns:
-        One instance per class in ``dataclass_types``, in that order.
+    Each dataclass checks its own values; a :class:`DataArguments` and a :class:`PretrainingArguments` parsed together
+    are checked together too: ``--do_eval`` needs a validation source, and eval options without it warn.
     """
     # transformers annotates dataclass_types with a NewType that no plain dataclass matches.
     parser = HfArgumentParser(dataclass_types)  # type: ignore[arg-type]
@@ -476,13 +434,19 @@ def parse_arguments(dataclass_types: tuple[type, ...], args: list[str] | None = 
         outputs = parser.parse_dict(values)
     else:
         outputs = parser.parse_args_into_dataclasses(args=args)
-    data_args = [output for output in outputs if isinstance(output, DataArguments)]
-    training_args = [output for output in outputs if isinstance(output, PretrainingArguments)]
-    if data_args and training_args:
-        data, training = data_args[0], training_args[0]
-        check_evaluation_arguments(
-            training.do_eval, data.validation_sources(), training.eval_steps, data.max_eval_samples
-        )
+    data = next((output for output in outputs if isinstance(output, DataArguments)), None)
+    training = next((output for output in outputs if isinstance(output, PretrainingArguments)), None)
+    if data is not None and training is not None:
+        validation_sources = data.validation_sources()
+        if training.do_eval and not validation_sources:
+            raise ValueError(
+                "--do_eval needs validation data: give --validation_dir (a folder of images), --validation_split (a "
+                "split of --dataset_name) or --train_val_split (a fraction of the training data held out)."
+            )
+        eval_options = {"--eval_steps": training.eval_steps, "--max_eval_samples": data.max_eval_samples}
+        unused = validation_sources + [flag for flag, value in eval_options.items() if value is not None]
+        if unused and not training.do_eval:
+            logger.warning("%s given without --do_eval: no evaluation will run.", ", ".join(unused))
     return tuple(outputs)
 
 
@@ -633,11 +597,8 @@ def pretrained_config_updates(
         )
     if image_size is not None:
         # A tokenizer's resolution is its encoder's (the decoder's image_size is the grid of codes).
-        owner = config if hasattr(config, "image_size") else getattr(config, "encoder_config", None)
-        if owner is None or not hasattr(owner, "image_size"):
-            raise ValueError(f"{type(config).__name__} has no image_size to compare --image_size with.")
-        saved = owner.image_size
-        if _as_pair(image_size) != _as_pair(saved):
+        saved = getattr(config, "encoder_config", config).image_size
+        if (image_size, image_size) != (tuple(saved) if isinstance(saved, (list, tuple)) else (saved, saved)):
             raise ValueError(
                 f"--image_size {image_size} differs from the pretrained model's image_size {saved}: its position "
                 "embeddings / bias tables are sized for it. Leave --image_size out or set it to the saved one "
@@ -701,13 +662,6 @@ def _flat_keys(nested: Mapping[str, Any]) -> list[str]:
     return keys
 
 
-def _field_annotation(config: PreTrainedConfig, key: str) -> str:
-    if not dataclasses.is_dataclass(config):
-        return ""
-    annotations = {item.name: item.type for item in dataclasses.fields(config)}
-    return str(annotations.get(key, ""))
-
-
 def _typed_value(spelled: str, raw: str, config: PreTrainedConfig, key: str) -> Any:
     """`raw` as the type of `config.<key>`'s current value (`spelled` is the key as the user wrote it)."""
     current = getattr(config, key)
@@ -720,7 +674,8 @@ def _typed_value(spelled: str, raw: str, config: PreTrainedConfig, key: str) -> 
             return int(raw)
         except ValueError:
             # A field annotated `float | int` may hold an int now (e.g. a drop path rate of 0) and take a float.
-            if "float" not in _field_annotation(config, key):
+            annotations = {item.name: str(item.type) for item in dataclasses.fields(config)}
+            if "float" not in annotations.get(key, ""):
                 raise _bad_value(spelled, raw, current, "an int") from None
     if isinstance(current, (int, float)):
         try:
@@ -784,20 +739,13 @@ def _changes(config: PreTrainedConfig, updates: Mapping[str, Any]) -> dict[str, 
     return changes
 
 
-def _as_pair(value: int | list[int] | tuple[int, int]) -> tuple[int, ...]:
-    return tuple(value) if isinstance(value, (list, tuple)) else (value, value)
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # Trackers and the Hub, checked before training
 
 TRACKERS = ("tensorboard", "wandb")  # what `--report_to all` may select
-# How to install each tracker transformers' Trainer can report to (the pretraining scripts offer tensorboard and
-# wandb: TRACKERS).
-_PIP_TRACKERS = ("clearml", "codecarbon", "comet_ml", "dagshub", "dvclive", "mlflow", "neptune", "swanlab", "trackio")
 TRACKER_INSTALL_COMMANDS = {
-    **{name: f"pip install {name}" for name in (*_PIP_TRACKERS, "wandb")},
     "tensorboard": 'pip install -e ".[tensorboard]" (this project\'s extra) or pip install tensorboard',
+    "wandb": "pip install wandb",
 }
 
 
@@ -842,17 +790,11 @@ def _hub_network_errors() -> tuple[type[BaseException], ...]:
 
 
 def check_hub_access(push_to_hub: bool, hub_model_id: str | None, output_dir: str, token: str | None) -> str | None:
-    """With ``push_to_hub``, check the token and create the repo (or find it) now, before hours of training.
+    """With ``push_to_hub``, check the token and create the repo ``hub_model_id`` (else the name of ``output_dir``, in
+    the token's namespace) or find it now, before hours of training; return its full id (None without push_to_hub).
 
-    The repo is ``hub_model_id``, else the name of ``output_dir`` (in the token's namespace). Safe to call on
-    every rank (each exits with the same message) or only on the main process.
-
-    Returns:
-        The full repo id (``namespace/name``) to push to, or None without ``--push_to_hub``.
-
-    Raises:
-        SystemExit: with a one-line message (no traceback) when there is no token, the token is invalid or
-            read-only, the repo cannot be created or written, or the Hub cannot be reached (e.g. ``HF_HUB_OFFLINE``).
+    Exits with a one-line message (no traceback) when there is no token, the token is invalid or read-only, the repo
+    cannot be created or written, or the Hub cannot be reached (e.g. ``HF_HUB_OFFLINE``). Safe to call on every rank.
     """
     if not push_to_hub:
         return None
