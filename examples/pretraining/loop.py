@@ -291,13 +291,10 @@ def final_state(state: dict[str, Any], stop_reason: str | None, num_training_ste
 
 
 def end_training(accelerator: Accelerator) -> None:
-    """Forget the prepared objects, then stop the trackers and the process group.
-
-    Callers must first drop their own references to the prepared model, optimizer and DataLoader (`del model, ...`).
-    The order matters under gloo: a DDP wrapper that outlives the process group holds its last reference, and the
-    group's destructor then joins gloo's worker threads while holding the GIL; a worker freeing its last work item
-    needs the GIL too. That deadlock hung about one 2-rank CPU run in ten with torch 2.13.
-    """
+    """Forget the prepared objects, then stop the trackers and the process group; callers first `del` their own
+    references to the prepared model, optimizer and DataLoader. Under gloo, a DDP wrapper that outlives the process
+    group makes the group's destructor join gloo's workers while holding the GIL a worker needs to free its last work
+    item: that deadlock hung about one 2-rank CPU run in ten with torch 2.13."""
     # Private, but Accelerate has no public accessor for the models `prepare()` wrapped.
     models = [weakref.ref(model) for model in accelerator._models]
     accelerator.free_memory()  # forgets the prepared objects and runs gc.collect
@@ -358,11 +355,8 @@ def load_visual_tokenizer(
     flag: str = "--tokenizer_name_or_path",
     **hub_kwargs: Any,
 ) -> VisualTokenizer:
-    """The tokenizer at `name_or_path` in eval mode without gradients; a model of another class raises, with `hint`.
-
-    `hub_kwargs` (`revision`, `token`, `trust_remote_code`) go to `AutoModel.from_pretrained`; a location that does
-    not exist or cannot be read raises a ValueError naming `flag`.
-    """
+    """The tokenizer at `name_or_path` (`AutoModel.from_pretrained` with `hub_kwargs`) in eval mode without
+    gradients; a model of another class raises with `hint`, an unreadable location raises naming `flag`."""
     tokenizer = load_with_flag(flag, name_or_path, lambda: AutoModel.from_pretrained(name_or_path, **hub_kwargs))
     if not isinstance(tokenizer, expected):
         names = " or ".join(kind.__name__ for kind in expected)
@@ -444,7 +438,6 @@ def resolve_training_steps(max_steps: int, num_train_epochs: float, num_examples
 def resolve_warmup_steps(warmup_steps: float, num_training_steps: int) -> int:
     """``--warmup_steps`` in optimizer steps: as is when >= 1, else a fraction of ``num_training_steps`` rounded up
     (as transformers does). Warns when the warmup does not end before training does."""
-    check_range("num_training_steps", num_training_steps, low=1)
     warmup = int(warmup_steps) if warmup_steps >= 1 else math.ceil(warmup_steps * num_training_steps)
     if warmup >= num_training_steps:
         logger.warning(
@@ -498,9 +491,8 @@ class NonFiniteGuard:
 
     def __init__(self, accelerator: Accelerator, optimizer: torch.optim.Optimizer, num_nonfinite_steps: int = 0):
         self.accelerator = accelerator
-        self.optimizer: torch.optim.Optimizer = getattr(
-            optimizer, "optimizer", optimizer
-        )  # inside Accelerate's wrapper
+        # The torch optimizer inside Accelerate's wrapper.
+        self.optimizer: torch.optim.Optimizer = getattr(optimizer, "optimizer", optimizer)
         self.deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
         self.fused = not self.deepspeed and bool(self.optimizer.defaults.get("fused"))
         device = accelerator.device
@@ -613,8 +605,8 @@ class MetricsWindow:
             if count > 0:  # nothing finite to average: leave the name out
                 record[name] = total / count
         data_wait_fraction = self.data_wait / elapsed
-        record.update(extra, images_per_second=self.num_images * self.accelerator.num_processes / elapsed)
-        record["data_wait_fraction"] = data_wait_fraction
+        images_per_second = self.num_images * self.accelerator.num_processes / elapsed
+        record.update(extra, images_per_second=images_per_second, data_wait_fraction=data_wait_fraction)
         self.slow_windows = self.slow_windows + 1 if data_wait_fraction > DATA_WAIT_WARNING_FRACTION else 0
         if self.slow_windows == 2:
             logger.warning(
