@@ -20,14 +20,24 @@ last step (a checkpoint was saved: relaunch with --resume_from_checkpoint latest
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from modeling_beitv2 import BEITV2_PRESETS, BeitV2Config, BeitV2ForMaskedImageModeling, DVAEModel, VQKDModel
+from modeling_beitv2 import (
+    BEITV2_PRESETS,
+    BeitV2Config,
+    BeitV2ForMaskedImageModeling,
+    DVAEModel,
+    VQKDModel,
+    convert_to_native_feature_extractor,
+)
 from modeling_beitv2.attention import BEIT_FLEX_ATTENTION
 from pretraining.arguments import (
     DEFAULT_IMAGE_SIZE,
@@ -49,6 +59,8 @@ from pretraining.arguments import (
     resolve_frozen_model_precision,
 )
 from pretraining.checkpoints import (
+    EXPORT_TEMPORARY,
+    FEATURE_EXTRACTOR_DIR,
     check_run_identity,
     load_checkpoint,
     prepare_output_dir,
@@ -80,7 +92,6 @@ from pretraining.loop import (
     build_optimizer,
     check_model_type,
     end_training,
-    export_feature_extractor,
     export_model,
     final_state,
     frozen_forward,
@@ -94,8 +105,9 @@ from pretraining.loop import (
     tracker_config,
     write_record,
 )
-from pretraining.model_cards import hub_reference
+from pretraining.model_cards import hub_reference, write_model_card
 from processing import BeitV2ImageProcessor
+from processing.evaluation import evaluation_image_processor
 
 logger = logging.getLogger(__name__)
 
@@ -302,6 +314,43 @@ def evaluate(accelerator, model, tokenize, dataloader, num_masking_patches: int)
     model.train()
     totals = accelerator.reduce(totals, reduction="sum").tolist()
     return {f"eval_{name}": total / max(totals[-1], 1) for name, total in zip(names, totals, strict=False)}
+
+
+def export_feature_extractor(
+    output_dir: str | Path, image_processor: Any, *, hub_model_id: str | None, license: str | None
+) -> Path:
+    """Save the backbone of the MIM model saved in `output_dir` (read back from there, so that weights partitioned by
+    ZeRO-3 arrive whole) as a native transformers `BeitModel` in `output_dir/feature-extraction/`, with a native
+    `BeitImageProcessor` of the same evaluation view (shorter side to `image_size`, centre crop, the processor's
+    mean/std) and a model card.
+
+    Hosted inference widgets run no custom code; this folder needs none, so `pipeline("image-feature-extraction")`
+    works on it, on the Hub too (upload it as its own repo). Its `pooler_output` (`pool=True`) is the linear probe's
+    representation when the model has the patch-aggregation head ([CLS] after the final LayerNorm); without the head
+    native `beit` has no matching pooler and `pool=True` gives [CLS] (a warning says so). Returns the folder."""
+    folder = Path(output_dir) / FEATURE_EXTRACTOR_DIR
+    # Written aside and moved into place, so a failed write never leaves half a folder where a good one was.
+    staging = Path(output_dir) / f"{EXPORT_TEMPORARY}-{FEATURE_EXTRACTOR_DIR}"
+    shutil.rmtree(staging, ignore_errors=True)
+    model = BeitV2ForMaskedImageModeling.from_pretrained(output_dir)
+    native = convert_to_native_feature_extractor(model)
+    native.save_pretrained(staging)
+    evaluation_image_processor(
+        image_processor.image_size, tuple(image_processor.image_mean), tuple(image_processor.image_std), crop_pct=1.0
+    ).save_pretrained(staging)
+    write_model_card(
+        staging,
+        "feature_extractor",
+        config=native.config,
+        hub_model_id=f"{hub_model_id}-{FEATURE_EXTRACTOR_DIR}" if hub_model_id else None,
+        license=license,
+        base_model=hub_model_id,
+        family="beitv2" if model.config.use_patch_aggregation else "beit",
+    )
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(staging, folder)
+    logger.info("Saved the backbone as a native transformers BeitModel for feature extraction in %s", folder)
+    return folder
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -20,10 +20,10 @@ import PIL.Image
 import pytest
 import torch
 from conftest import run_without_package
+from run_mim import export_feature_extractor
 from transformers import AutoModel, BeitForImageClassification, BeitImageProcessor, BeitModel
 
 from modeling_beitv2 import BeitV2Config, BeitV2ForMaskedImageModeling, BeitV2Model, convert_mim_to_native_beit
-from pretraining.loop import export_feature_extractor
 from processing import BeitV2ImageProcessor
 from processing.evaluation import evaluation_image_processor
 

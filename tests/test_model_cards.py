@@ -370,8 +370,9 @@ def test_mim_snippet_runs(tmp_path, monkeypatch, tiny_beitv2_kwargs, saved_by):
 
 
 def test_feature_extractor_snippet_runs_without_custom_code(tmp_path, monkeypatch, tiny_beitv2_kwargs):
+    from run_mim import export_feature_extractor
+
     from modeling_beitv2 import BeitV2ForMaskedImageModeling
-    from pretraining.loop import export_feature_extractor
 
     mim_dir = tmp_path / "mim"
     BeitV2ForMaskedImageModeling(BeitV2Config(**tiny_beitv2_kwargs)).save_pretrained(mim_dir)

@@ -10,7 +10,7 @@ from transformers import BeitConfig, BeitForImageClassification, TrainingArgumen
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
-from pretraining.loop import apply_lr_scale, build_param_groups  # noqa: E402
+from finetuning.param_groups import layer_decay_param_groups  # noqa: E402
 
 NUM_LAYERS = 4
 BASE_LR = 3e-3
@@ -50,8 +50,8 @@ def expected_weight_decay(name: str, param: torch.Tensor) -> float:
 
 def test_every_group_lr_equals_layer_decay_formula():
     model = tiny_classifier()
-    groups = apply_lr_scale(
-        build_param_groups(model, weight_decay=0.05, layer_decay=DECAY, num_layers=NUM_LAYERS), BASE_LR
+    groups = layer_decay_param_groups(
+        model, weight_decay=0.05, learning_rate=BASE_LR, layer_decay=DECAY, num_layers=NUM_LAYERS
     )
     parameters = dict(model.named_parameters())
     seen = []
@@ -72,20 +72,22 @@ def test_every_group_lr_equals_layer_decay_formula():
 
 
 def test_without_layer_decay_every_group_has_the_base_lr():
-    groups = apply_lr_scale(build_param_groups(tiny_classifier(), weight_decay=0.05), BASE_LR)
+    groups = layer_decay_param_groups(tiny_classifier(), weight_decay=0.05, learning_rate=BASE_LR)
     assert len(groups) == 2
     assert all(group["lr"] == BASE_LR for group in groups)
 
 
 def test_layer_decay_needs_num_layers():
     with pytest.raises(ValueError, match="num_layers"):
-        build_param_groups(tiny_classifier(), weight_decay=0.05, layer_decay=0.65)
+        layer_decay_param_groups(tiny_classifier(), weight_decay=0.05, learning_rate=BASE_LR, layer_decay=0.65)
 
 
 def test_frozen_parameters_are_left_out():
     model = tiny_classifier()
     model.beit.requires_grad_(False)
-    groups = build_param_groups(model, weight_decay=0.05, layer_decay=DECAY, num_layers=NUM_LAYERS)
+    groups = layer_decay_param_groups(
+        model, weight_decay=0.05, learning_rate=BASE_LR, layer_decay=DECAY, num_layers=NUM_LAYERS
+    )
     assert sorted(name for group in groups for name in group["names"]) == ["classifier.bias", "classifier.weight"]
 
 

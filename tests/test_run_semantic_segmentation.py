@@ -16,8 +16,8 @@ from PIL import Image
 from run_semantic_segmentation import build_segmentation_model
 from transformers import AutoModelForSemanticSegmentation, UperNetForSemanticSegmentation, pipeline
 
+from finetuning.param_groups import layer_decay_param_groups
 from modeling_beitv2 import BeitV2Config, BeitV2ForMaskedImageModeling
-from pretraining.loop import build_param_groups
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "examples" / "run_semantic_segmentation.py"
@@ -197,7 +197,7 @@ def test_features_come_from_the_requested_blocks_and_every_block_learns(tmp_path
     last_block = model.backbone.beit.layers[-1]
     assert all(param.grad is not None and param.grad.abs().sum() > 0 for param in last_block.parameters())
     # Layer decay sees the backbone's layout under the UperNet prefix: embeddings 0, block i -> i + 1, rest L + 1.
-    groups = build_param_groups(model, weight_decay=0.05, layer_decay=0.5, num_layers=4)
+    groups = layer_decay_param_groups(model, weight_decay=0.05, learning_rate=1e-3, layer_decay=0.5, num_layers=4)
     scale_of = {name: group["lr_scale"] for group in groups for name in group["names"]}
     assert scale_of["backbone.beit.embeddings.patch_embeddings.projection.weight"] == 0.5**5
     assert scale_of["backbone.beit.layers.1.mlp.fc1.weight"] == 0.5**3

@@ -29,8 +29,8 @@ from transformers.integrations import get_available_reporting_integrations
 from transformers.trainer_utils import get_last_checkpoint
 
 import modeling_beitv2  # noqa: F401
+from finetuning.param_groups import layer_decay_param_groups
 from pretraining.arguments import TRACKER_INSTALL_COMMANDS, check_hub_access, parse_arguments
-from pretraining.loop import apply_lr_scale, build_param_groups
 from pretraining.model_cards import (
     LICENSE_HELP,
     check_hub_model_id,
@@ -118,8 +118,8 @@ def pixel_normaliser(image_processor: BeitImageProcessor) -> Callable[[PIL.Image
 class LayerDecayTrainer(Trainer):
     """`Trainer` with BEiT's parameter groups and soft-target cross entropy.
 
-    - `create_optimizer` builds the weight-decay / layer-decay groups of `pretraining.loop.build_param_groups`, each
-      with its own initial lr, and hands them to the optimizer class `TrainingArguments.optim` selects.
+    - `create_optimizer` builds the weight-decay / layer-decay groups of `finetuning.param_groups`, each with its
+      own initial lr, and hands them to the optimizer class `TrainingArguments.optim` selects.
     - `compute_loss` takes soft labels `(batch, num_classes)` (mixup/cutmix/label smoothing) with
       `-sum(target * log_softmax(logits))`; integer labels (class ids, segmentation maps) go to the model's own loss.
     - `train_data_collator` is used for the training dataloader only, so evaluation sees unmixed hard labels.
@@ -167,14 +167,14 @@ class LayerDecayTrainer(Trainer):
     def create_optimizer(self, model=None) -> torch.optim.Optimizer:
         if self.optimizer is None:
             opt_model = cast(PreTrainedModel, self.model if model is None else model)
-            groups = build_param_groups(
+            groups = layer_decay_param_groups(
                 opt_model,
                 weight_decay=self.args.weight_decay,
+                learning_rate=self.args.learning_rate,
                 layer_decay=self.layer_decay,
                 # A segmentation model (UperNet) keeps the backbone's depth in its backbone config.
                 num_layers=getattr(opt_model.config, "backbone_config", opt_model.config).num_hidden_layers,
             )
-            apply_lr_scale(groups, self.args.learning_rate)
             for group in groups:
                 group.pop("names")
             optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)

@@ -1,13 +1,6 @@
-"""What the pretraining loops (`run_vqkd.py`, `run_mim.py`, `run_pixel_decoder.py`) call; the loops themselves live in
-the scripts' `main()`, and nothing here calls a script back: copy a script and change its loop freely.
-
-Set-up: the Accelerator, frozen models (the visual tokenizer or teacher, kept out of `prepare()` and of ZeRO-3, run
-under their own autocast), AdamW over weight-decay / layer-decay parameter groups, the learning-rate schedule (the
-paper's lr scaled to the total batch, the step count, the warmup). While the loop runs: :class:`NonFiniteGuard`
-skips (and counts) every update whose gradients are not finite without a per-step sync, :class:`StopSignal` turns
-SIGTERM/SIGINT into a flag all ranks agree on, :class:`MetricsWindow` reduces a logging window's metrics in one
-all-reduce. At the end: export of the model, image processor and card, Hub upload, and a clean shutdown.
-"""
+"""What the pretraining scripts (`run_vqkd.py`, `run_mim.py`, `run_pixel_decoder.py`) call around the training loop
+of their `main()`: set-up (accelerator, frozen models, optimizer, learning-rate schedule), what the loop watches
+(non-finite steps, stop signals, metrics), and the export at the end. Nothing here calls a script back."""
 
 from __future__ import annotations
 
@@ -17,8 +10,6 @@ import json
 import logging
 import math
 import os
-import re
-import shutil
 import signal
 import time
 import weakref
@@ -30,23 +21,11 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
 from huggingface_hub import HfApi
-from torch import nn
 from transformers import AutoModel, PretrainedConfig, get_scheduler
 from transformers.integrations import is_deepspeed_zero3_enabled, unset_hf_deepspeed_config
 
-from modeling_beitv2 import (
-    BeitV2ForMaskedImageModeling,
-    DVAEModel,
-    VQKDModel,
-    convert_to_native_feature_extractor,
-)
-from pretraining.arguments import (
-    LR_SCHEDULER_CHOICES,
-    MIN_LR_SCHEDULERS,
-    check_choice,
-    check_range,
-    check_report_to,
-)
+from modeling_beitv2 import DVAEModel, VQKDModel
+from pretraining.arguments import LR_SCHEDULER_CHOICES, MIN_LR_SCHEDULERS, check_choice, check_range, check_report_to
 from pretraining.checkpoints import (
     CHECKPOINT_PREFIX,
     EXPORT_PREVIOUS,
@@ -60,14 +39,11 @@ from pretraining.checkpoints import (
     resume_advice,
     write_export,
 )
-from pretraining.model_cards import write_model_card
-from processing.evaluation import evaluation_image_processor
+from pretraining.model_cards import CardKind, write_model_card
 
 logger = logging.getLogger(__name__)
 
-# EX_TEMPFAIL from sysexits.h ("temporary failure; the user is invited to retry"): the exit status of a run stopped
-# by SIGTERM/SIGINT before its last step, after saving a checkpoint. Schedulers can requeue on it and the next
-# launch resumes with --resume_from_checkpoint latest. A finished run exits 0, a signal on the last step included.
+# EX_TEMPFAIL (sysexits.h): a signal stopped the run before its last step, after a checkpoint; schedulers requeue on it.
 PREEMPTED_EXIT_CODE = 75
 
 
@@ -94,13 +70,12 @@ def build_accelerator(
         level=logging.INFO if accelerator.is_local_main_process else logging.WARNING,
         force=True,
     )
-    rank, world_size, distributed_type = (
-        accelerator.process_index,
-        accelerator.num_processes,
-        accelerator.distributed_type,
+    print(
+        f"[rank {accelerator.process_index}] world size {accelerator.num_processes}, distributed type "
+        f"{accelerator.distributed_type.value}, device {accelerator.device}, mixed precision "
+        f"{accelerator.mixed_precision}",
+        flush=True,
     )
-    print(f"[rank {rank}] world size {world_size}, distributed type {distributed_type.value}, device "
-          f"{accelerator.device}, mixed precision {accelerator.mixed_precision}", flush=True)  # fmt: skip
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         # The DataLoader is not prepared (it is already sharded per rank), so Accelerate cannot infer these; an
         # explicit value in the DeepSpeed JSON wins over the arguments.
@@ -128,7 +103,7 @@ def outside_zero3(accelerator: Accelerator) -> Iterator[None]:
         accelerator.state.deepspeed_plugin.set_deepspeed_weakref()
 
 
-_AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+_AUTOCAST_DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def frozen_forward(
@@ -138,11 +113,9 @@ def frozen_forward(
     `precision`'s autocast ("fp16" / "bf16"; "fp32": none), compiled when `compile`. Accelerate autocasts only
     prepared models, and in fp32 the tokenizer costs as much as the training step on a GPU; VQ-KD's nearest-code
     search stays fp32 inside the model whatever the autocast."""
-    if precision not in _AUTOCAST_DTYPES and precision != "fp32":
-        raise ValueError(f"precision must be one of fp32, fp16, bf16; got {precision!r}.")
     if compile:
         function = torch.compile(function)
-    device_type, dtype = accelerator.device.type, _AUTOCAST_DTYPES.get(precision)
+    device_type, dtype = accelerator.device.type, _AUTOCAST_DTYPES[precision]
 
     def run(*args: Any, **kwargs: Any) -> Any:
         with torch.no_grad(), torch.autocast(device_type, dtype=dtype, enabled=dtype is not None):
@@ -151,28 +124,43 @@ def frozen_forward(
     return run
 
 
-def build_optimizer(
+def build_param_groups(
     model: torch.nn.Module,
-    learning_rate: float,
-    *,
     weight_decay: float,
-    betas: tuple[float, float],
-    eps: float,
-    no_weight_decay_names: tuple[str, ...] = ("cls_token", "position_embeddings"),
+    no_weight_decay_names: Iterable[str] = ("cls_token", "position_embeddings"),
+    layer_id: Callable[[str], int] | None = None,
+) -> list[dict[str, Any]]:
+    """The trainable parameters as AdamW groups with `params`, `names` and `weight_decay`, one per (`layer_id(name)`,
+    decayed or not), in that order; `finetuning.param_groups` gives each layer its own learning rate.
+
+    No weight decay goes to 1-D parameters (norms, layer scales), biases, and any parameter whose name ends with one
+    of `no_weight_decay_names`.
+    """
+    no_decay_suffixes = (".bias", *no_weight_decay_names)
+    groups: dict[tuple[int, bool], dict[str, Any]] = {}
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            skip_decay = param.ndim <= 1 or name.endswith(no_decay_suffixes)
+            key = (layer_id(name) if layer_id else 0, skip_decay)
+            group = groups.setdefault(
+                key, {"params": [], "names": [], "weight_decay": 0.0 if skip_decay else weight_decay}
+            )
+            group["params"].append(param)
+            group["names"].append(name)
+    return [groups[key] for key in sorted(groups)]
+
+
+def build_optimizer(
+    model: torch.nn.Module, learning_rate: float, *, weight_decay: float, betas: tuple[float, float], eps: float
 ) -> torch.optim.AdamW:
-    """AdamW over the reference's no-weight-decay groups, fused when every parameter is on a CPU or CUDA device:
-    the fastest kernel on GPUs, and it honours `optimizer.found_inf` (see :class:`NonFiniteGuard`)."""
-    groups = build_param_groups(model, weight_decay, no_weight_decay_names=no_weight_decay_names)
-    groups = [{"params": group["params"], "weight_decay": group["weight_decay"]} for group in groups]
-    devices = {param.device.type for group in groups for param in group["params"]}
-    fused = devices <= {"cpu", "cuda"}
-    return torch.optim.AdamW(
-        groups,
-        lr=learning_rate,
-        betas=betas,
-        eps=eps,
-        fused=fused or None,
-    )
+    """AdamW over :func:`build_param_groups`, fused when every parameter is on a CPU or CUDA device: the fastest
+    kernel on GPUs, and it honours `optimizer.found_inf` (see :class:`NonFiniteGuard`)."""
+    groups = [
+        {"params": group["params"], "weight_decay": group["weight_decay"]}
+        for group in build_param_groups(model, weight_decay)
+    ]
+    fused = {param.device.type for group in groups for param in group["params"]} <= {"cpu", "cuda"}
+    return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps, fused=fused or None)
 
 
 def gradient_norm(
@@ -210,7 +198,7 @@ def export_model(
     image_processor: Any,
     output_dir: str,
     *,
-    card_kind: str,
+    card_kind: CardKind,
     card_fields: dict[str, Any],
     dataset_name: str | None,
     training_card: dict[str, Any],
@@ -238,24 +226,22 @@ def export_model(
             f"exported (a previous export in {output_dir}, if any, is untouched); {resume_advice(output_dir)}."
         )
     card_id = repo_id or hub_model_id  # the id it will be uploaded to (or was named for later upload)
-    fields = {
-        **card_fields,
-        "model_name": card_id.split("/")[-1] if card_id else Path(output_dir).resolve().name,  # not the staging folder
-        "datasets": [dataset_name] if dataset_name else [],
-        "training_args": training_card,
-        "metrics": {key: value for key, value in last_metrics.items() if key != "step"},
-    }
+    unwrapped = accelerator.unwrap_model(model)
 
     def write(folder: Path) -> None:
-        accelerator.unwrap_model(model).save_pretrained(folder, state_dict=state_dict)
+        unwrapped.save_pretrained(folder, state_dict=state_dict)
         image_processor.save_pretrained(folder)
         write_model_card(
             folder,
             card_kind,
-            config=accelerator.unwrap_model(model).config,
+            config=unwrapped.config,
             hub_model_id=card_id,  # never the local folder
             license=license,
-            **fields,
+            **card_fields,
+            model_name=card_id.split("/")[-1] if card_id else Path(output_dir).resolve().name,  # not the staging one
+            datasets=[dataset_name] if dataset_name else [],
+            training_args=training_card,
+            metrics={key: value for key, value in last_metrics.items() if key != "step"},
         )
 
     failure = None
@@ -289,43 +275,6 @@ def export_model(
     accelerator.wait_for_everyone()
 
 
-def export_feature_extractor(
-    output_dir: str | Path, image_processor: Any, *, hub_model_id: str | None, license: str | None
-) -> Path:
-    """Save the backbone of the MIM model saved in `output_dir` (read back from there, so that weights partitioned by
-    ZeRO-3 arrive whole) as a native transformers `BeitModel` in `output_dir/feature-extraction/`, with a native
-    `BeitImageProcessor` of the same evaluation view (shorter side to `image_size`, centre crop, the processor's
-    mean/std) and a model card.
-
-    Hosted inference widgets run no custom code; this folder needs none, so `pipeline("image-feature-extraction")`
-    works on it, on the Hub too (upload it as its own repo). Its `pooler_output` (`pool=True`) is the linear probe's
-    representation when the model has the patch-aggregation head ([CLS] after the final LayerNorm); without the head
-    native `beit` has no matching pooler and `pool=True` gives [CLS] (a warning says so). Returns the folder."""
-    folder = Path(output_dir) / FEATURE_EXTRACTOR_DIR
-    # Written aside and moved into place, so a failed write never leaves half a folder where a good one was.
-    staging = Path(output_dir) / f"{EXPORT_TEMPORARY}-{FEATURE_EXTRACTOR_DIR}"
-    shutil.rmtree(staging, ignore_errors=True)
-    model = BeitV2ForMaskedImageModeling.from_pretrained(output_dir)
-    native = convert_to_native_feature_extractor(model)
-    native.save_pretrained(staging)
-    evaluation_image_processor(
-        image_processor.image_size, tuple(image_processor.image_mean), tuple(image_processor.image_std), crop_pct=1.0
-    ).save_pretrained(staging)
-    write_model_card(
-        staging,
-        "feature_extractor",
-        config=native.config,
-        hub_model_id=f"{hub_model_id}-{FEATURE_EXTRACTOR_DIR}" if hub_model_id else None,
-        license=license,
-        base_model=hub_model_id,
-        family="beitv2" if model.config.use_patch_aggregation else "beit",
-    )
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(staging, folder)
-    logger.info("Saved the backbone as a native transformers BeitModel for feature extraction in %s", folder)
-    return folder
-
-
 def final_state(state: dict[str, Any], stop_reason: str | None, num_training_steps: int, output_dir: str) -> dict:
     """`state` plus `stop_reason` (None, "nonfinite" or the signal's name) and `preempted` (a signal stopped the run
     before its last step: exit with :data:`PREEMPTED_EXIT_CODE`). A non-finite stop raises a RuntimeError."""
@@ -335,21 +284,19 @@ def final_state(state: dict[str, Any], stop_reason: str | None, num_training_ste
             f"loss or gradient ({state['num_nonfinite_steps']} in all). A checkpoint was saved in {output_dir}; "
             f"{resume_advice(output_dir)}."
         )
-    preempted = stop_reason is not None and state["step"] < num_training_steps
     if stop_reason is not None:
         logger.warning("Stopped by %s at step %d after saving a checkpoint.", stop_reason, state["step"])
+    preempted = stop_reason is not None and state["step"] < num_training_steps
     return {**state, "stop_reason": stop_reason, "preempted": preempted}
 
 
 def end_training(accelerator: Accelerator) -> None:
-    """Forget the prepared objects, then stop the trackers and the process group.
-
-    Callers must first drop their own references to the prepared model, optimizer and DataLoader (`del model, ...`).
-    The order matters under gloo: a DDP wrapper that outlives the process group holds its last reference, and the
-    group's destructor then joins gloo's worker threads while holding the GIL; a worker freeing its last work item
-    needs the GIL too. That deadlock hung about one 2-rank CPU run in ten with torch 2.13.
-    """
-    models = [weakref.ref(model) for model in _prepared_models(accelerator)]
+    """Forget the prepared objects, then stop the trackers and the process group; callers first `del` their own
+    references to the prepared model, optimizer and DataLoader. Under gloo, a DDP wrapper that outlives the process
+    group makes the group's destructor join gloo's workers while holding the GIL a worker needs to free its last work
+    item: that deadlock hung about one 2-rank CPU run in ten with torch 2.13."""
+    # Private, but Accelerate has no public accessor for the models `prepare()` wrapped.
+    models = [weakref.ref(model) for model in accelerator._models]
     accelerator.free_memory()  # forgets the prepared objects and runs gc.collect
     alive = [model() for model in models if model() is not None]
     if alive and accelerator.num_processes > 1:
@@ -362,40 +309,27 @@ def end_training(accelerator: Accelerator) -> None:
     accelerator.end_training()
 
 
-def _prepared_models(accelerator: Accelerator) -> list[torch.nn.Module]:
-    # Private on purpose, and only here: Accelerate lists the models `prepare()` wrapped only in `_models` (no public
-    # accessor), and `end_training` needs them to tell whether one outlives `free_memory()`.
-    return list(accelerator._models)
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # Frozen visual tokenizers
 
 VisualTokenizer = VQKDModel | DVAEModel
 
 
-def check_model_location(flag: str, name_or_path: str) -> None:
-    """Refuse a value of ``flag`` that looks like a local path but is no folder: transformers would read it as a Hub
-    repo id and answer with a message about repo ids."""
+def load_with_flag(flag: str, name_or_path: str, load: Callable[[], Any]) -> Any:
+    """``load()`` of the model ``flag`` names; a location that does not exist or cannot be read is one line naming
+    the flag and the value (not a Hub repo-id traceback)."""
     expanded = os.path.expanduser(name_or_path)
-    looks_local = (
-        os.path.isabs(name_or_path) or name_or_path.startswith((".", "~")) or name_or_path.count("/") > 1
-    ) or os.path.exists(expanded)
-    if looks_local and not os.path.isdir(expanded):
+    looks_local = os.path.isabs(name_or_path) or name_or_path.startswith((".", "~")) or name_or_path.count("/") > 1
+    if (looks_local or os.path.exists(expanded)) and not os.path.isdir(expanded):
+        # transformers would read it as a Hub repo id and answer with a message about repo ids
         what = (
             "is a file, not a model folder" if os.path.exists(expanded) else "no such folder (and not a Hub repo id)"
         )
         raise ValueError(f"{flag} {name_or_path}: {what}.")
-
-
-def load_with_flag(flag: str, name_or_path: str, load: Callable[[], Any]) -> Any:
-    """``load()`` of the model ``flag`` names; a location that does not exist or cannot be read is one line naming
-    the flag and the value (not a Hub repo-id traceback)."""
-    check_model_location(flag, name_or_path)
     try:
         return load()
     except OSError as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        first_line = (str(error).strip() or type(error).__name__).splitlines()[0]
         raise ValueError(f"{flag} {name_or_path}: {first_line}") from error
 
 
@@ -416,16 +350,13 @@ def check_model_type(
 
 def load_visual_tokenizer(
     name_or_path: str,
-    expected: tuple[type, ...] = (VQKDModel, DVAEModel),
+    expected: tuple[type[VQKDModel] | type[DVAEModel], ...] = (VQKDModel, DVAEModel),
     hint: str = "",
     flag: str = "--tokenizer_name_or_path",
     **hub_kwargs: Any,
 ) -> VisualTokenizer:
-    """The tokenizer at `name_or_path` in eval mode without gradients; a model of another class raises, with `hint`.
-
-    `hub_kwargs` (`revision`, `token`, `trust_remote_code`) go to `AutoModel.from_pretrained`; a location that does
-    not exist or cannot be read raises a ValueError naming `flag`.
-    """
+    """The tokenizer at `name_or_path` (`AutoModel.from_pretrained` with `hub_kwargs`) in eval mode without
+    gradients; a model of another class raises with `hint`, an unreadable location raises naming `flag`."""
     tokenizer = load_with_flag(flag, name_or_path, lambda: AutoModel.from_pretrained(name_or_path, **hub_kwargs))
     if not isinstance(tokenizer, expected):
         names = " or ".join(kind.__name__ for kind in expected)
@@ -437,8 +368,6 @@ def load_visual_tokenizer(
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Learning rate and step counts
-
-logger = logging.getLogger(__name__)
 
 
 def total_batch_size(per_device_batch_size: int, gradient_accumulation_steps: int, num_processes: int) -> int:
@@ -458,21 +387,17 @@ def resolve_learning_rate(
     min_learning_rate: float,
     lr_scheduler_type: str,
 ) -> float:
-    """``learning_rate`` (``--learning_rate``), or the paper's peak lr scaled linearly from its batch size to the
-    total batch.
+    """``--learning_rate``, or the paper's peak lr scaled linearly from its batch size to the total batch; logged.
 
-    Logs the result and where it comes from, and warns when it is not above ``--min_learning_rate``: a small
-    total batch scales the paper's lr down so far (1.5e-3 at 2048 -> 5.9e-6 at 8) that a short run learns nothing,
-    and the min-lr cosine schedules then stay flat.
+    Warns when it is not above ``--min_learning_rate``: a small total batch scales the paper's lr down so far (1.5e-3
+    at 2048 -> 5.9e-6 at 8) that a short run learns nothing, and the min-lr schedules then stay flat.
     """
-    check_range("paper_batch", paper_batch, low=1)
     batch = total_batch_size(per_device_batch_size, gradient_accumulation_steps, num_processes)
-    if learning_rate is not None:
-        given, origin = True, "--learning_rate"
-    else:
-        given = False
+    origin, advice = "--learning_rate", "raise --learning_rate or lower --min_learning_rate"
+    if learning_rate is None:
         learning_rate = paper_lr * batch / paper_batch
         origin = f"the paper's {paper_lr:.3g} at batch {paper_batch} scaled linearly to the total batch {batch}"
+        advice = "pass --learning_rate or use a larger total batch"
     logger.info(
         "Peak learning rate %.3g (%s; %d per device x %d accumulation steps x %d processes).",
         learning_rate,
@@ -484,11 +409,6 @@ def resolve_learning_rate(
     if learning_rate <= min_learning_rate:
         flat = (
             f", so the {lr_scheduler_type} schedule stays flat at it" if lr_scheduler_type in MIN_LR_SCHEDULERS else ""
-        )
-        advice = (
-            "pass --learning_rate or use a larger total batch"
-            if not given
-            else "raise --learning_rate or lower --min_learning_rate"
         )
         logger.warning(
             "The peak learning rate %.3g (%s) is not above --min_learning_rate %.3g%s: a short run at this lr "
@@ -504,11 +424,7 @@ def resolve_learning_rate(
 
 def resolve_training_steps(max_steps: int, num_train_epochs: float, num_examples: int | None, total_batch: int) -> int:
     """``max_steps`` when positive, else ``num_train_epochs`` of ``num_examples`` at ``total_batch`` examples per
-    step (at least one step).
-
-    Raises:
-        ValueError: epochs were asked for but the stream does not know its size (``num_examples`` is None).
-    """
+    step (at least one step); a ValueError when epochs are asked for a stream of unknown size."""
     if max_steps > 0:
         return max_steps
     if num_examples is None:
@@ -516,18 +432,13 @@ def resolve_training_steps(max_steps: int, num_train_epochs: float, num_examples
             "The number of training examples is unknown for this stream, so --num_train_epochs "
             f"{num_train_epochs} cannot be turned into steps; give --max_steps."
         )
-    steps_per_epoch = max(1, num_examples // total_batch)
-    return max(1, math.ceil(num_train_epochs * steps_per_epoch))
+    return max(1, math.ceil(num_train_epochs * max(1, num_examples // total_batch)))
 
 
 def resolve_warmup_steps(warmup_steps: float, num_training_steps: int) -> int:
-    """``warmup_steps`` (``--warmup_steps``) in optimizer steps: taken as is when >= 1, else a fraction of ``num_training_steps``
-    (rounded up, as transformers does). Warns when the warmup does not end before training does."""
-    check_range("num_training_steps", num_training_steps, low=1)
-    if warmup_steps >= 1:
-        warmup = int(warmup_steps)
-    else:
-        warmup = math.ceil(warmup_steps * num_training_steps)
+    """``--warmup_steps`` in optimizer steps: as is when >= 1, else a fraction of ``num_training_steps`` rounded up
+    (as transformers does). Warns when the warmup does not end before training does."""
+    warmup = int(warmup_steps) if warmup_steps >= 1 else math.ceil(warmup_steps * num_training_steps)
     if warmup >= num_training_steps:
         logger.warning(
             "The warmup (%d steps) lasts the whole run (%d steps): the peak learning rate is never passed. "
@@ -545,99 +456,25 @@ def build_lr_scheduler(
     num_training_steps: int,
     warmup_steps: float,
     min_learning_rate: float,
-) -> torch.optim.lr_scheduler.LambdaLR:
-    """transformers' ``get_scheduler(lr_scheduler_type)`` with :func:`resolve_warmup_steps` of warmup.
-
-    Stepped once per optimizer step. The min-lr schedules end at ``--min_learning_rate``, as a fraction of the
-    optimizer's default lr (so every parameter group ends at the same fraction of its own lr); a min lr above the
-    peak is lowered to the peak (a flat schedule, which :func:`resolve_learning_rate` warns about).
-    """
+) -> torch.optim.lr_scheduler.LRScheduler:
+    """transformers' ``get_scheduler(lr_scheduler_type)``, stepped once per optimizer step, with
+    :func:`resolve_warmup_steps` of warmup. The min-lr schedules end at ``min_learning_rate`` as a fraction of the
+    optimizer's default lr, so every parameter group ends at the same fraction of its own lr; a min lr above the
+    peak gives a flat schedule."""
     check_choice("lr_scheduler_type", lr_scheduler_type, LR_SCHEDULER_CHOICES)
-    warmup = resolve_warmup_steps(warmup_steps, num_training_steps)
-    scheduler_kwargs = None
-    if lr_scheduler_type in MIN_LR_SCHEDULERS:
-        peak = optimizer.defaults["lr"]
-        scheduler_kwargs = {"min_lr_rate": min(min_learning_rate, peak) / peak}
+    peak = optimizer.defaults["lr"]
+    min_lr_rate = min(min_learning_rate, peak) / peak
     return get_scheduler(
         lr_scheduler_type,
         optimizer,
-        num_warmup_steps=warmup,
+        num_warmup_steps=resolve_warmup_steps(warmup_steps, num_training_steps),
         num_training_steps=num_training_steps,
-        scheduler_specific_kwargs=scheduler_kwargs,
+        scheduler_specific_kwargs={"min_lr_rate": min_lr_rate} if lr_scheduler_type in MIN_LR_SCHEDULERS else None,
     )
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Parameter groups: weight-decay exclusions and layer-wise lr decay
-
-_LAYER_PATTERN = re.compile(r"(?:^|\.)layers\.(\d+)\.")
-_EMBEDDING_PATTERN = re.compile(r"(?:^|\.)embeddings\.")
-
-
-def layer_id_for_parameter(name: str, num_layers: int) -> int:
-    """BEiT's layer numbering for layer decay: 0 for the embeddings, ``i + 1`` for block ``i``, ``L + 1`` otherwise.
-
-    "Otherwise" covers the heads and the shared relative position bias (the reference also puts its shared
-    bias at the top, so it keeps the full learning rate).
-    """
-    if _EMBEDDING_PATTERN.search(name):
-        return 0
-    match = _LAYER_PATTERN.search(name)
-    if match:
-        return int(match.group(1)) + 1
-    return num_layers + 1
-
-
-def build_param_groups(
-    model: nn.Module,
-    weight_decay: float,
-    no_weight_decay_names: Iterable[str] = ("cls_token", "position_embeddings"),
-    layer_decay: float | None = None,
-    num_layers: int | None = None,
-) -> list[dict]:
-    """Split trainable parameters into groups for AdamW.
-
-    No weight decay goes to 1-D parameters (norms, layer scales), biases, and any parameter whose name ends
-    with one of ``no_weight_decay_names``. With ``layer_decay``, each group also gets ``lr_scale =
-    layer_decay ** (num_layers + 1 - layer_id)``; :func:`apply_lr_scale` turns it into the group's ``lr``.
-
-    Returns:
-        A list of dicts with ``params``, ``weight_decay``, ``lr_scale`` and ``names`` (for logging and tests).
-    """
-    if layer_decay is not None and num_layers is None:
-        raise ValueError("layer_decay needs num_layers (the number of Transformer blocks).")
-    no_decay_suffixes = tuple(no_weight_decay_names)
-    groups: dict[tuple[int, bool], dict] = {}
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        skip_decay = param.ndim <= 1 or name.endswith(".bias") or name.endswith(no_decay_suffixes)
-        layer_id = layer_id_for_parameter(name, num_layers) if layer_decay is not None else 0
-        key = (layer_id, skip_decay)
-        if key not in groups:
-            scale = layer_decay ** (num_layers + 1 - layer_id) if layer_decay is not None else 1.0
-            groups[key] = {
-                "params": [],
-                "names": [],
-                "weight_decay": 0.0 if skip_decay else weight_decay,
-                "lr_scale": scale,
-            }
-        groups[key]["params"].append(param)
-        groups[key]["names"].append(name)
-    return [groups[key] for key in sorted(groups)]
-
-
-def apply_lr_scale(param_groups: list[dict], learning_rate: float) -> list[dict]:
-    """Set each group's initial ``lr`` to ``learning_rate * lr_scale`` (schedulers then scale it over time)."""
-    for group in param_groups:
-        group["lr"] = learning_rate * group.get("lr_scale", 1.0)
-    return param_groups
-
-
-# ---------------------------------------------------------------------------------------------------------------------
 # What the loop watches while it runs
-
-logger = logging.getLogger(__name__)
 
 # Above this fraction of a logging window spent waiting for the next batch, the GPU idles for the input pipeline.
 DATA_WAIT_WARNING_FRACTION = 0.1
@@ -646,17 +483,16 @@ DATA_WAIT_WARNING_FRACTION = 0.1
 class NonFiniteGuard:
     """Skips every optimizer update whose gradients are not finite, and counts such steps, without a per-step sync.
 
-    A non-finite gradient norm (after a NaN/inf loss, or an overflow in a finite loss's backward) sets
-    `found_inf` on the fused AdamW, which then leaves the weights, its moments and its step count untouched -- the
-    mechanism `torch.amp.GradScaler` uses. The counters stay on the device; :meth:`longest_run` is read at logging
-    steps. Without a fused AdamW the gradients are dropped instead (AdamW skips parameters without gradients), which
-    needs a sync. Under DeepSpeed, whose engine steps inside `backward`, :meth:`allows_backward` checks the loss on
-    every rank before it (a sync per micro-batch).
+    A non-finite gradient norm sets `found_inf` on the fused AdamW, which then leaves the weights, its moments and its
+    step count untouched (the mechanism of `torch.amp.GradScaler`); the counters stay on the device. Without a fused
+    AdamW the gradients are dropped instead (a sync). Under DeepSpeed, whose engine steps inside `backward`,
+    :meth:`allows_backward` checks the loss on every rank first (a sync per micro-batch).
     """
 
     def __init__(self, accelerator: Accelerator, optimizer: torch.optim.Optimizer, num_nonfinite_steps: int = 0):
         self.accelerator = accelerator
-        self.optimizer = getattr(optimizer, "optimizer", optimizer)  # inside Accelerate's wrapper
+        # The torch optimizer inside Accelerate's wrapper.
+        self.optimizer: torch.optim.Optimizer = getattr(optimizer, "optimizer", optimizer)
         self.deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
         self.fused = not self.deepspeed and bool(self.optimizer.defaults.get("fused"))
         device = accelerator.device
@@ -667,10 +503,7 @@ class NonFiniteGuard:
 
     def allows_backward(self, loss: torch.Tensor) -> bool:
         """False when the loss is not finite on some rank under DeepSpeed; always True otherwise (no sync)."""
-        if not self.deepspeed:
-            return True
-        bad = (~torch.isfinite(loss.detach())).float().reshape(1)
-        if self.accelerator.reduce(bad, reduction="sum").item() > 0:
+        if self.deepspeed and on_any_rank(self.accelerator, not torch.isfinite(loss.detach()).all().item()):
             self.skipped_backward.fill_(1.0)
             return False
         return True
@@ -683,7 +516,8 @@ class NonFiniteGuard:
         if grad_norm is not None:
             found_inf = torch.maximum(found_inf, (~torch.isfinite(grad_norm)).float())
         if self.fused:
-            self.optimizer.found_inf = found_inf
+            # torch's Optimizer does not declare it: fused AdamW reads it with getattr(self, "found_inf", None).
+            self.optimizer.found_inf = found_inf  # type: ignore[attr-defined]
         elif not self.deepspeed and found_inf.item():
             for group in self.optimizer.param_groups:
                 for param in group["params"]:
@@ -714,10 +548,7 @@ class StopSignal:
         """The signal's name when the loop must stop now (on every rank at once), else None."""
         if accelerator.num_processes == 1:
             return self.received
-        if not is_logging_step:
-            return None
-        flag = torch.tensor([float(self.received is not None)], device=accelerator.device)
-        if accelerator.reduce(flag, reduction="sum").item() == 0:
+        if not is_logging_step or not on_any_rank(accelerator, self.received is not None):
             return None
         return self.received or "a signal to another rank"
 
@@ -757,12 +588,11 @@ class MetricsWindow:
     def add(self, metrics: dict[str, torch.Tensor | None], valid: torch.Tensor | None = None) -> None:
         """Add scalar device tensors (None values are skipped); those where `valid` is False are left out."""
         for name, value in metrics.items():
-            if value is None:
-                continue
-            value = value.detach().float()
-            keep = torch.isfinite(value) if valid is None else valid
-            self.sums[name] = self.sums.get(name, 0) + torch.where(keep, value, 0.0)
-            self.counts[name] = self.counts.get(name, 0) + keep.float()
+            if value is not None:
+                value = value.detach().float()
+                keep = torch.isfinite(value) if valid is None else valid
+                self.sums[name] = self.sums.get(name, 0) + torch.where(keep, value, 0.0)
+                self.counts[name] = self.counts.get(name, 0) + keep.float()
 
     def log(self, step: int, extra: dict[str, float | int]) -> dict[str, Any]:
         """Reduce the window over all ranks (one sync), write it with `extra`, and start a new window."""
@@ -775,8 +605,8 @@ class MetricsWindow:
             if count > 0:  # nothing finite to average: leave the name out
                 record[name] = total / count
         data_wait_fraction = self.data_wait / elapsed
-        record.update(extra, images_per_second=self.num_images * self.accelerator.num_processes / elapsed)
-        record["data_wait_fraction"] = data_wait_fraction
+        images_per_second = self.num_images * self.accelerator.num_processes / elapsed
+        record.update(extra, images_per_second=images_per_second, data_wait_fraction=data_wait_fraction)
         self.slow_windows = self.slow_windows + 1 if data_wait_fraction > DATA_WAIT_WARNING_FRACTION else 0
         if self.slow_windows == 2:
             logger.warning(
