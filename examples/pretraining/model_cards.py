@@ -1,44 +1,22 @@
 """Model cards for everything this project saves, as the Hub parses them (`huggingface_hub.ModelCard`).
 
-The training scripts and the checkpoint converter call [`write_model_card`] once their model is saved::
-
-    from pretraining.model_cards import write_model_card
-
-    write_model_card(
-        training_args.output_dir,
-        "classifier",                       # one of CARD_KINDS
-        config=model.config,                # sizes, grid, codebook and paper preset are read from it
-        hub_model_id="user/beitv2-base-patch16-224-ft1k",   # None: the usage snippet shows a placeholder
-        license="mit",                      # None: no license in the metadata (the card says to choose one)
-        family="beitv2",                    # which paper's numbers apply (derived from the config when it tells)
-        base_model="user/beitv2-base-patch16-224-pt1k-mim",
-        datasets=["imagenet-1k"],
-        training_args={"learning_rate": 5e-4, "epochs": 100, ...},   # how the script was run
-        metrics={"eval_accuracy": 0.851, "lr": 1e-6},   # what the run logged; only evaluation metrics are kept
-    )
-
-The card is the template `model_cards/<kind>.md` (its YAML front matter gives `library_name`, `pipeline_tag` and
-`tags`; its body has `${...}` placeholders) combined with a `huggingface_hub.ModelCardData`:
-
-- `model-index` holds the evaluation metrics the run measured ([`EVAL_METRICS`] is an allow-list: training-loop
-  numbers such as `lr`, `grad_norm` or `images_per_second` never reach the card), and is absent when nothing was
-  measured;
-- image size, patch size, grid, widths, depths and codebook come from the saved model's config, and the paper's
-  numbers are shown only when that config matches one of the paper's presets;
-- the usage snippet loads the Hub id, or a marked placeholder when there is none: never a local path.
+[`write_model_card`] fills the template `model_cards/<kind>.md` with the sizes of the saved model's config, the
+evaluation metrics its run measured, and the papers' numbers (`model_cards/paper_results.json`) when the config
+matches one of their presets. docs/hub.md ("Model cards") describes what a card holds.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
 import re
 import string
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
@@ -52,8 +30,8 @@ from modeling_beitv2.configuration_vqkd import vqkd_encoder_config
 logger = logging.getLogger(__name__)
 
 TEMPLATES_DIR = Path(__file__).resolve().parents[2] / "model_cards"
-CARD_KINDS = ("vqkd", "mim", "feature_extractor", "classifier", "segmentation", "dvae", "pixel_decoder")
 CardKind = Literal["vqkd", "mim", "feature_extractor", "classifier", "segmentation", "dvae", "pixel_decoder"]
+CARD_KINDS: tuple[CardKind, ...] = get_args(CardKind)
 # The config `model_type` each kind of card describes: a card is never written for another kind of model.
 CARD_MODEL_TYPES = {
     "vqkd": "beitv2_vqkd",
@@ -135,15 +113,18 @@ def split_front_matter(text: str) -> tuple[dict[str, Any], str]:
     return metadata, text[end + len("\n---\n") :]
 
 
+def _grid(image_size: int, patch_size: int, side: int) -> dict[str, Any]:
+    return {"image_size": image_size, "patch_size": patch_size, "patch_grid": f"{side}x{side}"}
+
+
+def _attributes(config: PretrainedConfig, *names: str) -> dict[str, Any]:
+    return {name: getattr(config, name) for name in names}
+
+
 def _vit_rows(config: PretrainedConfig) -> dict[str, Any]:
-    side = config.image_size // config.patch_size
     return {
-        "image_size": config.image_size,
-        "patch_size": config.patch_size,
-        "patch_grid": f"{side}x{side}",
-        "hidden_size": config.hidden_size,
-        "num_hidden_layers": config.num_hidden_layers,
-        "num_attention_heads": config.num_attention_heads,
+        **_grid(config.image_size, config.patch_size, config.image_size // config.patch_size),
+        **_attributes(config, "hidden_size", "num_hidden_layers", "num_attention_heads"),
         "size_preset": match_vit_preset(config) or "custom",
     }
 
@@ -154,47 +135,37 @@ def describe_architecture(config: PretrainedConfig) -> dict[str, Any]:
     them. Raises a ValueError for a config of a model this project does not save."""
     model_type = config.model_type
     if model_type == "beitv2_vqkd":
-        rows = _vit_rows(config.encoder_config)
-        rows["size_preset"] = match_vqkd_preset(config) or "custom"
-        rows["decoder_layers"] = config.decoder_config.num_hidden_layers
-        rows["codebook_size"] = config.codebook_size
-        rows["code_dim"] = config.code_dim
-        rows["teacher_dim"] = config.teacher_dim
-    elif model_type == "beitv2":
-        rows = _vit_rows(config)
-        rows["visual_token_vocab_size"] = config.vocab_size
-        rows["use_patch_aggregation"] = config.use_patch_aggregation
-    elif model_type == "beit":
-        rows = {**_vit_rows(config), "num_labels": config.num_labels}
-    elif model_type == "upernet":
-        rows = {**_vit_rows(config.backbone_config), "num_labels": config.num_labels}
-    elif model_type == "beit_dvae":
+        return {
+            **_vit_rows(config.encoder_config),
+            "size_preset": match_vqkd_preset(config) or "custom",
+            "decoder_layers": config.decoder_config.num_hidden_layers,
+            **_attributes(config, "codebook_size", "code_dim", "teacher_dim"),
+        }
+    if model_type == "beitv2":
+        return {
+            **_vit_rows(config),
+            "visual_token_vocab_size": config.vocab_size,
+            "use_patch_aggregation": config.use_patch_aggregation,
+        }
+    if model_type in ("beit", "upernet"):
+        return {**_vit_rows(_vit_config(config)), "num_labels": config.num_labels}
+    if model_type == "beit_dvae":
         side = config.patch_grid[0]  # three 2x poolings: one code per 8x8 pixels
-        rows = {
-            "image_size": config.image_size,
-            "patch_size": config.image_size // side,
-            "patch_grid": f"{side}x{side}",
-            "codebook_size": config.codebook_size,
-            "hidden_size": config.hidden_size,
+        return {
+            **_grid(config.image_size, config.image_size // side, side),
+            **_attributes(config, "codebook_size", "hidden_size"),
         }
-    elif model_type == "beitv2_vqkd_pixel_decoder":
-        side = config.patch_grid[0]
-        rows = {
-            "image_size": config.image_size,
-            "patch_size": config.patch_size,
-            "patch_grid": f"{side}x{side}",
-            "codebook_size": config.codebook_size,
-            "code_dim": config.code_dim,
-            "hidden_size": config.hidden_size,
-            "num_hidden_layers": config.num_hidden_layers,
-            "num_attention_heads": config.num_attention_heads,
+    if model_type == "beitv2_vqkd_pixel_decoder":
+        return {
+            **_grid(config.image_size, config.patch_size, config.patch_grid[0]),
+            **_attributes(
+                config, "codebook_size", "code_dim", "hidden_size", "num_hidden_layers", "num_attention_heads"
+            ),
         }
-    else:
-        raise ValueError(
-            f"No model card description for model_type {model_type!r}; this project writes cards for "
-            f"{sorted(set(CARD_MODEL_TYPES.values()))}."
-        )
-    return rows
+    raise ValueError(
+        f"No model card description for model_type {model_type!r}; this project writes cards for "
+        f"{sorted(set(CARD_MODEL_TYPES.values()))}."
+    )
 
 
 def derived_family(config: PretrainedConfig) -> str | None:
@@ -207,10 +178,8 @@ def derived_family(config: PretrainedConfig) -> str | None:
 
 
 def measured_metrics(metrics: Mapping[str, Any] | None) -> dict[str, float]:
-    """The finite evaluation metrics of `metrics` that [`EVAL_METRICS`] knows, as floats, in its order.
-
-    Everything else a run logged (`lr`, `grad_norm`, `images_per_second`, `data_wait_fraction`, the training
-    loss, `eval_runtime`, ...) is dropped: it describes the training run, not the model."""
+    """The finite evaluation metrics of `metrics` that [`EVAL_METRICS`] knows, as floats, in its order; the rest
+    describes the training run, not the model."""
     metrics = dict(metrics or {})
     kept = {}
     for name in EVAL_METRICS:
@@ -281,7 +250,7 @@ def check_license(license: str | None) -> None:
         )
 
 
-def _markdown_table(header: tuple[str, ...], rows: Iterable[tuple[Any, ...]]) -> str:
+def _markdown_table(header: tuple[str, ...], rows: Iterable[Sequence[Any]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(_format_value(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
@@ -426,61 +395,6 @@ def write_model_card(
     return path
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# The papers' published numbers, and which model they describe
-
-PAPER_BEITV2 = "BEiT v2 paper (Peng et al., 2022)"
-PAPER_BEIT = "BEiT paper (Bao et al., 2021)"
-
-# (family, size preset) -> rows of (what, setting, value, source). Fixed numbers from the papers, never measured
-# here; all for ViT-*/16 models.
-PAPER_RESULTS: dict[tuple[str, str], list[tuple[str, str, str, str]]] = {
-    ("beitv2", "base"): [
-        ("ImageNet-1k fine-tuning top-1 (%)", "ViT-B/16, 300 epochs pretraining", "85.0", PAPER_BEITV2),
-        ("ImageNet-1k fine-tuning top-1 (%)", "ViT-B/16, 1600 epochs pretraining", "85.5", PAPER_BEITV2),
-        ("ImageNet-1k linear probe top-1 (%)", "ViT-B/16, 300 epochs pretraining", "80.1", PAPER_BEITV2),
-        ("ADE20K mIoU", "ViT-B/16 + UperNet, 300 epochs pretraining", "52.7", PAPER_BEITV2),
-        ("ADE20K mIoU", "ViT-B/16 + UperNet, 1600 epochs pretraining", "53.1", PAPER_BEITV2),
-    ],
-    ("beitv2", "large"): [
-        ("ImageNet-1k fine-tuning top-1 (%)", "ViT-L/16, 300 epochs pretraining", "86.6", PAPER_BEITV2),
-        ("ImageNet-1k fine-tuning top-1 (%)", "ViT-L/16, 1600 epochs pretraining", "87.3", PAPER_BEITV2),
-        ("ADE20K mIoU", "ViT-L/16 + UperNet, 300 epochs pretraining", "55.0", PAPER_BEITV2),
-        ("ADE20K mIoU", "ViT-L/16 + UperNet, 1600 epochs pretraining", "56.7", PAPER_BEITV2),
-    ],
-    ("beit", "base"): [
-        ("ImageNet-1k fine-tuning top-1 (%)", "ViT-B/16", "83.2", PAPER_BEIT),
-        ("ImageNet-1k linear probe top-1 (%)", "ViT-B/16", "56.7", PAPER_BEIT),
-    ],
-    ("beit", "large"): [
-        ("ImageNet-1k fine-tuning top-1 (%)", "ViT-L/16, 800 epochs pretraining", "85.2", PAPER_BEIT),
-    ],
-}
-# VQ-KD preset -> the paper's tokenizer ablation rows (Table 4), for an 8192 x 32 codebook on 16 px patches.
-PAPER_VQKD_RESULTS: dict[str, list[tuple[str, str, str, str]]] = {
-    "base-decoder3": [
-        (
-            "reconstruction loss",
-            "ViT-B encoder, 3x768x12 decoder, 8192x32 codebook",
-            "0.145",
-            PAPER_BEITV2 + ", Table 4",
-        ),
-        ("codebook usage", "ViT-B encoder, 3x768x12 decoder, 8192x32 codebook", "95%", PAPER_BEITV2 + ", Table 4"),
-    ],
-    "base-decoder1": [
-        ("reconstruction loss", "ViT-B encoder, 1x768x12 decoder", "0.164", PAPER_BEITV2 + ", Table 4"),
-        ("codebook usage", "ViT-B encoder, 1x768x12 decoder", "100%", PAPER_BEITV2 + ", Table 4"),
-    ],
-}
-PAPER_PATCH_SIZE = 16
-PAPER_CODEBOOK = (8192, 32)
-# Which paper rows describe a model of each kind (the MIM model is described by what it fine-tunes to).
-_PAPER_ROWS_FOR_KIND = {
-    "classifier": ("ImageNet-1k fine-tuning", "ImageNet-1k linear probe"),
-    "feature_extractor": ("ImageNet-1k linear probe",),
-    "segmentation": ("ADE20K",),
-    "mim": ("ImageNet-1k", "ADE20K"),
-}
 _VIT_SIZE_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
 
 
@@ -512,17 +426,20 @@ def _vit_config(config: PretrainedConfig) -> PretrainedConfig:
     return getattr(config, "encoder_config", None) or getattr(config, "backbone_config", None) or config
 
 
-def paper_results_rows(kind: str, config: PretrainedConfig, family: str | None) -> list[tuple[str, str, str, str]]:
+def paper_results_rows(kind: str, config: PretrainedConfig, family: str | None) -> list[list[str]]:
     """The paper's numbers that describe a model of this kind and config: rows of the paper's preset that the
     config matches (same widths, depth and 16 px patches; for VQ-KD also the 8192 x 32 codebook), else none."""
+    paper = json.loads((TEMPLATES_DIR / "paper_results.json").read_text(encoding="utf-8"))
+    rows: list[list[str]]
     if kind == "vqkd":
-        same_setup = (config.codebook_size, config.code_dim) == PAPER_CODEBOOK and (
-            config.encoder_config.patch_size == PAPER_PATCH_SIZE
+        same_setup = [config.codebook_size, config.code_dim] == paper["vqkd_codebook"] and (
+            config.encoder_config.patch_size == paper["patch_size"]
         )
-        return list(PAPER_VQKD_RESULTS.get(match_vqkd_preset(config), [])) if same_setup else []
-    prefixes = _PAPER_ROWS_FOR_KIND.get(kind)
+        rows = paper["vqkd"].get(match_vqkd_preset(config) or "", [])
+        return rows if same_setup else []
+    prefixes = paper["rows_for_kind"].get(kind)
     vit = _vit_config(config)
-    if not prefixes or family is None or vit.patch_size != PAPER_PATCH_SIZE:
+    if not prefixes or family is None or vit.patch_size != paper["patch_size"]:
         return []
-    rows = PAPER_RESULTS.get((family, match_vit_preset(vit) or ""), [])
-    return [row for row in rows if row[0].startswith(prefixes)]
+    rows = paper["vit"].get(family, {}).get(match_vit_preset(vit) or "", [])
+    return [row for row in rows if row[0].startswith(tuple(prefixes))]
