@@ -7,6 +7,7 @@ matches one of their presets. docs/hub.md ("Model cards") describes what a card 
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -25,7 +26,7 @@ from huggingface_hub.utils import validate_repo_id
 from transformers import PretrainedConfig
 
 from modeling_beitv2 import BEITV2_PRESETS, VQKD_PRESETS
-from modeling_beitv2.configuration_vqkd import vqkd_encoder_config
+from modeling_beitv2.configuration_vqkd import VQKD_VIT_SIZES
 
 logger = logging.getLogger(__name__)
 
@@ -68,36 +69,16 @@ class MetricSpec:
     of_this_model: bool = True
 
 
-_CLASSIFICATION = ("image-classification", "Image classification")
-_SEGMENTATION = ("image-segmentation", "Semantic segmentation")
-_MIM = ("masked-image-modeling", "Masked image modeling (held-out images)")
-_TOKENIZATION = ("image-feature-extraction", "Visual tokenization (held-out images)")
-_PIXELS = ("image-to-image", "Pixels from VQ-KD codes (held-out images)")
-_LINEAR_PROBE = ("image-classification", "Linear probe on frozen features")
-_KNN = ("image-classification", "k-NN classification on frozen features")
-
-# The allow-list of evaluation metrics the scripts log. Anything else a script logged (lr, grad_norm,
-# images_per_second, data_wait_fraction, the training loss, eval_runtime, ...) stays off the card.
-EVAL_METRICS: dict[str, MetricSpec] = {
-    "eval_accuracy": MetricSpec(*_CLASSIFICATION, "accuracy", "Top-1 accuracy"),
-    "eval_top5_accuracy": MetricSpec(*_CLASSIFICATION, "accuracy", "Top-5 accuracy"),
-    "eval_mean_iou": MetricSpec(*_SEGMENTATION, "mean_iou", "Mean IoU"),
-    "eval_mean_accuracy": MetricSpec(*_SEGMENTATION, "mean_accuracy", "Mean class accuracy"),
-    "eval_overall_accuracy": MetricSpec(*_SEGMENTATION, "accuracy", "Pixel accuracy"),
-    "eval_mim_accuracy": MetricSpec(*_MIM, "accuracy", "Masked-token accuracy"),
-    "eval_loss_mim": MetricSpec(*_MIM, "loss", "Masked-token cross-entropy"),
-    "eval_aggregation_accuracy": MetricSpec(*_MIM, "accuracy", "Masked-token accuracy, aggregation head"),
-    "eval_loss_aggregation": MetricSpec(*_MIM, "loss", "Masked-token cross-entropy, aggregation head"),
-    "eval_reconstruction_cosine": MetricSpec(*_TOKENIZATION, "cosine_similarity", "Cosine to the teacher features"),
-    "eval_loss_quantization": MetricSpec(*_TOKENIZATION, "loss", "Quantization loss"),
-    "eval_codebook_usage": MetricSpec(*_TOKENIZATION, "codebook_usage", "Fraction of codes used"),
-    "eval_perplexity": MetricSpec(*_TOKENIZATION, "perplexity", "Code perplexity"),
-    "eval_psnr": MetricSpec(*_PIXELS, "psnr", "PSNR (dB)"),
-    "eval_baseline_psnr": MetricSpec(*_PIXELS, "psnr", "PSNR (dB) of the mean-patch baseline", of_this_model=False),
-    "linear_probe_top1": MetricSpec(*_LINEAR_PROBE, "accuracy", "Top-1 accuracy"),
-    "linear_probe_top5": MetricSpec(*_LINEAR_PROBE, "accuracy", "Top-5 accuracy"),
-    "knn_top1": MetricSpec(*_KNN, "accuracy", "Top-1 accuracy (weighted k-NN)"),
-}
+@functools.cache
+def eval_metrics() -> Mapping[str, MetricSpec]:
+    """The allow-list of evaluation metrics the scripts log (`model_cards/eval_metrics.json`), in its order. Anything
+    else a run logged (`lr`, `grad_norm`, the training loss, `eval_runtime`, ...) stays off the card."""
+    table = json.loads((TEMPLATES_DIR / "eval_metrics.json").read_text(encoding="utf-8"))
+    return {
+        name: MetricSpec(task["type"], task["name"], metric_type, metric_name, name not in table["baselines"])
+        for task in table["tasks"]
+        for name, (metric_type, metric_name) in task["metrics"].items()
+    }
 
 
 def split_front_matter(text: str) -> tuple[dict[str, Any], str]:
@@ -178,17 +159,13 @@ def derived_family(config: PretrainedConfig) -> str | None:
 
 
 def measured_metrics(metrics: Mapping[str, Any] | None) -> dict[str, float]:
-    """The finite evaluation metrics of `metrics` that [`EVAL_METRICS`] knows, as floats, in its order; the rest
+    """The finite evaluation metrics of `metrics` that [`eval_metrics`] knows, as floats, in its order; the rest
     describes the training run, not the model."""
     metrics = dict(metrics or {})
-    kept = {}
-    for name in EVAL_METRICS:
-        if name not in metrics:
-            continue
-        value = float(metrics[name])
-        if math.isfinite(value):
-            kept[name] = value
-        else:
+    kept = {name: float(metrics[name]) for name in eval_metrics() if name in metrics}
+    for name, value in list(kept.items()):
+        if not math.isfinite(value):
+            del kept[name]
             logger.warning("%s is %s: left off the model card.", name, value)
     left_off = sorted(set(metrics) - set(kept))
     if left_off:
@@ -197,9 +174,8 @@ def measured_metrics(metrics: Mapping[str, Any] | None) -> dict[str, float]:
 
 
 def eval_results(metrics: Mapping[str, float], dataset: str | None) -> list[EvalResult]:
-    """`model-index` entries for the measured metrics that are this model's results (baselines excluded).
-
-    `dataset` is the Hub id of the evaluation data; None for local images."""
+    """`model-index` entries for the measured metrics that are this model's results (baselines excluded), on the
+    Hub dataset `dataset` (None: local images)."""
     return [
         EvalResult(
             task_type=spec.task_type,
@@ -211,7 +187,7 @@ def eval_results(metrics: Mapping[str, float], dataset: str | None) -> list[Eval
             metric_value=value,
         )
         for name, value in metrics.items()
-        if (spec := EVAL_METRICS[name]).of_this_model
+        if (spec := eval_metrics()[name]).of_this_model
     ]
 
 
@@ -278,25 +254,19 @@ def build_model_card(
     tags: Iterable[str] = (),
     teacher: str | None = None,
 ) -> ModelCard:
-    """Render the `kind` template for a model with this `config` into a `huggingface_hub.ModelCard`.
+    """Render the `kind` template (one of [`CARD_KINDS`], matching the config's `model_type`) into a
+    `huggingface_hub.ModelCard`; every size on the card is read from `config`.
 
     Args:
-        kind: one of [`CARD_KINDS`]; it must match the config's `model_type` (see [`CARD_MODEL_TYPES`]).
-        config: the saved model's config: every size on the card is read from it.
         model_name: the card's title and `model-index` name (the repo or folder name, not a path).
-        hub_model_id: the Hub repo id the usage snippet loads; None: a marked placeholder, with a note to upload
-            the folder first.
+        hub_model_id: the Hub repo id the usage snippet loads; None: a marked placeholder.
         license: a Hub license id for the metadata; None leaves it out and the card says none was chosen.
-        family: `"beitv2"` or `"beit"`, the paper whose numbers may describe the model; None: derived from the
-            config where it tells (see [`derived_family`]), else no paper numbers.
-        base_model: the Hub id of the model this one was trained from (`base_model` metadata).
-        datasets: Hub dataset ids used for training (`datasets` metadata); the first also names the evaluation
-            data in `model-index`.
+        family: `"beitv2"` or `"beit"`, the paper whose numbers may describe the model; None: [`derived_family`].
+        base_model: the Hub id of the model this one was trained from (the pixel decoder's tokenizer).
+        datasets: Hub dataset ids used for training; the first also names the evaluation data in `model-index`.
         training_args: how the model was trained (or converted), shown as a table.
-        metrics: what the run logged; the evaluation metrics among them ([`measured_metrics`]) become the
-            `model-index` results and the "measured" table.
+        metrics: what the run logged; its evaluation metrics ([`measured_metrics`]) become the card's results.
         source_note: one sentence on where the weights come from.
-        tags: extra Hub tags, added to the template's.
         teacher: the VQ-KD teacher's name, shown in the description.
     """
     if kind not in CARD_KINDS:
@@ -325,7 +295,6 @@ def build_model_card(
     values = {
         **{key: _format_value(value) for key, value in architecture.items()},
         "model_id": model_id,
-        # What the model was trained from (the pixel decoder's snippet loads its tokenizer from there).
         "base_model_id": base_model or BASE_MODEL_PLACEHOLDER,
         "title": model_name,
         "family_name": _FAMILY_NAMES.get(family or "", "BEiT"),
@@ -349,7 +318,7 @@ def build_model_card(
             f"Measured on held-out images of {datasets[0] if datasets else 'the local evaluation data'}:\n\n"
             + _markdown_table(
                 ("metric", "value", "meaning"),
-                ((name, value, EVAL_METRICS[name].metric_name) for name, value in measured.items()),
+                ((name, value, eval_metrics()[name].metric_name) for name, value in measured.items()),
             )
             if measured
             else "No evaluation metrics were measured by this project for this checkpoint."
@@ -398,25 +367,24 @@ def write_model_card(
 _VIT_SIZE_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
 
 
+def _matching_size(config: PretrainedConfig, sizes: Mapping[str, Mapping[str, Any]]) -> str | None:
+    """The name of the entry of `sizes` whose widths and depth `config` has, or None."""
+    found = tuple(getattr(config, key, None) for key in _VIT_SIZE_KEYS)
+    return next((name for name, size in sizes.items() if found == tuple(size[key] for key in _VIT_SIZE_KEYS)), None)
+
+
 def match_vit_preset(config: PretrainedConfig) -> str | None:
     """The name of the `BEITV2_PRESETS` size (`"tiny"` ... `"large"`) whose widths and depth `config` has, or None."""
-    sizes = tuple(getattr(config, key, None) for key in _VIT_SIZE_KEYS)
-    for name, preset in BEITV2_PRESETS.items():
-        if sizes == tuple(preset[key] for key in _VIT_SIZE_KEYS):
-            return name
-    return None
+    return _matching_size(config, BEITV2_PRESETS)
 
 
 def match_vqkd_preset(config: PretrainedConfig) -> str | None:
     """The name of the `VQKD_PRESETS` tokenizer (e.g. `"base-decoder3"`) whose encoder widths and depth and
     decoder depth a `VQKDConfig` has, or None."""
-    encoder = config.encoder_config
-    sizes = tuple(getattr(encoder, key) for key in _VIT_SIZE_KEYS)
+    encoder_size = _matching_size(config.encoder_config, VQKD_VIT_SIZES)
+    decoder_layers = config.decoder_config.num_hidden_layers
     for name, preset in VQKD_PRESETS.items():
-        preset_encoder = vqkd_encoder_config(preset["size"])
-        if sizes == tuple(preset_encoder[key] for key in _VIT_SIZE_KEYS) and (
-            config.decoder_config.num_hidden_layers == preset["decoder_layers"]
-        ):
+        if (preset["size"], preset["decoder_layers"]) == (encoder_size, decoder_layers):
             return name
     return None
 
