@@ -83,15 +83,13 @@ def eval_metrics() -> Mapping[str, MetricSpec]:
 
 def split_front_matter(text: str) -> tuple[dict[str, Any], str]:
     """Split a card into its parsed YAML front matter and its markdown body."""
-    if not text.startswith("---\n"):
-        raise ValueError("A model card must start with a '---' YAML front-matter block.")
-    end = text.find("\n---\n", 4)
-    if end < 0:
-        raise ValueError("The YAML front matter of the model card is not closed by a '---' line.")
-    metadata = yaml.safe_load(text[4:end]) or {}
+    front_matter = re.match(r"---\n(.*?)\n---\n", text, re.DOTALL)
+    if front_matter is None:
+        raise ValueError("A model card must start with a YAML front-matter block between two '---' lines.")
+    metadata = yaml.safe_load(front_matter[1]) or {}
     if not isinstance(metadata, dict):
         raise ValueError(f"The model card front matter is a {type(metadata).__name__}, expected a mapping.")
-    return metadata, text[end + len("\n---\n") :]
+    return metadata, text[front_matter.end() :]
 
 
 def _grid(image_size: int, patch_size: int, side: int) -> dict[str, Any]:
@@ -111,9 +109,9 @@ def _vit_rows(config: PretrainedConfig) -> dict[str, Any]:
 
 
 def describe_architecture(config: PretrainedConfig) -> dict[str, Any]:
-    """The sizes a card shows, read from a saved model's config: image and patch size (px), the patch grid,
-    width, depth, heads, the size preset it matches (or `"custom"`), and codebook / labels where the model has
-    them. Raises a ValueError for a config of a model this project does not save."""
+    """The sizes a card shows, read from the saved config of one of the [`CARD_MODEL_TYPES`]: image and patch size
+    (px), the patch grid, width, depth, heads, the size preset it matches (or `"custom"`), and codebook / labels
+    where the model has them."""
     model_type = config.model_type
     if model_type == "beitv2_vqkd":
         return {
@@ -129,24 +127,19 @@ def describe_architecture(config: PretrainedConfig) -> dict[str, Any]:
             "use_patch_aggregation": config.use_patch_aggregation,
         }
     if model_type in ("beit", "upernet"):
-        return {**_vit_rows(_vit_config(config)), "num_labels": config.num_labels}
+        vit = config.backbone_config if model_type == "upernet" else config
+        return {**_vit_rows(vit), "num_labels": config.num_labels}
     if model_type == "beit_dvae":
         side = config.patch_grid[0]  # three 2x poolings: one code per 8x8 pixels
         return {
             **_grid(config.image_size, config.image_size // side, side),
             **_attributes(config, "codebook_size", "hidden_size"),
         }
-    if model_type == "beitv2_vqkd_pixel_decoder":
-        return {
-            **_grid(config.image_size, config.patch_size, config.patch_grid[0]),
-            **_attributes(
-                config, "codebook_size", "code_dim", "hidden_size", "num_hidden_layers", "num_attention_heads"
-            ),
-        }
-    raise ValueError(
-        f"No model card description for model_type {model_type!r}; this project writes cards for "
-        f"{sorted(set(CARD_MODEL_TYPES.values()))}."
-    )
+    pixel_decoder_sizes = ("codebook_size", "code_dim", "hidden_size", "num_hidden_layers", "num_attention_heads")
+    return {  # "beitv2_vqkd_pixel_decoder"
+        **_grid(config.image_size, config.patch_size, config.patch_grid[0]),
+        **_attributes(config, *pixel_decoder_sizes),
+    }
 
 
 def derived_family(config: PretrainedConfig) -> str | None:
@@ -258,16 +251,11 @@ def build_model_card(
     `huggingface_hub.ModelCard`; every size on the card is read from `config`.
 
     Args:
-        model_name: the card's title and `model-index` name (the repo or folder name, not a path).
         hub_model_id: the Hub repo id the usage snippet loads; None: a marked placeholder.
         license: a Hub license id for the metadata; None leaves it out and the card says none was chosen.
         family: `"beitv2"` or `"beit"`, the paper whose numbers may describe the model; None: [`derived_family`].
-        base_model: the Hub id of the model this one was trained from (the pixel decoder's tokenizer).
         datasets: Hub dataset ids used for training; the first also names the evaluation data in `model-index`.
-        training_args: how the model was trained (or converted), shown as a table.
         metrics: what the run logged; its evaluation metrics ([`measured_metrics`]) become the card's results.
-        source_note: one sentence on where the weights come from.
-        teacher: the VQ-KD teacher's name, shown in the description.
     """
     if kind not in CARD_KINDS:
         raise ValueError(f"Unknown model card kind {kind!r}; choose one of {list(CARD_KINDS)}.")
@@ -290,11 +278,10 @@ def build_model_card(
     architecture = describe_architecture(config)
     measured = measured_metrics(metrics)
     results = eval_results(measured, datasets[0] if datasets else None)
-    paper_rows = paper_results_rows(kind, config, family)
-    model_id = hub_model_id or HUB_ID_PLACEHOLDER
+    paper_rows = paper_results_rows(kind, architecture, family)
     values = {
         **{key: _format_value(value) for key, value in architecture.items()},
-        "model_id": model_id,
+        "model_id": hub_model_id or HUB_ID_PLACEHOLDER,
         "base_model_id": base_model or BASE_MODEL_PLACEHOLDER,
         "title": model_name,
         "family_name": _FAMILY_NAMES.get(family or "", "BEiT"),
@@ -389,25 +376,16 @@ def match_vqkd_preset(config: PretrainedConfig) -> str | None:
     return None
 
 
-def _vit_config(config: PretrainedConfig) -> PretrainedConfig:
-    """The ViT inside a model: the VQ-KD encoder, the UperNet backbone, else the config itself."""
-    return getattr(config, "encoder_config", None) or getattr(config, "backbone_config", None) or config
-
-
-def paper_results_rows(kind: str, config: PretrainedConfig, family: str | None) -> list[list[str]]:
-    """The paper's numbers that describe a model of this kind and config: rows of the paper's preset that the
-    config matches (same widths, depth and 16 px patches; for VQ-KD also the 8192 x 32 codebook), else none."""
+def paper_results_rows(kind: str, architecture: Mapping[str, Any], family: str | None) -> list[list[str]]:
+    """The paper's numbers that describe a model of this kind with these [`describe_architecture`] sizes: rows of
+    the paper's preset the sizes match (with 16 px patches; for VQ-KD also the 8192 x 32 codebook), else none."""
     paper = json.loads((TEMPLATES_DIR / "paper_results.json").read_text(encoding="utf-8"))
+    if architecture["patch_size"] != paper["patch_size"]:
+        return []
     rows: list[list[str]]
     if kind == "vqkd":
-        same_setup = [config.codebook_size, config.code_dim] == paper["vqkd_codebook"] and (
-            config.encoder_config.patch_size == paper["patch_size"]
-        )
-        rows = paper["vqkd"].get(match_vqkd_preset(config) or "", [])
-        return rows if same_setup else []
-    prefixes = paper["rows_for_kind"].get(kind)
-    vit = _vit_config(config)
-    if not prefixes or family is None or vit.patch_size != paper["patch_size"]:
-        return []
-    rows = paper["vit"].get(family, {}).get(match_vit_preset(vit) or "", [])
-    return [row for row in rows if row[0].startswith(tuple(prefixes))]
+        rows = paper["vqkd"].get(architecture["size_preset"], [])
+        return rows if [architecture["codebook_size"], architecture["code_dim"]] == paper["vqkd_codebook"] else []
+    prefixes = tuple(paper["rows_for_kind"].get(kind, ()))
+    rows = paper["vit"].get(family, {}).get(architecture.get("size_preset"), [])
+    return [row for row in rows if row[0].startswith(prefixes)]
