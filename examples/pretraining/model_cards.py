@@ -15,9 +15,8 @@ import os
 import re
 import string
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, Literal, NamedTuple, get_args
 
 import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
@@ -56,17 +55,15 @@ _LICENSE_ID = re.compile(r"[a-z0-9][a-z0-9.+-]*")
 _FAMILY_NAMES = {"beitv2": "BEiT v2", "beit": "BEiT"}
 
 
-@dataclass(frozen=True)
-class MetricSpec:
-    """How one logged evaluation metric appears in `model-index`: its task and its metric, each an id and a name."""
+class MetricSpec(NamedTuple):
+    """How one logged evaluation metric appears in `model-index`: its task and its metric, each an id and a name.
+    `of_this_model` is False for a baseline measured beside the model: in the card's table, not in `model-index`."""
 
     task_type: str
     task_name: str
     metric_type: str
     metric_name: str
-    # False for a reference number measured alongside the model (a baseline): shown in the card's table but not
-    # claimed in `model-index` as this model's result.
-    of_this_model: bool = True
+    of_this_model: bool
 
 
 @functools.cache
@@ -143,9 +140,8 @@ def describe_architecture(config: PretrainedConfig) -> dict[str, Any]:
 
 
 def derived_family(config: PretrainedConfig) -> str | None:
-    """The paper a model follows when its config tells: a MIM model with the patch-aggregation head (or a VQ-KD
-    tokenizer, or its pixel decoder) is BEiT v2, a MIM model without it or the dVAE is BEiT. A native `beit` or
-    `upernet` model could be either: None."""
+    """The paper a model follows when its config tells (`"beitv2"`: MIM with the patch-aggregation head, VQ-KD, the
+    pixel decoder; `"beit"`: MIM without it, the dVAE); None for a native `beit` or `upernet` model."""
     if config.model_type == "beitv2":
         return "beitv2" if config.use_patch_aggregation else "beit"
     return {"beitv2_vqkd": "beitv2", "beitv2_vqkd_pixel_decoder": "beitv2", "beit_dvae": "beit"}.get(config.model_type)
@@ -271,9 +267,8 @@ def build_model_card(
     check_license(license)
     family = family or derived_family(config)
     datasets = list(datasets)
+    # A template declares no license (`license=` below would clash): that is the caller's choice alone.
     template_metadata, body = split_front_matter((TEMPLATES_DIR / f"{kind}.md").read_text(encoding="utf-8"))
-    # The license is the caller's choice alone: a template that still declares one would silently override it.
-    template_metadata.pop("license", None)
 
     architecture = describe_architecture(config)
     measured = measured_metrics(metrics)
@@ -346,8 +341,7 @@ def write_model_card(
     kwargs.setdefault("model_name", hub_model_id.split("/")[-1] if hub_model_id else Path(output_dir).resolve().name)
     card = build_model_card(kind, config=config, **kwargs)
     path = Path(output_dir) / "README.md"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    card.save(path)
+    card.save(path)  # creates the folder
     return path
 
 
