@@ -148,8 +148,7 @@ def derived_family(config: PretrainedConfig) -> str | None:
 
 
 def measured_metrics(metrics: Mapping[str, Any] | None) -> dict[str, float]:
-    """The finite evaluation metrics of `metrics` that [`eval_metrics`] knows, as floats, in its order; the rest
-    describes the training run, not the model."""
+    """The finite evaluation metrics of `metrics` that [`eval_metrics`] knows, as floats, in its order."""
     metrics = dict(metrics or {})
     kept = {name: float(metrics[name]) for name in eval_metrics() if name in metrics}
     for name, value in list(kept.items()):
@@ -362,12 +361,10 @@ def match_vit_preset(config: PretrainedConfig) -> str | None:
 def match_vqkd_preset(config: PretrainedConfig) -> str | None:
     """The name of the `VQKD_PRESETS` tokenizer (e.g. `"base-decoder3"`) whose encoder widths and depth and
     decoder depth a `VQKDConfig` has, or None."""
-    encoder_size = _matching_size(config.encoder_config, VQKD_VIT_SIZES)
-    decoder_layers = config.decoder_config.num_hidden_layers
-    for name, preset in VQKD_PRESETS.items():
-        if (preset["size"], preset["decoder_layers"]) == (encoder_size, decoder_layers):
-            return name
-    return None
+    sizes = (_matching_size(config.encoder_config, VQKD_VIT_SIZES), config.decoder_config.num_hidden_layers)
+    return next(
+        (name for name, preset in VQKD_PRESETS.items() if (preset["size"], preset["decoder_layers"]) == sizes), None
+    )
 
 
 def paper_results_rows(kind: str, architecture: Mapping[str, Any], family: str | None) -> list[list[str]]:
