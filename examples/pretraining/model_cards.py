@@ -1,44 +1,22 @@
 """Model cards for everything this project saves, as the Hub parses them (`huggingface_hub.ModelCard`).
 
-The training scripts and the checkpoint converter call [`write_model_card`] once their model is saved::
-
-    from pretraining.model_cards import write_model_card
-
-    write_model_card(
-        training_args.output_dir,
-        "classifier",                       # one of CARD_KINDS
-        config=model.config,                # sizes, grid, codebook and paper preset are read from it
-        hub_model_id="user/beitv2-base-patch16-224-ft1k",   # None: the usage snippet shows a placeholder
-        license="mit",                      # None: no license in the metadata (the card says to choose one)
-        family="beitv2",                    # which paper's numbers apply (derived from the config when it tells)
-        base_model="user/beitv2-base-patch16-224-pt1k-mim",
-        datasets=["imagenet-1k"],
-        training_args={"learning_rate": 5e-4, "epochs": 100, ...},   # how the script was run
-        metrics={"eval_accuracy": 0.851, "lr": 1e-6},   # what the run logged; only evaluation metrics are kept
-    )
-
-The card is the template `model_cards/<kind>.md` (its YAML front matter gives `library_name`, `pipeline_tag` and
-`tags`; its body has `${...}` placeholders) combined with a `huggingface_hub.ModelCardData`:
-
-- `model-index` holds the evaluation metrics the run measured ([`EVAL_METRICS`] is an allow-list: training-loop
-  numbers such as `lr`, `grad_norm` or `images_per_second` never reach the card), and is absent when nothing was
-  measured;
-- image size, patch size, grid, widths, depths and codebook come from the saved model's config, and the paper's
-  numbers are shown only when that config matches one of the paper's presets;
-- the usage snippet loads the Hub id, or a marked placeholder when there is none: never a local path.
+[`write_model_card`] fills the template `model_cards/<kind>.md` with the sizes of the saved model's config, the
+evaluation metrics its run measured, and the papers' numbers (`model_cards/paper_results.json`) when the config
+matches one of their presets. docs/hub.md ("Model cards") describes what a card holds.
 """
 
 from __future__ import annotations
 
+import functools
+import json
 import logging
 import math
 import os
 import re
 import string
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple, get_args
 
 import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
@@ -47,13 +25,13 @@ from huggingface_hub.utils import validate_repo_id
 from transformers import PretrainedConfig
 
 from modeling_beitv2 import BEITV2_PRESETS, VQKD_PRESETS
-from modeling_beitv2.configuration_vqkd import vqkd_encoder_config
+from modeling_beitv2.configuration_vqkd import VQKD_VIT_SIZES
 
 logger = logging.getLogger(__name__)
 
 TEMPLATES_DIR = Path(__file__).resolve().parents[2] / "model_cards"
-CARD_KINDS = ("vqkd", "mim", "feature_extractor", "classifier", "segmentation", "dvae", "pixel_decoder")
 CardKind = Literal["vqkd", "mim", "feature_extractor", "classifier", "segmentation", "dvae", "pixel_decoder"]
+CARD_KINDS: tuple[CardKind, ...] = get_args(CardKind)
 # The config `model_type` each kind of card describes: a card is never written for another kind of model.
 CARD_MODEL_TYPES = {
     "vqkd": "beitv2_vqkd",
@@ -77,149 +55,105 @@ _LICENSE_ID = re.compile(r"[a-z0-9][a-z0-9.+-]*")
 _FAMILY_NAMES = {"beitv2": "BEiT v2", "beit": "BEiT"}
 
 
-@dataclass(frozen=True)
-class MetricSpec:
-    """How one logged evaluation metric appears in `model-index`: its task and its metric, each an id and a name."""
+class MetricSpec(NamedTuple):
+    """How one logged evaluation metric appears in `model-index`: its task and its metric, each an id and a name.
+    `of_this_model` is False for a baseline measured beside the model: in the card's table, not in `model-index`."""
 
     task_type: str
     task_name: str
     metric_type: str
     metric_name: str
-    # False for a reference number measured alongside the model (a baseline): shown in the card's table but not
-    # claimed in `model-index` as this model's result.
-    of_this_model: bool = True
+    of_this_model: bool
 
 
-_CLASSIFICATION = ("image-classification", "Image classification")
-_SEGMENTATION = ("image-segmentation", "Semantic segmentation")
-_MIM = ("masked-image-modeling", "Masked image modeling (held-out images)")
-_TOKENIZATION = ("image-feature-extraction", "Visual tokenization (held-out images)")
-_PIXELS = ("image-to-image", "Pixels from VQ-KD codes (held-out images)")
-_LINEAR_PROBE = ("image-classification", "Linear probe on frozen features")
-_KNN = ("image-classification", "k-NN classification on frozen features")
-
-# The allow-list of evaluation metrics the scripts log. Anything else a script logged (lr, grad_norm,
-# images_per_second, data_wait_fraction, the training loss, eval_runtime, ...) stays off the card.
-EVAL_METRICS: dict[str, MetricSpec] = {
-    "eval_accuracy": MetricSpec(*_CLASSIFICATION, "accuracy", "Top-1 accuracy"),
-    "eval_top5_accuracy": MetricSpec(*_CLASSIFICATION, "accuracy", "Top-5 accuracy"),
-    "eval_mean_iou": MetricSpec(*_SEGMENTATION, "mean_iou", "Mean IoU"),
-    "eval_mean_accuracy": MetricSpec(*_SEGMENTATION, "mean_accuracy", "Mean class accuracy"),
-    "eval_overall_accuracy": MetricSpec(*_SEGMENTATION, "accuracy", "Pixel accuracy"),
-    "eval_mim_accuracy": MetricSpec(*_MIM, "accuracy", "Masked-token accuracy"),
-    "eval_loss_mim": MetricSpec(*_MIM, "loss", "Masked-token cross-entropy"),
-    "eval_aggregation_accuracy": MetricSpec(*_MIM, "accuracy", "Masked-token accuracy, aggregation head"),
-    "eval_loss_aggregation": MetricSpec(*_MIM, "loss", "Masked-token cross-entropy, aggregation head"),
-    "eval_reconstruction_cosine": MetricSpec(*_TOKENIZATION, "cosine_similarity", "Cosine to the teacher features"),
-    "eval_loss_quantization": MetricSpec(*_TOKENIZATION, "loss", "Quantization loss"),
-    "eval_codebook_usage": MetricSpec(*_TOKENIZATION, "codebook_usage", "Fraction of codes used"),
-    "eval_perplexity": MetricSpec(*_TOKENIZATION, "perplexity", "Code perplexity"),
-    "eval_psnr": MetricSpec(*_PIXELS, "psnr", "PSNR (dB)"),
-    "eval_baseline_psnr": MetricSpec(*_PIXELS, "psnr", "PSNR (dB) of the mean-patch baseline", of_this_model=False),
-    "linear_probe_top1": MetricSpec(*_LINEAR_PROBE, "accuracy", "Top-1 accuracy"),
-    "linear_probe_top5": MetricSpec(*_LINEAR_PROBE, "accuracy", "Top-5 accuracy"),
-    "knn_top1": MetricSpec(*_KNN, "accuracy", "Top-1 accuracy (weighted k-NN)"),
-}
+@functools.cache
+def eval_metrics() -> Mapping[str, MetricSpec]:
+    """The allow-list of evaluation metrics the scripts log (`model_cards/eval_metrics.json`), in its order. Anything
+    else a run logged (`lr`, `grad_norm`, the training loss, `eval_runtime`, ...) stays off the card."""
+    table = json.loads((TEMPLATES_DIR / "eval_metrics.json").read_text(encoding="utf-8"))
+    return {
+        name: MetricSpec(task["type"], task["name"], metric_type, metric_name, name not in table["baselines"])
+        for task in table["tasks"]
+        for name, (metric_type, metric_name) in task["metrics"].items()
+    }
 
 
 def split_front_matter(text: str) -> tuple[dict[str, Any], str]:
     """Split a card into its parsed YAML front matter and its markdown body."""
-    if not text.startswith("---\n"):
-        raise ValueError("A model card must start with a '---' YAML front-matter block.")
-    end = text.find("\n---\n", 4)
-    if end < 0:
-        raise ValueError("The YAML front matter of the model card is not closed by a '---' line.")
-    metadata = yaml.safe_load(text[4:end]) or {}
+    front_matter = re.match(r"---\n(.*?)\n---\n", text, re.DOTALL)
+    if front_matter is None:
+        raise ValueError("A model card must start with a YAML front-matter block between two '---' lines.")
+    metadata = yaml.safe_load(front_matter[1]) or {}
     if not isinstance(metadata, dict):
         raise ValueError(f"The model card front matter is a {type(metadata).__name__}, expected a mapping.")
-    return metadata, text[end + len("\n---\n") :]
+    return metadata, text[front_matter.end() :]
+
+
+def _grid(image_size: int, patch_size: int, side: int) -> dict[str, Any]:
+    return {"image_size": image_size, "patch_size": patch_size, "patch_grid": f"{side}x{side}"}
+
+
+def _attributes(config: PretrainedConfig, *names: str) -> dict[str, Any]:
+    return {name: getattr(config, name) for name in names}
 
 
 def _vit_rows(config: PretrainedConfig) -> dict[str, Any]:
-    side = config.image_size // config.patch_size
     return {
-        "image_size": config.image_size,
-        "patch_size": config.patch_size,
-        "patch_grid": f"{side}x{side}",
-        "hidden_size": config.hidden_size,
-        "num_hidden_layers": config.num_hidden_layers,
-        "num_attention_heads": config.num_attention_heads,
+        **_grid(config.image_size, config.patch_size, config.image_size // config.patch_size),
+        **_attributes(config, "hidden_size", "num_hidden_layers", "num_attention_heads"),
         "size_preset": match_vit_preset(config) or "custom",
     }
 
 
 def describe_architecture(config: PretrainedConfig) -> dict[str, Any]:
-    """The sizes a card shows, read from a saved model's config: image and patch size (px), the patch grid,
-    width, depth, heads, the size preset it matches (or `"custom"`), and codebook / labels where the model has
-    them. Raises a ValueError for a config of a model this project does not save."""
+    """The sizes a card shows, read from the saved config of one of the [`CARD_MODEL_TYPES`]: image and patch size
+    (px), the patch grid, width, depth, heads, the size preset it matches (or `"custom"`), and codebook / labels
+    where the model has them."""
     model_type = config.model_type
     if model_type == "beitv2_vqkd":
-        rows = _vit_rows(config.encoder_config)
-        rows["size_preset"] = match_vqkd_preset(config) or "custom"
-        rows["decoder_layers"] = config.decoder_config.num_hidden_layers
-        rows["codebook_size"] = config.codebook_size
-        rows["code_dim"] = config.code_dim
-        rows["teacher_dim"] = config.teacher_dim
-    elif model_type == "beitv2":
-        rows = _vit_rows(config)
-        rows["visual_token_vocab_size"] = config.vocab_size
-        rows["use_patch_aggregation"] = config.use_patch_aggregation
-    elif model_type == "beit":
-        rows = {**_vit_rows(config), "num_labels": config.num_labels}
-    elif model_type == "upernet":
-        rows = {**_vit_rows(config.backbone_config), "num_labels": config.num_labels}
-    elif model_type == "beit_dvae":
+        return {
+            **_vit_rows(config.encoder_config),
+            "size_preset": match_vqkd_preset(config) or "custom",
+            "decoder_layers": config.decoder_config.num_hidden_layers,
+            **_attributes(config, "codebook_size", "code_dim", "teacher_dim"),
+        }
+    if model_type == "beitv2":
+        return {
+            **_vit_rows(config),
+            "visual_token_vocab_size": config.vocab_size,
+            "use_patch_aggregation": config.use_patch_aggregation,
+        }
+    if model_type in ("beit", "upernet"):
+        vit = config.backbone_config if model_type == "upernet" else config
+        return {**_vit_rows(vit), "num_labels": config.num_labels}
+    if model_type == "beit_dvae":
         side = config.patch_grid[0]  # three 2x poolings: one code per 8x8 pixels
-        rows = {
-            "image_size": config.image_size,
-            "patch_size": config.image_size // side,
-            "patch_grid": f"{side}x{side}",
-            "codebook_size": config.codebook_size,
-            "hidden_size": config.hidden_size,
+        return {
+            **_grid(config.image_size, config.image_size // side, side),
+            **_attributes(config, "codebook_size", "hidden_size"),
         }
-    elif model_type == "beitv2_vqkd_pixel_decoder":
-        side = config.patch_grid[0]
-        rows = {
-            "image_size": config.image_size,
-            "patch_size": config.patch_size,
-            "patch_grid": f"{side}x{side}",
-            "codebook_size": config.codebook_size,
-            "code_dim": config.code_dim,
-            "hidden_size": config.hidden_size,
-            "num_hidden_layers": config.num_hidden_layers,
-            "num_attention_heads": config.num_attention_heads,
-        }
-    else:
-        raise ValueError(
-            f"No model card description for model_type {model_type!r}; this project writes cards for "
-            f"{sorted(set(CARD_MODEL_TYPES.values()))}."
-        )
-    return rows
+    pixel_decoder_sizes = ("codebook_size", "code_dim", "hidden_size", "num_hidden_layers", "num_attention_heads")
+    return {  # "beitv2_vqkd_pixel_decoder"
+        **_grid(config.image_size, config.patch_size, config.patch_grid[0]),
+        **_attributes(config, *pixel_decoder_sizes),
+    }
 
 
 def derived_family(config: PretrainedConfig) -> str | None:
-    """The paper a model follows when its config tells: a MIM model with the patch-aggregation head (or a VQ-KD
-    tokenizer, or its pixel decoder) is BEiT v2, a MIM model without it or the dVAE is BEiT. A native `beit` or
-    `upernet` model could be either: None."""
+    """The paper a model follows when its config tells (`"beitv2"`: MIM with the patch-aggregation head, VQ-KD, the
+    pixel decoder; `"beit"`: MIM without it, the dVAE); None for a native `beit` or `upernet` model."""
     if config.model_type == "beitv2":
         return "beitv2" if config.use_patch_aggregation else "beit"
     return {"beitv2_vqkd": "beitv2", "beitv2_vqkd_pixel_decoder": "beitv2", "beit_dvae": "beit"}.get(config.model_type)
 
 
 def measured_metrics(metrics: Mapping[str, Any] | None) -> dict[str, float]:
-    """The finite evaluation metrics of `metrics` that [`EVAL_METRICS`] knows, as floats, in its order.
-
-    Everything else a run logged (`lr`, `grad_norm`, `images_per_second`, `data_wait_fraction`, the training
-    loss, `eval_runtime`, ...) is dropped: it describes the training run, not the model."""
+    """The finite evaluation metrics of `metrics` that [`eval_metrics`] knows, as floats, in its order."""
     metrics = dict(metrics or {})
-    kept = {}
-    for name in EVAL_METRICS:
-        if name not in metrics:
-            continue
-        value = float(metrics[name])
-        if math.isfinite(value):
-            kept[name] = value
-        else:
+    kept = {name: float(metrics[name]) for name in eval_metrics() if name in metrics}
+    for name, value in list(kept.items()):
+        if not math.isfinite(value):
+            del kept[name]
             logger.warning("%s is %s: left off the model card.", name, value)
     left_off = sorted(set(metrics) - set(kept))
     if left_off:
@@ -228,9 +162,8 @@ def measured_metrics(metrics: Mapping[str, Any] | None) -> dict[str, float]:
 
 
 def eval_results(metrics: Mapping[str, float], dataset: str | None) -> list[EvalResult]:
-    """`model-index` entries for the measured metrics that are this model's results (baselines excluded).
-
-    `dataset` is the Hub id of the evaluation data; None for local images."""
+    """`model-index` entries for the measured metrics that are this model's results (baselines excluded), on the
+    Hub dataset `dataset` (None: local images)."""
     return [
         EvalResult(
             task_type=spec.task_type,
@@ -242,7 +175,7 @@ def eval_results(metrics: Mapping[str, float], dataset: str | None) -> list[Eval
             metric_value=value,
         )
         for name, value in metrics.items()
-        if (spec := EVAL_METRICS[name]).of_this_model
+        if (spec := eval_metrics()[name]).of_this_model
     ]
 
 
@@ -281,7 +214,7 @@ def check_license(license: str | None) -> None:
         )
 
 
-def _markdown_table(header: tuple[str, ...], rows: Iterable[tuple[Any, ...]]) -> str:
+def _markdown_table(header: tuple[str, ...], rows: Iterable[Sequence[Any]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(_format_value(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
@@ -309,26 +242,15 @@ def build_model_card(
     tags: Iterable[str] = (),
     teacher: str | None = None,
 ) -> ModelCard:
-    """Render the `kind` template for a model with this `config` into a `huggingface_hub.ModelCard`.
+    """Render the `kind` template (one of [`CARD_KINDS`], matching the config's `model_type`) into a
+    `huggingface_hub.ModelCard`; every size on the card is read from `config`.
 
     Args:
-        kind: one of [`CARD_KINDS`]; it must match the config's `model_type` (see [`CARD_MODEL_TYPES`]).
-        config: the saved model's config: every size on the card is read from it.
-        model_name: the card's title and `model-index` name (the repo or folder name, not a path).
-        hub_model_id: the Hub repo id the usage snippet loads; None: a marked placeholder, with a note to upload
-            the folder first.
+        hub_model_id: the Hub repo id the usage snippet loads; None: a marked placeholder.
         license: a Hub license id for the metadata; None leaves it out and the card says none was chosen.
-        family: `"beitv2"` or `"beit"`, the paper whose numbers may describe the model; None: derived from the
-            config where it tells (see [`derived_family`]), else no paper numbers.
-        base_model: the Hub id of the model this one was trained from (`base_model` metadata).
-        datasets: Hub dataset ids used for training (`datasets` metadata); the first also names the evaluation
-            data in `model-index`.
-        training_args: how the model was trained (or converted), shown as a table.
-        metrics: what the run logged; the evaluation metrics among them ([`measured_metrics`]) become the
-            `model-index` results and the "measured" table.
-        source_note: one sentence on where the weights come from.
-        tags: extra Hub tags, added to the template's.
-        teacher: the VQ-KD teacher's name, shown in the description.
+        family: `"beitv2"` or `"beit"`, the paper whose numbers may describe the model; None: [`derived_family`].
+        datasets: Hub dataset ids used for training; the first also names the evaluation data in `model-index`.
+        metrics: what the run logged; its evaluation metrics ([`measured_metrics`]) become the card's results.
     """
     if kind not in CARD_KINDS:
         raise ValueError(f"Unknown model card kind {kind!r}; choose one of {list(CARD_KINDS)}.")
@@ -344,19 +266,16 @@ def build_model_card(
     check_license(license)
     family = family or derived_family(config)
     datasets = list(datasets)
+    # A template declares no license (`license=` below would clash): that is the caller's choice alone.
     template_metadata, body = split_front_matter((TEMPLATES_DIR / f"{kind}.md").read_text(encoding="utf-8"))
-    # The license is the caller's choice alone: a template that still declares one would silently override it.
-    template_metadata.pop("license", None)
 
     architecture = describe_architecture(config)
     measured = measured_metrics(metrics)
     results = eval_results(measured, datasets[0] if datasets else None)
-    paper_rows = paper_results_rows(kind, config, family)
-    model_id = hub_model_id or HUB_ID_PLACEHOLDER
+    paper_rows = paper_results_rows(kind, architecture, family)
     values = {
         **{key: _format_value(value) for key, value in architecture.items()},
-        "model_id": model_id,
-        # What the model was trained from (the pixel decoder's snippet loads its tokenizer from there).
+        "model_id": hub_model_id or HUB_ID_PLACEHOLDER,
         "base_model_id": base_model or BASE_MODEL_PLACEHOLDER,
         "title": model_name,
         "family_name": _FAMILY_NAMES.get(family or "", "BEiT"),
@@ -380,7 +299,7 @@ def build_model_card(
             f"Measured on held-out images of {datasets[0] if datasets else 'the local evaluation data'}:\n\n"
             + _markdown_table(
                 ("metric", "value", "meaning"),
-                ((name, value, EVAL_METRICS[name].metric_name) for name, value in measured.items()),
+                ((name, value, eval_metrics()[name].metric_name) for name, value in measured.items()),
             )
             if measured
             else "No evaluation metrics were measured by this project for this checkpoint."
@@ -421,108 +340,43 @@ def write_model_card(
     kwargs.setdefault("model_name", hub_model_id.split("/")[-1] if hub_model_id else Path(output_dir).resolve().name)
     card = build_model_card(kind, config=config, **kwargs)
     path = Path(output_dir) / "README.md"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    card.save(path)
+    card.save(path)  # creates the folder
     return path
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# The papers' published numbers, and which model they describe
-
-PAPER_BEITV2 = "BEiT v2 paper (Peng et al., 2022)"
-PAPER_BEIT = "BEiT paper (Bao et al., 2021)"
-
-# (family, size preset) -> rows of (what, setting, value, source). Fixed numbers from the papers, never measured
-# here; all for ViT-*/16 models.
-PAPER_RESULTS: dict[tuple[str, str], list[tuple[str, str, str, str]]] = {
-    ("beitv2", "base"): [
-        ("ImageNet-1k fine-tuning top-1 (%)", "ViT-B/16, 300 epochs pretraining", "85.0", PAPER_BEITV2),
-        ("ImageNet-1k fine-tuning top-1 (%)", "ViT-B/16, 1600 epochs pretraining", "85.5", PAPER_BEITV2),
-        ("ImageNet-1k linear probe top-1 (%)", "ViT-B/16, 300 epochs pretraining", "80.1", PAPER_BEITV2),
-        ("ADE20K mIoU", "ViT-B/16 + UperNet, 300 epochs pretraining", "52.7", PAPER_BEITV2),
-        ("ADE20K mIoU", "ViT-B/16 + UperNet, 1600 epochs pretraining", "53.1", PAPER_BEITV2),
-    ],
-    ("beitv2", "large"): [
-        ("ImageNet-1k fine-tuning top-1 (%)", "ViT-L/16, 300 epochs pretraining", "86.6", PAPER_BEITV2),
-        ("ImageNet-1k fine-tuning top-1 (%)", "ViT-L/16, 1600 epochs pretraining", "87.3", PAPER_BEITV2),
-        ("ADE20K mIoU", "ViT-L/16 + UperNet, 300 epochs pretraining", "55.0", PAPER_BEITV2),
-        ("ADE20K mIoU", "ViT-L/16 + UperNet, 1600 epochs pretraining", "56.7", PAPER_BEITV2),
-    ],
-    ("beit", "base"): [
-        ("ImageNet-1k fine-tuning top-1 (%)", "ViT-B/16", "83.2", PAPER_BEIT),
-        ("ImageNet-1k linear probe top-1 (%)", "ViT-B/16", "56.7", PAPER_BEIT),
-    ],
-    ("beit", "large"): [
-        ("ImageNet-1k fine-tuning top-1 (%)", "ViT-L/16, 800 epochs pretraining", "85.2", PAPER_BEIT),
-    ],
-}
-# VQ-KD preset -> the paper's tokenizer ablation rows (Table 4), for an 8192 x 32 codebook on 16 px patches.
-PAPER_VQKD_RESULTS: dict[str, list[tuple[str, str, str, str]]] = {
-    "base-decoder3": [
-        (
-            "reconstruction loss",
-            "ViT-B encoder, 3x768x12 decoder, 8192x32 codebook",
-            "0.145",
-            PAPER_BEITV2 + ", Table 4",
-        ),
-        ("codebook usage", "ViT-B encoder, 3x768x12 decoder, 8192x32 codebook", "95%", PAPER_BEITV2 + ", Table 4"),
-    ],
-    "base-decoder1": [
-        ("reconstruction loss", "ViT-B encoder, 1x768x12 decoder", "0.164", PAPER_BEITV2 + ", Table 4"),
-        ("codebook usage", "ViT-B encoder, 1x768x12 decoder", "100%", PAPER_BEITV2 + ", Table 4"),
-    ],
-}
-PAPER_PATCH_SIZE = 16
-PAPER_CODEBOOK = (8192, 32)
-# Which paper rows describe a model of each kind (the MIM model is described by what it fine-tunes to).
-_PAPER_ROWS_FOR_KIND = {
-    "classifier": ("ImageNet-1k fine-tuning", "ImageNet-1k linear probe"),
-    "feature_extractor": ("ImageNet-1k linear probe",),
-    "segmentation": ("ADE20K",),
-    "mim": ("ImageNet-1k", "ADE20K"),
-}
 _VIT_SIZE_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
+
+
+def _matching_size(config: PretrainedConfig, sizes: Mapping[str, Mapping[str, Any]]) -> str | None:
+    """The name of the entry of `sizes` whose widths and depth `config` has, or None."""
+    found = tuple(getattr(config, key, None) for key in _VIT_SIZE_KEYS)
+    return next((name for name, size in sizes.items() if found == tuple(size[key] for key in _VIT_SIZE_KEYS)), None)
 
 
 def match_vit_preset(config: PretrainedConfig) -> str | None:
     """The name of the `BEITV2_PRESETS` size (`"tiny"` ... `"large"`) whose widths and depth `config` has, or None."""
-    sizes = tuple(getattr(config, key, None) for key in _VIT_SIZE_KEYS)
-    for name, preset in BEITV2_PRESETS.items():
-        if sizes == tuple(preset[key] for key in _VIT_SIZE_KEYS):
-            return name
-    return None
+    return _matching_size(config, BEITV2_PRESETS)
 
 
 def match_vqkd_preset(config: PretrainedConfig) -> str | None:
     """The name of the `VQKD_PRESETS` tokenizer (e.g. `"base-decoder3"`) whose encoder widths and depth and
     decoder depth a `VQKDConfig` has, or None."""
-    encoder = config.encoder_config
-    sizes = tuple(getattr(encoder, key) for key in _VIT_SIZE_KEYS)
-    for name, preset in VQKD_PRESETS.items():
-        preset_encoder = vqkd_encoder_config(preset["size"])
-        if sizes == tuple(preset_encoder[key] for key in _VIT_SIZE_KEYS) and (
-            config.decoder_config.num_hidden_layers == preset["decoder_layers"]
-        ):
-            return name
-    return None
+    sizes = (_matching_size(config.encoder_config, VQKD_VIT_SIZES), config.decoder_config.num_hidden_layers)
+    return next(
+        (name for name, preset in VQKD_PRESETS.items() if (preset["size"], preset["decoder_layers"]) == sizes), None
+    )
 
 
-def _vit_config(config: PretrainedConfig) -> PretrainedConfig:
-    """The ViT inside a model: the VQ-KD encoder, the UperNet backbone, else the config itself."""
-    return getattr(config, "encoder_config", None) or getattr(config, "backbone_config", None) or config
-
-
-def paper_results_rows(kind: str, config: PretrainedConfig, family: str | None) -> list[tuple[str, str, str, str]]:
-    """The paper's numbers that describe a model of this kind and config: rows of the paper's preset that the
-    config matches (same widths, depth and 16 px patches; for VQ-KD also the 8192 x 32 codebook), else none."""
-    if kind == "vqkd":
-        same_setup = (config.codebook_size, config.code_dim) == PAPER_CODEBOOK and (
-            config.encoder_config.patch_size == PAPER_PATCH_SIZE
-        )
-        return list(PAPER_VQKD_RESULTS.get(match_vqkd_preset(config), [])) if same_setup else []
-    prefixes = _PAPER_ROWS_FOR_KIND.get(kind)
-    vit = _vit_config(config)
-    if not prefixes or family is None or vit.patch_size != PAPER_PATCH_SIZE:
+def paper_results_rows(kind: str, architecture: Mapping[str, Any], family: str | None) -> list[list[str]]:
+    """The paper's numbers that describe a model of this kind with these [`describe_architecture`] sizes: rows of
+    the paper's preset the sizes match (with 16 px patches; for VQ-KD also the 8192 x 32 codebook), else none."""
+    paper = json.loads((TEMPLATES_DIR / "paper_results.json").read_text(encoding="utf-8"))
+    if architecture["patch_size"] != paper["patch_size"]:
         return []
-    rows = PAPER_RESULTS.get((family, match_vit_preset(vit) or ""), [])
+    rows: list[list[str]]
+    if kind == "vqkd":
+        rows = paper["vqkd"].get(architecture["size_preset"], [])
+        return rows if [architecture["codebook_size"], architecture["code_dim"]] == paper["vqkd_codebook"] else []
+    prefixes = tuple(paper["rows_for_kind"].get(kind, ()))
+    rows = paper["vit"].get(family, {}).get(architecture.get("size_preset"), [])
     return [row for row in rows if row[0].startswith(prefixes)]

@@ -79,7 +79,8 @@ class MeanPatchBaseline:
         device: torch.device | str | None = None,
     ) -> None:
         self.codebook_size, self.patch_size, self.num_channels = codebook_size, patch_size, num_channels
-        self.patch_grid = tuple(patch_grid)
+        rows, cols = patch_grid  # kept as a tuple, whatever sequence it came as
+        self.patch_grid = (rows, cols)
         # fp32 sums of at most ~1e7 values in [0, 1] per code keep about 6 significant digits: ample for a mean.
         self.sums = torch.zeros(codebook_size, num_channels * patch_size**2, device=device)
         self.counts = torch.zeros(codebook_size, device=device)

@@ -59,11 +59,11 @@ def _save(figure: Figure, path: str | Path) -> Path:
 
 
 def _check_series(name: str, xs: Sequence[float], ys: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
-    xs, ys = np.asarray(xs, dtype=float), np.asarray(ys, dtype=float)
-    if xs.shape != ys.shape or xs.ndim != 1:
-        raise ValueError(f"Series {name!r} has {xs.size} x values but {ys.size} y values.")
-    finite = np.isfinite(ys)
-    return xs[finite], ys[finite]
+    x, y = np.asarray(xs, dtype=float), np.asarray(ys, dtype=float)
+    if x.shape != y.shape or x.ndim != 1:
+        raise ValueError(f"Series {name!r} has {x.size} x values but {y.size} y values.")
+    finite = np.isfinite(y)
+    return x[finite], y[finite]
 
 
 def line_plot(
@@ -95,17 +95,17 @@ def line_plot(
     for ax, panel in zip(axes, panels, strict=False):
         drawn = 0
         for name, (xs, ys) in panel.series.items():
-            xs, ys = _check_series(name, xs, ys)
+            x, y = _check_series(name, xs, ys)
             if panel.log_y:
-                xs, ys = xs[ys > 0], ys[ys > 0]
-            if xs.size == 0:
+                x, y = x[y > 0], y[y > 0]
+            if x.size == 0:
                 continue
-            ax.plot(xs, ys, label=name, linewidth=1.6, marker="o" if xs.size < 30 else None, markersize=3)
+            ax.plot(x, y, label=name, linewidth=1.6, marker="o" if x.size < 30 else None, markersize=3)
             drawn += 1
         if not drawn:
             raise ValueError(f"line_plot panel {panel.title!r} got no points to draw.")
-        for name, y in panel.reference_lines.items():
-            ax.axhline(y, color="0.4", linestyle="--", linewidth=1.0, label=name)
+        for name, level in panel.reference_lines.items():
+            ax.axhline(level, color="0.4", linestyle="--", linewidth=1.0, label=name)
         if panel.log_y:
             ax.set_yscale("log")
         else:
@@ -136,15 +136,15 @@ def bar_chart(
 
     Bars touch (width 1) so that thousands of them (a codebook's usage, sorted) read as a filled curve.
     """
-    values = np.asarray(values, dtype=float)
-    if values.size == 0:
+    heights = np.asarray(values, dtype=float)
+    if heights.size == 0:
         raise ValueError(f"bar_chart({title!r}) got no values.")
     figure = _new_figure(*size)
     figure.set_layout_engine("constrained")
     ax = figure.subplots()
-    ax.bar(np.arange(values.size), values, width=1.0, align="edge", linewidth=0, color="tab:blue")
-    ax.set_xlim(0, values.size)
-    if log_y and (values > 0).any():
+    ax.bar(np.arange(heights.size), heights, width=1.0, align="edge", linewidth=0, color="tab:blue")
+    ax.set_xlim(0, heights.size)
+    if log_y and (heights > 0).any():
         ax.set_yscale("log")
     else:
         ax.yaxis.set_major_locator(MaxNLocator(nbins=6, integer=True, steps=[1, 2, 2.5, 5, 10]))
