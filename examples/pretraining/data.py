@@ -2,8 +2,8 @@
 
 :func:`load_image_stream` opens a source as a `datasets.IterableDataset` of at least ranks x workers shards whose
 image column is not decoded; :class:`ImageStream` window-shuffles it, decodes each image with :func:`decode_or_skip`
-(one corrupt file is skipped and counted instead of stopping the run) and transforms it; :func:`build_dataloader`
-wraps it in a torchdata `StatefulDataLoader` whose state resumes exactly. docs/pretraining.md ("Data") tells how.
+(a corrupt file is skipped and counted instead of stopping the run) and transforms it; :func:`build_dataloader` wraps
+it in a torchdata `StatefulDataLoader` whose state resumes exactly. docs/pretraining.md ("Data") tells how.
 """
 
 from __future__ import annotations
@@ -35,18 +35,17 @@ from processing import DataCollatorForMaskedImageModeling, convert_to_rgb
 
 logger = logging.getLogger(__name__)
 
+# `(image, rng) -> model inputs`: every random choice (crops, flips, masks) is drawn from the example's own `rng`.
+Transform = Callable[[PIL.Image.Image, np.random.Generator], dict[str, Any]]
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Decoding, and the stream of one rank and worker
 
 
 def decode_image(value: dict[str, Any] | None, convert: bool = True) -> tuple[PIL.Image.Image | None, str]:
     """Decode one undecoded `Image` value into an RGB image (or, with ``convert=False``, in its own mode, e.g. a
-    segmentation map of class ids).
-
-    Returns:
-        ``(image, "ok")``, ``(image, "converted")`` when the mode was not RGB, or ``(None, reason)`` for an image
-        that cannot be used (missing, unreadable/truncated bytes, zero size).
-    """
+    segmentation map of class ids): ``(image, "ok")``, ``(image, "converted")`` when the mode was not RGB, or
+    ``(None, reason)`` for an image that cannot be used (missing, unreadable/truncated bytes, zero size)."""
     if value is None or (value.get("bytes") is None and value.get("path") is None):
         return None, "missing"
     try:
@@ -102,29 +101,20 @@ _START = {"epoch": 0, "window": 0, "offset": 0, "source": None, "num_bad_images"
 class ImageStream(torch.utils.data.IterableDataset):
     """Per-rank, per-worker, endless and exactly resumable stream of transformed images for :func:`build_dataloader`.
 
-    Args:
-        dataset (`datasets.IterableDataset`): from :func:`load_image_stream` (image column not decoded).
-        image_column (`str`): name of the image column.
-        transform (`Callable[[PIL.Image.Image, numpy.random.Generator], dict]`): turns one RGB image into the model
-            inputs, drawing every random choice from the generator it is given, which is seeded by (seed, rank,
-            worker, epoch, window, position): augmentation and masking replay on resume and differ across readers.
-        rank, world_size (`int`): this process and the number of processes; ranks get disjoint examples.
-        seed (`int`): seeds the shard order and the window shuffle (the same on every rank).
-        shuffle_buffer_size (`int`): window size of the shuffle; 0 keeps the stream order.
-        max_samples (`int`, *optional*): truncate the stream (per epoch, before splitting across ranks).
-        with_ids (`bool`): add ``example_id`` (see :func:`example_id`) to each example, to audit what was read.
+    The shard order is shuffled per epoch and the examples in windows of ``shuffle_buffer_size`` (0 keeps the stream
+    order), both seeded by ``seed``; ranks get disjoint examples (of the first ``max_samples`` per epoch). The
+    ``transform``'s generator is seeded by (seed, rank, worker, epoch, window, position), so augmentation and masking
+    replay on resume. ``with_ids`` adds each example's :func:`example_id`, to audit what was read.
 
-    :meth:`state_dict` (collected from every worker by a `StatefulDataLoader`) holds the position (``epoch``,
-    ``window``, ``offset``, ``source``), the ``num_bad_images`` and ``num_converted_images`` of the run so far, and
-    the ``settings`` that :meth:`load_state_dict` requires to match (source, shards, ranks, workers, seed, shuffle
-    buffer size, max samples).
+    :meth:`state_dict` holds the position (``epoch``, ``window``, ``offset``, ``source``), the run's
+    ``num_bad_images`` and ``num_converted_images``, and the ``settings`` a resume requires to match.
     """
 
     def __init__(
         self,
         dataset: IterableDataset,
         image_column: str,
-        transform: Callable[[PIL.Image.Image, np.random.Generator], dict[str, Any]],
+        transform: Transform,
         rank: int = 0,
         world_size: int = 1,
         seed: int = 0,
@@ -132,12 +122,8 @@ class ImageStream(torch.utils.data.IterableDataset):
         max_samples: int | None = None,
         with_ids: bool = False,
     ):
-        if shuffle_buffer_size < 0:
-            raise ValueError(f"shuffle_buffer_size must be >= 0, got {shuffle_buffer_size}.")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}.")
-        if max_samples is not None and max_samples < 1:
-            raise ValueError(f"max_samples must be >= 1 or None, got {max_samples}.")
         self._settings = {
             "source": dataset.info.description or "an unnamed source",
             "num_shards": dataset.num_shards,
@@ -155,13 +141,8 @@ class ImageStream(torch.utils.data.IterableDataset):
             dataset = dataset.take(max_samples)
         if world_size > 1:
             dataset = split_dataset_by_node(dataset, rank=rank, world_size=world_size)
-        self.dataset = dataset
-        self.image_column = image_column
-        self.transform = transform
-        self.rank = rank
-        self.seed = seed
-        self.shuffle_buffer_size = shuffle_buffer_size
-        self.with_ids = with_ids
+        self.dataset, self.image_column, self.transform = dataset, image_column, transform
+        self.rank, self.seed, self.shuffle_buffer_size, self.with_ids = rank, seed, shuffle_buffer_size, with_ids
         # Where the next iteration starts (the start, or a loaded state), and the live state of the current one.
         self._start: dict[str, Any] = dict(_START)
         self._live: dict[str, Any] | None = None
@@ -171,13 +152,12 @@ class ImageStream(torch.utils.data.IterableDataset):
         return {**self._settings, "num_workers": num_workers}
 
     def state_dict(self) -> dict[str, Any]:
-        """This worker's position, counters and settings (JSON-serializable; see the class docstring)."""
+        """This worker's position, counters and settings (JSON-serializable)."""
         position = self._live if self._live is not None else self._start
         return {"settings": self.settings(_num_workers()), **copy.deepcopy(position)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Start the next iteration where ``state`` (from :meth:`state_dict` of the same worker) stood, after checking
-        its settings with :func:`check_stream_settings`."""
+        """Start the next iteration where ``state`` (this worker's :meth:`state_dict`) stood, if its settings match."""
         if "settings" not in state:
             raise ValueError(
                 "This state was not written by ImageStream.state_dict (a checkpoint of an older format?)."
@@ -205,8 +185,8 @@ class ImageStream(torch.utils.data.IterableDataset):
             window_source = state["source"]
             iterator = iter(dataset)
             produced_in_epoch = False
-            # A window is read whole and permuted by (seed, epoch, window): a rolling buffer (as in
-            # `IterableDataset.shuffle`) would lose its content on resume.
+            # A window is read whole and permuted by (seed, epoch, window), so a state is a few integers: a rolling
+            # buffer (as in `IterableDataset.shuffle`) would lose its content on resume.
             while window := list(itertools.islice(iterator, max(1, self.shuffle_buffer_size))):
                 order = np.arange(len(window))
                 if self.shuffle_buffer_size:
@@ -279,16 +259,6 @@ PREFERRED_NUM_SHARDS = 64
 
 DATA_FILE_KINDS = {"parquet": "parquet", "tar": "webdataset", "arrow": "arrow"}
 
-# What a source with fewer shards than readers can do, by what its shards are made of.
-MORE_SHARDS_REMEDIES = {
-    "webdataset .tar files": "each .tar file is one shard: split the data into more .tar files (or pass --streaming "
-    "false).",
-    "files": "pass --streaming false (prepares the split locally and cuts it into enough shards) or use a dataset "
-    "stored in more files.",
-    "parquet row groups": "write the files in smaller row groups, or use fewer DataLoader workers.",
-    "arrow record batches": "write the files in smaller record batches, or use fewer DataLoader workers.",
-}
-
 
 def load_image_stream(
     dataset_name: str | None = None,
@@ -301,19 +271,16 @@ def load_image_stream(
     cache_dir: str | None = None,
     min_shards: int = 1,
 ) -> tuple[IterableDataset, str]:
-    """Open one split of exactly one source as an `IterableDataset` whose single image column is NOT decoded.
+    """Open ``split`` of exactly one source as an `IterableDataset` whose only column, the image, is NOT decoded.
 
-    - ``dataset_name``: a Hub dataset (or what else `load_dataset` reads); too few parquet files are cut by row group.
-    - ``train_dir``: a folder of images (:func:`list_image_files`); ``split`` picks one if it has split folders.
-    - ``data_files``: local parquet, ``.arrow`` or webdataset ``.tar`` files or globs; ``split`` only names the result.
-
-    With ``streaming=False`` a Hub dataset or the data files are first prepared in the local Arrow cache. Local
-    sources are cut into a multiple of ``min_shards`` (ranks x DataLoader workers) shards, without reading an image:
-    files, parquet row groups, arrow record batches or prepared examples; a ``.tar`` file is one shard. A stream of
-    fewer shards gets a warning naming the remedy.
+    The source is a Hub dataset (``dataset_name``, or anything `load_dataset` reads), an image folder
+    (``train_dir``, see :func:`list_image_files`) or local parquet, ``.arrow`` or webdataset ``.tar`` files or globs
+    (``data_files``; ``split`` only names the result). ``streaming=False`` prepares a Hub dataset or the data files
+    in the local Arrow cache first. The stream gets a multiple of ``min_shards`` (ranks x DataLoader workers) shards
+    where the source allows, else a warning naming the remedy.
 
     Returns:
-        The stream and the name of its image column (``image_column_name`` or the first `Image` feature). Its
+        The stream and its image column (``image_column_name`` or the first `Image` feature). Its
         ``info.description`` names the source, a setting that :class:`ImageStream` checks on resume.
     """
     sources = {"dataset_name": dataset_name, "train_dir": train_dir, "data_files": data_files}
@@ -331,38 +298,50 @@ def load_image_stream(
         shards = ["\0".join(chunk) for chunk in _chunks(files, min_shards)]  # NUL is never in a path
         dataset = _sharded_stream(_generate_folder_images, shards, column)
         description = f"image folder {os.path.abspath(train_dir)}, split {split}: {_list_digest(files)}"
-        return _finish(dataset, column, description, min_shards, "image files")
+        return _finish(dataset, column, description, min_shards, "image files; use fewer DataLoader workers.")
 
     if dataset_name:
         description = f"dataset {dataset_name}, config {dataset_config_name}, split {split}"
-        if not streaming:
-            prepared = load_dataset(dataset_name, dataset_config_name, split=split, cache_dir=cache_dir)
-            return _finish_prepared(prepared, image_column_name, description, min_shards)
-        dataset = load_dataset(dataset_name, dataset_config_name, split=split, streaming=True, cache_dir=cache_dir)
+        source: dict[str, Any] = {"path": dataset_name, "name": dataset_config_name}
+    else:
+        assert data_files is not None  # the one source given
+        patterns = [data_files] if isinstance(data_files, str) else list(data_files)
+        kind = _data_file_kind(patterns)
+        files = _expand_data_files(patterns)
+        description = f"{kind} data files, split {split}: {_list_digest(files)}"
+        source = {"path": kind, "data_files": {split: files}}
+    if not streaming:  # prepared in the local Arrow cache, then streamed from it in enough contiguous shards
+        prepared = load_dataset(**source, split=split, cache_dir=cache_dir)
+        column = _image_column(prepared.features, image_column_name)
+        stream = prepared.to_iterable_dataset(num_shards=max(1, _num_shards(len(prepared), min_shards)))
+        return _finish(
+            stream, column, f"{description}, prepared", min_shards, "examples; use fewer DataLoader workers."
+        )
+    if dataset_name:
+        dataset = load_dataset(**source, split=split, streaming=True, cache_dir=cache_dir)
         if dataset.num_shards < min_shards:
             dataset = dataset.reshard()  # parquet: one shard per row group; other formats are left as they are
-        return _finish(dataset, _image_column(dataset.features, image_column_name), description, min_shards, "files")
-
-    assert data_files is not None  # exactly one source is given
-    patterns = [data_files] if isinstance(data_files, str) else list(data_files)
-    kind = _data_file_kind(patterns)
-    files = _expand_data_files(patterns)
-    description = f"{kind} data files, split {split}: {_list_digest(files)}"
-    if not streaming:
-        prepared = load_dataset(kind, data_files={split: files}, split=split, cache_dir=cache_dir)
-        return _finish_prepared(prepared, image_column_name, description, min_shards)
+        remedy = (
+            "files; pass --streaming false (prepares the split locally and cuts it into enough shards) or use a "
+            "dataset stored in more files."
+        )
+        return _finish(dataset, _image_column(dataset.features, image_column_name), description, min_shards, remedy)
     if kind == "webdataset":
-        dataset = load_dataset(kind, data_files={split: files}, split=split, streaming=True, cache_dir=cache_dir)
-        column = _image_column(dataset.features, image_column_name)
-        return _finish(dataset, column, description, min_shards, "webdataset .tar files")
+        dataset = load_dataset(**source, split=split, streaming=True, cache_dir=cache_dir)
+        remedy = (
+            "webdataset .tar files; each .tar file is one shard: split the data into more .tar files (or pass "
+            "--streaming false)."
+        )
+        return _finish(dataset, _image_column(dataset.features, image_column_name), description, min_shards, remedy)
     layouts = [_file_layout(file, kind) for file in files]
     column = _image_column(Features.from_arrow_schema(layouts[0][0]), image_column_name)
     parts = [(file, index) for file, (_, num_parts) in zip(files, layouts) for index in range(num_parts)]
     if not parts:
         raise ValueError(f"The --data_files {patterns} hold no data.")
     dataset = _sharded_stream(_generate_rows, _chunks(parts, min_shards), column, column=column, kind=kind)
-    unit = "parquet row groups" if kind == "parquet" else "arrow record batches"
-    return _finish(dataset, column, description, min_shards, unit)
+    unit = "row groups" if kind == "parquet" else "record batches"
+    remedy = f"{kind} {unit}; write the files in smaller {unit}, or use fewer DataLoader workers."
+    return _finish(dataset, column, description, min_shards, remedy)
 
 
 def list_image_files(folder: str, split: str = "train") -> list[str]:
@@ -386,22 +365,20 @@ def list_image_files(folder: str, split: str = "train") -> list[str]:
                 f"{folder!r} is split into the folders {sorted(split_folders)}, none of which is split {split!r} "
                 f"(for it: {', '.join(wanted)})."
             )
-    files: list[str] = []
-    for top in roots:
-        for directory, subdirectories, names in os.walk(top, followlinks=True):
-            subdirectories[:] = [name for name in subdirectories if not name.startswith(".")]
-            files.extend(
-                os.path.join(directory, name)
-                for name in names
-                if not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
-            )
+    # `glob` skips hidden files and folders, and follows links to folders as `os.walk(followlinks=True)` does.
+    files = [
+        path
+        for top in roots
+        for path in glob.glob(os.path.join(glob.escape(top), "**", "*"), recursive=True)
+        if path.lower().endswith(IMAGE_EXTENSIONS) and not os.path.isdir(path)
+    ]
     if not files:
         raise ValueError(f"No image files ({', '.join(IMAGE_EXTENSIONS)}) in {', '.join(roots)}.")
     return sorted(files)
 
 
 def _finish(
-    dataset: IterableDataset, column: str, description: str, min_shards: int, unit: str
+    dataset: IterableDataset, column: str, description: str, min_shards: int, remedy: str
 ) -> tuple[IterableDataset, str]:
     """Keep only the undecoded image column, name the source, and warn when the workers will be starved."""
     if column not in (dataset.column_names or []):
@@ -411,22 +388,12 @@ def _finish(
     if dataset.num_shards < min_shards:
         logger.warning(
             "The stream has %d shard(s) for %d reader(s) (ranks x DataLoader workers): each reader needs a shard of "
-            "its own, so fewer DataLoader workers will run. It is made of %s; %s",
+            "its own, so fewer DataLoader workers will run. It is made of %s",
             dataset.num_shards,
             min_shards,
-            unit,
-            MORE_SHARDS_REMEDIES.get(unit, "use fewer DataLoader workers."),
+            remedy,
         )
     return dataset, column
-
-
-def _finish_prepared(
-    dataset: Any, image_column_name: str | None, description: str, min_shards: int
-) -> tuple[IterableDataset, str]:
-    """Stream a prepared (map-style) split from the Arrow cache in enough contiguous shards."""
-    column = _image_column(dataset.features, image_column_name)
-    stream = dataset.to_iterable_dataset(num_shards=max(1, _num_shards(len(dataset), min_shards)))
-    return _finish(stream, column, f"{description}, prepared", min_shards, "examples")
 
 
 def _num_shards(num_units: int, min_shards: int) -> int:
@@ -444,9 +411,7 @@ def _chunks(items: list, min_shards: int) -> list[list]:
     return [items[index::num_shards] for index in range(num_shards)]
 
 
-def _sharded_stream(
-    generator: Callable[..., Iterator[dict[str, Any]]], shards: list, image_column: str, **gen_kwargs: Any
-) -> IterableDataset:
+def _sharded_stream(generator: Callable, shards: list, image_column: str, **gen_kwargs: Any) -> IterableDataset:
     # `datasets` shards a generator by its list-valued keyword argument: one element per shard.
     features = Features({image_column: Image(decode=False)})
     return IterableDataset.from_generator(generator, features=features, gen_kwargs={"shards": shards, **gen_kwargs})
@@ -563,7 +528,7 @@ def _is_on_side(example: dict[str, Any], column: str, fraction: float, seed: int
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# The DataLoaders and their state
+# The scripts' datasets and DataLoaders
 
 
 def build_dataloader(
@@ -573,17 +538,11 @@ def build_dataloader(
     pin_memory: bool = False,
     collate_fn: Callable[[list[dict[str, Any]]], dict[str, Any]] | None = None,
 ) -> StatefulDataLoader:
-    """A `StatefulDataLoader` over an :class:`ImageStream` that snapshots its state at every batch, so a checkpoint
-    can be taken at any step; decoding and transforms run in its workers. ``collate_fn`` defaults to
-    `processing.DataCollatorForMaskedImageModeling`.
-
-    `datasets` hands whole shards to DataLoader workers, so the number of workers is capped at this rank's shard
-    count (with a warning saying how to get more).
+    """A `StatefulDataLoader` over ``stream`` that snapshots its state at every batch, so a checkpoint can be taken at
+    any step; decoding and transforms run in its workers. ``collate_fn`` defaults to
+    `processing.DataCollatorForMaskedImageModeling`. `datasets` hands whole shards to DataLoader workers, so the
+    number of workers is capped at this rank's shard count, with a warning saying how to get more.
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
-    if num_workers < 0:
-        raise ValueError(f"num_workers must be >= 0, got {num_workers}.")
     num_shards = stream.dataset.num_shards
     if num_workers > num_shards:
         logger.warning(
@@ -650,14 +609,13 @@ def image_counts(dataloader: StatefulDataLoader) -> dict[str, int]:
     return {key: sum(int(stream_state[key]) for stream_state in stream_states) for key in new_decode_counts()}
 
 
-def image_transform(processor: Any, augment: bool) -> Callable[[Any, np.random.Generator], dict[str, np.ndarray]]:
-    """`(image, rng) -> model inputs` for the data loaders: `processor.pretraining_inputs` of one image (with its
-    training augmentation when `augment`, else the evaluation views), every random draw (crops, flips, MIM masks)
-    from the example's own generator `rng`, each of `processor.pretraining_input_names` without the batch
-    dimension."""
+def image_transform(processor: Any, augment: bool) -> Transform:
+    """The :data:`Transform` of the data loaders: `processor.pretraining_inputs` of one image (with its training
+    augmentation when `augment`, else the evaluation views), each of `processor.pretraining_input_names` without the
+    batch dimension."""
     augmentation = processor.training_augmentation() if augment else None
 
-    def transform(image: Any, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    def transform(image: PIL.Image.Image, rng: np.random.Generator) -> dict[str, Any]:
         features = processor.pretraining_inputs(image, augmentation=augmentation, rng=rng, return_tensors="np")
         return {name: features[name][0] for name in processor.pretraining_input_names}
 
@@ -687,7 +645,7 @@ def load_datasets(
     sources: ImageSources, *, min_shards: int, do_eval: bool, seed: int
 ) -> tuple[IterableDataset, str, IterableDataset | None, str | None]:
     """The training dataset, its image column, the held-out dataset (None without `do_eval`) and its image column,
-    each of at least `min_shards` (ranks x workers) shards when the source allows (see :func:`load_image_stream`)."""
+    each cut into at least `min_shards` (ranks x workers) shards where the source allows."""
     load = functools.partial(
         load_image_stream,
         image_column_name=sources.image_column_name,
@@ -719,7 +677,7 @@ def training_dataloader(
     accelerator: Accelerator,
     dataset: IterableDataset,
     image_column: str,
-    transform: Callable[[PIL.Image.Image, np.random.Generator], dict[str, Any]],
+    transform: Transform,
     *,
     batch_size: int,
     num_workers: int,
@@ -743,7 +701,7 @@ class HeldOutImages(torch.utils.data.IterableDataset):
         self,
         dataset: IterableDataset,
         image_column: str,
-        transform: Callable[[PIL.Image.Image, np.random.Generator], dict[str, Any]],
+        transform: Transform,
         rank: int,
         world_size: int,
         seed: int,
@@ -769,15 +727,15 @@ def evaluation_dataloader(
     accelerator: Accelerator,
     dataset: IterableDataset,
     image_column: str,
-    transform: Callable[[PIL.Image.Image, np.random.Generator], dict[str, Any]],
+    transform: Transform,
     *,
     batch_size: int,
     num_workers: int,
     seed: int,
     max_samples: int | None,
 ) -> torch.utils.data.DataLoader:
-    """A DataLoader (workers capped at the shard count, the training loader's collator, pinned on CUDA) over
-    :class:`HeldOutImages`: each iteration is one evaluation pass."""
+    """A DataLoader over :class:`HeldOutImages` (workers capped at the shard count, the training loader's collator,
+    pinned on CUDA): each iteration is one evaluation pass."""
     rank, world_size = accelerator.process_index, accelerator.num_processes
     images = HeldOutImages(dataset, image_column, transform, rank, world_size, seed, max_samples)
     return torch.utils.data.DataLoader(
