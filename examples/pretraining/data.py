@@ -66,12 +66,9 @@ def decode_image(value: dict[str, Any] | None, convert: bool = True) -> tuple[PI
 def decode_or_skip(
     value: dict[str, Any] | None, counts: MutableMapping[str, int], convert: bool = True, kind: str = "image"
 ) -> PIL.Image.Image | None:
-    """Decode one undecoded `Image` value with :func:`decode_image`, or log and count it as skipped (``None``).
-
-    The one place a bad image is reported, so every script logs a skip once, with its reason and the running count.
-    ``counts`` (from :func:`new_decode_counts`, or an :class:`ImageStream` state) has its ``num_bad_images`` and
-    ``num_converted_images`` updated in place; ``kind`` names the value in the log ("image", "annotation").
-    """
+    """Decode one undecoded `Image` value with :func:`decode_image`, or log and count it as skipped (``None``): the
+    one place every script reports a bad image. ``counts`` (from :func:`new_decode_counts`, or an
+    :class:`ImageStream` state) is updated in place; ``kind`` names the value in the log ("image", "annotation")."""
     image, status = decode_image(value, convert=convert)
     if image is None:
         counts["num_bad_images"] += 1
@@ -101,13 +98,10 @@ _START = {"epoch": 0, "window": 0, "offset": 0, "source": None, "num_bad_images"
 class ImageStream(torch.utils.data.IterableDataset):
     """Per-rank, per-worker, endless and exactly resumable stream of transformed images for :func:`build_dataloader`.
 
-    The shard order is shuffled per epoch and the examples in windows of ``shuffle_buffer_size`` (0 keeps the stream
-    order), both seeded by ``seed``; ranks get disjoint examples (of the first ``max_samples`` per epoch). The
-    ``transform``'s generator is seeded by (seed, rank, worker, epoch, window, position), so augmentation and masking
-    replay on resume. ``with_ids`` adds each example's :func:`example_id`, to audit what was read.
-
-    :meth:`state_dict` holds the position (``epoch``, ``window``, ``offset``, ``source``), the run's
-    ``num_bad_images`` and ``num_converted_images``, and the ``settings`` a resume requires to match.
+    Ranks get disjoint examples (of the first ``max_samples`` per epoch), shuffled per epoch in windows of
+    ``shuffle_buffer_size`` (0 keeps the stream order); ``with_ids`` adds each one's :func:`example_id`. A
+    :meth:`state_dict` holds the position, the run's ``num_bad_images`` and ``num_converted_images``, and the
+    ``settings`` a resume requires to match (docs/pretraining.md, "Data").
     """
 
     def __init__(
@@ -188,11 +182,8 @@ class ImageStream(torch.utils.data.IterableDataset):
             # A window is read whole and permuted by (seed, epoch, window), so a state is a few integers: a rolling
             # buffer (as in `IterableDataset.shuffle`) would lose its content on resume.
             while window := list(itertools.islice(iterator, max(1, self.shuffle_buffer_size))):
-                order = np.arange(len(window))
-                if self.shuffle_buffer_size:
-                    order = np.random.default_rng([self.seed, state["epoch"], state["window"]]).permutation(
-                        len(window)
-                    )
+                generator = np.random.default_rng([self.seed, state["epoch"], state["window"]])
+                order = generator.permutation(len(window)) if self.shuffle_buffer_size else np.arange(len(window))
                 for position in range(state["offset"], len(window)):
                     value = window[order[position]][self.image_column]
                     image = decode_or_skip(value, state)  # counts into the state's num_bad/converted_images
@@ -277,11 +268,9 @@ def load_image_stream(
     (``train_dir``, see :func:`list_image_files`) or local parquet, ``.arrow`` or webdataset ``.tar`` files or globs
     (``data_files``; ``split`` only names the result). ``streaming=False`` prepares a Hub dataset or the data files
     in the local Arrow cache first. The stream gets a multiple of ``min_shards`` (ranks x DataLoader workers) shards
-    where the source allows, else a warning naming the remedy.
-
-    Returns:
-        The stream and its image column (``image_column_name`` or the first `Image` feature). Its
-        ``info.description`` names the source, a setting that :class:`ImageStream` checks on resume.
+    where the source allows, else a warning naming the remedy. Returns the stream, whose ``info.description`` names
+    the source (a setting :class:`ImageStream` checks on resume), and its image column (``image_column_name`` or the
+    first `Image` feature).
     """
     sources = {"dataset_name": dataset_name, "train_dir": train_dir, "data_files": data_files}
     given = [name for name, value in sources.items() if value]
@@ -502,13 +491,8 @@ def split_off_validation(
     dataset: IterableDataset, fraction: float, seed: int, image_column: str | None = None
 ) -> tuple[IterableDataset, IterableDataset]:
     """Split a stream from :func:`load_image_stream` into a training and a held-out validation stream, both with as
-    many shards as ``dataset``, without decoding an image.
-
-    An example is held out when a hash of ``seed`` and its :func:`example_id` falls below ``fraction`` (in (0, 1)):
-    every process and run with the same ``seed`` agree on the two disjoint sides, whatever the shard order or the
-    number of readers. The id is the SHA-1 of inline image bytes (duplicates land on the same side), or the path of
-    an image folder's file (moving the folder changes the split).
-    """
+    many shards as ``dataset``: an example is held out when a hash of ``seed`` and its :func:`example_id` falls below
+    ``fraction``, so every process and run with the same ``seed`` agree on the sides without decoding an image."""
     if not 0.0 < fraction < 1.0:
         raise ValueError(f"The validation fraction must be in (0, 1), got {fraction}.")
     column = _image_column(dataset.features, image_column)
@@ -539,10 +523,8 @@ def build_dataloader(
     collate_fn: Callable[[list[dict[str, Any]]], dict[str, Any]] | None = None,
 ) -> StatefulDataLoader:
     """A `StatefulDataLoader` over ``stream`` that snapshots its state at every batch, so a checkpoint can be taken at
-    any step; decoding and transforms run in its workers. ``collate_fn`` defaults to
-    `processing.DataCollatorForMaskedImageModeling`. `datasets` hands whole shards to DataLoader workers, so the
-    number of workers is capped at this rank's shard count, with a warning saying how to get more.
-    """
+    any step; ``collate_fn`` defaults to `processing.DataCollatorForMaskedImageModeling`. `datasets` hands whole
+    shards to DataLoader workers, so the workers are capped at this rank's shard count, with a warning."""
     num_shards = stream.dataset.num_shards
     if num_workers > num_shards:
         logger.warning(
@@ -584,14 +566,11 @@ def resume_dataloader(dataloader: StatefulDataLoader, state: dict[str, Any]) -> 
     """Load ``state`` (``dataloader.state_dict()`` of an earlier run) before iterating, so the next iteration goes on
     exactly where that run stood. The settings are checked here, in the main process, so a mismatch is one clear
     ValueError (naming each setting that differs) instead of a failure in each worker."""
-    stream = dataloader.dataset
-    if not isinstance(stream, ImageStream):
-        raise ValueError(f"resume_dataloader needs a dataloader of build_dataloader; its dataset is a {type(stream)}.")
     num_workers, stream_states = _stream_states(state)
     if any(not isinstance(saved, dict) or "settings" not in saved for saved in stream_states):
         raise ValueError("This dataloader state holds no ImageStream settings (a checkpoint of an older format?).")
     saved_settings = {**stream_states[0]["settings"], "num_workers": num_workers}
-    check_stream_settings(saved_settings, stream.settings(dataloader.num_workers))
+    check_stream_settings(saved_settings, dataloader.dataset.settings(dataloader.num_workers))
     dataloader.load_state_dict(state)
 
 
