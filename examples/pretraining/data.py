@@ -1,28 +1,9 @@
 """The pretraining scripts' data: sources -> per-rank shards -> decode-or-skip -> a stateful, exactly resumable loader.
 
-Sources (local folders, parquet, arrow and webdataset files, Hub datasets) become a `datasets.IterableDataset` whose
-image column is ``Image(decode=False)``: images are decoded later, by :class:`ImageStream`, so that one corrupt file
-is skipped and counted (:func:`decode_or_skip`, the one place for every script) instead of stopping the run.
-
-Sharding. `datasets` hands whole shards to DataLoader workers (and, when the count divides, to ranks), so a source
-must have at least ranks x workers shards for every worker to get data (``min_shards`` of :func:`load_image_stream`).
-Local sources are cut into a multiple of ``min_shards`` shards from their file listing or file metadata, without
-reading an image: an image folder by files, parquet files by row groups, ``.arrow`` files by record batches. A
-webdataset ``.tar`` is one shard, and a Hub dataset has one shard per file (parquet ones are split by row groups when
-that is too few); when a source still has too few shards, a warning names the remedy and :func:`build_dataloader`
-starts fewer workers.
-
-Order of operations, per rank::
-
-    source (shards shuffled per epoch) -> split_dataset_by_node (rank) -> DataLoader worker shards
-        -> window shuffle -> decode + convert to RGB (bad images skipped) -> transform -> batch
-
-The window shuffle reads ``shuffle_buffer_size`` examples, permutes them with a generator seeded by
-(seed, epoch, window index) and yields them. A worker's position is the ``datasets`` stream state at the start of
-the window plus the offset inside it, so a checkpoint is a few integers and resuming replays exactly the same
-sequence (a rolling shuffle buffer, as in ``IterableDataset.shuffle``, loses its content on resume).
-:func:`build_dataloader` wraps a stream in a torchdata ``StatefulDataLoader`` that snapshots every worker's position
-at every batch; :func:`resume_dataloader` refuses a state written with other settings.
+:func:`load_image_stream` opens a source as a `datasets.IterableDataset` of at least ranks x workers shards whose
+image column is not decoded; :class:`ImageStream` window-shuffles it, decodes each image with :func:`decode_or_skip`
+(a corrupt file is skipped and counted instead of stopping the run) and transforms it; :func:`build_dataloader` wraps
+it in a torchdata `StatefulDataLoader` whose state resumes exactly. docs/pretraining.md ("Data") tells how.
 """
 
 from __future__ import annotations
@@ -42,8 +23,8 @@ from typing import Any
 
 import numpy as np
 import PIL.Image
-import pyarrow as pa
-import pyarrow.parquet as pq
+import pyarrow as pa  # type: ignore[import-untyped]  # pyarrow ships no type information (no py.typed, no stubs)
+import pyarrow.parquet as pq  # type: ignore[import-untyped]
 import torch
 from accelerate import Accelerator
 from datasets import Features, Image, IterableDataset, load_dataset
@@ -52,20 +33,19 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 
 from processing import DataCollatorForMaskedImageModeling, convert_to_rgb
 
+logger = logging.getLogger(__name__)
+
+# `(image, rng) -> model inputs`: every random choice (crops, flips, masks) is drawn from the example's own `rng`.
+Transform = Callable[[PIL.Image.Image, np.random.Generator], dict[str, Any]]
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Decoding, and the stream of one rank and worker
-
-logger = logging.getLogger(__name__)
 
 
 def decode_image(value: dict[str, Any] | None, convert: bool = True) -> tuple[PIL.Image.Image | None, str]:
     """Decode one undecoded `Image` value into an RGB image (or, with ``convert=False``, in its own mode, e.g. a
-    segmentation map of class ids).
-
-    Returns:
-        ``(image, "ok")``, ``(image, "converted")`` when the mode was not RGB, or ``(None, reason)`` for an image
-        that cannot be used (missing, unreadable/truncated bytes, zero size).
-    """
+    segmentation map of class ids): ``(image, "ok")``, ``(image, "converted")`` when the mode was not RGB, or
+    ``(None, reason)`` for an image that cannot be used (missing, unreadable/truncated bytes, zero size)."""
     if value is None or (value.get("bytes") is None and value.get("path") is None):
         return None, "missing"
     try:
@@ -86,22 +66,9 @@ def decode_image(value: dict[str, Any] | None, convert: bool = True) -> tuple[PI
 def decode_or_skip(
     value: dict[str, Any] | None, counts: MutableMapping[str, int], convert: bool = True, kind: str = "image"
 ) -> PIL.Image.Image | None:
-    """Decode one undecoded `Image` value with :func:`decode_image`, or log and count it as skipped.
-
-    The one place a bad image is reported: every script that decodes images calls this, so a skip is logged once,
-    with its reason and the running count, and counted the same way everywhere.
-
-    Args:
-        value (`dict` or `None`): an undecoded `Image` value (``{"bytes": ..., "path": ...}``).
-        counts (`MutableMapping[str, int]`): counters updated in place: ``num_bad_images`` (skipped) and
-            ``num_converted_images`` (not RGB, converted); :func:`new_decode_counts` makes one, and an
-            :class:`ImageStream` state holds them too.
-        convert (`bool`): convert to RGB (``False`` keeps the image's own mode, e.g. a segmentation map).
-        kind (`str`): what the value is, for the log message ("image", "annotation").
-
-    Returns:
-        The decoded image, or ``None`` when it cannot be used (missing, unreadable, zero size, unconvertible).
-    """
+    """Decode one undecoded `Image` value with :func:`decode_image`, or log and count it as skipped (``None``): the
+    one place every script reports a bad image. ``counts`` (from :func:`new_decode_counts`, or an
+    :class:`ImageStream` state) is updated in place; ``kind`` names the value in the log ("image", "annotation")."""
     image, status = decode_image(value, convert=convert)
     if image is None:
         counts["num_bad_images"] += 1
@@ -124,45 +91,24 @@ def example_id(value: dict[str, Any]) -> str:
     return str(value.get("path"))
 
 
-# What an ImageStream state holds besides its settings: where the worker stands and what it has counted so far.
-_POSITION_KEYS = ("epoch", "window", "offset", "source", "num_bad_images", "num_converted_images")
+# Where a worker stands (`source`: the `datasets` state at the start of the window) and what it has counted.
 _START = {"epoch": 0, "window": 0, "offset": 0, "source": None, "num_bad_images": 0, "num_converted_images": 0}
 
 
 class ImageStream(torch.utils.data.IterableDataset):
-    """Per-rank, per-worker, resumable stream of transformed images for :func:`build_dataloader`.
+    """Per-rank, per-worker, endless and exactly resumable stream of transformed images for :func:`build_dataloader`.
 
-    Args:
-        dataset (`datasets.IterableDataset`): from :func:`load_image_stream` (image column not decoded).
-        image_column (`str`): name of the image column.
-        transform (`Callable[[PIL.Image.Image, numpy.random.Generator], dict]`): turns one RGB image into a dict of
-            arrays/tensors (the model inputs), drawing every random choice from the generator it is given. That
-            generator is seeded by (seed, rank, worker, epoch, window, position), so augmentation and masking replay
-            exactly on resume and never repeat across ranks or workers.
-        rank, world_size (`int`): this process and the number of processes; ranks get disjoint examples.
-        seed (`int`): seeds the shard order and the window shuffle (the same on every rank).
-        shuffle_buffer_size (`int`): window size of the shuffle; 0 keeps the stream order.
-        max_samples (`int`, *optional*): truncate the stream (per epoch, before splitting across ranks).
-        with_ids (`bool`): add ``example_id`` (see :func:`example_id`) to each example, to audit which examples
-            were seen (tests).
-
-    Streams are endless: epochs follow one another. Each example is the transform's dict (plus ``example_id``);
-    the bookkeeping lives in :meth:`state_dict`, which a `StatefulDataLoader` collects from every worker:
-
-    - the position: ``epoch``, ``window``, ``offset`` in the window and ``source`` (the `datasets` state at the
-      start of the window);
-    - ``num_bad_images`` (skipped: missing, unreadable, zero size) and ``num_converted_images`` (not RGB), counted
-      since the start of the run (a resumed run continues them);
-    - ``settings``: the source (``info.description`` of the dataset), its shard count, rank, world size, number of
-      DataLoader workers, seed, shuffle buffer size and max samples, which :meth:`load_state_dict` requires to
-      match.
+    Ranks get disjoint examples (of the first ``max_samples`` per epoch), shuffled per epoch in windows of
+    ``shuffle_buffer_size`` (0 keeps the stream order); ``with_ids`` adds each one's :func:`example_id`. A
+    :meth:`state_dict` holds the position, the run's ``num_bad_images`` and ``num_converted_images``, and the
+    ``settings`` a resume requires to match (docs/pretraining.md, "Data").
     """
 
     def __init__(
         self,
         dataset: IterableDataset,
         image_column: str,
-        transform: Callable[[PIL.Image.Image, np.random.Generator], dict[str, Any]],
+        transform: Transform,
         rank: int = 0,
         world_size: int = 1,
         seed: int = 0,
@@ -170,12 +116,8 @@ class ImageStream(torch.utils.data.IterableDataset):
         max_samples: int | None = None,
         with_ids: bool = False,
     ):
-        if shuffle_buffer_size < 0:
-            raise ValueError(f"shuffle_buffer_size must be >= 0, got {shuffle_buffer_size}.")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}.")
-        if max_samples is not None and max_samples < 1:
-            raise ValueError(f"max_samples must be >= 1 or None, got {max_samples}.")
         self._settings = {
             "source": dataset.info.description or "an unnamed source",
             "num_shards": dataset.num_shards,
@@ -193,13 +135,8 @@ class ImageStream(torch.utils.data.IterableDataset):
             dataset = dataset.take(max_samples)
         if world_size > 1:
             dataset = split_dataset_by_node(dataset, rank=rank, world_size=world_size)
-        self.dataset = dataset
-        self.image_column = image_column
-        self.transform = transform
-        self.rank = rank
-        self.seed = seed
-        self.shuffle_buffer_size = shuffle_buffer_size
-        self.with_ids = with_ids
+        self.dataset, self.image_column, self.transform = dataset, image_column, transform
+        self.rank, self.seed, self.shuffle_buffer_size, self.with_ids = rank, seed, shuffle_buffer_size, with_ids
         # Where the next iteration starts (the start, or a loaded state), and the live state of the current one.
         self._start: dict[str, Any] = dict(_START)
         self._live: dict[str, Any] | None = None
@@ -209,34 +146,26 @@ class ImageStream(torch.utils.data.IterableDataset):
         return {**self._settings, "num_workers": num_workers}
 
     def state_dict(self) -> dict[str, Any]:
-        """This worker's position, counters and settings (JSON-serializable; see the class docstring)."""
-        worker = torch.utils.data.get_worker_info()
+        """This worker's position, counters and settings (JSON-serializable)."""
         position = self._live if self._live is not None else self._start
-        state = {key: copy.deepcopy(position[key]) for key in _POSITION_KEYS}
-        return {"settings": self.settings(worker.num_workers if worker is not None else 0), **state}
+        return {"settings": self.settings(_num_workers()), **copy.deepcopy(position)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Start the next iteration where ``state`` (from :meth:`state_dict` of the same worker) stood.
-
-        Raises:
-            ValueError: when ``state`` was written with other settings (see the class docstring).
-        """
+        """Start the next iteration where ``state`` (this worker's :meth:`state_dict`) stood, if its settings match."""
         if "settings" not in state:
             raise ValueError(
                 "This state was not written by ImageStream.state_dict (a checkpoint of an older format?)."
             )
-        worker = torch.utils.data.get_worker_info()
-        check_stream_settings(state["settings"], self.settings(worker.num_workers if worker is not None else 0))
-        self._start = {key: copy.deepcopy(state[key]) for key in _POSITION_KEYS}
+        check_stream_settings(state["settings"], self.settings(_num_workers()))
+        self._start = {key: copy.deepcopy(state[key]) for key in _START}
         self._live = None
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         worker = torch.utils.data.get_worker_info()
-        worker_id = worker.id if worker is not None else 0
         # The live state is updated in place before each example is yielded, so that `state_dict` (which the
         # DataLoader calls after a batch, with the generator suspended) is the state after the last example.
         self._live = copy.deepcopy(self._start)
-        return self._generate(self._live, worker_id)
+        return self._generate(self._live, worker.id if worker is not None else 0)
 
     def _generate(self, state: dict[str, Any], worker_id: int) -> Iterator[dict[str, Any]]:
         dataset = copy.deepcopy(self.dataset)
@@ -250,8 +179,11 @@ class ImageStream(torch.utils.data.IterableDataset):
             window_source = state["source"]
             iterator = iter(dataset)
             produced_in_epoch = False
-            while window := self._read_window(iterator):
-                order = self._window_order(len(window), state["epoch"], state["window"])
+            # A window is read whole and permuted by (seed, epoch, window), so a state is a few integers: a rolling
+            # buffer (as in `IterableDataset.shuffle`) would lose its content on resume.
+            while window := list(itertools.islice(iterator, max(1, self.shuffle_buffer_size))):
+                generator = np.random.default_rng([self.seed, state["epoch"], state["window"]])
+                order = generator.permutation(len(window)) if self.shuffle_buffer_size else np.arange(len(window))
                 for position in range(state["offset"], len(window)):
                     value = window[order[position]][self.image_column]
                     image = decode_or_skip(value, state)  # counts into the state's num_bad/converted_images
@@ -275,29 +207,15 @@ class ImageStream(torch.utils.data.IterableDataset):
                 )
             state.update(epoch=state["epoch"] + 1, window=0, offset=0, source=None)
 
-    def _read_window(self, iterator: Iterator[dict]) -> list[dict]:
-        size = max(1, self.shuffle_buffer_size)
-        window = []
-        for example in iterator:
-            window.append(example)
-            if len(window) == size:
-                break
-        return window
 
-    def _window_order(self, length: int, epoch: int, window_index: int) -> np.ndarray:
-        if not self.shuffle_buffer_size:
-            return np.arange(length)
-        generator = np.random.default_rng([self.seed, epoch, window_index])
-        return generator.permutation(length)
+def _num_workers() -> int:
+    worker = torch.utils.data.get_worker_info()
+    return worker.num_workers if worker is not None else 0
 
 
 def check_stream_settings(saved: dict[str, Any], current: dict[str, Any]) -> None:
-    """Raise a ValueError naming every setting in which a saved stream state differs from the current stream.
-
-    Args:
-        saved (`dict`): the ``settings`` of a saved :meth:`ImageStream.state_dict`.
-        current (`dict`): :meth:`ImageStream.settings` of the stream that is resuming.
-    """
+    """Raise a ValueError naming every setting in which ``saved`` (the settings of a saved stream state) differs from
+    ``current`` (:meth:`ImageStream.settings` of the stream that is resuming)."""
     differences = [
         f"{name}: saved {saved.get(name)!r}, now {value!r}"
         for name, value in current.items()
@@ -314,8 +232,6 @@ def check_stream_settings(saved: dict[str, Any], current: dict[str, Any]) -> Non
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Sources: folders, files and Hub datasets, sharded without reading an image
-
-logger = logging.getLogger(__name__)
 
 # Files an image folder is made of (lower case); anything else in the folder (labels, metadata) is ignored.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -346,31 +262,15 @@ def load_image_stream(
     cache_dir: str | None = None,
     min_shards: int = 1,
 ) -> tuple[IterableDataset, str]:
-    """Open one split as an `IterableDataset` of at least ``min_shards`` shards whose image column is NOT decoded.
+    """Open ``split`` of exactly one source as an `IterableDataset` whose only column, the image, is NOT decoded.
 
-    Exactly one source:
-
-    - ``dataset_name``: a Hub dataset (or local script/folder understood by `load_dataset`), ``split`` of it. When
-      it has fewer than ``min_shards`` files and they are parquet, it is split by row groups; otherwise a warning
-      says how to get more shards.
-    - ``train_dir``: a folder of images, listed recursively (:data:`IMAGE_EXTENSIONS`, hidden entries skipped). If
-      its top level has split folders (``train/``, ``validation/`` or ``val/``, ``test/``...) ``split`` picks one,
-      otherwise the whole folder is the split whatever its name (so a validation folder is opened like a training
-      folder). The images are read from their files in either ``streaming`` mode.
-    - ``data_files``: local parquet, ``.arrow`` or webdataset ``.tar`` files or globs (the format is taken from the
-      extension); ``split`` only names the result. A ``.tar`` file is one shard.
-
-    With ``streaming=False`` a Hub dataset or the data files are first prepared in the local Arrow cache (a copy)
-    and then streamed from it in ``min_shards`` or more shards.
-
-    Args:
-        min_shards (`int`): the number of readers, ranks x DataLoader workers. The stream gets a multiple of it
-            (when the source has enough files, row groups or examples), so every reader gets as many shards.
-
-    Returns:
-        The stream (with a single column) and the name of its image column (``image_column_name`` or the first
-        `Image` feature; ``"image"`` for an image folder). Its ``info.description`` names the source; it is part of
-        the settings that :class:`ImageStream` checks on resume.
+    The source is a Hub dataset (``dataset_name``, or anything `load_dataset` reads), an image folder
+    (``train_dir``, see :func:`list_image_files`) or local parquet, ``.arrow`` or webdataset ``.tar`` files or globs
+    (``data_files``; ``split`` only names the result). ``streaming=False`` prepares a Hub dataset or the data files
+    in the local Arrow cache first. The stream gets a multiple of ``min_shards`` (ranks x DataLoader workers) shards
+    where the source allows, else a warning naming the remedy. Returns the stream, whose ``info.description`` names
+    the source (a setting :class:`ImageStream` checks on resume), and its image column (``image_column_name`` or the
+    first `Image` feature).
     """
     sources = {"dataset_name": dataset_name, "train_dir": train_dir, "data_files": data_files}
     given = [name for name, value in sources.items() if value]
@@ -382,48 +282,61 @@ def load_image_stream(
     if train_dir:
         column = _image_column(Features({"image": Image()}), image_column_name)
         files = list_image_files(train_dir, split)
-        dataset = _sharded_stream(
-            _generate_folder_images, [_join_paths(chunk) for chunk in _chunks(files, min_shards)], column, {}
-        )
+        # One string per shard, not a list of paths: `from_generator` hashes its arguments with a pure-Python
+        # pickler, which takes ~15 s for the 1.3M strings of ImageNet but no time for 64 long strings.
+        shards = ["\0".join(chunk) for chunk in _chunks(files, min_shards)]  # NUL is never in a path
+        dataset = _sharded_stream(_generate_folder_images, shards, column)
         description = f"image folder {os.path.abspath(train_dir)}, split {split}: {_list_digest(files)}"
-        return _finish(dataset, column, description, min_shards, "image files")
+        return _finish(dataset, column, description, min_shards, "image files; use fewer DataLoader workers.")
 
     if dataset_name:
         description = f"dataset {dataset_name}, config {dataset_config_name}, split {split}"
-        if not streaming:
-            dataset = load_dataset(dataset_name, dataset_config_name, split=split, cache_dir=cache_dir)
-            return _finish_prepared(dataset, image_column_name, description, min_shards)
-        dataset = load_dataset(dataset_name, dataset_config_name, split=split, streaming=True, cache_dir=cache_dir)
+        source: dict[str, Any] = {"path": dataset_name, "name": dataset_config_name}
+    else:
+        assert data_files is not None  # the one source given
+        patterns = [data_files] if isinstance(data_files, str) else list(data_files)
+        kind = _data_file_kind(patterns)
+        files = _expand_data_files(patterns)
+        description = f"{kind} data files, split {split}: {_list_digest(files)}"
+        source = {"path": kind, "data_files": {split: files}}
+    if not streaming:  # prepared in the local Arrow cache, then streamed from it in enough contiguous shards
+        prepared = load_dataset(**source, split=split, cache_dir=cache_dir)
+        column = _image_column(prepared.features, image_column_name)
+        stream = prepared.to_iterable_dataset(num_shards=max(1, _num_shards(len(prepared), min_shards)))
+        return _finish(
+            stream, column, f"{description}, prepared", min_shards, "examples; use fewer DataLoader workers."
+        )
+    if dataset_name:
+        dataset = load_dataset(**source, split=split, streaming=True, cache_dir=cache_dir)
         if dataset.num_shards < min_shards:
             dataset = dataset.reshard()  # parquet: one shard per row group; other formats are left as they are
-        column = _image_column(dataset.features, image_column_name)
-        return _finish(dataset, column, description, min_shards, "files")
-
-    patterns = [data_files] if isinstance(data_files, str) else list(data_files)
-    kind = _data_file_kind(patterns)
-    files = _expand_data_files(patterns)
-    description = f"{kind} data files, split {split}: {_list_digest(files)}"
-    if not streaming:
-        dataset = load_dataset(kind, data_files={split: files}, split=split, cache_dir=cache_dir)
-        return _finish_prepared(dataset, image_column_name, description, min_shards)
+        remedy = (
+            "files; pass --streaming false (prepares the split locally and cuts it into enough shards) or use a "
+            "dataset stored in more files."
+        )
+        return _finish(dataset, _image_column(dataset.features, image_column_name), description, min_shards, remedy)
     if kind == "webdataset":
-        dataset = load_dataset(kind, data_files={split: files}, split=split, streaming=True, cache_dir=cache_dir)
-        column = _image_column(dataset.features, image_column_name)
-        return _finish(dataset, column, description, min_shards, "webdataset .tar files")
-    read_parts = _parquet_row_groups if kind == "parquet" else _arrow_record_batches
-    generate = _generate_parquet_rows if kind == "parquet" else _generate_arrow_rows
-    features = _file_features(files[0], kind)
-    column = _image_column(features, image_column_name)
-    parts = [(file, index) for file in files for index in range(read_parts(file))]
+        dataset = load_dataset(**source, split=split, streaming=True, cache_dir=cache_dir)
+        remedy = (
+            "webdataset .tar files; each .tar file is one shard: split the data into more .tar files (or pass "
+            "--streaming false)."
+        )
+        return _finish(dataset, _image_column(dataset.features, image_column_name), description, min_shards, remedy)
+    layouts = [_file_layout(file, kind) for file in files]
+    column = _image_column(Features.from_arrow_schema(layouts[0][0]), image_column_name)
+    parts = [(file, index) for file, (_, num_parts) in zip(files, layouts) for index in range(num_parts)]
     if not parts:
         raise ValueError(f"The --data_files {patterns} hold no data.")
-    dataset = _sharded_stream(generate, _chunks(parts, min_shards), column, {"column": column})
-    unit = "parquet row groups" if kind == "parquet" else "arrow record batches"
-    return _finish(dataset, column, description, min_shards, unit)
+    dataset = _sharded_stream(_generate_rows, _chunks(parts, min_shards), column, column=column, kind=kind)
+    unit = "row groups" if kind == "parquet" else "record batches"
+    remedy = f"{kind} {unit}; write the files in smaller {unit}, or use fewer DataLoader workers."
+    return _finish(dataset, column, description, min_shards, remedy)
 
 
 def list_image_files(folder: str, split: str = "train") -> list[str]:
-    """The image files of ``split`` in an image folder, as sorted absolute paths (see :func:`load_image_stream`)."""
+    """The image files (:data:`IMAGE_EXTENSIONS`, hidden entries skipped) of ``split`` in an image folder, listed
+    recursively, as sorted absolute paths. When its top level has split folders (``train/``, ``val/``...) ``split``
+    picks one; otherwise the whole folder is the split whatever its name (a validation folder opens as training)."""
     if not os.path.isdir(folder):
         raise ValueError(f"--train_dir {folder!r} is not a folder.")
     root = os.path.abspath(folder)
@@ -432,6 +345,7 @@ def list_image_files(folder: str, split: str = "train") -> list[str]:
         for entry in os.scandir(root)
         if entry.is_dir() and any(entry.name.lower() in names for names in SPLIT_FOLDER_NAMES.values())
     }
+    roots = [root]
     if split_folders:
         wanted = SPLIT_FOLDER_NAMES.get(split, (split,))
         roots = [path for name, path in sorted(split_folders.items()) if name.lower() in wanted]
@@ -440,28 +354,20 @@ def list_image_files(folder: str, split: str = "train") -> list[str]:
                 f"{folder!r} is split into the folders {sorted(split_folders)}, none of which is split {split!r} "
                 f"(for it: {', '.join(wanted)})."
             )
-    else:
-        roots = [root]
-    files = []
-    for top in roots:
-        for directory, subdirectories, names in os.walk(top, followlinks=True):
-            subdirectories[:] = [name for name in subdirectories if not name.startswith(".")]
-            files.extend(
-                os.path.join(directory, name)
-                for name in names
-                if not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
-            )
+    # `glob` skips hidden files and folders, and follows links to folders as `os.walk(followlinks=True)` does.
+    files = [
+        path
+        for top in roots
+        for path in glob.glob(os.path.join(glob.escape(top), "**", "*"), recursive=True)
+        if path.lower().endswith(IMAGE_EXTENSIONS) and not os.path.isdir(path)
+    ]
     if not files:
         raise ValueError(f"No image files ({', '.join(IMAGE_EXTENSIONS)}) in {', '.join(roots)}.")
     return sorted(files)
 
 
 def _finish(
-    dataset: IterableDataset,
-    column: str,
-    description: str,
-    min_shards: int,
-    unit: str,
+    dataset: IterableDataset, column: str, description: str, min_shards: int, remedy: str
 ) -> tuple[IterableDataset, str]:
     """Keep only the undecoded image column, name the source, and warn when the workers will be starved."""
     if column not in (dataset.column_names or []):
@@ -471,35 +377,12 @@ def _finish(
     if dataset.num_shards < min_shards:
         logger.warning(
             "The stream has %d shard(s) for %d reader(s) (ranks x DataLoader workers): each reader needs a shard of "
-            "its own, so fewer DataLoader workers will run. It is made of %s; %s",
+            "its own, so fewer DataLoader workers will run. It is made of %s",
             dataset.num_shards,
             min_shards,
-            unit,
-            _more_shards_remedy(unit),
+            remedy,
         )
     return dataset, column
-
-
-def _more_shards_remedy(unit: str) -> str:
-    if unit == "webdataset .tar files":
-        return "each .tar file is one shard: split the data into more .tar files (or pass --streaming false)."
-    if unit == "files":
-        return (
-            "pass --streaming false (prepares the split locally and cuts it into enough shards) or use a dataset "
-            "stored in more files."
-        )
-    if unit in ("parquet row groups", "arrow record batches"):
-        return f"write the files in smaller {unit.split(' ', 1)[1]}, or use fewer DataLoader workers."
-    return "use fewer DataLoader workers."
-
-
-def _finish_prepared(
-    dataset: Any, image_column_name: str | None, description: str, min_shards: int
-) -> tuple[IterableDataset, str]:
-    """Stream a prepared (map-style) split from the Arrow cache in enough contiguous shards."""
-    column = _image_column(dataset.features, image_column_name)
-    stream = dataset.to_iterable_dataset(num_shards=max(1, _num_shards(len(dataset), min_shards)))
-    return _finish(stream, column, f"{description}, prepared", min_shards, "examples")
 
 
 def _num_shards(num_units: int, min_shards: int) -> int:
@@ -517,17 +400,10 @@ def _chunks(items: list, min_shards: int) -> list[list]:
     return [items[index::num_shards] for index in range(num_shards)]
 
 
-def _sharded_stream(generator: Callable, shards: list, column: str, kwargs: dict[str, Any]) -> IterableDataset:
+def _sharded_stream(generator: Callable, shards: list, image_column: str, **gen_kwargs: Any) -> IterableDataset:
     # `datasets` shards a generator by its list-valued keyword argument: one element per shard.
-    return IterableDataset.from_generator(
-        generator, features=Features({column: Image(decode=False)}), gen_kwargs={"shards": shards, **kwargs}
-    )
-
-
-def _join_paths(paths: list[str]) -> str:
-    # One string per shard, not a list of paths: `from_generator` hashes its arguments with a pure-Python pickler,
-    # which takes ~15 s for the 1.3M strings of ImageNet but no time for 64 long strings. NUL is never in a path.
-    return "\0".join(paths)
+    features = Features({image_column: Image(decode=False)})
+    return IterableDataset.from_generator(generator, features=features, gen_kwargs={"shards": shards, **gen_kwargs})
 
 
 def _generate_folder_images(shards: list[str]) -> Iterator[dict[str, str]]:
@@ -536,65 +412,49 @@ def _generate_folder_images(shards: list[str]) -> Iterator[dict[str, str]]:
             yield {"image": path}
 
 
-def _parquet_row_groups(file: str) -> int:
-    return pq.ParquetFile(file).metadata.num_row_groups
-
-
-def _generate_parquet_rows(shards: list[list[tuple[str, int]]], column: str) -> Iterator[dict[str, Any]]:
+def _generate_rows(shards: list[list[tuple[str, int]]], column: str, kind: str) -> Iterator[dict[str, Any]]:
     for shard in shards:
         for file, parts in itertools.groupby(shard, key=operator.itemgetter(0)):
-            parquet_file = pq.ParquetFile(file)
-            for _, row_group in parts:
-                for value in parquet_file.read_row_group(row_group, columns=[column]).column(0).to_pylist():
+            indices = [index for _, index in parts]
+            if kind == "parquet":
+                tables = map(functools.partial(pq.ParquetFile(file).read_row_group, columns=[column]), indices)
+            else:
+                tables = map(_open_arrow(file)[1].__getitem__, indices)
+            for table in tables:
+                for value in table.column(column).to_pylist():
                     yield {column: value}
 
 
-def _open_arrow(file: str) -> list[pa.RecordBatch]:
-    """All record batches of an Arrow IPC file (stream format, as `datasets` writes, or file format), memory-mapped:
-    listing them reads no data."""
+def _file_layout(file: str, kind: str) -> tuple[pa.Schema, int]:
+    """The schema of a parquet or arrow file and its number of parts (row groups, record batches), from metadata."""
+    if kind == "parquet":
+        parquet_file = pq.ParquetFile(file)
+        return parquet_file.schema_arrow, parquet_file.metadata.num_row_groups
+    schema, batches = _open_arrow(file)
+    return schema, len(batches)
+
+
+def _open_arrow(file: str) -> tuple[pa.Schema, list[pa.RecordBatch]]:
+    """The schema and record batches of an Arrow IPC file (stream format, as `datasets` writes, or file format),
+    memory-mapped: listing them reads no data."""
     source = pa.memory_map(file)
     try:
-        return list(pa.ipc.open_stream(source))
+        reader = pa.ipc.open_stream(source)
+        return reader.schema, list(reader)
     except pa.ArrowInvalid:
         reader = pa.ipc.open_file(source)
-        return [reader.get_batch(index) for index in range(reader.num_record_batches)]
-
-
-def _arrow_record_batches(file: str) -> int:
-    return len(_open_arrow(file))
-
-
-def _generate_arrow_rows(shards: list[list[tuple[str, int]]], column: str) -> Iterator[dict[str, Any]]:
-    for shard in shards:
-        for file, parts in itertools.groupby(shard, key=operator.itemgetter(0)):
-            batches = _open_arrow(file)
-            for _, index in parts:
-                for value in batches[index].column(column).to_pylist():
-                    yield {column: value}
-
-
-def _file_features(file: str, kind: str) -> Features:
-    schema = pq.read_schema(file) if kind == "parquet" else _open_arrow_schema(file)
-    return Features.from_arrow_schema(schema)
-
-
-def _open_arrow_schema(file: str) -> pa.Schema:
-    source = pa.memory_map(file)
-    try:
-        return pa.ipc.open_stream(source).schema
-    except pa.ArrowInvalid:
-        return pa.ipc.open_file(source).schema
+        return reader.schema, [reader.get_batch(index) for index in range(reader.num_record_batches)]
 
 
 def _data_file_kind(patterns: list[str]) -> str:
-    kinds = {DATA_FILE_KINDS.get(pattern.rsplit(".", 1)[-1].lower()) for pattern in patterns}
-    if len(kinds) != 1 or None in kinds:
+    extensions = {pattern.rsplit(".", 1)[-1].lower() for pattern in patterns}
+    if len(extensions) != 1 or not extensions <= DATA_FILE_KINDS.keys():
         raise ValueError(f"--data_files must all be .parquet, .tar (webdataset) or .arrow files; got {patterns}.")
-    return kinds.pop()
+    return DATA_FILE_KINDS[extensions.pop()]
 
 
 def _expand_data_files(patterns: list[str]) -> list[str]:
-    files = []
+    files: list[str] = []
     for pattern in patterns:
         matches = sorted(glob.glob(os.path.expanduser(pattern), recursive=True))
         if not matches:
@@ -630,22 +490,9 @@ def _image_column(features: Features | None, image_column_name: str | None) -> s
 def split_off_validation(
     dataset: IterableDataset, fraction: float, seed: int, image_column: str | None = None
 ) -> tuple[IterableDataset, IterableDataset]:
-    """Split a stream from :func:`load_image_stream` into a training and a held-out validation stream.
-
-    Each example goes to validation when a hash of ``seed`` and its :func:`example_id` falls below ``fraction``.
-    That id is the SHA-1 of the image bytes when they are inline (parquet, arrow, webdataset, Hub datasets), so
-    duplicate images land on the same side; for an image folder it is the file's path, so moving the folder
-    changes the split. No image is decoded; the two sides are disjoint and together the whole stream; every
-    process and every run with the same ``seed`` agree on them, whatever the shard order or the number of ranks
-    and workers. The validation side holds about ``fraction`` of the examples (the count is a binomial draw).
-
-    Args:
-        fraction (`float`): in (0, 1).
-        image_column (`str`, *optional*): defaults to the first `Image` feature.
-
-    Returns:
-        ``(train, validation)``, both with as many shards as ``dataset``.
-    """
+    """Split a stream from :func:`load_image_stream` into a training and a held-out validation stream, both with as
+    many shards as ``dataset``: an example is held out when a hash of ``seed`` and its :func:`example_id` falls below
+    ``fraction``, so every process and run with the same ``seed`` agree on the sides without decoding an image."""
     if not 0.0 < fraction < 1.0:
         raise ValueError(f"The validation fraction must be in (0, 1), got {fraction}.")
     column = _image_column(dataset.features, image_column)
@@ -665,9 +512,7 @@ def _is_on_side(example: dict[str, Any], column: str, fraction: float, seed: int
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# The training DataLoader and its state
-
-logger = logging.getLogger(__name__)
+# The scripts' datasets and DataLoaders
 
 
 def build_dataloader(
@@ -677,18 +522,9 @@ def build_dataloader(
     pin_memory: bool = False,
     collate_fn: Callable[[list[dict[str, Any]]], dict[str, Any]] | None = None,
 ) -> StatefulDataLoader:
-    """A `StatefulDataLoader` over an :class:`ImageStream` that snapshots its state at every batch, so a checkpoint
-    can be taken at any step; decoding and transforms run in its workers. Batches are collated by `collate_fn`,
-    by default `processing.DataCollatorForMaskedImageModeling` (model inputs with their dtypes, other fields stacked,
-    strings such as ``example_id`` kept as lists).
-
-    `datasets` hands whole shards to DataLoader workers, so a worker beyond this rank's shard count would get no
-    data: the number of workers is capped at that count (with a warning saying how to get more).
-    """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
-    if num_workers < 0:
-        raise ValueError(f"num_workers must be >= 0, got {num_workers}.")
+    """A `StatefulDataLoader` over ``stream`` that snapshots its state at every batch, so a checkpoint can be taken at
+    any step; ``collate_fn`` defaults to `processing.DataCollatorForMaskedImageModeling`. `datasets` hands whole
+    shards to DataLoader workers, so the workers are capped at this rank's shard count, with a warning."""
     num_shards = stream.dataset.num_shards
     if num_workers > num_shards:
         logger.warning(
@@ -727,24 +563,14 @@ def _stream_states(state: dict[str, Any]) -> tuple[int, list[dict[str, Any]]]:
 
 
 def resume_dataloader(dataloader: StatefulDataLoader, state: dict[str, Any]) -> None:
-    """Check that ``state`` (``dataloader.state_dict()`` of an earlier run) was written with this dataloader's data
-    settings, then load it: the next ``iter(dataloader)`` continues exactly where that run stood.
-
-    Call it before iterating. The check runs here, in the main process, so a mismatch is one clear error instead
-    of a failure in each worker.
-
-    Raises:
-        ValueError: naming each setting (source, seed, shuffle buffer size, max samples, world size, number of
-            workers...) whose saved value differs from the current one.
-    """
-    stream = dataloader.dataset
-    if not isinstance(stream, ImageStream):
-        raise ValueError(f"resume_dataloader needs a dataloader of build_dataloader; its dataset is a {type(stream)}.")
+    """Load ``state`` (``dataloader.state_dict()`` of an earlier run) before iterating, so the next iteration goes on
+    exactly where that run stood. The settings are checked here, in the main process, so a mismatch is one clear
+    ValueError (naming each setting that differs) instead of a failure in each worker."""
     num_workers, stream_states = _stream_states(state)
     if any(not isinstance(saved, dict) or "settings" not in saved for saved in stream_states):
         raise ValueError("This dataloader state holds no ImageStream settings (a checkpoint of an older format?).")
     saved_settings = {**stream_states[0]["settings"], "num_workers": num_workers}
-    check_stream_settings(saved_settings, stream.settings(dataloader.num_workers))
+    check_stream_settings(saved_settings, dataloader.dataset.settings(dataloader.num_workers))
     dataloader.load_state_dict(state)
 
 
@@ -755,28 +581,20 @@ def image_counts(dataloader: StatefulDataLoader) -> dict[str, int]:
         # Not iterated yet: `state_dict()` would start the iterator (and its workers) just to report the counts.
         state = dataloader.next_iter_state
         if state is None:
-            return {"num_bad_images": 0, "num_converted_images": 0}
+            return new_decode_counts()
     else:
         state = dataloader.state_dict()
     _, stream_states = _stream_states(state)
-    return {
-        key: sum(int(stream_state[key]) for stream_state in stream_states)
-        for key in ("num_bad_images", "num_converted_images")
-    }
+    return {key: sum(int(stream_state[key]) for stream_state in stream_states) for key in new_decode_counts()}
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# The pretraining scripts' loaders: the per-image transform, the datasets, training and held-out loaders
-
-
-def image_transform(processor: Any, augment: bool) -> Callable[[Any, np.random.Generator], dict[str, np.ndarray]]:
-    """`(image, rng) -> model inputs` for the data loaders: `processor.pretraining_inputs` of one image (with its
-    training augmentation when `augment`, else the evaluation views), every random draw (crops, flips, MIM masks)
-    from the example's own generator `rng`, each of `processor.pretraining_input_names` without the batch
-    dimension."""
+def image_transform(processor: Any, augment: bool) -> Transform:
+    """The :data:`Transform` of the data loaders: `processor.pretraining_inputs` of one image (with its training
+    augmentation when `augment`, else the evaluation views), each of `processor.pretraining_input_names` without the
+    batch dimension."""
     augmentation = processor.training_augmentation() if augment else None
 
-    def transform(image: Any, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    def transform(image: PIL.Image.Image, rng: np.random.Generator) -> dict[str, Any]:
         features = processor.pretraining_inputs(image, augmentation=augmentation, rng=rng, return_tensors="np")
         return {name: features[name][0] for name in processor.pretraining_input_names}
 
@@ -802,31 +620,32 @@ class ImageSources:
     cache_dir: str | None = None
 
 
-def load_datasets(sources: ImageSources, *, min_shards: int, do_eval: bool, seed: int) -> tuple:
-    """The training dataset, its image column, the held-out dataset (None without `do_eval`) and its image column.
+def load_datasets(
+    sources: ImageSources, *, min_shards: int, do_eval: bool, seed: int
+) -> tuple[IterableDataset, str, IterableDataset | None, str | None]:
+    """The training dataset, its image column, the held-out dataset (None without `do_eval`) and its image column,
+    each cut into at least `min_shards` (ranks x workers) shards where the source allows."""
+    load = functools.partial(
+        load_image_stream,
+        image_column_name=sources.image_column_name,
+        streaming=sources.streaming,
+        cache_dir=sources.cache_dir,
+        min_shards=min_shards,
+    )
+    training_source = (sources.dataset_name, sources.dataset_config_name, sources.train_dir, sources.data_files)
+    train, image_column = load(*training_source, split=sources.dataset_split)
+    if not do_eval:
+        return train, image_column, None, None
+    if sources.validation_dir is not None:
+        return train, image_column, *load(train_dir=sources.validation_dir)
+    if sources.validation_split is not None:
+        return train, image_column, *load(*training_source, split=sources.validation_split)
+    assert sources.train_val_split is not None  # DataArguments: --do_eval needs one of the three
+    train, evaluation = split_off_validation(train, sources.train_val_split, seed)
+    return train, image_column, evaluation, image_column
 
-    The held-out images come from `validation_dir`, `validation_split` of the training source, or a
-    `train_val_split` fraction split off the training data (the same split on every rank, without reading images).
-    Local sources are split into at least `min_shards` shards (ranks x workers) so that every DataLoader worker gets
-    data.
-    """
-    source = {"image_column_name": sources.image_column_name, "streaming": sources.streaming}
-    source.update(cache_dir=sources.cache_dir, min_shards=min_shards)
-    train_files = (sources.dataset_name, sources.dataset_config_name, sources.train_dir, sources.data_files)
-    train, image_column = load_image_stream(*train_files, split=sources.dataset_split, **source)
-    evaluation, eval_column = None, None
-    if do_eval and sources.validation_dir is not None:
-        evaluation, eval_column = load_image_stream(train_dir=sources.validation_dir, **source)
-    elif do_eval and sources.validation_split is not None:
-        evaluation, eval_column = load_image_stream(*train_files, split=sources.validation_split, **source)
-    elif do_eval:
-        assert sources.train_val_split is not None  # DataArguments: --do_eval needs one of the three
-        train, evaluation = split_off_validation(train, sources.train_val_split, seed)
-        eval_column = image_column
-    return train, image_column, evaluation, eval_column
 
-
-def stream_size(dataset, split: str, max_samples: int | None) -> int | None:
+def stream_size(dataset: IterableDataset, split: str, max_samples: int | None) -> int | None:
     """Examples per epoch if the dataset's metadata or `max_samples` says, else None."""
     splits = getattr(dataset.info, "splits", None) or {}
     known = splits[split].num_examples if split in splits and splits[split].num_examples else None
@@ -834,31 +653,39 @@ def stream_size(dataset, split: str, max_samples: int | None) -> int | None:
 
 
 def training_dataloader(
-    accelerator: Accelerator, dataset, image_column: str, transform: Callable, *, batch_size: int, num_workers: int,
-    seed: int, shuffle_buffer_size: int, max_samples: int | None,
-) -> StatefulDataLoader:  # fmt: skip
-    """This rank's share of `dataset` through `transform` (`(image, rng) -> model inputs`), shuffled, endless and
-    resumable exactly (a torchdata `StatefulDataLoader`), pinned on CUDA."""
-    stream = ImageStream(
-        dataset,
-        image_column,
-        transform,
-        rank=accelerator.process_index,
-        world_size=accelerator.num_processes,
-        seed=seed,
-        shuffle_buffer_size=shuffle_buffer_size,
-        max_samples=max_samples,
-    )
+    accelerator: Accelerator,
+    dataset: IterableDataset,
+    image_column: str,
+    transform: Transform,
+    *,
+    batch_size: int,
+    num_workers: int,
+    seed: int,
+    shuffle_buffer_size: int,
+    max_samples: int | None,
+) -> StatefulDataLoader:
+    """This rank's share of `dataset` through `transform`, shuffled, endless and exactly resumable (an
+    :class:`ImageStream` in :func:`build_dataloader`), pinned on CUDA."""
+    rank, world_size = accelerator.process_index, accelerator.num_processes
+    stream = ImageStream(dataset, image_column, transform, rank, world_size, seed, shuffle_buffer_size, max_samples)
     return build_dataloader(stream, batch_size, num_workers, pin_memory=accelerator.device.type == "cuda")
 
 
 class HeldOutImages(torch.utils.data.IterableDataset):
     """One ordered pass over this rank's share of the held-out images (the first `max_samples`), unusable images
-    skipped and logged. The transform's random draws (MIM masks) depend only on the position, so every evaluation of a run sees
-    the same inputs and the results are comparable."""
+    skipped and logged. The transform's random draws (MIM masks) depend only on the position, so every evaluation
+    of a run sees the same inputs and the results are comparable."""
 
-    def __init__(self, dataset, image_column: str, transform: Callable, rank: int, world_size: int, seed: int,
-                 max_samples: int | None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        dataset: IterableDataset,
+        image_column: str,
+        transform: Transform,
+        rank: int,
+        world_size: int,
+        seed: int,
+        max_samples: int | None,
+    ) -> None:
         super().__init__()
         dataset = dataset if max_samples is None else dataset.take(max_samples)
         # In DataLoader workers, `datasets` splits the rank's shards between the workers itself.
@@ -876,24 +703,29 @@ class HeldOutImages(torch.utils.data.IterableDataset):
 
 
 def evaluation_dataloader(
-    accelerator: Accelerator, dataset, image_column: str, transform: Callable, *, batch_size: int, num_workers: int,
-    seed: int, max_samples: int | None,
-) -> torch.utils.data.DataLoader:  # fmt: skip
-    """A DataLoader over :class:`HeldOutImages` (the first `max_samples` held-out images): each iteration is one
-    evaluation pass."""
+    accelerator: Accelerator,
+    dataset: IterableDataset,
+    image_column: str,
+    transform: Transform,
+    *,
+    batch_size: int,
+    num_workers: int,
+    seed: int,
+    max_samples: int | None,
+) -> torch.utils.data.DataLoader:
+    """A DataLoader over :class:`HeldOutImages` (workers capped at the shard count, the training loader's collator,
+    pinned on CUDA): each iteration is one evaluation pass."""
     rank, world_size = accelerator.process_index, accelerator.num_processes
     images = HeldOutImages(dataset, image_column, transform, rank, world_size, seed, max_samples)
-    num_workers = min(num_workers, images.dataset.num_shards)
-    pin = accelerator.device.type == "cuda"
     return torch.utils.data.DataLoader(
         images,
         batch_size,
-        num_workers=num_workers,
-        collate_fn=DataCollatorForMaskedImageModeling(),  # the training loader's collator
-        pin_memory=pin,
+        num_workers=min(num_workers, images.dataset.num_shards),
+        collate_fn=DataCollatorForMaskedImageModeling(),
+        pin_memory=accelerator.device.type == "cuda",
     )
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    # Batches come from pinned memory on CUDA, so the copies overlap with the computation.
+    """``batch`` on ``device``: batches come from pinned memory on CUDA, so the copies overlap with the computation."""
     return {name: value.to(device, non_blocking=True) for name, value in batch.items()}
