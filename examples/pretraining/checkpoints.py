@@ -1,15 +1,10 @@
 """Training checkpoints that never corrupt a run: atomic, free of pickle, and careful with the last good weights.
 
-A checkpoint is the folder ``output_dir/checkpoint-{step}``: a ``from_pretrained`` folder (config, weights, image
-processor) plus the optimizer, scheduler, fp16 grad scaler and each rank's random and loop states as JSON +
-safetensors (:func:`write_state`), ``run_identity.json`` and ``checkpoint.json``; under DeepSpeed also the engine's own
-checkpoint in ``deepspeed/``. docs/pretraining.md ("Checkpoints and resuming") lists the files and the guarantees:
-saves are atomic, loading runs no code, rotation keeps the newest finite weights, a resume sets an abandoned branch
-aside, and a failed save is harmless. Supported: one process, DDP and DeepSpeed ZeRO 1-3; FSDP and Megatron-LM are
-refused.
-
-Sections: saving, loading, the output folder, validation before a resume, the run identity, the final export, the
-pickle-free state files, random states, DeepSpeed engine files.
+``output_dir/checkpoint-{step}`` is a ``from_pretrained`` folder plus the optimizer, scheduler, grad scaler, random
+and loop states as JSON + safetensors, ``run_identity.json`` and ``checkpoint.json`` (and the DeepSpeed engine's own
+checkpoint). docs/pretraining.md ("Checkpoints and resuming") lists the files and what is guaranteed. Sections:
+saving, loading, the output folder, validation before a resume, the run identity, the final export, pickle-free
+state files and random states, DeepSpeed engine files.
 """
 
 from __future__ import annotations
@@ -86,29 +81,22 @@ def save_checkpoint(
     run_identity: dict[str, Any] | None = None,
 ) -> Path:
     """Save ``output_dir/checkpoint-{step}`` atomically, rotate old checkpoints, and return the folder. Every rank
-    calls it.
+    calls it, with the model and optimizer as ``accelerator.prepare`` returned them (the unwrapped model is a
+    ``PreTrainedModel``) and its own ``loop_state`` and ``dataloader_state`` (JSON-able; tuples, non-string keys and
+    tensors are kept exactly).
 
     Args:
-        model, optimizer: as ``accelerator.prepare`` returned them; the unwrapped model is a ``PreTrainedModel``.
-        scheduler: the learning-rate scheduler (not prepared, stepped once per optimizer step).
-        loop_state, dataloader_state: this rank's loop counters and data-loader state, JSON-able (tuples, non-string
-            keys and tensors are kept exactly).
-        image_processor: saved with the model so the checkpoint is a complete ``from_pretrained`` folder.
         save_total_limit: keep the newest N checkpoints, plus the newest one with finite weights if it is older.
         weights_are_finite: False when the caller suspects the weights (e.g. a stop on non-finite losses). The
             weights are also checked here; either way a non-finite checkpoint is marked as such.
-        run_identity: what :func:`run_identity` returned, compared on resume.
 
     Raises:
-        CheckpointWriteError: writing failed on some rank; the partial folder is removed and earlier checkpoints are
-            untouched.
+        CheckpointWriteError: writing failed on some rank; the partial folder is removed, earlier checkpoints stay.
         ValueError: an unsupported distributed setup or ``save_total_limit`` below 1.
     """
     _check_supported(accelerator)
     if save_total_limit is not None and save_total_limit < 1:
         raise ValueError(f"save_total_limit must be None (keep all) or at least 1, got {save_total_limit}.")
-    if step < 0:
-        raise ValueError(f"step must be >= 0, got {step}.")
     output_dir = Path(output_dir)
     final = output_dir / f"{CHECKPOINT_PREFIX}{step}"
     temporary = output_dir / f"{TEMPORARY_PREFIX}{CHECKPOINT_PREFIX}{step}"
@@ -283,11 +271,8 @@ def load_checkpoint(
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Restore the model, optimizer, scheduler (and fp16 grad scaler) saved by :func:`save_checkpoint` and return
     this rank's ``(loop_state, dataloader_state)``. Every rank calls it, with what ``accelerator.prepare`` returned;
-    the random states follow later, with :func:`restore_rng_states`.
-
-    Raises:
-        ValueError: a damaged checkpoint, another process count, DeepSpeed on one side only, weights that do not fit
-            the model, or a DeepSpeed engine file holding a Python object outside ``DEEPSPEED_SAFE_GLOBALS``.
+    :func:`restore_rng_states` follows later. A ValueError says why a checkpoint cannot be resumed (see
+    :func:`check_resumable`) or its weights do not fit the model.
     """
     _check_supported(accelerator)
     checkpoint = Path(checkpoint)
@@ -361,12 +346,9 @@ def checkpoint_step(path: Path) -> int | None:
 
 
 def resolve_checkpoint(resume_from_checkpoint: str | None, output_dir: str | Path) -> Path | None:
-    """The checkpoint folder to resume from, or None for a fresh start.
-
-    ``resume_from_checkpoint`` is None (a fresh run), ``"latest"`` (the newest checkpoint in ``output_dir``, whether
-    its weights are finite or not; None with an info line when there is none) or the path of a checkpoint folder,
-    which must be one written by :func:`save_checkpoint` (else a ValueError says why).
-    """
+    """The checkpoint to resume from for ``resume_from_checkpoint``: None (a fresh run), ``"latest"`` (the newest
+    checkpoint in ``output_dir``, finite or not; None with an info line when there is none) or an intact checkpoint
+    folder's path (else a ValueError says why)."""
     if resume_from_checkpoint is None:
         return None
     if resume_from_checkpoint == "latest":
@@ -375,50 +357,28 @@ def resolve_checkpoint(resume_from_checkpoint: str | None, output_dir: str | Pat
             logger.info("--resume_from_checkpoint latest: no checkpoint in %s, starting from scratch.", output_dir)
         return checkpoints[-1] if checkpoints else None
     path = Path(resume_from_checkpoint)
-    if (path / CHECKPOINT_INFO_FILE).is_file():
-        raise_unless_intact(path)  # names every bad file and the newest intact checkpoint
-    read_checkpoint_info(path)  # raises a ValueError naming what is wrong with the folder
+    if not path.is_dir():
+        raise ValueError(f"Checkpoint folder {path} does not exist.")
+    if not (path / CHECKPOINT_INFO_FILE).is_file():
+        raise ValueError(f"{path} is not a checkpoint folder: it has no {CHECKPOINT_INFO_FILE}.")
+    raise_unless_intact(path)  # names every bad file and the newest intact checkpoint
     return path
-
-
-def read_checkpoint_info(checkpoint: Path) -> dict[str, Any]:
-    """``checkpoint.json`` of a checkpoint folder; a ValueError says why a folder is not a checkpoint of this
-    format version."""
-    info_file = Path(checkpoint) / CHECKPOINT_INFO_FILE
-    if not info_file.is_file():
-        if not Path(checkpoint).is_dir():
-            raise ValueError(f"Checkpoint folder {checkpoint} does not exist.")
-        raise ValueError(f"{checkpoint} is not a checkpoint folder: it has no {CHECKPOINT_INFO_FILE}.")
-    info, problem = _read_json(info_file)
-    if problem or not isinstance(info, dict):
-        raise CheckpointReadError(f"{problem or f'{info_file} holds a {type(info).__name__}, not a JSON object'}.")
-    if info.get("format_version") != FORMAT_VERSION:
-        raise ValueError(
-            f"{checkpoint} has checkpoint format version {info.get('format_version')!r}; this code reads version "
-            f"{FORMAT_VERSION}."
-        )
-    return info
 
 
 def check_resumable(accelerator: Accelerator, checkpoint: Path) -> dict[str, Any]:
     """The checkpoint's info, after checking that its files are intact (:func:`raise_unless_intact`) and that it
     belongs to this process count and distributed setup (else a ValueError)."""
-    try:  # another process count first: a checkpoint of 2 ranks read by 1 lacks nothing, it belongs elsewhere
-        saved_processes = read_checkpoint_info(checkpoint).get("num_processes")
-    except ValueError:
-        saved_processes = None
+    info, _ = _read_json(Path(checkpoint) / CHECKPOINT_INFO_FILE)
+    # Another process count first: a checkpoint of 2 ranks read by 1 lacks nothing, it belongs elsewhere.
+    saved_processes = info.get("num_processes") if isinstance(info, dict) else None
     if not _has_type(saved_processes, int) or saved_processes == accelerator.num_processes:
         raise_unless_intact(checkpoint)
-    info = read_checkpoint_info(checkpoint)
     if info["num_processes"] != accelerator.num_processes:
         raise ValueError(
             f"{checkpoint} was written by {info['num_processes']} processes but {accelerator.num_processes} are "
             "running: the data streams, RNG states and total batch size belong to that process count; resume with "
             "the same number."
         )
-    state_file = Path(checkpoint) / f"{TRAINING_STATE.format(rank=accelerator.process_index)}.json"
-    if not state_file.is_file():
-        raise ValueError(f"{state_file} is missing: the checkpoint is incomplete (was it copied partially?).")
     if info["deepspeed"] != (accelerator.distributed_type == DistributedType.DEEPSPEED):
         written, running = ("with", "without") if info["deepspeed"] else ("without", "with")
         raise ValueError(
@@ -430,14 +390,10 @@ def check_resumable(accelerator: Accelerator, checkpoint: Path) -> dict[str, Any
 
 
 def prepare_output_dir(accelerator: Accelerator, output_dir: str | Path, checkpoint: Path | None) -> None:
-    """Make ``output_dir`` ready for a fresh run (``checkpoint`` None) or for resuming from ``checkpoint``.
-
-    Every rank calls it, before training. Before changing anything it refuses (ValueError) a fresh run in a folder
-    holding checkpoints (rotation and ``latest`` go by step number, so the runs would mix) and a checkpoint this run
-    cannot resume (:func:`check_resumable`). Then it removes interrupted saves, puts back an export a crash left
-    aside, and moves what was saved after the resumed step K into ``output_dir/abandoned-<UTC time>/``: the later
-    checkpoints (an abandoned branch) with their export, and the ``metrics.jsonl`` records after step K (all of them
-    for a fresh run, and any line cut short by a kill). Nothing is deleted.
+    """Make ``output_dir`` ready for a fresh run (``checkpoint`` None) or for resuming from ``checkpoint``; every rank
+    calls it before training. It first refuses (ValueError) a fresh run over checkpoints (rotation and ``latest`` go
+    by step number) and a checkpoint this run cannot resume; then it removes interrupted saves and moves what came
+    after the resumed step (checkpoints, their export, ``metrics.jsonl`` records) into ``abandoned-<UTC time>/``.
     """
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -555,10 +511,8 @@ def resume_advice(output_dir: str | Path) -> str:
 
 def has_finite_weights(checkpoint: Path) -> bool:
     """Whether ``checkpoint.json`` vouches for finite weights (False for a folder that is not a checkpoint)."""
-    try:
-        return bool(read_checkpoint_info(checkpoint)["weights_are_finite"])
-    except (ValueError, KeyError, OSError):  # not one of ours: nothing vouches for its weights
-        return False
+    info, _ = _read_json(Path(checkpoint) / CHECKPOINT_INFO_FILE)
+    return isinstance(info, dict) and info.get("weights_are_finite") is True
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -579,13 +533,9 @@ _INFO_TYPES = {
 
 
 def validate_checkpoint(checkpoint: str | Path) -> list[str]:
-    """Every problem with the files a resume from ``checkpoint`` reads, each "<file> <what is wrong>"; empty when it
-    is intact. Reads JSON and safetensors headers only (no tensor), and needs no collective: every rank reaches the
-    same verdict on the shared folder.
-
-    Checked: ``checkpoint.json`` (field types, its step is the folder's), the weights unless DeepSpeed holds them,
-    the optimizer, scheduler and grad scaler states, and the training and random states of every rank that wrote
-    the checkpoint (their loop step is the folder's).
+    """Every problem with the files a resume from ``checkpoint`` reads (field types, steps that disagree with the
+    folder name, missing tensors...), each "<file> <what is wrong>"; empty when it is intact. Reads JSON and
+    safetensors headers only and needs no collective: every rank reaches the same verdict on the shared folder.
     """
     checkpoint = Path(checkpoint)
     info_file = checkpoint / CHECKPOINT_INFO_FILE
@@ -601,6 +551,8 @@ def validate_checkpoint(checkpoint: str | Path) -> list[str]:
     problems += [f"{info_file}: {key} is missing" for key in required if key not in info]
     if problems:
         return problems
+    if info["format_version"] != FORMAT_VERSION:
+        return [f"{info_file}: format version {info['format_version']}; this code reads version {FORMAT_VERSION}"]
     folder_step = checkpoint_step(checkpoint)
     if folder_step is not None and info["step"] != folder_step:
         problems.append(f"{info_file}: step {info['step']} disagrees with the folder name {checkpoint.name}")
@@ -755,14 +707,10 @@ def run_identity(
     changeable: dict[str, Any],
     changeable_config_keys: frozenset[str],
 ) -> dict[str, Any]:
-    """What defines a run, as recorded in ``run_identity.json``: ``fixed`` (never changes on resume) and
-    ``changeable`` (changes only with ``--resume_allow_changes``), flattened to ``name: JSON value``.
-
-    Args:
-        model_config: the trained model's ``config.to_dict()``; its keys whose last part is in
-            ``changeable_config_keys`` (drop path, dropout, ...) are changeable, the rest fixed.
-        frozen_model: the tokenizer or teacher: e.g. ``{"tokenizer": "/p", "tokenizer weights": fingerprint}``.
-        fixed, changeable: the run's other settings (seed; batch size, accumulation, mask settings, precision).
+    """What defines a run, as recorded in ``run_identity.json``: ``fixed`` (the tokenizer or teacher in
+    ``frozen_model``, the seed...; never changes on resume) and ``changeable`` (batch size, precision...; changes
+    only with ``--resume_allow_changes``), flattened to ``name: JSON value``. The keys of ``model_config`` whose last
+    part is in ``changeable_config_keys`` (drop path, dropout...) are changeable, its other keys fixed.
     """
     config = {
         key: value
@@ -861,11 +809,8 @@ def export_files(output_dir: str | Path) -> list[Path]:
 
 def write_export(output_dir: str | Path, write: Callable[[Path], None], final_checkpoint: Path | None) -> None:
     """``write(folder)`` the export into ``output_dir/.tmp-export``, flush it, then swap it with the previous export
-    file by file (the previous one waits in ``.old-export`` until the new one is in place).
-
-    Raises:
-        ExportWriteError: the write failed (a full disk); it names the folder and its free space, the temporary
-            folder is removed and the previous export is untouched.
+    file by file (the previous one waits in ``.old-export`` until the new one is in place). A failed write raises
+    :class:`ExportWriteError` naming the free space, and leaves the previous export untouched.
     """
     output_dir = Path(output_dir)
     staging, previous = output_dir / EXPORT_TEMPORARY, output_dir / EXPORT_PREVIOUS
@@ -912,18 +857,15 @@ def _recover_export(output_dir: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# State dicts as JSON + safetensors, no pickle
+# State dicts as JSON + safetensors, no pickle; random states
 
 # The keys that mark a tagged value; a dict holding one (or a non-string key) is stored as its items.
 _TAGS = ("__tensor__", "__tuple__", "__items__")
 
 
 def write_state(folder: Path, stem: str, state: Any) -> None:
-    """Write ``state`` as ``folder/{stem}.json``, plus ``folder/{stem}.safetensors`` when it holds tensors.
-
-    Raises:
-        TypeError: ``state`` holds something other than tensors, numbers, strings, None, lists, tuples and dicts.
-    """
+    """Write ``state`` (tensors, numbers, strings, None, lists, tuples and dicts, else a TypeError) as
+    ``folder/{stem}.json``, plus ``folder/{stem}.safetensors`` when it holds tensors."""
     tensors: dict[str, torch.Tensor] = {}
     encoded = _encode(state, tensors, stem)
     if tensors:
@@ -933,9 +875,19 @@ def write_state(folder: Path, stem: str, state: Any) -> None:
 
 def read_state(folder: Path, stem: str) -> Any:
     """What :func:`write_state` wrote; tensors come back on the CPU (``load_state_dict`` moves them)."""
-    encoded = json.loads((folder / f"{stem}.json").read_text())
     tensor_file = folder / f"{stem}.safetensors"
-    return _decode(encoded, load_file(tensor_file) if tensor_file.is_file() else {})
+    tensors = load_file(tensor_file) if tensor_file.is_file() else {}
+
+    def decode(value: dict[str, Any]) -> Any:  # json calls it innermost object first
+        if len(value) == 1 and "__tensor__" in value:
+            return tensors[value["__tensor__"]]
+        if len(value) == 1 and "__tuple__" in value:
+            return tuple(value["__tuple__"])
+        if len(value) == 1 and "__items__" in value:
+            return dict(value["__items__"])
+        return value
+
+    return json.loads((folder / f"{stem}.json").read_text(), object_hook=decode)
 
 
 def _encode(value: Any, tensors: dict[str, torch.Tensor], path: str) -> Any:
@@ -969,24 +921,6 @@ def _encode(value: Any, tensors: dict[str, torch.Tensor], path: str) -> Any:
     )
 
 
-def _decode(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
-    if isinstance(value, list):
-        return [_decode(item, tensors) for item in value]
-    if not isinstance(value, dict):
-        return value
-    if len(value) == 1 and "__tensor__" in value:
-        return tensors[value["__tensor__"]]
-    if len(value) == 1 and "__tuple__" in value:
-        return tuple(_decode(item, tensors) for item in value["__tuple__"])
-    if len(value) == 1 and "__items__" in value:
-        return {_decode(key, tensors): _decode(item, tensors) for key, item in value["__items__"]}
-    return {key: _decode(item, tensors) for key, item in value.items()}
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Random states
-
-
 def capture_rng_states() -> dict[str, Any]:
     """This process's random states, as :func:`restore_rng_states` reads them back: ``python`` and ``numpy`` (tuples
     and lists), ``torch`` (a CPU tensor), ``cuda`` (one tensor per visible device, None without CUDA) and
@@ -1008,9 +942,7 @@ def restore_rng_states(accelerator: Accelerator, checkpoint: Path) -> None:
     """Restore this rank's python ``random``, numpy and torch (CPU and CUDA) random states from ``checkpoint``.
 
     Separate from :func:`load_checkpoint` because the loop must create its DataLoader iterator (which draws from the
-    torch RNG) first: a resumed run then continues the uninterrupted run's random stream exactly. CUDA states are
-    restored on every device when the device count is the one at save time; otherwise only the device this rank
-    uses gets the state its rank's device had.
+    torch RNG) first: a resumed run then continues the uninterrupted run's random stream exactly.
     """
     states = read_state(Path(checkpoint), RNG_STATE.format(rank=accelerator.process_index))
     random.setstate(states["python"])
@@ -1051,15 +983,11 @@ _TORCH_FORMAT_ENGINES = {"TorchCheckpointEngine", "FastCheckpointEngine", "Decou
 
 def load_deepspeed_engine(engine: Any, folder: Path) -> None:
     """Load the model and (partitioned) optimizer of ``engine`` (a DeepSpeed engine, as ``accelerator.prepare``
-    returned it) from ``folder``, in DeepSpeed's own format, without running code.
+    returned it) from ``folder``, in DeepSpeed's own format, without running code (else a ValueError).
 
     DeepSpeed's checkpoint engines read ``torch.save`` files with ``torch.load`` (``TorchCheckpointEngine`` with
     ``weights_only=False``) and offer no switch, so ``load`` is replaced on this engine's instance for the duration
     by a ``weights_only=True`` load that allows the classes of :data:`DEEPSPEED_SAFE_GLOBALS` only.
-
-    Raises:
-        ValueError: the checkpoint engine does not write ``torch.save`` files, a file holds a Python object outside
-            :data:`DEEPSPEED_SAFE_GLOBALS`, or ``folder`` holds no engine checkpoint.
     """
     checkpoint_engine = engine.checkpoint_engine
     if type(checkpoint_engine).__name__ not in _TORCH_FORMAT_ENGINES:
