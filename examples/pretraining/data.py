@@ -23,8 +23,8 @@ from typing import Any
 
 import numpy as np
 import PIL.Image
-import pyarrow as pa  # type: ignore[import-untyped]  # pyarrow ships no type information (no py.typed, no stubs)
-import pyarrow.parquet as pq  # type: ignore[import-untyped]
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 from accelerate import Accelerator
 from datasets import Features, Image, IterableDataset, load_dataset
