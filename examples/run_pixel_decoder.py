@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 from modeling_beitv2 import VQKDModel, VQKDPixelDecoder, VQKDPixelDecoderConfig
 from pretraining.arguments import (
     FROZEN_MODEL_PRECISIONS,
+    PRETRAINED_SETTINGS,
     DataArguments,
     PretrainingArguments,
     check_choice,
@@ -47,11 +48,15 @@ from pretraining.arguments import (
     resolve_frozen_model_precision,
 )
 from pretraining.checkpoints import (
+    check_run_identity,
     load_checkpoint,
     prepare_output_dir,
+    record_resume_changes,
     resolve_checkpoint,
     restore_rng_states,
+    run_identity,
     save_checkpoint,
+    weights_fingerprint,
 )
 from pretraining.data import (
     evaluation_dataloader,
@@ -94,6 +99,17 @@ logger = logging.getLogger(__name__)
 DEFAULT_LEARNING_RATE, DEFAULT_BATCH_SIZE = 1.5e-4, 256
 # The tokenizer's settings, which the decoder copies and --config_overrides may not change.
 TOKENIZER_SETTINGS = ("codebook_size", "code_dim", "image_size", "patch_size")
+# The data flags that choose and order the training images: part of the run identity, never changed on resume.
+TRAINING_DATA_SETTINGS = (
+    "dataset_name",
+    "dataset_config_name",
+    "train_dir",
+    "data_files",
+    "dataset_split",
+    "image_column_name",
+    "max_train_samples",
+    "shuffle_buffer_size",
+)
 
 
 @dataclass
@@ -278,12 +294,33 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         precision=resolve_frozen_model_precision(model_args.frozen_model_precision, args.mixed_precision, "tokenizer"),
         compile=args.torch_compile,
     )
+
+    identity = run_identity(
+        model_config=accelerator.unwrap_model(model).config.to_dict(),
+        frozen_model={
+            "tokenizer (--tokenizer_name_or_path) class": type(tokenizer).__name__,
+            "tokenizer (--tokenizer_name_or_path) weights": weights_fingerprint(tokenizer),
+        },
+        # The training images: the data-loader state checks them too, but only after the folder is prepared.
+        fixed={"seed": args.seed, **{name: getattr(data_args, name) for name in TRAINING_DATA_SETTINGS}},
+        changeable={
+            "per_device_train_batch_size": args.per_device_train_batch_size,
+            "gradient_accumulation_steps": args.gradient_accumulation_steps,
+            "mixed_precision": args.mixed_precision,
+            "frozen_model_precision": resolve_frozen_model_precision(
+                model_args.frozen_model_precision, args.mixed_precision, "tokenizer"
+            ),
+        },
+        changeable_config_keys=PRETRAINED_SETTINGS,
+    )
+    checkpoint = resolve_checkpoint(args.resume_from_checkpoint, args.output_dir)
+    # Refused differences leave the folder as it was (and fit no baseline): compared before anything else.
+    resume_changes = check_run_identity(checkpoint, identity, allow_changes=args.resume_allow_changes)
     # Computed on every launch, resumed ones included: it reads the same images in the same order, so it is the same.
     baseline = (
         None if baseline_dataloader is None else fit_baseline(accelerator, tokenize, tokenizer, baseline_dataloader)
     )
 
-    checkpoint = resolve_checkpoint(args.resume_from_checkpoint, args.output_dir)
     prepare_output_dir(accelerator, args.output_dir, checkpoint)
     state: dict[str, Any] = {"step": 0, "num_nonfinite_steps": 0}
     if checkpoint is not None:
@@ -291,6 +328,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             accelerator, checkpoint, model=model, optimizer=optimizer, scheduler=scheduler
         )
         state.update(loop_state)
+        record_resume_changes(accelerator, args.output_dir, state["step"], resume_changes)
         resume_dataloader(dataloader, dataloader_state)
     batches = iter(dataloader)  # draws from the torch RNG, so it comes before the saved RNG states are restored
     if checkpoint is not None:
@@ -363,6 +401,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 image_processor=processor,
                 save_total_limit=args.save_total_limit,
                 weights_are_finite=stop_reason != "nonfinite",
+                run_identity=identity,
             )
 
     progress.close()

@@ -39,6 +39,7 @@ if str(EXAMPLES_DIR) not in sys.path:
 
 import convert_unilm_checkpoint  # noqa: E402
 import run_mim  # noqa: E402
+import run_pixel_decoder  # noqa: E402
 import run_vqkd  # noqa: E402
 import visualize_mim  # noqa: E402
 
@@ -343,6 +344,132 @@ def test_deliberate_change_on_resume_is_recorded_in_metrics(mim_run, tmp_path, i
     text = json.dumps(changes[0])
     assert re.search(r"\b4\b", text) and re.search(r"\b2\b", text)  # the saved and the new value
     assert [record["step"] for record in records if "loss" in record] == [1, 2, 3, 4]
+
+
+# run_pixel_decoder.py records the same run identity: its decoder config, the frozen tokenizer (class and weight
+# fingerprint), the seed and the training data never change on resume; batch size, accumulation and precision change
+# only with --resume_allow_changes.
+
+TINY_PIXEL_DECODER = "hidden_size=32,num_attention_heads=2,num_hidden_layers=1,intermediate_size=64,refine_channels=4"
+PIXEL_RUN = ("--max_steps", "4", "--save_steps", "2")
+
+
+def pixel_decoder_args(files: list[str], tokenizer: Path, output_dir: Path, *extra: str) -> list[str]:
+    return [
+        "--tokenizer_name_or_path", str(tokenizer),
+        "--config_overrides", TINY_PIXEL_DECODER,
+        "--data_files", *files,
+        "--output_dir", str(output_dir),
+        "--per_device_train_batch_size", "4",
+        "--learning_rate", "1e-3",
+        "--warmup_steps", "1",
+        "--logging_steps", "1",
+        "--shuffle_buffer_size", "5",
+        *extra,
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def pixel_decoder_run(inputs, tmp_path_factory):
+    """A finished run_pixel_decoder run: checkpoint-2, checkpoint-4, metrics.jsonl and the export. Copy before use."""
+    output_dir = tmp_path_factory.mktemp("pixel_decoder_run") / "out"
+    reset_accelerate()
+    run_pixel_decoder.main(pixel_decoder_args(inputs["files"], inputs["tokenizer"], output_dir, *PIXEL_RUN))
+    reset_accelerate()
+    return output_dir
+
+
+def test_pixel_decoder_checkpoints_record_the_run_identity(pixel_decoder_run):
+    identity = json.loads((pixel_decoder_run / "checkpoint-2" / "run_identity.json").read_text())
+    fixed, changeable = identity["fixed"], identity["changeable"]
+    assert fixed["tokenizer (--tokenizer_name_or_path) class"] == "VQKDModel"
+    assert fixed["tokenizer (--tokenizer_name_or_path) weights"].startswith("blake2b:")
+    assert fixed["model config num_hidden_layers"] == 1 and fixed["model config codebook_size"] == 32
+    assert fixed["seed"] == 42 and fixed["shuffle_buffer_size"] == 5 and len(fixed["data_files"]) == 2
+    assert changeable["per_device_train_batch_size"] == 4 and changeable["mixed_precision"] == "no"
+    assert json.loads((pixel_decoder_run / "checkpoint-4" / "run_identity.json").read_text()) == identity
+
+
+def test_pixel_decoder_resume_refuses_a_tokenizer_with_other_weights(inputs, tmp_path):
+    tokenizer = shutil.copytree(inputs["tokenizer"], tmp_path / "tokenizer")
+    output_dir = tmp_path / "out"
+    args = pixel_decoder_args(inputs["files"], tokenizer, output_dir, *PIXEL_RUN)
+    run_pixel_decoder.main(args)
+    reset_accelerate()
+    shutil.rmtree(tokenizer)
+    shutil.copytree(inputs["other_tokenizer"], tokenizer)
+    before = folder_listing(output_dir)
+    resume = [*args, "--resume_from_checkpoint", str(output_dir / "checkpoint-2"), ALLOW_CHANGES_FLAG]
+    with pytest.raises(INPUT_ERROR, match=r"(?i)tokenizer.*weights"):
+        run_pixel_decoder.main(resume)  # never changeable, not even with the flag
+    assert folder_listing(output_dir) == before
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "setting"),
+    [
+        pytest.param("--per_device_train_batch_size", "2", "per_device_train_batch_size", id="batch_size"),
+        pytest.param("--gradient_accumulation_steps", "2", "gradient_accumulation_steps", id="accumulation"),
+        pytest.param("--bf16", None, "precision", id="precision"),
+        pytest.param("--frozen_model_precision", "bf16", "frozen_model_precision", id="tokenizer_precision"),
+    ],
+)
+def test_pixel_decoder_resume_refuses_a_changed_setting_naming_it(
+    pixel_decoder_run, tmp_path, inputs, flag, value, setting
+):
+    output_dir = copy_run(pixel_decoder_run, tmp_path / "out")
+    before = folder_listing(output_dir)
+    change = [flag] if value is None else [flag, value]
+    args = pixel_decoder_args(inputs["files"], inputs["tokenizer"], output_dir, *PIXEL_RUN, *change)
+    with pytest.raises(INPUT_ERROR, match=rf"(?i){setting}|{flag}") as raised:
+        run_pixel_decoder.main([*args, "--resume_from_checkpoint", str(output_dir / "checkpoint-2")])
+    assert ALLOW_CHANGES_FLAG in str(raised.value)
+    assert folder_listing(output_dir) == before  # checkpoint-4 was not set aside by a resume that did not happen
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "setting"),
+    [
+        pytest.param("--config_overrides", TINY_PIXEL_DECODER.replace("layers=1", "layers=2"), "num_hidden_layers",
+                     id="architecture"),
+        pytest.param("--config_overrides", TINY_PIXEL_DECODER + ",loss_type=l1", "loss_type", id="loss"),
+        pytest.param("--seed", "7", "seed", id="seed"),
+        pytest.param("--shuffle_buffer_size", "3", "shuffle_buffer_size", id="shuffle"),
+        pytest.param("--max_train_samples", "8", "max_train_samples", id="max_samples"),
+        pytest.param("--data_files", "ONE_SHARD", "data_files", id="data_source"),
+    ],
+)  # fmt: skip
+def test_pixel_decoder_resume_refuses_a_fixed_setting_even_with_the_flag(
+    pixel_decoder_run, tmp_path, inputs, flag, value, setting
+):
+    output_dir = copy_run(pixel_decoder_run, tmp_path / "out")
+    before = folder_listing(output_dir)
+    files = inputs["files"][:1] if value == "ONE_SHARD" else inputs["files"]
+    args = pixel_decoder_args(files, inputs["tokenizer"], output_dir, *PIXEL_RUN)
+    if flag in args and flag != "--data_files":
+        args = without(args, flag)
+    if flag != "--data_files":
+        args += [flag, value]
+    resume = [*args, "--resume_from_checkpoint", str(output_dir / "checkpoint-2"), ALLOW_CHANGES_FLAG]
+    with pytest.raises(INPUT_ERROR, match=rf"(?i)fixed.*{setting}"):
+        run_pixel_decoder.main(resume)
+    assert folder_listing(output_dir) == before  # refused before anything was loaded, trained or moved
+
+
+def test_pixel_decoder_deliberate_change_on_resume_is_recorded_in_metrics(pixel_decoder_run, tmp_path, inputs):
+    output_dir = copy_run(pixel_decoder_run, tmp_path / "out")
+    args = pixel_decoder_args(
+        inputs["files"], inputs["tokenizer"], output_dir, *PIXEL_RUN, "--per_device_train_batch_size", "2"
+    )
+    args += ["--resume_from_checkpoint", str(output_dir / "checkpoint-2"), ALLOW_CHANGES_FLAG]
+    state = run_pixel_decoder.main(args)
+    assert state["step"] == 4
+    records = read_metrics(output_dir)
+    changes = [record for record in records if "resume_changes" in record]
+    assert changes == [{"step": 2, "resume_changes": {"per_device_train_batch_size": {"saved": 4, "now": 2}}}], records
+    assert [record["step"] for record in records if "loss" in record] == [1, 2, 3, 4]
+    identity = json.loads((output_dir / "checkpoint-4" / "run_identity.json").read_text())
+    assert identity["changeable"]["per_device_train_batch_size"] == 2  # the new checkpoint records the new setting
 
 
 # ---------------------------------------------------------------------------------------------------------------
