@@ -25,13 +25,13 @@ from modeling_beitv2.convert_unilm import (
     convert_checkpoint,
     save_conversion,
 )
-from pretraining.model_cards import check_hub_model_id, check_license, write_model_card
-from processing.evaluation import evaluation_image_processor, family_normalisation
+from pretraining.model_cards import CardKind, check_hub_model_id, check_license, write_model_card
+from processing.evaluation import Normalisation, evaluation_image_processor, family_normalisation
 
 logger = logging.getLogger(__name__)
 
 # Which model-card template describes each kind of converted model.
-_CARD_KIND = {
+_CARD_KIND: dict[str, CardKind] = {
     "vqkd": "vqkd",
     "beitv2_pretrain": "mim",
     "beit_pretrain": "mim",
@@ -42,7 +42,7 @@ _CARD_KIND = {
 
 
 # The tokenizers read plain [0, 1] pixels and map them to their own input range themselves.
-_UNIT_PIXELS = ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+_UNIT_PIXELS: Normalisation = ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
 
 
 def conversion_image_processor(preprocessing: EvaluationPreprocessing) -> BeitImageProcessorPil:

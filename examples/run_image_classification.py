@@ -74,7 +74,7 @@ from processing.random_state import ProcessLocalRNG
 from processing.transforms import RandomErasing
 
 if TYPE_CHECKING:
-    from transformers import BeitImageProcessor  # see `fine_tuning`: imported for the annotation only
+    from transformers import BeitImageProcessorPil  # see `finetuning.trainer`: imported for the annotation only
 
 logger = logging.getLogger(__name__)
 
@@ -158,6 +158,9 @@ class DataArguments(ClassificationDataArguments):
         for name, value in RECIPES[self.recipe].items():
             if getattr(self, name) is None:
                 setattr(self, name, value)
+        # Set now: the recipe filled in those left at None.
+        assert self.rand_augment_num_ops is not None and self.random_erasing is not None
+        assert self.mixup_alpha is not None and self.cutmix_alpha is not None and self.label_smoothing is not None
         if self.rand_augment_num_ops < 0 or self.mixup_alpha < 0 or self.cutmix_alpha < 0:
             raise ValueError(
                 "--rand_augment_num_ops, --mixup_alpha and --cutmix_alpha must be >= 0 (0: off), got "
@@ -183,11 +186,11 @@ class DataArguments(ClassificationDataArguments):
 
 def build_transforms(
     image_size: int,
-    image_processor: BeitImageProcessor,
+    image_processor: BeitImageProcessorPil,
     seed: int,
     *,
     rand_augment_num_ops: int,
-    rand_augment_magnitude: float,
+    rand_augment_magnitude: int,
     rand_augment_magnitude_std: float,
     random_erasing: float,
 ):
@@ -264,7 +267,9 @@ def main() -> None:
         label2id=label2id,
         drop_path_rate=model_args.drop_path_rate,
     )
-    init_classifier_head(model.classifier, model_args.head_init_scale)
+    classifier = model.classifier
+    assert isinstance(classifier, torch.nn.Linear)  # the head of num_labels >= 1 classes (an Identity only for 0)
+    init_classifier_head(classifier, model_args.head_init_scale)
     image_size = model.config.image_size
     image_mean, image_std = saved_normalisation(model_args.model_name_or_path, cache_dir=model_args.cache_dir)
     image_processor = evaluation_image_processor(image_size, image_mean, image_std, crop_pct=data_args.crop_pct)

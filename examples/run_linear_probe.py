@@ -97,6 +97,8 @@ class FrozenBackbone(nn.Module):
     def __init__(self, model_name_or_path: str, pooling: str) -> None:
         super().__init__()
         config = AutoConfig.from_pretrained(model_name_or_path)
+        self.encoder: BeitModel  # a BeitV2Model for a MIM checkpoint
+        self.final_norm: nn.LayerNorm | None
         if config.model_type == "beitv2":
             mim = BeitV2ForMaskedImageModeling.from_pretrained(model_name_or_path)
             self.encoder, self.final_norm = mim.beit, mim.layernorm

@@ -57,6 +57,7 @@ from pretraining.arguments import (
     pretrained_config_updates,
     rebuild_config,
     resolve_frozen_model_precision,
+    square_side,
 )
 from pretraining.checkpoints import (
     EXPORT_TEMPORARY,
@@ -245,7 +246,7 @@ def build_model(
         updates = pretrained_config_updates(
             config, image_size=image_size, drop_path_rate=drop_path_rate, overrides=config_overrides
         )
-        attention = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
+        attention: dict[str, Any] = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
         model = BeitV2ForMaskedImageModeling.from_pretrained(model_name_or_path, **updates, **attention, **hub_kwargs)
     else:
         config = mim_config(
@@ -284,9 +285,9 @@ def build_image_processor(
     beit_v1: bool,
 ) -> BeitV2ImageProcessor:
     """The processor of both views; its mask generator checks --num_masking_patches against the patch grid."""
-    settings = {
-        "image_size": model_config.image_size,
-        "patch_size": model_config.patch_size,
+    settings: dict[str, Any] = {
+        "image_size": square_side(model_config.image_size),
+        "patch_size": square_side(model_config.patch_size),
         "mask_ratio": mask_ratio,
         "num_masking_patches": num_masking_patches,
         "tokenizer_image_size": tokenizer.image_size,
@@ -410,7 +411,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         max_samples=data_args.max_train_samples,
     )
     eval_dataloader = None
-    if eval_data is not None:
+    if eval_data is not None and eval_column is not None:  # both or neither
         transform = image_transform(processor, augment=False)
         eval_dataloader = evaluation_dataloader(
             accelerator,

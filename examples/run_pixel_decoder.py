@@ -46,6 +46,7 @@ from pretraining.arguments import (
     parse_arguments,
     parse_config_overrides,
     resolve_frozen_model_precision,
+    square_side,
 )
 from pretraining.checkpoints import (
     check_run_identity,
@@ -160,7 +161,7 @@ def fit_baseline(accelerator, tokenize, tokenizer: VQKDModel, dataloader) -> Mea
     """The mean patch of every code over the images of `dataloader` (this rank's share), summed over all ranks."""
     baseline = MeanPatchBaseline(
         tokenizer.codebook_size,
-        tokenizer.config.encoder_config.patch_size,
+        square_side(tokenizer.config.encoder_vit.patch_size),
         tokenizer.patch_grid,
         device=accelerator.device,
     )
@@ -242,7 +243,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         max_samples=data_args.max_train_samples,
     )
     eval_dataloader = baseline_dataloader = None
-    if eval_data is not None:
+    if eval_data is not None and eval_column is not None:  # both or neither
         transform = image_transform(processor, augment=False)
         held_out = {
             "batch_size": args.per_device_eval_batch_size,
@@ -384,6 +385,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if eval_dataloader is not None and (
             step == num_training_steps or (args.eval_steps and step % args.eval_steps == 0)
         ):
+            assert baseline is not None  # fitted whenever there is held-out data
             eval_metrics = evaluate(accelerator, model, tokenize, eval_dataloader, baseline)
             write_record(accelerator, window.path, {"step": step, **eval_metrics})
             last_metrics = {**last_metrics, **eval_metrics}

@@ -64,7 +64,7 @@ from processing.evaluation import evaluation_image_processor, saved_normalisatio
 from processing.random_state import ProcessLocalRNG
 
 if TYPE_CHECKING:
-    from transformers import BeitImageProcessor  # see `fine_tuning`: imported for the annotation only
+    from transformers import BeitImageProcessorPil  # see `finetuning.trainer`: imported for the annotation only
 
 IGNORE_INDEX = 255
 # Feature levels of the reference UperNet configs, by backbone depth.
@@ -176,7 +176,6 @@ def build_segmentation_model(
     config = UperNetConfig(
         backbone_config=backbone_config,
         hidden_size=backbone_config.hidden_size,  # the reference head's channels (768 for base), not 512
-        num_labels=len(id2label),
         id2label=id2label,
         label2id={name: index for index, name in id2label.items()},
         use_auxiliary_head=True,
@@ -192,7 +191,7 @@ def build_segmentation_model(
     return model
 
 
-def build_transforms(crop_size: int, reduce_labels: bool, image_processor: BeitImageProcessor, seed: int):
+def build_transforms(crop_size: int, reduce_labels: bool, image_processor: BeitImageProcessorPil, seed: int):
     to_pixels = pixel_normaliser(image_processor)
     # `datasets` transforms get no per-example generator: each process (rank, DataLoader worker) draws its own.
     rng = ProcessLocalRNG(seed)
@@ -206,10 +205,10 @@ def build_transforms(crop_size: int, reduce_labels: bool, image_processor: BeitI
         return normalise(image), torch.from_numpy(labels)
 
     def eval_one(image: Image.Image, annotation: Image.Image) -> tuple[torch.Tensor, torch.Tensor]:
-        image = image.resize((crop_size, crop_size), Image.BILINEAR)
+        image = image.resize((crop_size, crop_size), Image.Resampling.BILINEAR)
         labels = reduce_annotation(annotation, reduce_labels)
-        labels = Image.fromarray(labels.astype(np.uint8)).resize((crop_size, crop_size), Image.NEAREST)
-        return normalise(image), torch.from_numpy(np.asarray(labels, np.int64).copy())
+        label_image = Image.fromarray(labels.astype(np.uint8)).resize((crop_size, crop_size), Image.Resampling.NEAREST)
+        return normalise(image), torch.from_numpy(np.asarray(label_image, np.int64).copy())
 
     return train_one, eval_one
 

@@ -240,7 +240,7 @@ def build_model(
             hub_kwargs=hub_kwargs,
         )
         model = VQKDModel(config)
-    teacher.check_compatible(model.config, model.config.encoder_config.image_size)
+    teacher.check_compatible(model.config, model.image_size)
     return model
 
 
@@ -309,7 +309,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     teacher.to(accelerator.device)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
-    processor = VQKDImageProcessor(image_size=model.config.encoder_config.image_size)
+    processor = VQKDImageProcessor(image_size=model.image_size)
 
     min_shards = accelerator.num_processes * max(1, data_args.dataloader_num_workers)  # every worker gets data
     train_data, image_column, eval_data, eval_column = load_datasets(
@@ -328,7 +328,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         max_samples=data_args.max_train_samples,
     )
     eval_dataloader = None
-    if eval_data is not None:
+    if eval_data is not None and eval_column is not None:  # both or neither
         transform = image_transform(processor, augment=False)
         eval_dataloader = evaluation_dataloader(
             accelerator,

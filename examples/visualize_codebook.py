@@ -129,7 +129,7 @@ class CodebookUsage:
     def top_classes(self, code: int, limit: int = CAPTION_CLASSES) -> list[tuple[str, int]]:
         """Up to `limit` `(class name, number of patches)` of the classes whose images hold the most patches with
         this code, most first (ties by class index); empty without labels."""
-        if self.labels is None:
+        if self.labels is None or self.class_names is None:  # both or neither (`__post_init__`)
             return []
         images = np.nonzero(self.indices == code)[0]  # one entry per patch
         counts = np.bincount(self.labels[images], minlength=len(self.class_names))
@@ -145,14 +145,14 @@ class CodebookUsage:
         images, first = np.unique(found[:, 0], return_index=True)
         rank_in_image = np.arange(len(found)) - np.repeat(first, np.diff(np.append(first, len(found))))
         order = np.lexsort((found[:, 0], rank_in_image))
-        return [tuple(int(v) for v in found[index]) for index in order[:limit]]
+        return [(int(image), int(row), int(column)) for image, row, column in found[order[:limit]]]
 
 
 def tokenizer_view(image: PIL.Image.Image, tokenizer: VisualTokenizer) -> np.ndarray:
     """The central square resized to the tokenizer's input size: `(size, size, 3)` uint8."""
     size = tokenizer.image_size
     top, left, side, _ = center_square_box(*image.size)
-    resample = PIL.Image.LANCZOS if isinstance(tokenizer, DVAEModel) else PIL.Image.BICUBIC
+    resample = PIL.Image.Resampling.LANCZOS if isinstance(tokenizer, DVAEModel) else PIL.Image.Resampling.BICUBIC
     return np.asarray(image.crop((left, top, left + side, top + side)).resize((size, size), resample))
 
 
@@ -216,7 +216,7 @@ def code_grid(usage: CodebookUsage, locations: list[tuple[int, int, int]], colum
     step = display + GRID_PADDING
     grid = np.full((GRID_PADDING + rows * step, GRID_PADDING + columns * step, 3), 255, dtype=np.uint8)
     for position, location in enumerate(locations):
-        patch = PIL.Image.fromarray(usage.patch(*location)).resize((display, display), PIL.Image.NEAREST)
+        patch = PIL.Image.fromarray(usage.patch(*location)).resize((display, display), PIL.Image.Resampling.NEAREST)
         top = GRID_PADDING + (position // columns) * step
         left = GRID_PADDING + (position % columns) * step
         grid[top : top + display, left : left + display] = np.asarray(patch)
@@ -302,7 +302,8 @@ def write_visualization(
 
 
 def main(argv: list[str] | None = None) -> dict:
-    (args,) = HfArgumentParser(VisualizeArguments).parse_args_into_dataclasses(
+    # transformers types the dataclasses as `DataClassType`, a NewType that no class is an instance of.
+    (args,) = HfArgumentParser(VisualizeArguments).parse_args_into_dataclasses(  # type: ignore[arg-type]
         args=sys.argv[1:] if argv is None else argv
     )
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
@@ -318,9 +319,9 @@ def main(argv: list[str] | None = None) -> dict:
     )
     views = np.stack([tokenizer_view(image, tokenizer) for image in images])
     num_codes = tokenizer.codebook_size
-    class_names = sorted(set(classes)) if classes is not None else None
-    labels = None
+    class_names = labels = None
     if classes is not None:
+        class_names = sorted(set(classes))
         class_index = {name: index for index, name in enumerate(class_names)}
         labels = np.asarray([class_index[name] for name in classes])
     codes = tokenize_views(tokenizer, views, args.batch_size, args.device)

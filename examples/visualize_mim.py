@@ -39,6 +39,7 @@ import torch
 from transformers import AutoModel, HfArgumentParser
 
 from modeling_beitv2 import BeitV2ForMaskedImageModeling, DVAEModel, VQKDModel, VQKDPixelDecoder
+from pretraining.arguments import square_side
 from pretraining.data import decode_or_skip, load_image_stream, new_decode_counts
 from pretraining.loop import VisualTokenizer, load_visual_tokenizer, load_with_flag
 from pretraining.plots import image_grid
@@ -135,7 +136,11 @@ def read_images(
     return images
 
 
-def load_renderer(tokenizer: VisualTokenizer, decoder_name_or_path: str | None) -> torch.nn.Module:
+# What paints codes as pixels: `decode(codes)` to `(batch, 3, image_size, image_size)` in [0, 1].
+Renderer = DVAEModel | VQKDPixelDecoder
+
+
+def load_renderer(tokenizer: VisualTokenizer, decoder_name_or_path: str | None) -> Renderer:
     """What paints codes: the dVAE itself, or the pixel decoder of a VQ-KD tokenizer (checked against it)."""
     if isinstance(tokenizer, DVAEModel):
         if decoder_name_or_path is not None:
@@ -168,15 +173,17 @@ def load_renderer(tokenizer: VisualTokenizer, decoder_name_or_path: str | None) 
     return decoder
 
 
-def load_processor(model_name_or_path: str, model: BeitV2ForMaskedImageModeling, tokenizer: VisualTokenizer):
+def load_processor(
+    model_name_or_path: str, model: BeitV2ForMaskedImageModeling, tokenizer: VisualTokenizer
+) -> BeitV2ImageProcessor:
     """The model's saved image processor; without one, the default one of its BEiT version for its sizes."""
     try:
         return BeitV2ImageProcessor.from_pretrained(model_name_or_path)
     except OSError:
         logger.warning("%s has no image processor; using the defaults for its sizes.", model_name_or_path)
-    settings = {
-        "image_size": model.config.image_size,
-        "patch_size": model.config.patch_size,
+    settings: dict[str, Any] = {
+        "image_size": square_side(model.config.image_size),
+        "patch_size": square_side(model.config.patch_size),
         "tokenizer_image_size": tokenizer.image_size,
     }
     if isinstance(tokenizer, DVAEModel):
@@ -234,7 +241,7 @@ def _resize(pixels: torch.Tensor, size: int) -> torch.Tensor:
 def visualize(
     model: BeitV2ForMaskedImageModeling,
     tokenizer: VisualTokenizer,
-    renderer: torch.nn.Module,
+    renderer: Renderer,
     processor: BeitV2ImageProcessor,
     images: list[PIL.Image.Image],
     seed: int,
@@ -296,7 +303,8 @@ def write_grid(result: MIMVisualization, path: str | Path, model_kind: str, pane
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Write the grid; returns `{"output", "accuracy", "image_accuracies", "result"}` (`result`: `MIMVisualization`)."""
-    (args,) = HfArgumentParser(VisualizeMIMArguments).parse_args_into_dataclasses(
+    # transformers types the dataclasses as `DataClassType`, a NewType that no class is an instance of.
+    (args,) = HfArgumentParser(VisualizeMIMArguments).parse_args_into_dataclasses(  # type: ignore[arg-type]
         args=sys.argv[1:] if argv is None else argv
     )
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)

@@ -27,6 +27,7 @@ import run_mim  # noqa: E402
 import pretraining.data as data  # noqa: E402
 import pretraining.loop as loop  # noqa: E402
 from modeling_beitv2 import (  # noqa: E402
+    BeitV2Config,
     BeitV2ForMaskedImageModeling,
     DVAEConfig,
     DVAEModel,
@@ -415,6 +416,19 @@ def test_torch_compile_matches_eager(mim_inputs, tmp_path):
 def tiny_model() -> torch.nn.Module:
     torch.manual_seed(0)
     return torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 2))
+
+
+def test_image_processor_from_a_config_with_pair_sizes():
+    # BeitConfig lets image_size / patch_size be [side, side]; the processor takes the side.
+    config = BeitV2Config(
+        image_size=[32, 32], patch_size=[8, 8], hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, early_layers=1,
+    )  # fmt: skip
+    tokenizer = VQKDModel(VQKDConfig.from_preset("tiny-decoder1", image_size=32, codebook_size=16, kmeans_init=False))
+    processor = run_mim.build_image_processor(
+        config, tokenizer, mask_ratio=0.4, num_masking_patches=None, beit_v1=False
+    )
+    assert (processor.image_size, processor.patch_size) == (32, 8)
 
 
 def adamw(model: torch.nn.Module) -> torch.optim.AdamW:

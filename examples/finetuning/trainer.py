@@ -46,9 +46,9 @@ from processing.evaluation import evaluation_image_processor, saved_normalisatio
 if TYPE_CHECKING:
     import PIL.Image
 
-    # Only annotations: importing `BeitImageProcessor` at run time prints transformers' "requires torchvision ...
-    # falling back to BeitImageProcessorPil" warning; the scripts build the PIL one (`processing.evaluation`).
-    from transformers import BeitImageProcessor
+    # Only annotations. The scripts build the PIL processor (`processing.evaluation`): `BeitImageProcessor` needs
+    # torchvision.
+    from transformers import BeitImageProcessorPil
 
 
 logger = logging.getLogger(__name__)
@@ -103,7 +103,7 @@ def load_metric(name: str) -> evaluate.EvaluationModule:
     return evaluate.load(os.path.join(METRICS_DIR, name))
 
 
-def pixel_normaliser(image_processor: BeitImageProcessor) -> Callable[[PIL.Image.Image], np.ndarray]:
+def pixel_normaliser(image_processor: BeitImageProcessorPil) -> Callable[[PIL.Image.Image], np.ndarray]:
     """The rescaling and normalisation of `image_processor`, for the training views it does not make: returns a
     function from an `(H, W, 3)` RGB image to its `(3, H, W)` float32 pixels `(pixel / 255 - mean) / std`."""
     mean = np.asarray(image_processor.image_mean, np.float32)[:, None, None]
@@ -229,7 +229,7 @@ def fine_tuning_trainer(
     license: str | None,
     train_dataset: Dataset | IterableDataset | None,
     eval_dataset: Dataset | IterableDataset | None,
-    image_processor: BeitImageProcessor,
+    image_processor: BeitImageProcessorPil,
     compute_metrics: Callable[..., dict[str, float]],
     card_kind: str,
     card_settings: dict,

@@ -577,6 +577,12 @@ def rebuild_config(config: _ConfigT, updates: Mapping[str, Any]) -> _ConfigT:
     return type(config)(**kwargs)
 
 
+def square_side(size: int | list[int] | tuple[int, int]) -> int:
+    """The side of a BEiT config's square `image_size` or `patch_size`, which transformers' `BeitConfig` lets be an
+    int or a pair (`BeitV2Config` checks that a pair is square)."""
+    return size if isinstance(size, int) else size[0]
+
+
 def pretrained_config_updates(
     config: PreTrainedConfig, *, image_size: int | None, drop_path_rate: float | None, overrides: str | None
 ) -> dict[str, Any]:

@@ -15,7 +15,7 @@ import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, overload
 
 import torch
 from accelerate import Accelerator
@@ -348,13 +348,36 @@ def check_model_type(
         )
 
 
+_TokenizerT = TypeVar("_TokenizerT", bound=VisualTokenizer)
+
+
+@overload
 def load_visual_tokenizer(
     name_or_path: str,
-    expected: tuple[type[VQKDModel] | type[DVAEModel], ...] = (VQKDModel, DVAEModel),
+    expected: tuple[type[_TokenizerT], ...],
     hint: str = "",
     flag: str = "--tokenizer_name_or_path",
     **hub_kwargs: Any,
-) -> VisualTokenizer:
+) -> _TokenizerT: ...
+
+
+@overload
+def load_visual_tokenizer(
+    name_or_path: str,
+    expected: tuple[type[VQKDModel] | type[DVAEModel], ...] = ...,
+    hint: str = "",
+    flag: str = "--tokenizer_name_or_path",
+    **hub_kwargs: Any,
+) -> VisualTokenizer: ...
+
+
+def load_visual_tokenizer(
+    name_or_path: str,
+    expected: tuple[type[Any], ...] = (VQKDModel, DVAEModel),
+    hint: str = "",
+    flag: str = "--tokenizer_name_or_path",
+    **hub_kwargs: Any,
+) -> VisualTokenizer:  # `expected` is typed by the overloads: the result is of the classes it lists
     """The tokenizer at `name_or_path` (`AutoModel.from_pretrained` with `hub_kwargs`) in eval mode without
     gradients; a model of another class raises with `hint`, an unreadable location raises naming `flag`."""
     tokenizer = load_with_flag(flag, name_or_path, lambda: AutoModel.from_pretrained(name_or_path, **hub_kwargs))
