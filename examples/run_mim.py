@@ -468,7 +468,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "tokenizer (--tokenizer_name_or_path) class": type(tokenizer).__name__,
             "tokenizer (--tokenizer_name_or_path) weights": weights_fingerprint(tokenizer),
         },
-        fixed={"seed": args.seed},
+        fixed={"seed": args.seed, **data_args.training_data_identity()},
         changeable={
             "per_device_train_batch_size": args.per_device_train_batch_size,
             "gradient_accumulation_steps": args.gradient_accumulation_steps,

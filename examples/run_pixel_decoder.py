@@ -100,17 +100,6 @@ logger = logging.getLogger(__name__)
 DEFAULT_LEARNING_RATE, DEFAULT_BATCH_SIZE = 1.5e-4, 256
 # The tokenizer's settings, which the decoder copies and --config_overrides may not change.
 TOKENIZER_SETTINGS = ("codebook_size", "code_dim", "image_size", "patch_size")
-# The data flags that choose and order the training images: part of the run identity, never changed on resume.
-TRAINING_DATA_SETTINGS = (
-    "dataset_name",
-    "dataset_config_name",
-    "train_dir",
-    "data_files",
-    "dataset_split",
-    "image_column_name",
-    "max_train_samples",
-    "shuffle_buffer_size",
-)
 
 
 @dataclass
@@ -302,8 +291,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "tokenizer (--tokenizer_name_or_path) class": type(tokenizer).__name__,
             "tokenizer (--tokenizer_name_or_path) weights": weights_fingerprint(tokenizer),
         },
-        # The training images: the data-loader state checks them too, but only after the folder is prepared.
-        fixed={"seed": args.seed, **{name: getattr(data_args, name) for name in TRAINING_DATA_SETTINGS}},
+        fixed={"seed": args.seed, **data_args.training_data_identity()},
         changeable={
             "per_device_train_batch_size": args.per_device_train_batch_size,
             "gradient_accumulation_steps": args.gradient_accumulation_steps,

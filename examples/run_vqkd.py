@@ -384,7 +384,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "teacher (--teacher_name_or_path) class": type(teacher).__name__,
             "teacher (--teacher_name_or_path) weights": weights_fingerprint(teacher),
         },
-        fixed={"seed": args.seed},
+        fixed={"seed": args.seed, **data_args.training_data_identity()},
         changeable={
             "per_device_train_batch_size": args.per_device_train_batch_size,
             "gradient_accumulation_steps": args.gradient_accumulation_steps,

@@ -346,6 +346,40 @@ def test_deliberate_change_on_resume_is_recorded_in_metrics(mim_run, tmp_path, i
     assert [record["step"] for record in records if "loss" in record] == [1, 2, 3, 4]
 
 
+@pytest.mark.parametrize(
+    ("flag", "value", "setting"),
+    [
+        pytest.param("--shuffle_buffer_size", "3", "shuffle_buffer_size", id="shuffle"),
+        pytest.param("--max_train_samples", "8", "max_train_samples", id="max_samples"),
+        pytest.param("--data_files", "ONE_SHARD", "data_files", id="data_source"),
+    ],
+)
+def test_resume_refuses_other_training_data_before_touching_the_folder(
+    mim_run, tmp_path, inputs, flag, value, setting
+):
+    # The data-loader state would refuse these too, but only after the abandoned checkpoint-4 was moved aside.
+    output_dir = copy_run(mim_run, tmp_path / "out")
+    before = folder_listing(output_dir)
+    files = inputs["files"][:1] if value == "ONE_SHARD" else inputs["files"]
+    args = mim_args(files, inputs["tokenizer"], output_dir, *MIM_RUN)
+    if flag != "--data_files":
+        args = [*without(args, flag), flag, value] if flag in args else [*args, flag, value]
+    resume = [*args, "--resume_from_checkpoint", str(output_dir / "checkpoint-2"), ALLOW_CHANGES_FLAG]
+    with pytest.raises(INPUT_ERROR, match=rf"(?i)fixed.*{setting}"):
+        run_mim.main(resume)
+    assert folder_listing(output_dir) == before
+
+
+def test_resume_refuses_a_checkpoint_without_its_run_identity(mim_run, tmp_path, inputs):
+    output_dir = copy_run(mim_run, tmp_path / "out")
+    (output_dir / "checkpoint-2" / "run_identity.json").unlink()
+    before = folder_listing(output_dir)
+    args = mim_args(inputs["files"], inputs["tokenizer"], output_dir, *MIM_RUN)
+    with pytest.raises(INPUT_ERROR, match=r"checkpoint-2[/\\]run_identity\.json is missing"):
+        run_mim.main([*args, "--resume_from_checkpoint", str(output_dir / "checkpoint-2")])
+    assert folder_listing(output_dir) == before
+
+
 # run_pixel_decoder.py records the same run identity: its decoder config, the frozen tokenizer (class and weight
 # fingerprint), the seed and the training data never change on resume; batch size, accumulation and precision change
 # only with --resume_allow_changes.

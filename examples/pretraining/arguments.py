@@ -224,6 +224,15 @@ class DataArguments:
         """Where :func:`pretraining.data.load_datasets` reads, as its settings object."""
         return ImageSources(**{item.name: getattr(self, item.name) for item in dataclasses.fields(ImageSources)})
 
+    def training_data_identity(self) -> dict[str, Any]:
+        """The flags that choose and order the training images, for the run identity: a resume never changes them
+        (the data-loader state is checked too, but only once the output folder is prepared)."""
+        names = (
+            "dataset_name", "dataset_config_name", "train_dir", "data_files", "dataset_split", "image_column_name",
+            "streaming", "train_val_split", "max_train_samples", "shuffle_buffer_size",
+        )  # fmt: skip
+        return {name: getattr(self, name) for name in names}
+
     def validation_sources(self) -> list[str]:
         """The validation options given, as flags (``["--validation_dir"]``); empty when none is."""
         names = ("validation_dir", "validation_split", "train_val_split")

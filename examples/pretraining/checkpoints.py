@@ -734,10 +734,7 @@ def check_run_identity(
     if checkpoint is None:
         return {}
     path = Path(checkpoint) / RUN_IDENTITY_FILE
-    if not path.is_file():
-        logger.warning("Cannot check the run identity of %s (written before run identity was recorded).", checkpoint)
-        return {}
-    saved, problem = _read_json(path)
+    saved, problem = _read_json(path)  # every checkpoint the pretraining scripts write has one
     if problem or not isinstance(saved, dict):
         raise CheckpointReadError(f"Cannot resume from {checkpoint}: {problem or f'{path} is not a JSON object'}.")
 
