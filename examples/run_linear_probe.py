@@ -55,7 +55,7 @@ from finetuning.data import (
     prepare_splits,
 )
 from modeling_beitv2 import BeitV2ForMaskedImageModeling
-from pretraining.arguments import parse_arguments
+from pretraining.arguments import parse_arguments, square_side
 from pretraining.data import decode_or_skip, new_decode_counts
 from processing.evaluation import evaluation_image_processor, saved_normalisation
 
@@ -115,7 +115,7 @@ class FrozenBackbone(nn.Module):
                 f"{model_name_or_path} has model_type {config.model_type!r}; expected 'beitv2' or 'beit'."
             )
         self.pooling = ("cls" if aggregation else "mean") if pooling == "auto" else pooling
-        self.image_size = config.image_size if isinstance(config.image_size, int) else config.image_size[0]
+        self.image_size = square_side(config.image_size)
         self.requires_grad_(False)
         self.eval()
 

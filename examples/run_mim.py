@@ -20,8 +20,6 @@ last step (a checkpoint was saved: relaunch with --resume_from_checkpoint latest
 from __future__ import annotations
 
 import logging
-import os
-import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,7 +58,6 @@ from pretraining.arguments import (
     square_side,
 )
 from pretraining.checkpoints import (
-    EXPORT_TEMPORARY,
     FEATURE_EXTRACTOR_DIR,
     check_run_identity,
     load_checkpoint,
@@ -323,24 +320,22 @@ def export_feature_extractor(
     """Save the backbone of the MIM model saved in `output_dir` (read back from there, so that weights partitioned by
     ZeRO-3 arrive whole) as a native transformers `BeitModel` in `output_dir/feature-extraction/`, with a native
     `BeitImageProcessor` of the same evaluation view (shorter side to `image_size`, centre crop, the processor's
-    mean/std) and a model card.
+    mean/std) and a model card. `export_model` calls it on its staging folder, so the folder is written aside and
+    swapped in with the rest of the export.
 
     Hosted inference widgets run no custom code; this folder needs none, so `pipeline("image-feature-extraction")`
     works on it, on the Hub too (upload it as its own repo). Its `pooler_output` (`pool=True`) is the linear probe's
     representation when the model has the patch-aggregation head ([CLS] after the final LayerNorm); without the head
     native `beit` has no matching pooler and `pool=True` gives [CLS] (a warning says so). Returns the folder."""
     folder = Path(output_dir) / FEATURE_EXTRACTOR_DIR
-    # Written aside and moved into place, so a failed write never leaves half a folder where a good one was.
-    staging = Path(output_dir) / f"{EXPORT_TEMPORARY}-{FEATURE_EXTRACTOR_DIR}"
-    shutil.rmtree(staging, ignore_errors=True)
     model = BeitV2ForMaskedImageModeling.from_pretrained(output_dir)
     native = convert_to_native_feature_extractor(model)
-    native.save_pretrained(staging)
+    native.save_pretrained(folder)
     evaluation_image_processor(
         image_processor.image_size, tuple(image_processor.image_mean), tuple(image_processor.image_std), crop_pct=1.0
-    ).save_pretrained(staging)
+    ).save_pretrained(folder)
     write_model_card(
-        staging,
+        folder,
         "feature_extractor",
         config=native.config,
         hub_model_id=f"{hub_model_id}-{FEATURE_EXTRACTOR_DIR}" if hub_model_id else None,
@@ -348,9 +343,6 @@ def export_feature_extractor(
         base_model=hub_model_id,
         family="beitv2" if model.config.use_patch_aggregation else "beit",
     )
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(staging, folder)
-    logger.info("Saved the backbone as a native transformers BeitModel for feature extraction in %s", folder)
     return folder
 
 
@@ -576,6 +568,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     progress.close()
     stop.restore()
+
+    def write_feature_extractor(folder: Path) -> None:
+        with outside_zero3(accelerator):  # read back whole, not partitioned across ranks
+            export_feature_extractor(folder, processor, hub_model_id=args.hub_model_id, license=args.license)
+
     try:  # a refused export (non-finite weights) still ends the trackers and the process group
         if state["step"] == num_training_steps and stop_reason != "nonfinite":  # also when a signal came at the end
             export_model(
@@ -597,12 +594,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 hub_model_id=args.hub_model_id,
                 repo_id=repo_id,
                 token=args.token,
+                write_extra=write_feature_extractor,
             )
-            if accelerator.is_main_process:
-                with outside_zero3(accelerator):  # read back whole, not partitioned across ranks
-                    export_feature_extractor(
-                        args.output_dir, processor, hub_model_id=args.hub_model_id, license=args.license
-                    )
+            logger.info(
+                "Saved the backbone as a native transformers BeitModel for feature extraction in %s",
+                Path(args.output_dir) / FEATURE_EXTRACTOR_DIR,
+            )
     finally:
         del model, optimizer, scheduler, dataloader, batches, eval_dataloader, guard  # see end_training
         end_training(accelerator)

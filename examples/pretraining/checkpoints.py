@@ -786,7 +786,7 @@ _EXPORT_PATTERNS = (
     "preprocessor_config.json",
     "README.md",
 )
-# The native feature-extraction export run_mim.py writes beside its model (`loop.export_feature_extractor`).
+# The native feature-extraction folder run_mim.py writes into its export (`run_mim.export_feature_extractor`).
 FEATURE_EXTRACTOR_DIR = "feature-extraction"
 
 

@@ -207,11 +207,13 @@ def export_model(
     hub_model_id: str | None,
     repo_id: str | None,
     token: str | None,
+    write_extra: Callable[[Path], None] | None = None,
 ) -> None:
     """`save_pretrained` of the model and its image processor in `output_dir`, a model card (`card_fields`, the
     training settings of `training_card` and the evaluation metrics of `last_metrics`), and the Hub upload to
     `repo_id` (what `check_hub_access` returned; None: no upload). Every rank calls it: under ZeRO-3 the weights are
-    gathered first.
+    gathered first. `write_extra(folder)` (main process) adds to the export after the model is saved in `folder`,
+    inside the same write-aside (run_mim.py's native feature extractor).
 
     Raises:
         NonFiniteWeightsError: the weights hold NaN or inf; nothing is written (a previous export stays as it was).
@@ -243,6 +245,8 @@ def export_model(
             training_args=training_card,
             metrics={key: value for key, value in last_metrics.items() if key != "step"},
         )
+        if write_extra is not None:
+            write_extra(folder)
 
     failure = None
     if accelerator.is_main_process:
@@ -266,7 +270,6 @@ def export_model(
                     "abandoned-*",
                     EXPORT_TEMPORARY,
                     EXPORT_PREVIOUS,
-                    f"{EXPORT_TEMPORARY}-{FEATURE_EXTRACTOR_DIR}/*",
                     f"{FEATURE_EXTRACTOR_DIR}/*",
                 ],
                 commit_message="Upload model trained with beitv2-hf",
