@@ -39,10 +39,6 @@ class SplitSettings:
     def __post_init__(self) -> None:
         check_train_val_split(self.train_val_split)
 
-    def splits(self) -> SplitSettings:
-        """The split flags, as :func:`prepare_splits` takes them."""
-        return SplitSettings(self.train_split, self.validation_split, self.train_val_split)
-
 
 @dataclass
 class LabelledDataArguments:
