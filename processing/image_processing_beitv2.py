@@ -42,11 +42,8 @@ _MASK_SETTINGS = (
 # The settings of the evaluation view (`preprocess`); each can be overridden for one call.
 _EVALUATION_SETTINGS = ("image_size", "interpolation", "image_mean", "image_std")
 # The settings `pretraining_inputs` reads; each can be overridden for one call.
-_PRETRAINING_SETTINGS = (
-    *_EVALUATION_SETTINGS,
-    "tokenizer_image_size",
-    "tokenizer_interpolation",
-    *_MASK_SETTINGS[1:],
+_PRETRAINING_SETTINGS = tuple(
+    dict.fromkeys((*_EVALUATION_SETTINGS, "tokenizer_image_size", "tokenizer_interpolation", *_MASK_SETTINGS))
 )
 # The settings `training_augmentation` reads, by TwoViewAugmentation's argument names.
 _AUGMENTATION_SETTINGS = (
@@ -196,7 +193,6 @@ class BeitV2ImageProcessor(BaseImageProcessor):
         self.do_convert_rgb = True if do_convert_rgb is None else bool(do_convert_rgb)
         # Bad settings fail here rather than at the first image.
         _build_mask_generator(**{name: getattr(self, name) for name in _MASK_SETTINGS})
-        resample_filter(self.interpolation), resample_filter(self.tokenizer_interpolation)
         self.training_augmentation()
 
     @classmethod
