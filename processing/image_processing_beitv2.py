@@ -3,10 +3,11 @@ modeling inputs of pretraining (two views of one crop plus a patch mask)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
+import PIL.Image
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.image_processing_utils import BaseImageProcessor
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
@@ -15,10 +16,10 @@ from transformers.processing_utils import ImagesKwargs
 from .augmentation import TwoViewAugmentation
 from .masking import BlockwiseMaskGenerator, RandomMaskGenerator
 from .processor_settings import (
+    SettingsMixin,
+    batch_feature,
     check_augmentation_overrides,
-    check_settings,
     check_view_size,
-    evaluation_batch,
     normalisation,
     read_images,
     resolve_rng,
@@ -64,6 +65,12 @@ _TO_AUGMENTATION = (
     "the crop and colour settings configure the training augmentation: build it with "
     "`processor.training_augmentation(crop_scale=...)` and pass it to `pretraining_inputs(..., augmentation=...)`."
 )
+# Where the arguments of the other methods go, for the error messages of `pretraining_inputs` and `preprocess`.
+_PRETRAINING_ELSEWHERE = dict.fromkeys(_AUGMENTATION_SETTINGS, _TO_AUGMENTATION)
+_PREPROCESS_ELSEWHERE = {
+    **_PRETRAINING_ELSEWHERE,
+    **dict.fromkeys(("augmentation", "rng", *_PRETRAINING_SETTINGS), _TO_PRETRAINING),
+}
 
 
 class BeitV2ImageProcessorKwargs(ImagesKwargs, total=False):
@@ -84,7 +91,7 @@ class BeitV2ImageProcessorKwargs(ImagesKwargs, total=False):
     color_jitter: float
 
 
-class BeitV2ImageProcessor(BaseImageProcessor):
+class BeitV2ImageProcessor(SettingsMixin, BaseImageProcessor):
     r"""
     Image processor of BEiT v2 (and BEiT v1) backbones.
 
@@ -148,6 +155,8 @@ class BeitV2ImageProcessor(BaseImageProcessor):
     valid_kwargs = BeitV2ImageProcessorKwargs
     # A class attribute too: transformers' tests (and callers) look for the standard argument on the class.
     do_convert_rgb = True
+    _evaluation_settings = _EVALUATION_SETTINGS
+    _preprocess_elsewhere = _PREPROCESS_ELSEWHERE
 
     def __init__(
         self,
@@ -234,40 +243,10 @@ class BeitV2ImageProcessor(BaseImageProcessor):
             **{name: overrides.get(name, getattr(self, name)) for name in _AUGMENTATION_SETTINGS}
         )
 
-    def preprocess(
-        self,
-        images,
-        do_convert_rgb: bool | None = None,
-        input_data_format: str | None = None,
-        return_tensors: str | None = None,
-        **settings,
-    ) -> BatchFeature:
-        """
-        The evaluation view of each image: `pixel_values` only (what pipelines and inference read).
-
-        Args:
-            images: One image or a list/batch of images (PIL, numpy, torch; any PIL mode; any size).
-            do_convert_rgb (`bool`, *optional*): Overrides `self.do_convert_rgb` for this call.
-            input_data_format (`str` or `ChannelDimension`, *optional*): "channels_first" or "channels_last" for
-                array inputs; inferred by default.
-            return_tensors (`str`, *optional*): "np" or "pt" to stack the batch; `None` returns a list per image.
-            settings: Any of `image_size`, `interpolation`, `image_mean`, `image_std`, for this call only.
-        """
-        elsewhere = dict.fromkeys(_AUGMENTATION_SETTINGS, _TO_AUGMENTATION)
-        elsewhere.update(dict.fromkeys(("augmentation", "rng", *_PRETRAINING_SETTINGS), _TO_PRETRAINING))
-        check_settings(settings, _EVALUATION_SETTINGS, f"{type(self).__name__}.preprocess", elsewhere)
-        current = {name: settings.get(name, getattr(self, name)) for name in _EVALUATION_SETTINGS}
-        do_convert_rgb = self.do_convert_rgb if do_convert_rgb is None else do_convert_rgb
+    def _evaluation_transform(self, current: Mapping[str, Any]) -> Callable[[PIL.Image.Image], PIL.Image.Image]:
+        """The evaluation view of `preprocess` (settings: `image_size`, `interpolation`)."""
         size, resample = int(current["image_size"]), resample_filter(current["interpolation"])
-        return evaluation_batch(
-            images,
-            lambda plane: _central_square(plane, size, resample),
-            current["image_mean"],
-            current["image_std"],
-            do_convert_rgb,
-            input_data_format,
-            return_tensors,
-        )
+        return lambda plane: _central_square(plane, size, resample)
 
     def pretraining_inputs(
         self,
@@ -299,9 +278,7 @@ class BeitV2ImageProcessor(BaseImageProcessor):
             `BatchFeature` with `pixel_values`, `tokenizer_pixel_values` and `bool_masked_pos` (see the class
             docstring).
         """
-        elsewhere = dict.fromkeys(_AUGMENTATION_SETTINGS, _TO_AUGMENTATION)
-        check_settings(settings, _PRETRAINING_SETTINGS, f"{type(self).__name__}.pretraining_inputs", elsewhere)
-        current = {name: settings.get(name, getattr(self, name)) for name in _PRETRAINING_SETTINGS}
+        current = self._call_settings("pretraining_inputs", settings, _PRETRAINING_SETTINGS, _PRETRAINING_ELSEWHERE)
         mask_generator = _build_mask_generator(**{name: current[name] for name in _MASK_SETTINGS})
         mean, std = normalisation(current["image_mean"], current["image_std"], 3)
         sizes = {"backbone": int(current["image_size"]), "tokenizer": int(current["tokenizer_image_size"])}
@@ -320,10 +297,7 @@ class BeitV2ImageProcessor(BaseImageProcessor):
             outputs["pixel_values"].append((to_float_array(views[0]) - mean) / std)
             outputs["tokenizer_pixel_values"].append(to_float_array(views[1]))
             outputs["bool_masked_pos"].append(mask_generator(rng).reshape(-1))
-        data: dict[str, list[np.ndarray]] | dict[str, np.ndarray] = outputs
-        if return_tensors is not None:
-            data = {name: np.stack(values) for name, values in outputs.items()}
-        return BatchFeature(data=data, tensor_type=return_tensors)
+        return batch_feature(outputs, return_tensors)
 
 
 def _central_square(image, size: int, resample):

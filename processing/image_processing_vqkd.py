@@ -2,24 +2,24 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
+import PIL.Image
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.image_processing_utils import BaseImageProcessor
 from transformers.processing_utils import ImagesKwargs
 
 from .augmentation import SingleViewAugmentation
 from .processor_settings import (
+    SettingsMixin,
     check_augmentation_overrides,
-    check_settings,
     check_view_size,
-    evaluation_batch,
-    normalisation,
-    read_images,
+    normalised_batch,
     resolve_rng,
 )
-from .transforms import CenterCrop, Compose, Resize, to_float_array
+from .transforms import CenterCrop, Compose, Resize
 
 
 class VQKDImageProcessorKwargs(ImagesKwargs, total=False):
@@ -42,9 +42,12 @@ _TO_AUGMENTATION = (
     "the crop settings configure the training augmentation: build it with "
     "`processor.training_augmentation(crop_scale=...)` and pass it to `pretraining_inputs(..., augmentation=...)`."
 )
+# Where the arguments of the other methods go, for the error messages of `pretraining_inputs` and `preprocess`.
+_PRETRAINING_ELSEWHERE = dict.fromkeys(_AUGMENTATION_SETTINGS, _TO_AUGMENTATION)
+_PREPROCESS_ELSEWHERE = {**_PRETRAINING_ELSEWHERE, "augmentation": _TO_PRETRAINING, "rng": _TO_PRETRAINING}
 
 
-class VQKDImageProcessor(BaseImageProcessor):
+class VQKDImageProcessor(SettingsMixin, BaseImageProcessor):
     r"""
     Prepares images for the VQ-KD tokenizer: plain [0, 1] pixels by default, which `VQKDModel` maps to its encoder's
     [-1, 1] itself (and a teacher normalises its own way).
@@ -90,6 +93,8 @@ class VQKDImageProcessor(BaseImageProcessor):
     valid_kwargs = VQKDImageProcessorKwargs
     # A class attribute too: transformers' tests (and callers) look for the standard argument on the class.
     do_convert_rgb = True
+    _evaluation_settings = _CALL_SETTINGS
+    _preprocess_elsewhere = _PREPROCESS_ELSEWHERE
 
     def __init__(
         self,
@@ -130,41 +135,9 @@ class VQKDImageProcessor(BaseImageProcessor):
             **{name: overrides.get(name, getattr(self, name)) for name in _AUGMENTATION_SETTINGS}
         )
 
-    def preprocess(
-        self,
-        images,
-        do_convert_rgb: bool | None = None,
-        input_data_format: str | None = None,
-        return_tensors: str | None = None,
-        **settings,
-    ) -> BatchFeature:
-        """
-        The evaluation view of each image (`pixel_values`).
-
-        Args:
-            images: One image or a list/batch of images (PIL, numpy, torch).
-            do_convert_rgb (`bool`, *optional*): Overrides `self.do_convert_rgb` for this call.
-            input_data_format (`str` or `ChannelDimension`, *optional*): "channels_first" or "channels_last" for
-                array inputs; inferred by default.
-            return_tensors (`str`, *optional*): "np" or "pt" to stack the batch; `None` returns a list per image.
-            settings: Any of `image_size`, `interpolation`, `crop_pct`, `image_mean`, `image_std`, for this call
-                only.
-        """
-        elsewhere = dict.fromkeys(_AUGMENTATION_SETTINGS, _TO_AUGMENTATION)
-        elsewhere.update(augmentation=_TO_PRETRAINING, rng=_TO_PRETRAINING)
-        check_settings(settings, _CALL_SETTINGS, f"{type(self).__name__}.preprocess", elsewhere)
-        current = {name: settings.get(name, getattr(self, name)) for name in _CALL_SETTINGS}
-        do_convert_rgb = self.do_convert_rgb if do_convert_rgb is None else do_convert_rgb
-        view = _evaluation_view(int(current["image_size"]), current["interpolation"], current["crop_pct"])
-        return evaluation_batch(
-            images,
-            view,
-            current["image_mean"],
-            current["image_std"],
-            do_convert_rgb,
-            input_data_format,
-            return_tensors,
-        )
+    def _evaluation_transform(self, current: Mapping[str, Any]) -> Compose:
+        """The evaluation view of `preprocess` (settings: `image_size`, `interpolation`, `crop_pct`)."""
+        return _evaluation_view(int(current["image_size"]), current["interpolation"], current["crop_pct"])
 
     def pretraining_inputs(
         self,
@@ -192,25 +165,27 @@ class VQKDImageProcessor(BaseImageProcessor):
             settings: Any of `image_size`, `interpolation`, `crop_pct`, `image_mean`, `image_std`, for this call
                 only.
         """
-        elsewhere = dict.fromkeys(_AUGMENTATION_SETTINGS, _TO_AUGMENTATION)
-        check_settings(settings, _CALL_SETTINGS, f"{type(self).__name__}.pretraining_inputs", elsewhere)
-        current = {name: settings.get(name, getattr(self, name)) for name in _CALL_SETTINGS}
-        mean, std = normalisation(current["image_mean"], current["image_std"], 3)
-        size = int(current["image_size"])
-        view = _evaluation_view(size, current["interpolation"], current["crop_pct"])
+        current = self._call_settings("pretraining_inputs", settings, _CALL_SETTINGS, _PRETRAINING_ELSEWHERE)
+        view: Callable[[PIL.Image.Image], PIL.Image.Image] = self._evaluation_transform(current)
         rng = resolve_rng(rng)
-        pixel_values: list[np.ndarray] = []
-        for image in read_images(images, True, input_data_format):
-            if augmentation is None:
-                image = view(image)
-            else:
-                image = augmentation(image, rng)
-                check_view_size(image, size, "view", "image_size")
-            pixel_values.append((to_float_array(image) - mean) / std)
-        batch: list[np.ndarray] | np.ndarray = pixel_values
-        if return_tensors is not None:
-            batch = np.stack(pixel_values)
-        return BatchFeature(data={"pixel_values": batch}, tensor_type=return_tensors)
+        if augmentation is not None:
+            view = _training_view(augmentation, rng, int(current["image_size"]))
+        return normalised_batch(
+            images, view, current["image_mean"], current["image_std"], True, input_data_format, return_tensors
+        )
+
+
+def _training_view(
+    augmentation: SingleViewAugmentation, rng: np.random.Generator, image_size: int
+) -> Callable[[PIL.Image.Image], PIL.Image.Image]:
+    """`augmentation`'s view drawn from `rng`, checked to be the `image_size` square of the processor's settings."""
+
+    def view(image: PIL.Image.Image) -> PIL.Image.Image:
+        image = augmentation(image, rng)
+        check_view_size(image, image_size, "view", "image_size")
+        return image
+
+    return view
 
 
 def _evaluation_view(image_size: int, interpolation: str, crop_pct: float | None) -> Compose:

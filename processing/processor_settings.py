@@ -4,7 +4,7 @@ generator of a call."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import PIL.Image
@@ -55,7 +55,7 @@ def normalisation(
     return arrays[0], arrays[1]
 
 
-def evaluation_batch(
+def normalised_batch(
     images,
     view: Callable[[PIL.Image.Image], PIL.Image.Image],
     image_mean: Sequence[float],
@@ -64,16 +64,80 @@ def evaluation_batch(
     input_data_format: str | None,
     return_tensors: str | None,
 ) -> BatchFeature:
-    """`{"pixel_values": ...}` of each image's deterministic `view` (applied per channel plane), normalised: the
-    evaluation call both processors share. `return_tensors=None` gives a list per image, else a stacked batch."""
+    """`{"pixel_values": ...}` of each image's `view` (applied per channel plane), normalised: the evaluation call
+    both processors share, and VQ-KD's pretraining inputs. `return_tensors=None` gives a list per image, else a
+    stacked batch."""
     pixel_values: list[np.ndarray] = []
     for image in read_images(images, do_convert_rgb, input_data_format):
         mean, std = normalisation(image_mean, image_std, num_channels(image))
         pixel_values.append((to_float_array(apply_view(view, image)) - mean) / std)
-    batch: list[np.ndarray] | np.ndarray = pixel_values
+    return batch_feature({"pixel_values": pixel_values}, return_tensors)
+
+
+def batch_feature(outputs: dict[str, list[np.ndarray]], return_tensors: str | None) -> BatchFeature:
+    """The per-image `outputs` of a call: lists (one entry per image) with `return_tensors=None`, else each stacked
+    along a batch axis, as "np" or "pt"."""
+    data: dict[str, list[np.ndarray]] | dict[str, np.ndarray] = outputs
     if return_tensors is not None:
-        batch = np.stack(pixel_values)
-    return BatchFeature(data={"pixel_values": batch}, tensor_type=return_tensors)
+        data = {name: np.stack(values) for name, values in outputs.items()}
+    return BatchFeature(data=data, tensor_type=return_tensors)
+
+
+class SettingsMixin:
+    """
+    What both image processors' calls share: the per-call settings over the processor's own, and `preprocess`, the
+    evaluation view. A processor (mixed in before `BaseImageProcessor`) names its evaluation settings in
+    `_evaluation_settings`, where misplaced arguments of `preprocess` go in `_preprocess_elsewhere` (see
+    `check_settings`), and builds its evaluation view in `_evaluation_transform`.
+    """
+
+    # The settings `preprocess` takes for one call: the evaluation view's and the normalisation's.
+    _evaluation_settings: ClassVar[tuple[str, ...]]
+    # The names of other methods' arguments, each mapped to where it goes, for `preprocess`'s error message.
+    _preprocess_elsewhere: ClassVar[Mapping[str, str]]
+    do_convert_rgb: bool
+
+    def _evaluation_transform(self, current: Mapping[str, Any]) -> Callable[[PIL.Image.Image], PIL.Image.Image]:
+        """The deterministic evaluation view of the `current` settings (those of `_evaluation_settings`)."""
+        raise NotImplementedError
+
+    def _call_settings(
+        self, method: str, settings: Mapping[str, Any], accepted: tuple[str, ...], elsewhere: Mapping[str, str]
+    ) -> dict[str, Any]:
+        """The `accepted` settings of one call of `method`: those given in `settings`, else the processor's own.
+        Raises a ValueError naming every other setting (see `check_settings`)."""
+        check_settings(settings, accepted, f"{type(self).__name__}.{method}", elsewhere)
+        return {name: settings.get(name, getattr(self, name)) for name in accepted}
+
+    def preprocess(
+        self,
+        images,
+        do_convert_rgb: bool | None = None,
+        input_data_format: str | None = None,
+        return_tensors: str | None = None,
+        **settings,
+    ) -> BatchFeature:
+        """
+        The evaluation view of each image: `pixel_values` only (what pipelines and inference read).
+
+        Args:
+            images: One image or a list/batch of images (PIL, numpy, torch; any PIL mode; any size).
+            do_convert_rgb (`bool`, *optional*): Overrides `self.do_convert_rgb` for this call.
+            input_data_format (`str` or `ChannelDimension`, *optional*): "channels_first" or "channels_last" for
+                array inputs; inferred by default.
+            return_tensors (`str`, *optional*): "np" or "pt" to stack the batch; `None` returns a list per image.
+            settings: Any of the evaluation view's settings (the class docstring lists them), for this call only.
+        """
+        current = self._call_settings("preprocess", settings, self._evaluation_settings, self._preprocess_elsewhere)
+        return normalised_batch(
+            images,
+            self._evaluation_transform(current),
+            current["image_mean"],
+            current["image_std"],
+            self.do_convert_rgb if do_convert_rgb is None else do_convert_rgb,
+            input_data_format,
+            return_tensors,
+        )
 
 
 def check_view_size(view: PIL.Image.Image, size: int, view_name: str, setting_name: str) -> None:
