@@ -56,7 +56,7 @@ for _config_class, _model_class in (
     _config_class.register_for_auto_class()
     _model_class.register_for_auto_class("AutoModel")
 # The tokenizer's sub-configs, so that `AutoConfig` resolves their model types too.
-for _sub_config_class in (VQKDEncoderConfig, VQKDDecoderConfig):
+for _sub_config_class in VQKDConfig.sub_configs.values():
     AutoConfig.register(_sub_config_class.model_type, _sub_config_class, exist_ok=True)
 
 __all__ = [

@@ -151,7 +151,8 @@ class VQKDConfig(PreTrainedConfig):
             defaults = vqkd_decoder_config(grid_size=grid, code_dim=self.code_dim)
             self.decoder_config = {**defaults, **(self.decoder_config or {})}
         # A plain `BeitConfig` becomes the sub-config class, so that the saved folder names no `beit` config.
-        for key, config_class in (("encoder_config", VQKDEncoderConfig), ("decoder_config", VQKDDecoderConfig)):
+        # (Not `config_class.from_dict(...)`: its `to_dict()` is the same, but the object keeps `model_type: "beit"`.)
+        for key, config_class in self.sub_configs.items():
             value = getattr(self, key)
             if isinstance(value, BeitConfig) and not isinstance(value, config_class):
                 setattr(self, key, config_class(**_without_model_type(value.to_dict())))

@@ -82,20 +82,20 @@ def convert_mim_to_native_beit(
     target_prefix = "beit." if hasattr(native, "beit") else ""
     native_backbone = cast(BeitModel, native.beit if hasattr(native, "beit") else native)
     if isinstance(native_backbone.layernorm, nn.LayerNorm):
-        # A standalone BeitV2Model owns the final LayerNorm; inside the MIM model it is the MIM model's own.
-        final_norm = model.layernorm if isinstance(model, BeitV2ForMaskedImageModeling) else backbone.layernorm
-        if not isinstance(final_norm, nn.LayerNorm):
+        # The final LayerNorm is `model.layernorm` either way: a standalone BeitV2Model's own (then already in
+        # `source_state`), or the MIM model's, outside its backbone.
+        if not isinstance(model.layernorm, nn.LayerNorm):
             raise ValueError("use_mean_pooling=False keeps the final LayerNorm, but this backbone has none.")
+        source_state.update({f"layernorm.{key}": value for key, value in model.layernorm.state_dict().items()})
+    else:
+        # The pretraining-time final LayerNorm of a standalone BeitV2Model: dropped for fine-tuning.
         source_state = {key: value for key, value in source_state.items() if not key.startswith("layernorm.")}
-        source_state.update({f"layernorm.{key}": value for key, value in final_norm.state_dict().items()})
     source_window = _patch_grid(source_config)
     target_window = _patch_grid(cast(BeitConfig, native.config))  # built from a `BeitConfig` above
     new_state = {}
     for name, tensor in source_state.items():
         if name == "embeddings.mask_token" or name.startswith("pooler."):
             continue
-        if name.startswith("layernorm.") and not isinstance(native_backbone.layernorm, nn.LayerNorm):
-            continue  # the pretraining-time final LayerNorm of a standalone BeitV2Model: dropped for fine-tuning
         if name == "shared_position_bias.relative_position_bias_table":
             resized = resize_relative_position_bias_table(tensor, source_window, target_window)
             for index in range(native.config.num_hidden_layers):

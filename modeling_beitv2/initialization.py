@@ -1,4 +1,4 @@
-"""Weight initialisation shared by every model of this package.
+"""Weight initialisation shared by every model of this package (and the tokenizers' check of their input pixels).
 
 The official BEiT / BEiT v2 code initialises its ViTs differently from transformers' ``BeitModel``:
 truncated normal cut at +-1 std (not +-2), and the residual-branch output weights of block ``i``
@@ -24,6 +24,20 @@ from transformers.models.beit.modeling_beit import BeitLayer
 
 _LAYER_NUMBER_ATTR = "_residual_layer_number"
 _TORCH_DEFAULT_ATTR = "_keeps_torch_default_init"
+
+NON_FINITE_PIXELS_MESSAGE = (
+    "get_codebook_indices: pixel_values contain NaN or infinity (every code would silently be 0); check the images "
+    "and the image processor."
+)
+
+
+def check_finite_pixels(pixel_values: torch.Tensor) -> None:
+    """Fail on NaN or infinity in a tokenizer's `pixel_values`, whose codes would otherwise silently be 0.
+
+    Checked on the device without waiting for it: a `RuntimeError` at once on CPU, at the next synchronisation on
+    GPU.
+    """
+    torch._assert_async(torch.isfinite(pixel_values).all(), NON_FINITE_PIXELS_MESSAGE)
 
 
 def trunc_normal_one_std_(tensor: torch.Tensor, std: float) -> torch.Tensor:

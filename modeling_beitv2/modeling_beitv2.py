@@ -473,7 +473,7 @@ class BeitV2ForMaskedImageModeling(BeitV2PreTrainedModel):
         bool_masked_pos, masked_index, labels = self._check_inputs(
             pixel_values, bool_masked_pos, labels, num_masked_patches
         )
-        use_aggregation = self.aggregation_head is not None
+        aggregation_head = self.aggregation_head
 
         # Computed once, shared by every backbone block and the aggregation head.
         resolution = tuple(pixel_values.shape[2:])
@@ -484,15 +484,15 @@ class BeitV2ForMaskedImageModeling(BeitV2PreTrainedModel):
             pixel_values,
             bool_masked_pos,
             shared_position_bias=shared_position_bias,
-            keep_hidden_state=self.config.early_layers if use_aggregation else None,
+            keep_hidden_state=self.config.early_layers if aggregation_head is not None else None,
             **kwargs,
         )
         masked_output = _select_masked(sequence_output[:, 1:], bool_masked_pos, masked_index)
         logits = self.lm_head(self.layernorm(masked_output))
 
         aggregation_logits = None
-        if self.aggregation_head is not None:  # use_aggregation
-            head_output = self.aggregation_head(
+        if aggregation_head is not None:
+            head_output = aggregation_head(
                 sequence_output[:, :1],
                 cast(torch.Tensor, early_output)[:, 1:],  # kept: `keep_hidden_state` was given
                 shared_position_bias,
@@ -502,7 +502,7 @@ class BeitV2ForMaskedImageModeling(BeitV2PreTrainedModel):
             if self.config.shared_lm_head:
                 aggregation_logits = self.lm_head(self.layernorm(masked_head_output))
             else:
-                aggregation_logits = self.aggregation_head.lm_head(self.aggregation_head.layernorm(masked_head_output))
+                aggregation_logits = aggregation_head.lm_head(aggregation_head.layernorm(masked_head_output))
 
         loss = loss_mim = loss_aggregation = mim_accuracy = aggregation_accuracy = None
         if labels is not None:

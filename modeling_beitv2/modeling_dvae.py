@@ -19,13 +19,9 @@ from transformers import initialization as init
 from transformers.utils import ModelOutput, can_return_tuple
 
 from .configuration_dvae import DVAEConfig
+from .initialization import check_finite_pixels
 
 _GROUP_COUNT = 4
-
-NON_FINITE_PIXELS_MESSAGE = (
-    "get_codebook_indices: pixel_values contain NaN or infinity (every code would silently be 0); check the images "
-    "and the image processor."
-)
 
 
 @dataclass
@@ -249,7 +245,7 @@ class DVAEModel(DVAEPreTrainedModel):
             RuntimeError: `pixel_values` holds NaN or infinity (whose codes would otherwise silently be 0). Checked on
                 the device without waiting for it: at once on CPU, at the next synchronisation on GPU.
         """
-        torch._assert_async(torch.isfinite(pixel_values).all(), NON_FINITE_PIXELS_MESSAGE)
+        check_finite_pixels(pixel_values)
         return self.encode(pixel_values).argmax(dim=1).flatten(1)
 
     def decode(self, indices: torch.Tensor) -> torch.Tensor:

@@ -40,7 +40,7 @@ from transformers.models.beit.modeling_beit import BeitEmbeddings
 from transformers.utils import ModelOutput, can_return_tuple
 
 from .configuration_vqkd import VQKDConfig
-from .initialization import init_vit_module_, mark_residual_branches
+from .initialization import check_finite_pixels, init_vit_module_, mark_residual_branches
 from .quantizer import NormEMAVectorQuantizer, QuantizerOutput
 
 
@@ -86,11 +86,6 @@ class VQKDOutput(ModelOutput):
     hidden_states: tuple[torch.Tensor, ...] | None = None
     attentions: tuple[torch.Tensor, ...] | None = None
 
-
-NON_FINITE_PIXELS_MESSAGE = (
-    "get_codebook_indices: pixel_values contain NaN or infinity (every code would silently be 0); check the images "
-    "and the image processor."
-)
 
 # The tokenizer's ViTs use timm's `trunc_normal_(std=0.02)` with its default absolute cut-off of +-2 (unlike the
 # MIM model's +-1 std): in practice a plain normal.
@@ -280,7 +275,7 @@ class VQKDModel(VQKDPreTrainedModel):
             RuntimeError: `pixel_values` holds NaN or infinity (whose every code would otherwise silently be 0).
                 Checked on the device without waiting for it: at once on CPU, at the next synchronisation on GPU.
         """
-        torch._assert_async(torch.isfinite(pixel_values).all(), NON_FINITE_PIXELS_MESSAGE)
+        check_finite_pixels(pixel_values)
         return self.quantizer.lookup(self._features_to_code_space(pixel_values))
 
     def decode(self, indices: torch.Tensor | None = None, quantized: torch.Tensor | None = None) -> torch.Tensor:
