@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import PIL.Image
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import image_table, png_bytes, write_parquet_shards
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
@@ -30,46 +30,6 @@ from pretraining.data import (  # noqa: E402
     resume_dataloader,
     split_off_validation,
 )
-
-HF_IMAGE_SCHEMA = {
-    "huggingface": '{"info": {"features": {"image": {"_type": "Image"}, "label": {"_type": "Value", "dtype": "int64"}}}}'
-}
-
-
-def png_bytes(value: int, size=(6, 5), mode="RGB") -> bytes:
-    buffer = io.BytesIO()
-    PIL.Image.new(mode, size, value if mode != "RGB" else (value, value, value)).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def image_table(indices: range, corrupt: tuple[int, ...] = ()) -> pa.Table:
-    """Images whose pixel value is their index (truncated bytes for the ``corrupt`` ones), with HF Image metadata."""
-    images = [{"bytes": png_bytes(i)[:20] if i in corrupt else png_bytes(i), "path": f"{i}.png"} for i in indices]
-    table = pa.table({"image": images, "label": list(range(len(images)))})
-    return table.replace_schema_metadata(HF_IMAGE_SCHEMA)
-
-
-def write_parquet_shards(
-    folder: Path,
-    num_images: int,
-    num_shards: int,
-    corrupt: tuple[int, ...] = (),
-    row_group_size: int | None = None,
-) -> list[str]:
-    """`num_images` distinct images (the pixel value is the index) in `num_shards` parquet files, each one row group
-    unless `row_group_size` is given."""
-    folder.mkdir(parents=True, exist_ok=True)
-    files = []
-    per_shard = num_images // num_shards
-    for shard in range(num_shards):
-        path = folder / f"train-{shard:02d}.parquet"
-        pq.write_table(
-            image_table(range(shard * per_shard, (shard + 1) * per_shard), corrupt),
-            path,
-            row_group_size=row_group_size,
-        )
-        files.append(str(path))
-    return files
 
 
 def write_image_folder(root: Path, indices: range, fmt: str = "PNG") -> None:

@@ -11,14 +11,20 @@ from pathlib import Path
 
 import pytest
 import torch
-from accelerate.state import AcceleratorState
-from conftest import free_port, read_metrics
+from conftest import (
+    free_port,
+    make_image_folder,
+    make_teacher,
+    make_vqkd_tokenizer,
+    mim_args,
+    read_metrics,
+    reset_accelerator_state,
+    vqkd_args,
+    write_parquet_shards,
+)
 from safetensors.torch import load_file
-from test_data import write_parquet_shards
 from test_pixel_decoder import tiny_tokenizer
-from test_run_mim import make_vqkd_tokenizer, mim_args
 from test_run_pixel_decoder import decoder_args
-from test_run_vqkd import make_image_folder, make_teacher, vqkd_args
 
 from demo_pipeline.data import write_demo_dataset
 from pretraining.loop import PREEMPTED_EXIT_CODE
@@ -193,9 +199,9 @@ def test_deepspeed_zero_matches_plain_training(tmp_path, stage):
     tokenizer = make_vqkd_tokenizer(tmp_path / "vqkd")
     common = ("--max_steps", "3", "--save_steps", "0")
     plain = tmp_path / "plain"
-    AcceleratorState._reset_state(reset_partial_state=True)
+    reset_accelerator_state()
     run_mim.main(mim_args(files, tokenizer, plain, *common))
-    AcceleratorState._reset_state(reset_partial_state=True)
+    reset_accelerator_state()
     zero = tmp_path / f"zero{stage}"
     command = [
         ACCELERATE, "launch", "--config_file", str(EXAMPLES / "configs" / f"deepspeed_zero{stage}.yaml"),

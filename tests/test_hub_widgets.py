@@ -38,9 +38,9 @@ def test_image() -> PIL.Image.Image:
 test_image.__test__ = False  # a helper, not a test
 
 
-def run_pipeline(task: str, folder: Path, tmp_path: Path, trust_remote_code: bool, **call_kwargs) -> list:
-    """`pipeline(task, model=folder)(image, **call_kwargs)` in a fresh process where this package cannot be
-    imported; the JSON of its output."""
+def run_pipeline(task: str, folder: Path, tmp_path: Path, *call_kwargs: dict, trust_remote_code: bool) -> list:
+    """`pipeline(task, model=folder)(image, **kwargs)` for each `kwargs` of `call_kwargs`, all in one fresh process
+    where this package cannot be imported; the JSON of each output, in order."""
     image_path = tmp_path / "image.png"
     test_image().save(image_path)
     code = f"""
@@ -49,15 +49,18 @@ def run_pipeline(task: str, folder: Path, tmp_path: Path, trust_remote_code: boo
         import numpy as np
         from transformers import pipeline
         runner = pipeline({task!r}, model={str(folder)!r}, trust_remote_code={trust_remote_code}, device="cpu")
-        output = runner(PIL.Image.open({str(image_path)!r}).convert("RGB"), **{call_kwargs!r})
-        print(json.dumps(np.asarray(output).tolist() if {task!r} == "image-feature-extraction" else output))
+        image = PIL.Image.open({str(image_path)!r}).convert("RGB")
+        outputs = [runner(image, **kwargs) for kwargs in {list(call_kwargs)!r}]
+        if {task!r} == "image-feature-extraction":
+            outputs = [np.asarray(output).tolist() for output in outputs]
+        print(json.dumps(outputs))
     """
     result = run_without_package(code, cwd=tmp_path)
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 @pytest.fixture(scope="module")
-def mim_folder(tmp_path_factory, request) -> Path:
+def mim_folder(tmp_path_factory) -> Path:
     """A pretrained MIM folder as run_mim.py writes it: weights, its BeitV2ImageProcessor, and the native export."""
     folder = tmp_path_factory.mktemp("mim")
     torch.manual_seed(0)
@@ -84,8 +87,9 @@ def test_feature_extraction_on_a_pretrained_folder_equals_the_unmasked_forward(m
     assert type(backbone) is BeitV2Model
     pixel_values = BeitV2ImageProcessor.from_pretrained(mim_folder)(test_image(), return_tensors="pt")["pixel_values"]
     expected = backbone(pixel_values=pixel_values)
-    tokens = run_pipeline("image-feature-extraction", mim_folder, tmp_path, trust_remote_code=True)
-    pooled = run_pipeline("image-feature-extraction", mim_folder, tmp_path, trust_remote_code=True, pool=True)
+    tokens, pooled = run_pipeline(
+        "image-feature-extraction", mim_folder, tmp_path, {}, {"pool": True}, trust_remote_code=True
+    )
     np.testing.assert_allclose(np.asarray(tokens), expected.last_hidden_state.numpy(), atol=1e-5)
     np.testing.assert_allclose(np.asarray(pooled), expected.pooler_output.numpy(), atol=1e-5)
     # The linear probe's representation with the patch-aggregation head: [CLS] after the final LayerNorm.
@@ -103,8 +107,9 @@ def test_native_feature_extractor_runs_without_custom_code_and_pools_like_ours(m
     processor = BeitImageProcessor.from_pretrained(native_folder)
     pixel_values = processor(test_image(), return_tensors="pt")["pixel_values"]
     expected = native(pixel_values=pixel_values)
-    tokens = run_pipeline("image-feature-extraction", native_folder, tmp_path, trust_remote_code=False)
-    pooled = run_pipeline("image-feature-extraction", native_folder, tmp_path, trust_remote_code=False, pool=True)
+    tokens, pooled = run_pipeline(
+        "image-feature-extraction", native_folder, tmp_path, {}, {"pool": True}, trust_remote_code=False
+    )
     np.testing.assert_allclose(np.asarray(tokens), expected.last_hidden_state.numpy(), atol=1e-5)
     np.testing.assert_allclose(np.asarray(pooled), expected.pooler_output.numpy(), atol=1e-5)
     # The same features as our backbone on the same pixels: the hosted widget gives the probe's representation.
@@ -126,7 +131,7 @@ def test_classifier_widget_scores_are_the_plain_forwards(mim_folder, tmp_path):
     processor.save_pretrained(folder)
     logits = classifier(pixel_values=processor(test_image(), return_tensors="pt")["pixel_values"]).logits
     expected = dict(zip(labels.values(), logits.softmax(-1)[0].tolist()))
-    predictions = run_pipeline("image-classification", folder, tmp_path, trust_remote_code=False, top_k=3)
+    (predictions,) = run_pipeline("image-classification", folder, tmp_path, {"top_k": 3}, trust_remote_code=False)
     assert {p["label"]: pytest.approx(expected[p["label"]], abs=1e-5) for p in predictions} == {
         p["label"]: p["score"] for p in predictions
     }

@@ -3,12 +3,12 @@
 the docs agree with the exit codes.
 
 One test per defect of issue 22's items 1-5 and 7 (item 6, the models' own input checks, is tested elsewhere). Each
-test asserts the behaviour the issue asks for, so it fails on the code it was written against and passes once its
-defect is fixed; until then it is marked `xfail(strict=True)`: remove the mark with the fix.
+test asserts the behaviour the issue asks for: it failed on the code it was written against and passes since its
+defect was fixed.
 
 The tests drive only what stays stable while `examples/` is reorganised: the entry scripts' `main(argv)` and their
 command lines, the files in their output folders, and the public classes of `modeling_beitv2` and `processing`.
-They never import the helper modules of `examples/`.
+They never import the helper modules of `examples/` (their tiny inputs come from conftest, which does not either).
 """
 
 from __future__ import annotations
@@ -26,13 +26,22 @@ from pathlib import Path
 
 import numpy as np
 import PIL.Image
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import EXAMPLES_DIR, REPO_ROOT, read_metrics
+from conftest import (
+    EXAMPLES_DIR,
+    REPO_ROOT,
+    make_image_folder,
+    make_teacher,
+    make_vqkd_tokenizer,
+    mim_args,
+    read_metrics,
+    reset_accelerator_state,
+    vqkd_args,
+    write_parquet_shards,
+)
 from safetensors.torch import load_file
-from transformers import BeitConfig, BeitForMaskedImageModeling, ViTConfig, ViTModel
+from transformers import BeitConfig, BeitForMaskedImageModeling
 
 if str(EXAMPLES_DIR) not in sys.path:
     sys.path.insert(0, str(EXAMPLES_DIR))
@@ -73,96 +82,14 @@ INPUT_ERROR = ValueError
 BROKEN_RUN_ERROR = RuntimeError
 
 
-def xfail(defect: str):
-    return pytest.mark.xfail(strict=True, reason=f"issue 22: {defect}")
-
-
 # Every test runs a script in this process, so Accelerate's state must not leak between them.
 pytestmark = pytest.mark.usefixtures("fresh_accelerator_state")
 
 # ---------------------------------------------------------------------------------------------------------------
-# Fixtures: tiny models and data (copied from tests/test_run_mim.py, test_run_vqkd.py and test_data.py)
+# Fixtures: tiny models and data (the builders are conftest's)
 
-TINY_BACKBONE = (
-    "hidden_size=32,num_attention_heads=2,intermediate_size=64,num_hidden_layers=2,early_layers=1,head_layers=1"
-)
-VIT_TINY = dict(hidden_size=32, num_attention_heads=2, intermediate_size=64, num_hidden_layers=1)
-TINY_TOKENIZER = "hidden_size=32,num_attention_heads=2,intermediate_size=64,num_hidden_layers=2,codebook_size=32"
-HF_IMAGE_SCHEMA = {
-    "huggingface": '{"info": {"features": {"image": {"_type": "Image"}, "label": {"_type": "Value", "dtype": "int64"}}}}'
-}
 # The files of a final export (save_pretrained of the model and its processor, and the model card).
 EXPORT_FILES = ("config.json", "model.safetensors", "preprocessor_config.json", "README.md")
-
-
-def png_bytes(value: int, size=(6, 5)) -> bytes:
-    import io
-
-    buffer = io.BytesIO()
-    PIL.Image.new("RGB", size, (value, value, value)).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def write_parquet_shards(folder: Path, num_images: int, num_shards: int) -> list[str]:
-    """`num_images` distinct images (pixel value = index) with an int `label` column, in `num_shards` files."""
-    folder.mkdir(parents=True, exist_ok=True)
-    files, per_shard = [], num_images // num_shards
-    for shard in range(num_shards):
-        indices = range(shard * per_shard, (shard + 1) * per_shard)
-        images = [{"bytes": png_bytes(index), "path": f"{index}.png"} for index in indices]
-        table = pa.table({"image": images, "label": list(indices)}).replace_schema_metadata(HF_IMAGE_SCHEMA)
-        path = folder / f"train-{shard:02d}.parquet"
-        pq.write_table(table, path)
-        files.append(str(path))
-    return files
-
-
-def make_vqkd_tokenizer(path: Path, seed: int = 0, codebook_size: int = 32) -> Path:
-    """A random 32 px / patch 8 VQ-KD tokenizer (4x4 grid); other seeds give other weights of the same shape."""
-    torch.manual_seed(seed)
-    config = VQKDConfig(
-        encoder_config=vqkd_encoder_config("tiny", image_size=32, patch_size=8, **VIT_TINY),
-        decoder_config=vqkd_decoder_config("tiny", num_layers=1, grid_size=4, **VIT_TINY),
-        codebook_size=codebook_size,
-        teacher_dim=16,
-        kmeans_init=False,
-    )
-    VQKDModel(config).save_pretrained(path)
-    return path
-
-
-def make_teacher(path: Path, seed: int = 0) -> Path:
-    config = ViTConfig(
-        hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, image_size=32, patch_size=8
-    )
-    torch.manual_seed(seed)
-    ViTModel(config).save_pretrained(path)
-    return path
-
-
-def make_image_folder(root: Path, num_images: int = 8) -> Path:
-    folder = root / "train" / "things"
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    for index in range(num_images):
-        PIL.Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(folder / f"{index:02d}.png")
-    return root
-
-
-def mim_args(files: list[str], tokenizer: Path, output_dir: Path, *extra: str) -> list[str]:
-    return [
-        "--tokenizer_name_or_path", str(tokenizer),
-        "--config_name", "tiny",
-        "--config_overrides", TINY_BACKBONE + ",patch_size=8",
-        "--image_size", "32",
-        "--data_files", *files,
-        "--output_dir", str(output_dir),
-        "--per_device_train_batch_size", "4",
-        "--learning_rate", "1e-3",
-        "--logging_steps", "1",
-        "--shuffle_buffer_size", "5",
-        *extra,
-    ]  # fmt: skip
 
 
 def without(args: list[str], *flags: str) -> list[str]:
@@ -174,38 +101,15 @@ def without(args: list[str], *flags: str) -> list[str]:
     return args
 
 
-def vqkd_args(images: Path, teacher: Path, output_dir: Path, *extra: str) -> list[str]:
-    return [
-        "--teacher_name_or_path", str(teacher),
-        "--config_name", "tiny",
-        "--config_overrides", TINY_TOKENIZER + ",decoder.num_hidden_layers=1",
-        "--image_size", "32",
-        "--train_dir", str(images),
-        "--output_dir", str(output_dir),
-        "--per_device_train_batch_size", "3",
-        "--learning_rate", "1e-3",
-        "--warmup_steps", "1",
-        "--logging_steps", "1",
-        "--shuffle_buffer_size", "4",
-        *extra,
-    ]  # fmt: skip
-
-
-def reset_accelerate() -> None:
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-
-
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
     """Parquet images, two VQ-KD tokenizers of the same shape (other weights), an image folder and a teacher."""
     root = tmp_path_factory.mktemp("integrity_inputs")
     return {
-        "files": write_parquet_shards(root / "parquet", 12, 2),
+        "files": write_parquet_shards(root / "parquet", 12, 2, index_labels=True),
         "tokenizer": make_vqkd_tokenizer(root / "vqkd"),
         "other_tokenizer": make_vqkd_tokenizer(root / "vqkd_other", seed=1),
-        "images": make_image_folder(root / "images"),
+        "images": make_image_folder(root / "images", num_images=8, corrupt=False, rgba=False),
         "teacher": make_teacher(root / "teacher"),
         "root": root,
     }
@@ -218,9 +122,9 @@ MIM_RUN = ("--max_steps", "4", "--save_steps", "2")
 def mim_run(inputs, tmp_path_factory):
     """A finished run_mim run: checkpoint-2, checkpoint-4, metrics.jsonl and the final export. Copy before use."""
     output_dir = tmp_path_factory.mktemp("mim_run") / "out"
-    reset_accelerate()
+    reset_accelerator_state()
     run_mim.main(mim_args(inputs["files"], inputs["tokenizer"], output_dir, *MIM_RUN))
-    reset_accelerate()
+    reset_accelerator_state()
     return output_dir
 
 
@@ -288,7 +192,7 @@ def test_resume_refuses_a_tokenizer_with_other_weights(inputs, tmp_path):
     output_dir = tmp_path / "out"
     args = mim_args(inputs["files"], tokenizer, output_dir, *MIM_RUN)
     run_mim.main(args)
-    reset_accelerate()
+    reset_accelerator_state()
     shutil.rmtree(tokenizer)
     shutil.copytree(inputs["other_tokenizer"], tokenizer)
     before = folder_listing(output_dir)
@@ -300,9 +204,9 @@ def test_resume_refuses_a_tokenizer_with_other_weights(inputs, tmp_path):
 def test_resume_refuses_a_teacher_with_other_weights(inputs, tmp_path):
     teacher = shutil.copytree(inputs["teacher"], tmp_path / "teacher")
     output_dir = tmp_path / "out"
-    args = vqkd_args(inputs["images"], teacher, output_dir, "--max_steps", "4", "--save_steps", "2")
+    args = vqkd_args(inputs["images"], teacher, output_dir, "--max_steps", "4", "--save_steps", "2", warmup_steps=1)
     run_vqkd.main(args)
-    reset_accelerate()
+    reset_accelerator_state()
     shutil.rmtree(teacher)
     make_teacher(teacher, seed=1)
     before = folder_listing(output_dir)
@@ -407,9 +311,9 @@ def pixel_decoder_args(files: list[str], tokenizer: Path, output_dir: Path, *ext
 def pixel_decoder_run(inputs, tmp_path_factory):
     """A finished run_pixel_decoder run: checkpoint-2, checkpoint-4, metrics.jsonl and the export. Copy before use."""
     output_dir = tmp_path_factory.mktemp("pixel_decoder_run") / "out"
-    reset_accelerate()
+    reset_accelerator_state()
     run_pixel_decoder.main(pixel_decoder_args(inputs["files"], inputs["tokenizer"], output_dir, *PIXEL_RUN))
-    reset_accelerate()
+    reset_accelerator_state()
     return output_dir
 
 
@@ -429,7 +333,7 @@ def test_pixel_decoder_resume_refuses_a_tokenizer_with_other_weights(inputs, tmp
     output_dir = tmp_path / "out"
     args = pixel_decoder_args(inputs["files"], tokenizer, output_dir, *PIXEL_RUN)
     run_pixel_decoder.main(args)
-    reset_accelerate()
+    reset_accelerator_state()
     shutil.rmtree(tokenizer)
     shutil.copytree(inputs["other_tokenizer"], tokenizer)
     before = folder_listing(output_dir)
@@ -648,7 +552,7 @@ def test_max_grad_norm_zero_means_no_clipping(inputs, tmp_path):
     run_mim.main(
         mim_args(inputs["files"], inputs["tokenizer"], tmp_path / "unbounded", *common, "--max_grad_norm", "1e9")
     )
-    reset_accelerate()
+    reset_accelerator_state()
     run_mim.main(mim_args(inputs["files"], inputs["tokenizer"], tmp_path / "off", *common, "--max_grad_norm", "0"))
     unbounded, off = (load_file(tmp_path / name / "model.safetensors") for name in ("unbounded", "off"))
     for key, value in unbounded.items():
@@ -710,7 +614,7 @@ def assert_one_line_naming(error: BaseException, flag: str, value: str) -> None:
     assert "\n" not in message.strip(), message
 
 
-def test_model_name_or_path_of_another_model_type_fails_at_start(mim_run, inputs, tmp_path):
+def test_model_name_or_path_of_another_model_type_fails_at_start(inputs, tmp_path):
     beit = tmp_path / "beit"
     # transformers' own BEiT (model type `beit`), tiny, with as many layers as BeitV2Config's default early_layers
     # needs, so that nothing but the model type differs from a usable --model_name_or_path.
@@ -753,7 +657,7 @@ def test_missing_tokenizer_or_teacher_path_names_the_flag(inputs, tmp_path, scri
         args = mim_args(inputs["files"], Path(missing), tmp_path / "out", "--max_steps", "1")
     else:
         flag, main = "--teacher_name_or_path", run_vqkd.main
-        args = vqkd_args(inputs["images"], Path(missing), tmp_path / "out", "--max_steps", "1")
+        args = vqkd_args(inputs["images"], Path(missing), tmp_path / "out", "--max_steps", "1", warmup_steps=1)
     with pytest.raises(INPUT_ERROR) as raised:
         main(args)
     assert_one_line_naming(raised.value, flag, missing)

@@ -16,9 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import read_metrics
+from conftest import TINY_BACKBONE, make_vqkd_tokenizer, mim_args, read_metrics, write_parquet_shards
 from safetensors.torch import load_file
-from test_data import write_parquet_shards
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
@@ -34,29 +33,9 @@ from modeling_beitv2 import (  # noqa: E402
     VQKDConfig,
     VQKDModel,
 )
-from modeling_beitv2.configuration_vqkd import vqkd_decoder_config, vqkd_encoder_config  # noqa: E402
 from processing import BeitV2ImageProcessor  # noqa: E402
 
-TINY_BACKBONE = (
-    "hidden_size=32,num_attention_heads=2,intermediate_size=64,num_hidden_layers=2,early_layers=1,head_layers=1"
-)
-VIT_TINY = dict(hidden_size=32, num_attention_heads=2, intermediate_size=64, num_hidden_layers=1)
 MIM_KEYS = ("loss", "loss_mim", "loss_aggregation", "mim_accuracy", "aggregation_accuracy", "grad_norm", "lr")
-
-
-def make_vqkd_tokenizer(path: Path) -> Path:
-    """A randomly initialised 32 px / patch 8 VQ-KD tokenizer with 32 codes (labels only need to be deterministic);
-    its codebook is random unit vectors, as a tokenizer waiting for its k-means init refuses to tokenize."""
-    torch.manual_seed(0)
-    config = VQKDConfig(
-        encoder_config=vqkd_encoder_config("tiny", image_size=32, patch_size=8, **VIT_TINY),
-        decoder_config=vqkd_decoder_config("tiny", num_layers=1, grid_size=4, **VIT_TINY),
-        codebook_size=32,
-        teacher_dim=16,
-        kmeans_init=False,
-    )
-    VQKDModel(config).save_pretrained(path)
-    return path
 
 
 # Every test runs a script in this process, so Accelerate's state must not leak between them.
@@ -68,22 +47,6 @@ def mim_inputs(tmp_path_factory):
     root = tmp_path_factory.mktemp("mim_inputs")
     files = write_parquet_shards(root / "parquet", 12, 2, corrupt=(4,))
     return files, make_vqkd_tokenizer(root / "vqkd")
-
-
-def mim_args(files: list[str], tokenizer: Path, output_dir: Path, *extra: str) -> list[str]:
-    return [
-        "--tokenizer_name_or_path", str(tokenizer),
-        "--config_name", "tiny",
-        "--config_overrides", TINY_BACKBONE + ",patch_size=8",
-        "--image_size", "32",
-        "--data_files", *files,
-        "--output_dir", str(output_dir),
-        "--per_device_train_batch_size", "4",
-        "--learning_rate", "1e-3",
-        "--logging_steps", "1",
-        "--shuffle_buffer_size", "5",
-        *extra,
-    ]  # fmt: skip
 
 
 def patch_model(monkeypatch, change) -> None:

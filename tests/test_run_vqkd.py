@@ -8,13 +8,10 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import PIL.Image
 import pytest
 import torch
-from conftest import read_metrics
+from conftest import make_image_folder, make_teacher, read_metrics, vqkd_args
 from safetensors.torch import load_file
-from test_data import png_bytes
-from transformers import ViTConfig, ViTModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
@@ -22,38 +19,10 @@ import run_vqkd  # noqa: E402
 
 from modeling_beitv2 import VQKDModel  # noqa: E402
 
-TINY_TOKENIZER = "hidden_size=32,num_attention_heads=2,intermediate_size=64,num_hidden_layers=2,codebook_size=32"
 VQKD_KEYS = (
     "loss", "loss_reconstruction", "loss_quantization", "perplexity", "codebook_usage", "num_dead_codes", "lr",
     "images_per_second", "data_wait_fraction",
 )  # fmt: skip
-
-
-def make_image_folder(root: Path, num_images: int = 10, corrupt: bool = True) -> Path:
-    """Random 40x48 images in an imagefolder layout, one RGBA image and (optionally) one truncated PNG."""
-    folder = root / "train" / "things"
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    for index in range(num_images):
-        PIL.Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(folder / f"{index:02d}.png")
-    PIL.Image.new("RGBA", (36, 36), (10, 200, 30, 128)).save(folder / "rgba.png")
-    if corrupt:
-        (folder / "truncated.png").write_bytes(png_bytes(1, size=(32, 32))[:30])
-    return root
-
-
-def make_teacher(path: Path, patch_size: int = 8, hidden_size: int = 16) -> Path:
-    config = ViTConfig(
-        hidden_size=hidden_size,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=32,
-        image_size=32,
-        patch_size=patch_size,
-    )
-    torch.manual_seed(0)
-    ViTModel(config).save_pretrained(path)
-    return path
 
 
 # Every test runs a script in this process, so Accelerate's state must not leak between them.
@@ -64,23 +33,6 @@ pytestmark = pytest.mark.usefixtures("fresh_accelerator_state")
 def vqkd_inputs(tmp_path_factory):
     root = tmp_path_factory.mktemp("vqkd_inputs")
     return make_image_folder(root / "images"), make_teacher(root / "teacher")
-
-
-def vqkd_args(images: Path, teacher: Path, output_dir: Path, *extra: str) -> list[str]:
-    return [
-        "--teacher_name_or_path", str(teacher),
-        "--config_name", "tiny",
-        "--config_overrides", TINY_TOKENIZER + ",decoder.num_hidden_layers=1",
-        "--image_size", "32",
-        "--train_dir", str(images),
-        "--output_dir", str(output_dir),
-        "--per_device_train_batch_size", "3",
-        "--learning_rate", "1e-3",
-        "--warmup_steps", "2",
-        "--logging_steps", "1",
-        "--shuffle_buffer_size", "4",
-        *extra,
-    ]  # fmt: skip
 
 
 def test_trains_logs_codebook_statistics_and_saves(vqkd_inputs, tmp_path):

@@ -11,7 +11,6 @@ from types import SimpleNamespace
 import huggingface_hub
 import pytest
 from conftest import EXAMPLES_DIR
-from test_pretraining_arguments import no_launcher_precision, training_args  # noqa: F401 (an autouse fixture)
 
 from pretraining.arguments import check_hub_access, check_report_to
 

@@ -42,6 +42,17 @@ class _SquareOutputTester(ImageProcessingTester):
         return self.num_channels, self.image_size, self.image_size
 
 
+class _OurProcessorTest:
+    """Shared by both test classes (listed before the mixin, so these settings win): dtype casting is tested, and
+    the torchvision-backend requirement is skipped. Each test class sets only its tester class."""
+
+    test_cast_dtype = True
+
+    @unittest.skip(reason=_NO_TORCHVISION)
+    def test_new_models_require_torchvision_backend(self):
+        pass
+
+
 class BeitV2ImageProcessingTester(_SquareOutputTester):
     """BEiT's tester sizes (18 px output); 6 px patches give the mask generator a 3x3 grid."""
 
@@ -56,13 +67,8 @@ class BeitV2ImageProcessingTester(_SquareOutputTester):
         super().__init__(parent, **kwargs)
 
 
-class BeitV2ImageProcessingTest(ImageProcessingTestMixin, unittest.TestCase):
+class BeitV2ImageProcessingTest(_OurProcessorTest, ImageProcessingTestMixin, unittest.TestCase):
     image_processor_tester_class = BeitV2ImageProcessingTester
-    test_cast_dtype = True
-
-    @unittest.skip(reason=_NO_TORCHVISION)
-    def test_new_models_require_torchvision_backend(self):
-        pass
 
 
 class VQKDImageProcessingTester(_SquareOutputTester):
@@ -78,10 +84,5 @@ class VQKDImageProcessingTester(_SquareOutputTester):
         super().__init__(parent, **kwargs)
 
 
-class VQKDImageProcessingTest(ImageProcessingTestMixin, unittest.TestCase):
+class VQKDImageProcessingTest(_OurProcessorTest, ImageProcessingTestMixin, unittest.TestCase):
     image_processor_tester_class = VQKDImageProcessingTester
-    test_cast_dtype = True
-
-    @unittest.skip(reason=_NO_TORCHVISION)
-    def test_new_models_require_torchvision_backend(self):
-        pass
